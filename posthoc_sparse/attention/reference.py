@@ -1,0 +1,63 @@
+"""Naive, obviously-correct fp32 attention pieces: masks, scores, top-k selection, masked attention.
+
+Letters: B batch, H query heads, Hkv key/value heads, T queries, S keys, C a chunk of queries, D head_dim.
+Every optimized path (chunked, Triton) must equal these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def allowed_keys(attention_mask: torch.Tensor | None, b: int, t: int, s: int, device: torch.device) -> torch.Tensor:
+    """The keys each query may attend to, as bool (B, 1, T, S).
+
+    ``attention_mask`` is what transformers hands the attention function: None (plain causal, queries at the
+    last T of S positions), a bool mask (True = attend) or an additive float mask (0 = attend).
+    """
+    if attention_mask is None:
+        qpos = torch.arange(s - t, s, device=device)[:, None]  # (T, 1)
+        kpos = torch.arange(s, device=device)[None, :]  # (1, S)
+        return (kpos <= qpos).expand(b, 1, t, s)
+    mask = attention_mask
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask[..., -t:, :s].expand(b, mask.shape[1], t, s)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv * n_rep, S, D), query head h using key head h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """fp32 attention scores ``q . k * scaling`` (B, H, T, S), GQA-aware, with optional tanh softcap."""
+    n_rep = q.shape[1] // k.shape[1]
+    s = torch.matmul(q.float(), repeat_kv(k, n_rep).float().transpose(-1, -2)) * scaling  # (B, H, T, S)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def topk_keep(select: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k allowed keys with the largest ``select`` per query row; all allowed if fewer than k.
+
+    select: (B, H, C, S) float; allowed: (B, 1|H, C, S) bool. Returns bool (B, H, C, S) with exactly
+    min(k, allowed count) True per row.
+    """
+    kk = min(k, select.shape[-1])
+    masked = select.float().masked_fill(~allowed, float("-inf"))
+    idx = masked.topk(kk, dim=-1).indices  # (B, H, C, kk)
+    keep = torch.zeros(masked.shape, dtype=torch.bool, device=select.device).scatter_(-1, idx, True)
+    return keep & allowed
+
+
+def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """softmax of ``s`` over the kept keys; rows with no kept key give zeros (no NaN). (B, H, C, S) fp32."""
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def attend(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H, C, S) @ v (B, Hkv, S, D) -> (B, H, C, D) in fp32."""
+    return torch.matmul(p, repeat_kv(v, p.shape[1] // v.shape[1]).float())

@@ -1,0 +1,60 @@
+"""Run a model with a gate: ``apply_gates(model, gates, k)`` for forward passes and ``model.generate``.
+
+Prefill selects the top-k keys per query as in eval; each decode step's query selects its top-k among all
+cached keys. For the "hidden" gate input the gate's key projections are cached per layer beside the model's
+KV cache, so scoring a decode step costs O(S * d_g), not a recomputation over the prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .attention.interface import SparseAttention
+from .attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from .errors import UserError
+from .gates.io import check_gate_matches, gate_spec_for_model, load_gates
+from .gates.modules import GateBank
+
+DEPLOY_MODES = ("gate", "random", "oracle", "dense")
+
+
+def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, mode: str = "gate",
+                random_seed: int | None = None) -> SparseAttention:
+    """Route ``model``'s attention through top-k selection until the returned handle is removed.
+
+    ``gates``: a gate folder or a loaded ``GateBank`` (validated against the model; may be None for the
+    "oracle" and "dense" modes). ``mode``: "gate" (the learned gate), "random" (the random control with the
+    gate's shapes and ``random_seed``), "oracle" (true top-k) or "dense". Use as a context manager or call
+    ``.remove()``; removal restores the model's attention exactly.
+    """
+    if mode not in DEPLOY_MODES:
+        raise UserError(f"mode must be one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
+    if k <= 0:
+        raise UserError(f"k must be a positive number of keys, got {k}")
+    bank, config = None, {}
+    if isinstance(gates, GateBank):
+        bank = gates
+        config = {**bank.spec.to_dict()}
+    elif gates is not None:
+        bank, config = load_gates(gates)
+    if bank is not None:
+        fingerprint = None
+        if "model_fingerprint" in config:
+            from .loading import model_fingerprint
+
+            fingerprint = model_fingerprint(model.config)
+        check_gate_matches(config, model, fingerprint)
+    device = next(model.parameters()).device
+    if mode == "dense":
+        return SparseAttention(model, DensePolicy())
+    if mode == "oracle":
+        return SparseAttention(model, TopKPolicy(OracleSelector(), k))
+    if mode == "random":
+        spec = bank.spec if bank is not None else gate_spec_for_model(model)
+        seed = random_seed if random_seed is not None else config.get("random_seed", 1)
+        bank = GateBank(spec).reset_random(seed).requires_grad_(False)
+    elif bank is None:
+        raise UserError("mode 'gate' needs gates: a folder written by `sparsify distill` or a GateBank")
+    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device)), k))

@@ -1,0 +1,257 @@
+"""The distillation loop: frozen model, dense forward, per-layer gate loss in query chunks, AdamW.
+
+Letters: B batch, H query heads, T queries, S keys, C a chunk of queries, d gate dim.
+Each step: one no-grad dense forward records every layer's q, k, mask and gate inputs (detached); then, layer
+by layer, the gate's loss is computed in query chunks and backpropagated into that layer's gate alone, so no
+(B, H, T, S) tensor of more than one chunk exists at a time. The model never changes (asserted at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..attention.interface import SparseAttention, attention_modules
+from ..attention.policies import LayerRecord, RecordPolicy, query_chunk_size
+from ..attention.reference import scores, topk_keep
+from ..config import DistillConfig
+from ..errors import UserError
+from ..attention.routing import RoutingStats
+from ..gates.io import gate_spec_for_model, save_gates
+from ..gates.modules import GateBank, LayerGate
+from ..io import atomic_write_json, check_output_dir
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import loss_rows
+
+CHECKPOINT_DIR = "checkpoint"
+HISTORY_NAME = "distill_log.json"
+# Config keys that must agree between a checkpoint and the run resuming it.
+_RESUME_KEYS = ("model", "dataset", "k", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "d_g",
+                "gate_input", "gate_init", "loss", "seed", "max_train_windows")
+
+
+@dataclass
+class DistillResult:
+    output: Path
+    steps: int
+    loss_first: float
+    loss_last: float
+    recall: float  # learned gate, open loop, held-out windows
+    recall_random: float
+    recall_init: float  # the learned gate before training
+    seconds_per_step: float
+    tokens_per_second: float
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+
+def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, scale: float,
+                        chunk: int | None = None) -> torch.Tensor:
+    """Mean loss over the layer's query rows; gradients (times ``scale``) accumulate into ``gate``.
+
+    The gate's projections run once; the loss runs chunk by chunk against detached leaves whose gradients
+    are then pushed through the projections in one backward call.
+    """
+    gq, gk = gate.project(rec.x, rec.query, rec.key, rec.cos, rec.sin)  # (B, H, T, d), (B, H, S, d)
+    gq_leaf, gk_leaf = gq.detach().requires_grad_(), gk.detach().requires_grad_()
+    b, h, t, _ = rec.query.shape
+    n_rows = int(rec.allowed.any(-1).sum()) * h
+    if n_rows == 0:
+        return torch.zeros((), device=gq.device)
+    step = chunk or query_chunk_size(b, h, rec.key.shape[2], budget_bytes=1 << 26)
+    total = torch.zeros((), device=gq.device)
+    for a in range(0, t, step):
+        e = min(t, a + step)
+        s = scores(rec.query[:, :, a:e], rec.key, rec.scaling, rec.softcap)  # (B, H, C, S)
+        g = torch.matmul(gq_leaf[:, :, a:e], gk_leaf.transpose(-1, -2))  # (B, H, C, S)
+        loss, _ = loss_rows(kind, s, g, rec.allowed[:, :, a:e], k)
+        (loss * (scale / n_rows)).backward()
+        total += loss.detach()
+    torch.autograd.backward([gq, gk], [gq_leaf.grad, gk_leaf.grad])
+    return total / n_rows
+
+
+@torch.no_grad()
+def open_loop_recall(model, windows: torch.Tensor, banks: dict[str, GateBank], k: int, batch_size: int,
+                     device) -> dict[str, RoutingStats]:
+    """Recall@k of each bank's selection against the oracle on a dense (open-loop) pass over ``windows``."""
+    n_layers = len(next(iter(banks.values())).layers)
+    stats = {name: RoutingStats(k, n_layers) for name in banks}
+    policy = RecordPolicy()
+    with SparseAttention(model, policy):
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            for layer, rec in sorted(policy.records.items()):
+                projected = {n: bk.layers[layer].project(rec.x, rec.query, rec.key, rec.cos, rec.sin)
+                             for n, bk in banks.items()}
+                t = rec.query.shape[2]
+                step = query_chunk_size(*rec.query.shape[:2], rec.key.shape[2])
+                for a in range(0, t, step):
+                    e = min(t, a + step)
+                    s = scores(rec.query[:, :, a:e], rec.key, rec.scaling, rec.softcap)
+                    allowed = rec.allowed[:, :, a:e]
+                    for name, (gq, gk) in projected.items():
+                        g = torch.matmul(gq[:, :, a:e].float(), gk.float().transpose(-1, -2))
+                        stats[name].observe(layer, s, allowed, topk_keep(g, allowed, k))
+            policy.records.clear()
+    return stats
+
+
+def lr_at(step: int, cfg: DistillConfig, total: int) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_gate_bank(model, cfg: DistillConfig) -> GateBank:
+    """The learned gate at step 0: the model's own q/k rows ("model") or the seeded random init."""
+    bank = GateBank(gate_spec_for_model(model, cfg.d_g, cfg.gate_input)).reset_random(cfg.seed)
+    if cfg.gate_init == "model":
+        try:
+            bank.init_from_model(attention_modules(model))
+        except ValueError as e:
+            raise UserError(f"{e}; use --gate-init random") from None
+    return bank
+
+
+def random_gate_bank(model, cfg: DistillConfig) -> GateBank:
+    """The frozen random control: same architecture, seeded init (seed + 1), never trained."""
+    return GateBank(gate_spec_for_model(model, cfg.d_g, cfg.gate_input)).reset_random(cfg.seed + 1).requires_grad_(False)
+
+
+def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = None) -> DistillResult:
+    """Distill gates for ``cfg.model`` and write them to ``cfg.output``. ``on_event(kind, info)`` reports
+    progress ("loaded", "step", "validate", "checkpoint", "done") for a front end to render."""
+    from accelerate import Accelerator
+
+    from ..data import WindowSampler, build_windows
+    from ..loading import assert_frozen, load_model, model_fingerprint
+
+    emit = on_event or (lambda kind, info: None)
+    cfg.validate()
+    out = Path(cfg.output)
+    check_output_dir(out, cfg.overwrite, cfg.resume)
+    total_steps = cfg.resolved_steps()
+
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        revision=cfg.revision)
+    model, tok = loaded.model, loaded.tokenizer
+    accelerator = Accelerator(cpu=str(model.device) == "cpu")
+    device = model.device
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()} if total_steps <= 10_000 and \
+        sum(p.numel() for p in model.parameters()) < 5e8 else None
+
+    bank = build_gate_bank(model, cfg).to(device)
+    random_bank = random_gate_bank(model, cfg).to(device)
+    opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
+                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step, history = 0, []
+    ckpt_dir = out / CHECKPOINT_DIR
+    if cfg.resume and (ckpt_dir / "state.json").exists():
+        params, meta = load_checkpoint(ckpt_dir, opt)
+        diffs = [f"{key}: checkpoint {meta['config'][key]!r}, now {getattr(cfg, key)!r}" for key in _RESUME_KEYS
+                 if meta["config"].get(key) != getattr(cfg, key)]
+        if diffs:
+            raise UserError(f"cannot resume {ckpt_dir}: settings differ ({'; '.join(diffs)})")
+        bank.load_state_dict(params, strict=True)
+        sampler.load_state_dict(meta["sampler"])
+        step, history = meta["step"], meta["history"]
+    resumed_from = step
+    emit("loaded", {"model": loaded.source, "resolved": str(loaded.resolved), "device": str(device),
+                    "dtype": loaded.dtype, "train": train_info, "heldout": held_info, "spec": bank.spec.to_dict(),
+                    "steps": total_steps, "resumed_from": step})
+
+    val = open_loop_recall(model, heldout, {"init": bank, "random": random_bank}, cfg.k, cfg.batch_size, device)
+    recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
+    emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
+
+    def checkpoint(done: int) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_dir, bank.state_dict(), opt, {
+                "step": done, "sampler": sampler.state_dict(), "history": history,
+                "config": {key: getattr(cfg, key) for key in _RESUME_KEYS},
+            })
+        emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
+    policy = RecordPolicy()
+    batches = iter(sampler)
+    t_start, steps_timed = time.perf_counter(), 0
+    recall = recall_init
+    with SparseAttention(model, policy):
+        while step < total_steps:
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg, total_steps)
+            idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
+            layer_losses = torch.zeros(bank.spec.num_layers, device=device)
+            for micro in idx.split(cfg.batch_size):
+                with torch.no_grad():
+                    model(input_ids=train[micro].to(device), use_cache=False)
+                for layer, rec in sorted(policy.records.items()):
+                    layer_losses[layer] += layer_loss_backward(rec, bank.layers[layer], cfg.loss, cfg.k,
+                                                               1.0 / cfg.grad_accum) / cfg.grad_accum
+                policy.records.clear()
+            if accelerator.num_processes > 1:
+                for p in bank.parameters():
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+                layer_losses = accelerator.reduce(layer_losses, reduction="mean")
+            if not torch.isfinite(layer_losses).all():
+                bad = int((~torch.isfinite(layer_losses)).nonzero()[0])
+                raise UserError(f"loss became non-finite at step {step + 1} in layer {bad}; the last good "
+                                f"checkpoint is in {ckpt_dir} (lower --lr and rerun with --resume)")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_timed += 1
+            dt = time.perf_counter() - t0
+            loss = float(layer_losses.mean())
+            entry = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg, total_steps), "seconds": dt,
+                     "tokens_per_second": tokens_per_step / dt}
+            if step % cfg.val_every == 0 or step == total_steps:
+                val = open_loop_recall(model, heldout, {"gate": bank}, cfg.k, cfg.batch_size, device)
+                recall = val["gate"].overall()["recall"]
+                entry["recall"] = recall
+                emit("validate", {"step": step, "recall": recall, "recall_random": recall_random})
+            history.append(entry)
+            emit("step", entry | {"total": total_steps})
+            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                checkpoint(step)
+
+    if before is not None:
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert not changed, f"distillation changed base model parameters: {changed[:3]}"
+    assert_frozen(model)
+    elapsed = time.perf_counter() - t_start
+    if accelerator.is_main_process:
+        meta = {"base_model": loaded.source, "base_model_revision": loaded.revision,
+                "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
+                "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
+                "steps": step, "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset,
+                "seq_len": cfg.seq_len}
+        save_gates(out, bank.cpu(), meta)
+        checkpoint(step)
+        atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
+                                               "heldout": held_info, "library_version": __version__})
+    losses = [h["loss"] for h in history]
+    result = DistillResult(
+        output=out, steps=step, loss_first=losses[0] if losses else float("nan"),
+        loss_last=losses[-1] if losses else float("nan"), recall=recall, recall_random=recall_random,
+        recall_init=recall_init, seconds_per_step=elapsed / max(1, steps_timed),
+        tokens_per_second=tokens_per_step * steps_timed / max(elapsed, 1e-9), resumed_from=resumed_from,
+        history=history, data={"train": train_info, "heldout": held_info},
+    )
+    emit("done", asdict(result))
+    return result

@@ -1,0 +1,11 @@
+"""Errors a user can cause. The CLI turns these into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A bad input the user can fix: the message names the bad value and the fix, in one line."""
+
+
+class GateMismatchError(UserError):
+    """A gate artifact does not fit the model it is applied to."""

@@ -1,0 +1,208 @@
+"""Closed-loop perplexity of dense, oracle@k, gate@k and random@k attention, with routing metrics.
+
+Letters: B batch, T window length, V vocabulary. Every mode scores the same held-out windows and tokens.
+Closed loop: every layer is sparse at once and selects from its own inputs as they are under sparsity; the
+routing metrics of a layer compare its selection with the oracle top-k of that same layer's scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..attention.interface import SparseAttention
+from ..attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
+from ..errors import UserError
+from ..gates.io import check_gate_matches, gate_spec_for_model, load_gates, read_gate_config
+from ..gates.modules import GateBank
+from ..attention.routing import RoutingStats
+
+MODES = ("dense", "oracle", "gate", "random")
+REPORT_NAME = "eval.json"
+PLOT_NAME = "eval.png"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``sparsify eval``. Unset model / dataset / seq_len come from the gate's config when a gate is given."""
+
+    gates: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    k: str = "64"  # one k or a comma list: "16,32,64"
+    modes: str = "dense,oracle,gate,random"
+    seq_len: int | None = None
+    max_windows: int = 16
+    max_tokens: int | None = None
+    batch_size: int = 1
+    output: str | None = None
+    random_seed: int | None = None  # default: the gate config's random_seed (seed + 1), else 1
+    d_g: int = 32  # random gate shape when no gate is given
+    gate_input: str = "hidden"
+    routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
+    dtype: str = "auto"
+    device: str = "auto"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def k_list(self) -> list[int]:
+        try:
+            ks = sorted({int(x) for x in str(self.k).split(",") if x.strip()})
+        except ValueError:
+            raise UserError(f"--k takes integers separated by commas, got {self.k!r}") from None
+        if not ks or ks[0] <= 0:
+            raise UserError(f"--k must be positive, got {self.k!r}")
+        return ks
+
+    def mode_list(self) -> list[str]:
+        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes:
+            raise UserError(f"--modes takes a comma list of {', '.join(MODES)}, got {self.modes!r}")
+        if "gate" in modes and not self.gates:
+            raise UserError("mode 'gate' needs --gates FOLDER (a folder written by `sparsify distill`)")
+        return modes
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    k: int | None
+    perplexity: float
+    nll: float
+    tokens: int
+    seconds: float
+    routing: dict = field(default_factory=dict)
+    per_layer: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    results: list[ModeResult]
+    summary: list[dict]
+    setup: dict
+
+    def to_json(self) -> dict:
+        return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
+
+
+@torch.no_grad()
+def windows_nll(model, windows: torch.Tensor, batch_size: int, device) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (fp32) over all windows, and the token count."""
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i : i + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return nll, count
+
+
+def summarize(results: list[ModeResult], seq_len: int) -> list[dict]:
+    """Per k: perplexities side by side, gate/oracle ratio, gap closed, sparsity against all T keys."""
+    dense = next((r.perplexity for r in results if r.mode == "dense"), None)
+    out = []
+    for k in sorted({r.k for r in results if r.k is not None}):
+        row = {"k": k, "dense": dense, "sparsity_all_keys": 1 - k / seq_len}
+        for r in results:
+            if r.k == k:
+                row[r.mode] = r.perplexity
+                if r.routing:
+                    row[f"{r.mode}_recall"] = r.routing.get("recall")
+                    row[f"{r.mode}_mass"] = r.routing.get("mass")
+                    row["sparsity_causal"] = r.routing.get("sparsity_causal")
+        if "gate" in row and "oracle" in row:
+            row["gate_over_oracle"] = row["gate"] / row["oracle"]
+            if "random" in row and row["random"] != row["oracle"]:
+                row["gap_closed"] = (row["random"] - row["gate"]) / (row["random"] - row["oracle"])
+        out.append(row)
+    return out
+
+
+def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] | None = None) -> EvalReport:
+    """Run every requested mode and k on the same held-out windows; write eval.json (+ PNG) if ``output``."""
+    from ..data import build_windows
+    from ..io import atomic_write_json, check_output_dir
+    from ..loading import load_model, model_fingerprint
+
+    emit = on_event or (lambda kind, info: None)
+    ks, modes = cfg.k_list(), cfg.mode_list()
+    gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
+    model_id = cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL
+    dataset = cfg.dataset or gate_cfg.get("dataset") or EMBEDDED_DATASET
+    seq_len = cfg.seq_len or gate_cfg.get("seq_len") or 512
+    if seq_len <= 1:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
+    out = Path(cfg.output) if cfg.output else None
+    if out is not None:
+        check_output_dir(out, cfg.overwrite)
+
+    loaded = load_model(model_id, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        revision=cfg.revision)
+    model, device = loaded.model, loaded.model.device
+    max_windows = cfg.max_windows
+    if cfg.max_tokens:
+        max_windows = max(1, min(max_windows, cfg.max_tokens // seq_len))
+    windows, data_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=max_windows)
+    fingerprint = model_fingerprint(model.config)
+
+    gate_bank = None
+    if cfg.gates:
+        gate_bank, _ = load_gates(cfg.gates, device=device)
+        check_gate_matches(gate_cfg, model, fingerprint)
+    random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
+    spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(model, cfg.d_g, cfg.gate_input)
+    random_bank = GateBank(spec).reset_random(random_seed).requires_grad_(False).to(device)
+
+    n_layers = spec.num_layers
+    emit("loaded", {"model": loaded.source, "device": str(device), "dtype": loaded.dtype, "data": data_info,
+                    "runs": sum(1 if m == "dense" else len(ks) for m in modes)})
+    results = []
+    for mode in modes:
+        for k in [None] if mode == "dense" else ks:
+            stats = RoutingStats(k or 1, n_layers) if cfg.routing else None
+            observer = stats.observe if stats is not None else None
+            if mode == "dense":
+                policy = DensePolicy(observer)
+            else:
+                selector = {"oracle": OracleSelector, "gate": lambda: GateSelector(gate_bank),
+                            "random": lambda: GateSelector(random_bank)}[mode]()
+                policy = TopKPolicy(selector, k, observer)
+            t0 = time.perf_counter()
+            with SparseAttention(model, policy):
+                nll, count = windows_nll(model, windows, cfg.batch_size, device)
+            res = ModeResult(mode=mode, k=k, perplexity=math.exp(nll / count), nll=nll / count, tokens=count,
+                             seconds=time.perf_counter() - t0)
+            if stats is not None:
+                res.routing, res.per_layer = stats.overall(), stats.per_layer()
+            results.append(res)
+            emit("result", asdict(res))
+
+    import transformers
+
+    setup = {
+        "model": loaded.source, "model_resolved": str(loaded.resolved), "model_fingerprint": fingerprint,
+        "architecture": type(model).__name__, "gates": cfg.gates, "gate_config": gate_cfg,
+        "random_seed": random_seed, "data": data_info, "seq_len": seq_len, "windows": len(windows),
+        "tokens_scored": results[0].tokens if results else 0, "k": ks, "modes": modes, "device": str(device),
+        "dtype": loaded.dtype, "closed_loop": True,
+        "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / REPORT_NAME, report.to_json())
+        from .plots import plot_eval
+
+        plotted = plot_eval(report, out / PLOT_NAME)
+        emit("written", {"json": str(out / REPORT_NAME), "plot": str(plotted) if plotted else None})
+    return report

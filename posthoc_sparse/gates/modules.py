@@ -1,0 +1,177 @@
+"""Gate modules: per layer and query head, a low-rank key selector.
+
+Letters used in shape comments:
+    B batch, T queries, S keys, H query heads, Hkv key/value heads, C gate input width
+    (hidden size for the "hidden" input, head_dim for the "qk" input), D head_dim, d gate dim (d_g).
+
+For one layer and query head h (METHOD.md):
+    G[i, j] = phi(x_i Wq[h]) . phi(x_j Wk[h]) / sqrt(d)
+where x is the attention block's input ("hidden") or the model's own post-rotary q and k ("qk"), and phi
+applies rotary position embedding on the gate dims for rotary models with the "hidden" input. phi reuses
+the model's own rotary cos/sin at d/2 of its frequencies (``freq_idx``), so positions, rope scaling and
+padding are handled exactly as the model handles them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+GATE_INPUTS = ("hidden", "qk")
+GATE_INITS = ("model", "random")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Everything needed to rebuild a gate bank's shapes; saved in ``gate_config.json``."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    d_g: int = 32
+    gate_input: str = "hidden"
+    rotary: bool = True
+    rotary_dim: int = 0  # dims of the model's cos/sin (head_dim * partial_rotary_factor); 0 if no rotary
+
+    @property
+    def in_features(self) -> int:
+        return self.hidden_size if self.gate_input == "hidden" else self.head_dim
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.gate_input == "hidden" and self.rotary
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_freq_idx(spec: GateSpec) -> torch.Tensor:
+    """d/2 rotary frequency indices spread evenly over the model's rotary_dim/2 frequencies."""
+    half = spec.rotary_dim // 2
+    n = spec.d_g // 2
+    if half <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.linspace(0, half - 1, n).round().long()  # (d/2,)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LayerGate(nn.Module):
+    """The gate of one layer: ``wq``, ``wk`` of shape (H, C, d) and the rotary frequencies it uses."""
+
+    def __init__(self, spec: GateSpec):
+        super().__init__()
+        self.spec = spec
+        h, c, d = spec.num_heads, spec.in_features, spec.d_g
+        self.wq = nn.Parameter(torch.empty(h, c, d))
+        self.wk = nn.Parameter(torch.empty(h, c, d))
+        self.register_buffer("freq_idx", default_freq_idx(spec) if spec.uses_rope else torch.zeros(0, dtype=torch.long))
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        # t: (B, H, T, d); cos, sin: (B, T, rotary_dim) as the model passes them
+        if cos is None or self.freq_idx.numel() == 0:
+            return t
+        c = cos.index_select(-1, self.freq_idx.to(cos.device)).to(t.dtype)  # (B, T, d/2)
+        s = sin.index_select(-1, self.freq_idx.to(sin.device)).to(t.dtype)
+        c = torch.cat((c, c), dim=-1).unsqueeze(1)  # (B, 1, T, d)
+        s = torch.cat((s, s), dim=-1).unsqueeze(1)
+        return t * c + rotate_half(t) * s
+
+    def project(
+        self,
+        x: torch.Tensor | None,
+        q: torch.Tensor | None,
+        k: torch.Tensor | None,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate queries and keys, both (B, H, T, d), already divided by d**0.25 each.
+
+        ``x``: (B, T, hidden) for the "hidden" input; ``q``: (B, H, T, D) and ``k``: (B, Hkv, S, D) for "qk".
+        """
+        scale = self.spec.d_g**-0.25
+        wq, wk = self.wq, self.wk
+        if self.spec.gate_input == "hidden":
+            x = x.to(wq.dtype)
+            gq = torch.einsum("btc,hcd->bhtd", x, wq)  # (B, H, T, d)
+            gk = torch.einsum("btc,hcd->bhtd", x, wk)  # (B, H, T, d)
+            gq, gk = self._rope(gq, cos, sin), self._rope(gk, cos, sin)
+        else:
+            rep = self.spec.num_heads // self.spec.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, D)
+            gq = torch.einsum("bhtc,hcd->bhtd", q.to(wq.dtype), wq)  # (B, H, T, d)
+            gk = torch.einsum("bhsc,hcd->bhsd", k.to(wk.dtype), wk)  # (B, H, S, d)
+        return gq * scale, gk * scale
+
+
+class GateBank(nn.Module):
+    """All layers' gates. Trainable parameters are exactly ``self.parameters()`` (chosen by object)."""
+
+    def __init__(self, spec: GateSpec):
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList(LayerGate(spec) for _ in range(spec.num_layers))
+
+    def reset_random(self, seed: int) -> GateBank:
+        """Seeded normal init, std 1/sqrt(C): the random control and the learned gate's "random" init."""
+        gen = torch.Generator().manual_seed(seed)
+        std = 1.0 / math.sqrt(self.spec.in_features)
+        with torch.no_grad():
+            for layer in self.layers:
+                for p in (layer.wq, layer.wk):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def init_from_model(self, attention_modules: list[nn.Module]) -> GateBank:
+        """Start from the model's own partial dot product over the gate's rotary pairs.
+
+        For the "qk" input, Wq = Wk = c * (selection of the dims of d/2 rotary pairs), so G starts as the
+        scores restricted to those pairs. For the "hidden" input, the same rows of the model's q_proj and
+        k_proj (times the QK-norm weight where the model has one), so G is the pre-norm partial score.
+        ``c`` makes G's scale match ``q.k * scaling``. Raises ValueError if the module has no q_proj/k_proj.
+        """
+        spec = self.spec
+        half_rot = max(spec.rotary_dim, 2) // 2
+        with torch.no_grad():
+            for layer, attn in zip(self.layers, attention_modules, strict=True):
+                idx = layer.freq_idx if layer.freq_idx.numel() else default_freq_idx(
+                    GateSpec(**{**spec.to_dict(), "rotary_dim": spec.head_dim})
+                )
+                sel = torch.cat((idx, idx + (half_rot if spec.rotary_dim else spec.head_dim // 2)))  # (d,)
+                scaling = float(getattr(attn, "scaling", spec.head_dim**-0.5))
+                c = math.sqrt(scaling * math.sqrt(spec.d_g))
+                if spec.gate_input == "qk":
+                    eye = torch.eye(spec.head_dim)[:, sel] * c  # (D, d)
+                    layer.wq.copy_(eye.expand_as(layer.wq))
+                    layer.wk.copy_(eye.expand_as(layer.wk))
+                    continue
+                if not (hasattr(attn, "q_proj") and hasattr(attn, "k_proj")):
+                    raise ValueError(f"{type(attn).__name__} has no q_proj/k_proj to initialise the gate from")
+                wq = attn.q_proj.weight.detach().float().view(spec.num_heads, spec.head_dim, -1)  # (H, D, C)
+                wk = attn.k_proj.weight.detach().float().view(spec.num_kv_heads, spec.head_dim, -1)  # (Hkv, D, C)
+                wq, wk = wq * _norm_gain(attn, "q_norm", spec), wk * _norm_gain(attn, "k_norm", spec)
+                wk = wk.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=0)  # (H, D, C)
+                layer.wq.copy_(wq[:, sel, :].transpose(1, 2) * c)  # (H, C, d)
+                layer.wk.copy_(wk[:, sel, :].transpose(1, 2) * c)
+        return self
+
+
+def _norm_gain(attn: nn.Module, name: str, spec: GateSpec) -> torch.Tensor:
+    """Per-dim gain of a QK RMSNorm, shaped (1, D, 1); ones where the model has none."""
+    norm = getattr(attn, name, None)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return torch.ones(1, spec.head_dim, 1)
+    w = weight.detach().float()
+    # Gemma-style norms scale by (1 + weight) and start at zero; Llama-style start at one.
+    if "gemma" in type(norm).__name__.lower():
+        w = 1.0 + w
+    return w.view(1, -1, 1)
