@@ -28,7 +28,7 @@ def make_config(cls, recipe: str | None, sets: list[str] | None, flags: dict[str
 
 
 def progress_bar() -> Progress:
-    from .main import console
+    from .app import console
 
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -10,7 +10,7 @@ from rich.table import Table
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 
 from .common import fmt, make_config, progress_bar
-from .main import app, console, out_console
+from .app import app, console, out_console
 
 Opt = typer.Option
 

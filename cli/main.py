@@ -9,25 +9,16 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
-from rich.console import Console
-
 from posthoc_sparse.errors import UserError
 
-app = typer.Typer(
-    name="sparsify",
-    help="Post-hoc top-k attention gates for Hugging Face causal LMs: distill, evaluate, deploy.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-out_console = Console()
+from .app import app, console
 
 
 def _register_commands() -> None:
     from . import distill as _distill  # noqa: F401  (commands register themselves on `app`)
     from . import evaluate as _evaluate  # noqa: F401
+    from . import generate as _generate  # noqa: F401
+    from . import sweep as _sweep  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

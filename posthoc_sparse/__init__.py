@@ -3,3 +3,25 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy top-level API: `from posthoc_sparse import apply_gates` without importing torch at package import.
+    if name == "apply_gates":
+        from .deploy import apply_gates
+
+        return apply_gates
+    if name in ("save_gates", "load_gates"):
+        from .gates import io
+
+        return getattr(io, name)
+    if name in ("distill", "DistillConfig"):
+        from .config import DistillConfig
+        from .distill.loop import distill
+
+        return {"distill": distill, "DistillConfig": DistillConfig}[name]
+    if name in ("evaluate_perplexity", "EvalConfig"):
+        from .evaluate import perplexity
+
+        return getattr(perplexity, name)
+    raise AttributeError(f"module 'posthoc_sparse' has no attribute {name!r}")

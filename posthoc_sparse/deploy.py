@@ -14,7 +14,7 @@ from torch import nn
 from .attention.interface import SparseAttention
 from .attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from .errors import UserError
-from .gates.io import check_gate_matches, gate_spec_for_model, load_gates
+from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
 from .gates.modules import GateBank
 
 DEPLOY_MODES = ("gate", "random", "oracle", "dense")
@@ -52,7 +52,7 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
     if mode == "oracle":
         return SparseAttention(model, TopKPolicy(OracleSelector(), k))
     if mode == "random":
-        spec = bank.spec if bank is not None else gate_spec_for_model(model)
+        spec = bank.spec if bank is not None else gate_spec_for_model(model, default_d_g(model))
         seed = random_seed if random_seed is not None else config.get("random_seed", 1)
         bank = GateBank(spec).reset_random(seed).requires_grad_(False)
     elif bank is None:

@@ -135,3 +135,13 @@ def test_gate_input_is_the_attention_block_input(model):
     finally:
         hook.remove()
     assert recorded[0] is seen["x"]
+
+
+def test_nested_handles_restore_the_outer_policy(model):
+    ids = random_ids(1, 12)
+    with SparseAttention(model, TopKPolicy(OracleSelector(), k=2)):
+        outer = _forward(model, ids)
+        with SparseAttention(model, DensePolicy()):
+            _forward(model, ids)
+        again = _forward(model, ids)
+    assert torch.equal(outer, again)

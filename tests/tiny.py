@@ -67,22 +67,51 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
 
 
-def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, layers: int = 2):
+def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, layers: int = 2, sharpen: float = 1.0):
+    """Save a tiny model + tokenizer. ``sharpen`` scales q_proj and k_proj so attention is peaked, as in
+    trained models (random init gives nearly uniform attention, where top-k is mostly ties)."""
     model = tiny_model(arch, seed=seed, layers=layers)
+    with torch.no_grad():
+        for mod in model.modules():
+            for name in ("q_proj", "k_proj"):
+                if hasattr(mod, name):
+                    getattr(mod, name).weight.mul_(sharpen)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
 
 def write_corpus(path, n_docs: int = 200, seed: int = 0, words_per_doc: int = 60):
-    """Paragraphs of pseudo-text with some repetition structure, separated by blank lines."""
+    """Paragraphs separated by blank lines; each repeats a random 6-word phrase with 10% noise, so a model
+    predicts well only by attending back to the previous repeat (attention matters, as in real text)."""
     import random
 
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
-        motif = [rng.choice(WORDS) for _ in range(5)]
-        words = [rng.choice(motif) if rng.random() < 0.5 else rng.choice(WORDS) for _ in range(words_per_doc)]
+        phrase = [rng.choice(WORDS) for _ in range(6)]
+        words = [rng.choice(WORDS) if rng.random() < 0.1 else phrase[i % 6] for i in range(words_per_doc)]
         docs.append(" ".join(words))
     path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def train_tiny_lm(path, corpus, arch: str = "llama", steps: int = 150, seq_len: int = 32, seed: int = 0):
+    """A tiny model briefly trained on ``corpus`` so that it relies on attention; saved with its tokenizer."""
+    from posthoc_sparse.data import build_windows
+
+    tok = tiny_tokenizer()
+    windows, _ = build_windows(tok, str(corpus), "train", seq_len)
+    model = tiny_model(arch, seed=seed)
+    model.requires_grad_(True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = windows[torch.randint(0, len(windows), (8,), generator=gen)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().requires_grad_(False)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
     return path

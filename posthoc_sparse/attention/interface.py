@@ -101,6 +101,7 @@ class SparseAttention:
         self.modules = attention_modules(model)
         self.previous = model.config._attn_implementation
         self._hooks = []
+        self._outer = {mod: _BINDINGS.get(mod) for mod in self.modules}  # restored on remove: handles nest
         for i, mod in enumerate(self.modules):
             pol = policy.get(i, DensePolicy()) if isinstance(policy, dict) else policy
             binding = _Binding(policy=pol, layer=i, captured={})
@@ -116,7 +117,10 @@ class SparseAttention:
         for h in self._hooks:
             h.remove()
         for mod in self.modules:
-            _BINDINGS.pop(mod, None)
+            if self._outer[mod] is None:
+                _BINDINGS.pop(mod, None)
+            else:
+                _BINDINGS[mod] = self._outer[mod]
         self.model.set_attn_implementation(self.previous)
         self.active = False
 

@@ -78,6 +78,21 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
     return total / n_rows
 
 
+def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batches: list[torch.Tensor],
+                         loss: str, k: int) -> torch.Tensor:
+    """One step's gradients: for each micro-batch (B, T) a no-grad dense forward under ``policy`` (attached
+    by the caller), then every layer's gate loss backpropagated; returns per-layer mean losses (L,)."""
+    n = len(micro_batches)
+    layer_losses = torch.zeros(bank.spec.num_layers, device=micro_batches[0].device)
+    for ids in micro_batches:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for layer, rec in sorted(policy.records.items()):
+            layer_losses[layer] += layer_loss_backward(rec, bank.layers[layer], loss, k, 1.0 / n) / n
+        policy.records.clear()
+    return layer_losses
+
+
 @torch.no_grad()
 def open_loop_recall(model, windows: torch.Tensor, banks: dict[str, GateBank], k: int, batch_size: int,
                      device) -> dict[str, RoutingStats]:
@@ -155,8 +170,10 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     bank = build_gate_bank(model, cfg).to(device)
     random_bank = random_gate_bank(model, cfg).to(device)
     opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
-                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+    # --batch-size is per process and micro-batch (as in transformers' Trainer); the sampler deals out the
+    # global batch, so 1 process x 4 windows and 2 processes x 2 windows see the same windows per step.
+    sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+                            seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
     step, history = 0, []
     ckpt_dir = out / CHECKPOINT_DIR
     if cfg.resume and (ckpt_dir / "state.json").exists():
@@ -196,14 +213,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total_steps)
             idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
-            layer_losses = torch.zeros(bank.spec.num_layers, device=device)
-            for micro in idx.split(cfg.batch_size):
-                with torch.no_grad():
-                    model(input_ids=train[micro].to(device), use_cache=False)
-                for layer, rec in sorted(policy.records.items()):
-                    layer_losses[layer] += layer_loss_backward(rec, bank.layers[layer], cfg.loss, cfg.k,
-                                                               1.0 / cfg.grad_accum) / cfg.grad_accum
-                policy.records.clear()
+            micro = [train[i].to(device) for i in idx.split(cfg.batch_size)]
+            layer_losses = accumulate_gradients(model, policy, bank, micro, cfg.loss, cfg.k)
             if accelerator.num_processes > 1:
                 for p in bank.parameters():
                     p.grad = accelerator.reduce(p.grad, reduction="mean")

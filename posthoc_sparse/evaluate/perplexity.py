@@ -21,7 +21,7 @@ from ..attention.interface import SparseAttention
 from ..attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from ..errors import UserError
-from ..gates.io import check_gate_matches, gate_spec_for_model, load_gates, read_gate_config
+from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import GateBank
 from ..attention.routing import RoutingStats
 
@@ -45,7 +45,7 @@ class EvalConfig:
     batch_size: int = 1
     output: str | None = None
     random_seed: int | None = None  # default: the gate config's random_seed (seed + 1), else 1
-    d_g: int = 32  # random gate shape when no gate is given
+    d_g: int | None = None  # random gate shape when no gate is given: 32, or the model's rotary width if smaller
     gate_input: str = "hidden"
     routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
     dtype: str = "auto"
@@ -160,7 +160,8 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         gate_bank, _ = load_gates(cfg.gates, device=device)
         check_gate_matches(gate_cfg, model, fingerprint)
     random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
-    spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(model, cfg.d_g, cfg.gate_input)
+    spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(
+        model, cfg.d_g or default_d_g(model), cfg.gate_input)
     random_bank = GateBank(spec).reset_random(random_seed).requires_grad_(False).to(device)
 
     n_layers = spec.num_layers

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot, save_png
+
 
 def plot_eval(report, path: Path) -> Path | None:
     """Per-layer recall and mass of each sparse mode at the largest k; perplexity against k if several k."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    from ..io import atomic_write_bytes
 
     sparse = [r for r in report.results if r.k is not None and r.per_layer]
     ks = sorted({r.k for r in report.results if r.k is not None})
@@ -45,10 +42,4 @@ def plot_eval(report, path: Path) -> Path | None:
         ax.legend()
     fig.suptitle(f"{report.setup['model']}  T={report.setup['seq_len']}  windows={report.setup['windows']}")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(fig, path)

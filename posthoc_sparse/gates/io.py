@@ -35,6 +35,13 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def default_d_g(model: nn.Module, preferred: int = 32) -> int:
+    """``preferred`` (32), or less when the model has fewer rotary dims (tiny or partial-rotary models)."""
+    spec = gate_spec_for_model(model, d_g=2)
+    width = spec.rotary_dim if spec.rotary else spec.head_dim
+    return max(2, min(preferred, width - width % 2))
+
+
 def gate_spec_for_model(model: nn.Module, d_g: int = 32, gate_input: str = "hidden") -> GateSpec:
     """The gate shapes for ``model``: layers, heads, head_dim, hidden size and its rotary width."""
     if d_g <= 0 or d_g % 2:

@@ -1,0 +1,279 @@
+"""Speed and memory ratios, measured side by side in one run (docs/performance.md, issue 7 targets).
+
+    python benchmarks/perf.py --size gpu --out perf.json      # Qwen3-1.7B shape, random init, bf16, one GPU
+    python benchmarks/perf.py --size cpu --out perf-cpu.json  # a small model, to check the script on a CPU
+
+Parts (``--parts``, comma list):
+  distill    distillation step time / frozen forward time of the same batch (T = 2048, 4096)
+  memory     peak memory of a distillation step / frozen inference forward (T = 4096, 16384, 32768)
+  eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
+  attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768)
+  sweep      peak memory of unfreeze-sweep training with 29% of layers' attention unfrozen (T = 512)
+Prints a table and writes JSON with ratios, absolute times, peak memory, device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
+from posthoc_sparse.attention.policies import (  # noqa: E402
+    DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
+)
+from posthoc_sparse.distill.loop import accumulate_gradients  # noqa: E402
+from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
+from posthoc_sparse.gates.modules import GateBank  # noqa: E402
+
+SIZES = {
+    "gpu": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, tie_word_embeddings=True,
+                max_position_embeddings=40960),
+    "cpu": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, vocab_size=4096, rope_theta=1e6, tie_word_embeddings=True,
+                max_position_embeddings=4096),
+}
+PLAN = {
+    "gpu": {"distill": [2048, 4096], "memory": [4096, 16384, 32768], "eval": [512, 4096],
+            "attention": [4096, 16384, 32768], "attention_k": [64, 256, 2048], "sweep": [512]},
+    "cpu": {"distill": [256, 512], "memory": [512, 1024], "eval": [128, 512], "attention": [512, 1024],
+            "attention_k": [16, 64], "sweep": [128]},
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak(fn, device) -> int | None:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def build_model(size: str, device, dtype):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(**SIZES[size])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def ids_for(model, t: int, device, b: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(t)
+    return torch.randint(0, model.config.vocab_size, (b, t), generator=gen).to(device)
+
+
+def bench_distill(model, bank, ts, device, reps, memory_only=False):
+    rows = []
+    opt = torch.optim.AdamW(bank.parameters(), lr=1e-4)
+    policy = RecordPolicy()
+
+    for t in ts:
+        ids = ids_for(model, t, device)
+
+        def forward():
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+
+        def step():
+            with SparseAttention(model, policy):
+                accumulate_gradients(model, policy, bank, [ids], "kl", 64)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        row = {"T": t}
+        try:
+            if not memory_only:
+                row["forward_s"] = timed(forward, device, reps)
+                row["distill_step_s"] = timed(step, device, reps)
+                row["time_ratio"] = row["distill_step_s"] / row["forward_s"]
+            row["forward_peak_bytes"] = peak(forward, device)
+            row["distill_peak_bytes"] = peak(step, device)
+            if row["forward_peak_bytes"]:
+                row["memory_ratio"] = row["distill_peak_bytes"] / row["forward_peak_bytes"]
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_eval(model, bank, ts, device, reps):
+    from posthoc_sparse.evaluate.perplexity import windows_nll
+
+    rows = []
+    random_bank = GateBank(bank.spec).reset_random(1).to(device)
+    for t in ts:
+        windows = ids_for(model, t, device, b=1).cpu()
+        row = {"T": t}
+        policies = {"dense": DensePolicy(), "oracle": TopKPolicy(OracleSelector(), 64),
+                    "gate": TopKPolicy(GateSelector(bank), 64), "random": TopKPolicy(GateSelector(random_bank), 64)}
+        for name, pol in policies.items():
+            def run(pol=pol):
+                with SparseAttention(model, pol):
+                    windows_nll(model, windows, 1, device)
+            row[f"{name}_s"] = timed(run, device, reps)
+        for name in ("oracle", "gate", "random"):
+            row[f"{name}_throughput_ratio"] = row["dense_s"] / row[f"{name}_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_attention(model, bank, ts, ks, device, dtype, reps):
+    """One layer: SDPA flash attention vs the deployed gated top-k (gate scoring + top-k + attention)."""
+    import torch.nn.functional as F
+
+    spec = bank.spec
+    attn = [m for m in model.modules() if type(m).__name__.endswith("Attention")][0]
+    rows = []
+    for t in ts:
+        gen = torch.Generator(device="cpu").manual_seed(t)
+        q = torch.randn(1, spec.num_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+        x = torch.randn(1, t, spec.hidden_size, generator=gen).to(device, dtype)
+        pos = torch.arange(t, device=device)[None]
+        cos, sin = model.model.rotary_emb(x, pos)
+        row = {"T": t}
+        row["sdpa_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                              device, reps)
+        for kk in ks:
+            pol = TopKPolicy(GateSelector(bank), kk)
+            call = LayerCall(module=attn, layer=0, query=q, key=k, value=v, attention_mask=None,
+                             scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin)
+            try:
+                with torch.no_grad():
+                    row[f"topk{kk}_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
+                row[f"topk{kk}_speedup_vs_sdpa"] = row["sdpa_s"] / row[f"topk{kk}_s"]
+            except torch.OutOfMemoryError:
+                row[f"topk{kk}_s"] = None
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_sweep_memory(size, device, ts):
+    """Peak memory of LM training with 29% of layers' attention unfrozen under the gate's hard top-k."""
+    import torch.nn.functional as F
+
+    from posthoc_sparse.experiments.sweep import choose_layers, trainable_parameters
+
+    model = build_model(size, device, torch.float32)
+    spec = gate_spec_for_model(model, d_g=32)
+    bank = GateBank(spec).reset_random(0).to(device)
+    layers = choose_layers(spec.num_layers, 0.29, "spread")
+    params = trainable_parameters(model, layers, "attention")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    rows = []
+    for t in ts:
+        ids = ids_for(model, t, device, b=1)
+
+        def step():
+            with SparseAttention(model, TopKPolicy(GateSelector(bank), 64)):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        row = {"T": t, "layers_unfrozen": layers, "n_layers": spec.num_layers,
+               "trainable_params": sum(p.numel() for p in params), "peak_bytes": peak(step, device),
+               "step_s": timed(step, device, 2, warmup=0)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del model
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=list(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="distill,memory,eval,attention,sweep")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default="perf.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = PLAN[args.size]
+    parts = args.parts.split(",")
+    import transformers
+
+    result = {"size": args.size, "config": SIZES[args.size], "device": torch.cuda.get_device_name(0)
+              if device.type == "cuda" else "cpu", "dtype": str(dtype), "versions": {
+                  "torch": torch.__version__, "transformers": transformers.__version__}, "parts": {}}
+    model = build_model(args.size, device, dtype)
+    bank = GateBank(gate_spec_for_model(model, d_g=32)).reset_random(0).to(device)
+    t0 = time.perf_counter()
+
+    def save():
+        result["seconds"] = time.perf_counter() - t0
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    if "distill" in parts:
+        result["parts"]["distill"] = bench_distill(model, bank, plan["distill"], device, args.reps)
+        save()
+    if "memory" in parts:
+        result["parts"]["memory"] = bench_distill(model, bank, plan["memory"], device, 1, memory_only=True)
+        save()
+    if "eval" in parts:
+        result["parts"]["eval"] = bench_eval(model, bank, plan["eval"], device, max(1, args.reps // 2))
+        save()
+    if "attention" in parts:
+        result["parts"]["attention"] = bench_attention(model, bank, plan["attention"], plan["attention_k"], device,
+                                                       dtype, args.reps)
+        save()
+    if "sweep" in parts:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["parts"]["sweep"] = bench_sweep_memory(args.size, device, plan["sweep"])
+    save()
+    print(f"\n{result['device']}  {result['dtype']}  ({args.size} size)")
+    for part, rows in result["parts"].items():
+        for row in rows:
+            keys = [k for k in row if k.endswith(("ratio", "speedup_vs_sdpa")) or k in ("T", "peak_bytes", "error")]
+            print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
+
+
+if __name__ == "__main__":
+    main()

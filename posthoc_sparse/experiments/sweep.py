@@ -1,0 +1,247 @@
+"""The unfreeze sweep: learned vs random gate as more of the model co-adapts to the mask (METHOD.md).
+
+For each fraction f, round(f * L) layers are unfrozen (their attention projections by default) and trained
+with the language-model loss under deployed hard top-k masks, once with the distilled gate (frozen) and
+once with the random gate (frozen), on identical data, steps and seed. Both are evaluated closed loop on
+held-out windows, with the co-adapted model's dense perplexity too. f = 0 is the post-hoc point (no
+training). Each (f, gate) point is saved when done; ``resume`` skips finished points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..attention.interface import SparseAttention, attention_modules
+from ..attention.policies import DensePolicy, GateSelector, TopKPolicy
+from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig
+from ..errors import UserError
+from ..evaluate.perplexity import windows_nll
+from ..gates.io import check_gate_matches, load_gates, read_gate_config
+from ..gates.modules import GateBank
+from ..io import atomic_write_json, check_output_dir
+
+POINTS_DIR = "points"
+REPORT_NAME = "sweep.json"
+PLOT_NAME = "sweep.png"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``sparsify unfreeze-sweep``."""
+
+    model: str | None = None  # default: the gate's base model, else the embedded model
+    gates: str | None = None  # without it a gate is distilled first (same k), into <output>/gates
+    dataset: str | None = None
+    layers: str = "0,0.1,0.2,0.29"  # fractions of layers to unfreeze
+    which: str = "spread"  # spread | first | last | explicit list "0,5,9"
+    params: str = "attention"  # attention (the attention module's parameters) | layer (whole decoder layer)
+    k: int | None = None  # default: the gate's k, else 64
+    steps: int = 200
+    seq_len: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 10
+    eval_windows: int = 16
+    distill_steps: int | None = None  # when no --gates: steps of the distillation run
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output: str = "sweeps/default"
+    resume: bool = False
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def fractions(self) -> list[float]:
+        try:
+            fs = [float(x) for x in self.layers.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--layers takes fractions separated by commas, got {self.layers!r}") from None
+        if not fs or any(not 0 <= f <= 1 for f in fs):
+            raise UserError(f"--layers fractions must lie in [0, 1], got {self.layers!r}")
+        return sorted(set(fs))
+
+
+def choose_layers(num_layers: int, fraction: float, which: str) -> list[int]:
+    """The layers to unfreeze: round(f * L) of them, evenly spread, first, last, or an explicit list."""
+    if which not in ("spread", "first", "last"):
+        try:
+            chosen = sorted({int(x) for x in which.split(",") if x.strip()})
+        except ValueError:
+            raise UserError(f"--which must be spread, first, last or a list like 0,5,9, got {which!r}") from None
+        if any(not 0 <= i < num_layers for i in chosen):
+            raise UserError(f"--which lists layers outside 0..{num_layers - 1}: {which!r}")
+        return chosen if fraction > 0 else []
+    n = round(fraction * num_layers)
+    if which == "first":
+        return list(range(n))
+    if which == "last":
+        return list(range(num_layers - n, num_layers))
+    return sorted({int((i + 0.5) * num_layers / n) for i in range(n)}) if n else []
+
+
+def trainable_parameters(model, layers: list[int], params: str) -> list[torch.nn.Parameter]:
+    """Parameters to unfreeze, chosen by object: attention modules, or their whole decoder layers."""
+    attns = attention_modules(model)
+    if params == "attention":
+        return [p for i in layers for p in attns[i].parameters()]
+    if params == "layer":
+        parents = {}
+        for name, mod in model.named_modules():
+            for child in mod.children():
+                if any(child is attns[i] for i in layers):
+                    parents[id(mod)] = mod
+        return [p for mod in parents.values() for p in mod.parameters()]
+    raise UserError(f"--params must be attention or layer, got {params!r}")
+
+
+def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Tensor, cfg: SweepConfig,
+             device, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train ``params`` with the LM loss under ``policy``; same data order for every call (seeded)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    use_amp = device.type == "cuda"
+    losses = []
+    model.train()
+    with SparseAttention(model, policy):
+        for step in range(cfg.steps):
+            warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            idx = torch.randint(0, len(windows), (cfg.batch_size * cfg.grad_accum,), generator=gen)
+            total = 0.0
+            for micro in idx.split(cfg.batch_size):
+                ids = windows[micro].to(device)  # (B, T)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                (loss / cfg.grad_accum).backward()
+                total += float(loss) / cfg.grad_accum
+            if not math.isfinite(total):
+                raise UserError(f"language-model loss became non-finite at step {step + 1}; lower --lr")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            if on_step:
+                on_step(step + 1, total)
+    model.eval()
+    return losses
+
+
+def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = None) -> dict:
+    """Run every (fraction, gate) point; returns the report dict also written to ``sweep.json``."""
+    from ..data import build_windows
+    from ..loading import load_model, model_fingerprint
+
+    emit = on_event or (lambda kind, info: None)
+    fractions = cfg.fractions()
+    out = Path(cfg.output)
+    check_output_dir(out, cfg.overwrite, cfg.resume)
+    points_dir = out / POINTS_DIR
+
+    gate_path = cfg.gates
+    if gate_path is None:
+        gate_path = str(out / "gates")
+        if not (cfg.resume and (Path(gate_path) / "gate_config.json").exists()):
+            from ..distill.loop import distill
+
+            dcfg = DistillConfig(model=cfg.model or EMBEDDED_MODEL, dataset=cfg.dataset or EMBEDDED_DATASET,
+                                 output=gate_path, k=cfg.k or 64, seq_len=cfg.seq_len or 512, seed=cfg.seed,
+                                 steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, overwrite=True,
+                                 trust_remote_code=cfg.trust_remote_code)
+            emit("distill", {"output": gate_path, "steps": dcfg.resolved_steps()})
+            distill(dcfg, on_event=lambda kind, info: emit(f"distill.{kind}", info))
+    gate_cfg = read_gate_config(gate_path)
+    k = cfg.k or gate_cfg["k"]
+    seq_len = cfg.seq_len or gate_cfg.get("seq_len") or 512
+    dataset = cfg.dataset or gate_cfg.get("dataset") or EMBEDDED_DATASET
+    loaded = load_model(cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL, dtype="float32"
+                        if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
+                        trust_remote_code=cfg.trust_remote_code)
+    model, device = loaded.model, loaded.model.device
+    check_gate_matches(gate_cfg, model, model_fingerprint(model.config))
+    learned, _ = load_gates(gate_path, device=device)
+    random = GateBank(learned.spec).reset_random(gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
+    random.requires_grad_(False)
+    banks = {"learned": learned, "random": random}
+    train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len)
+    heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    num_layers = learned.spec.num_layers
+    emit("loaded", {"model": loaded.source, "device": str(device), "fractions": fractions, "k": k,
+                    "points": 2 * len(fractions)})
+
+    points = []
+    for f in fractions:
+        layers = choose_layers(num_layers, f, cfg.which)
+        for gate_name, bank in banks.items():
+            path = points_dir / f"f{f:.4f}-{gate_name}.json"
+            if cfg.resume and path.exists():
+                point = json.loads(path.read_text())
+                emit("point", point | {"skipped": True})
+                points.append(point)
+                continue
+            params = trainable_parameters(model, layers, cfg.params)
+            saved = [p.detach().clone() for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            policy = TopKPolicy(GateSelector(bank), k)
+            losses = lm_train(model, params, policy, train, cfg, device) if params and cfg.steps else []
+            with SparseAttention(model, TopKPolicy(GateSelector(bank), k)):
+                nll, count = windows_nll(model, heldout, cfg.batch_size, device)
+            with SparseAttention(model, DensePolicy()):
+                dense_nll, _ = windows_nll(model, heldout, cfg.batch_size, device)
+            point = {
+                "fraction": f, "gate": gate_name, "layers": layers, "n_layers_unfrozen": len(layers),
+                "n_params_trained": sum(p.numel() for p in params), "steps": cfg.steps if params else 0,
+                "ppl": math.exp(nll / count), "dense_ppl_after": math.exp(dense_nll / count), "tokens": count,
+                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+                "seconds": time.perf_counter() - t0,
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            }
+            with torch.no_grad():  # back to the frozen base model for the next point
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+                    p.requires_grad_(False)
+            for b in banks.values():
+                assert not any(p.requires_grad for p in b.parameters())
+            atomic_write_json(path, point)
+            points.append(point)
+            emit("point", point)
+
+    import transformers
+
+    table = []
+    for f in fractions:
+        by = {p["gate"]: p for p in points if p["fraction"] == f}
+        table.append({"fraction": f, "n_layers_unfrozen": by["learned"]["n_layers_unfrozen"],
+                      "ppl_learned": by["learned"]["ppl"], "ppl_random": by["random"]["ppl"],
+                      "gap": by["random"]["ppl"] - by["learned"]["ppl"],
+                      "dense_ppl_learned_run": by["learned"]["dense_ppl_after"],
+                      "dense_ppl_random_run": by["random"]["dense_ppl_after"]})
+    report = {
+        "table": table, "points": points,
+        "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset, "gates": gate_path},
+        "model": loaded.source, "model_fingerprint": model_fingerprint(model.config), "gate_config": gate_cfg,
+        "data": {"train": train_info, "heldout": held_info}, "device": str(device),
+        "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    atomic_write_json(out / REPORT_NAME, report)
+    from .plots import plot_sweep
+
+    plot_sweep(report, out / PLOT_NAME)
+    return report

@@ -1,0 +1,98 @@
+"""Generation with a gate, and a comparison with dense generation (``sparsify generate``).
+
+Letters: B batch (1 here), N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EMBEDDED_MODEL
+from .deploy import apply_gates
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    gates: str | None = None
+    model: str | None = None  # default: the gate's base model
+    prompt: str = "The capital of France is"
+    max_new_tokens: int = 50
+    k: int | None = None  # default: the gate's k
+    mode: str = "gate"
+    compare_dense: bool = False
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class GenerateResult:
+    prompt: str
+    text: str
+    tokens: list[int]
+    seconds_per_token: float
+    dense_text: str | None = None
+    dense_tokens: list[int] | None = None
+    dense_seconds_per_token: float | None = None
+    agreement: float | None = None  # share of positions where the two greedy continuations agree
+    mean_kl: float | None = None  # mean KL(dense || sparse) of next-token distributions along the sparse text
+    per_token_kl: list[float] = field(default_factory=list)
+
+
+def _timed_generate(model, inputs, cfg: GenerateConfig, pad_id: int) -> tuple[torch.Tensor, float]:
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                         temperature=cfg.temperature if cfg.do_sample else None,
+                         top_p=cfg.top_p if cfg.do_sample else None, pad_token_id=pad_id)
+    dt = time.perf_counter() - t0
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return new, dt / max(1, len(new))
+
+
+@torch.no_grad()
+def generate_text(cfg: GenerateConfig) -> GenerateResult:
+    """Generate under the gate; with ``compare_dense`` also dense, and score the difference."""
+    from .gates.io import read_gate_config
+    from .loading import load_model
+
+    if cfg.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {cfg.max_new_tokens}")
+    if not cfg.prompt.strip():
+        raise UserError("--prompt is empty; give the text to continue")
+    gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
+    k = cfg.k or gate_cfg.get("k") or 64
+    loaded = load_model(cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL, dtype=cfg.dtype,
+                        device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    inputs = tok(cfg.prompt, return_tensors="pt").to(model.device)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with apply_gates(model, cfg.gates, k=k, mode=cfg.mode):
+        new, spt = _timed_generate(model, inputs, cfg, pad_id)
+    result = GenerateResult(prompt=cfg.prompt, text=tok.decode(new, skip_special_tokens=True),
+                            tokens=new.tolist(), seconds_per_token=spt)
+    if cfg.compare_dense:
+        dense_new, dense_spt = _timed_generate(model, inputs, cfg, pad_id)
+        full = torch.cat([inputs["input_ids"][0], new]).unsqueeze(0)  # (1, prompt + N)
+        n_prompt = inputs["input_ids"].shape[1]
+        logits_dense = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()  # (N, V)
+        with apply_gates(model, cfg.gates, k=k, mode=cfg.mode):
+            logits_sparse = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()
+        logp, logq = logits_dense.log_softmax(-1), logits_sparse.log_softmax(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # (N,)
+        n = min(len(new), len(dense_new))
+        result.dense_text = tok.decode(dense_new, skip_special_tokens=True)
+        result.dense_tokens = dense_new.tolist()
+        result.dense_seconds_per_token = dense_spt
+        result.agreement = float((new[:n] == dense_new[:n]).float().mean()) if n else float("nan")
+        result.per_token_kl = kl.tolist()
+        result.mean_kl = float(kl.mean())
+    return result

@@ -1,0 +1,99 @@
+"""Distillation end to end on a tiny checkpoint: learning, frozen base, artifacts, resume, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posthoc_sparse.config import DistillConfig
+from posthoc_sparse.distill.loop import distill
+from posthoc_sparse.errors import UserError
+from posthoc_sparse.gates.io import load_gates
+
+
+
+WIDE = {**os.environ, "COLUMNS": "200"}  # rich wraps tables at 80 columns when not on a terminal
+
+
+@pytest.fixture(scope="module")
+def assets(trained_tiny):
+    return trained_tiny
+
+
+def _cfg(assets, out, **kw):
+    model, corpus = assets
+    base = dict(model=str(model), dataset=str(corpus), output=str(out), k=4, steps=60, seq_len=32, lr=3e-2,
+                warmup=3, d_g=8, val_every=10, val_windows=4, checkpoint_every=10, gate_init="random")
+    return DistillConfig(**(base | kw))
+
+
+def test_distillation_lifts_recall_clearly_above_the_random_gate(assets, tmp_path):
+    res = distill(_cfg(assets, tmp_path / "g"))
+    assert res.loss_last < 0.7 * res.loss_first
+    assert res.recall > res.recall_random + 0.15, (res.recall, res.recall_random)
+    assert res.recall > res.recall_init + 0.1
+    bank, cfg = load_gates(tmp_path / "g")
+    assert cfg["k"] == 4 and cfg["steps"] == 60 and cfg["gate_input"] == "hidden" and cfg["num_layers"] == 2
+    log = json.loads((tmp_path / "g" / "distill_log.json").read_text())
+    assert len(log["history"]) == 60 and log["train"]["n_windows"] > 0
+
+
+def test_resume_after_a_stop_gives_the_same_gate(assets, tmp_path):
+    full = distill(_cfg(assets, tmp_path / "full", steps=20))
+    # A run that stops after 10 steps (its checkpoint), then resumes to 20.
+    cfg = _cfg(assets, tmp_path / "resumed", steps=20, checkpoint_every=10)
+    _stop_after(cfg, 10)
+    resumed = distill(_cfg(assets, tmp_path / "resumed", steps=20, checkpoint_every=10, resume=True))
+    assert resumed.resumed_from == 10
+    a, _ = load_gates(tmp_path / "full")
+    b, _ = load_gates(tmp_path / "resumed")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    assert abs(full.loss_last - resumed.loss_last) < 1e-5
+
+
+def _stop_after(cfg, n):
+    class Stop(Exception):
+        pass
+
+    def on_event(kind, info):
+        if kind == "checkpoint" and info["step"] == n:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(cfg, on_event=on_event)
+
+
+def test_bad_inputs_are_user_errors(assets, tmp_path):
+    with pytest.raises(UserError, match="k"):
+        distill(_cfg(assets, tmp_path / "a", k=0))
+    with pytest.raises(UserError, match="does not exist"):
+        distill(_cfg(assets, tmp_path / "b", model=str(tmp_path / "missing")))
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "x").write_text("x")
+    with pytest.raises(UserError, match="--overwrite"):
+        distill(_cfg(assets, tmp_path / "exists"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        distill(_cfg(assets, tmp_path / "c", dataset=str(empty)))
+
+
+def test_cli_distill_end_to_end(assets, tmp_path):
+    model, corpus = assets
+    out = tmp_path / "cli-gates"
+    cmd = [sys.executable, "-m", "sparsify_cli", "distill", "--model", str(model), "--dataset", str(corpus),
+           "--k", "4", "--steps", "4", "--seq-len", "32", "--d-g", "8", "--output", str(out), "--val-every", "2",
+           "--val-windows", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=WIDE)
+    assert run.returncode == 0, run.stderr
+    assert "distilled gates" in run.stdout and (out / "gates.safetensors").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=WIDE)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    bad = subprocess.run(cmd[:-6] + ["--k", "0", "--output", str(tmp_path / "z")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--k must be a positive" in bad.stderr

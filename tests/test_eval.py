@@ -1,0 +1,115 @@
+"""`sparsify eval`: perplexity invariants, routing metrics, the JSON report and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posthoc_sparse.config import DistillConfig
+from posthoc_sparse.data import build_windows
+from posthoc_sparse.distill.loop import distill
+from posthoc_sparse.errors import GateMismatchError, UserError
+from posthoc_sparse.evaluate.perplexity import EvalConfig, evaluate_perplexity
+from posthoc_sparse.loading import load_model
+
+from .tiny import save_tiny_checkpoint
+
+
+WIDE = {**os.environ, "COLUMNS": "200"}  # rich wraps tables at 80 columns when not on a terminal
+
+
+@pytest.fixture(scope="module")
+def trained(trained_tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model, corpus = trained_tiny
+    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(root / "gates"), k=4, steps=40,
+                          seq_len=32, lr=3e-2, warmup=3, d_g=8, val_every=40, val_windows=2, gate_init="random"))
+    return model, corpus, root / "gates"
+
+
+def _eval(trained, **kw):
+    model, corpus, gates = trained
+    base = dict(gates=str(gates), dataset=str(corpus), k="2,4", max_windows=6, seq_len=32)
+    return evaluate_perplexity(EvalConfig(**(base | kw)))
+
+
+def test_dense_perplexity_equals_the_models_own_loss(trained):
+    model, corpus, _ = trained
+    rep = _eval(trained, modes="dense")
+    loaded = load_model(str(model))
+    windows, _ = build_windows(loaded.tokenizer, str(corpus), "heldout", 32, max_windows=6)
+    with torch.no_grad():
+        loss = loaded.model(input_ids=windows, labels=windows).loss  # mean over all shifted tokens
+    assert abs(rep.results[0].nll - float(loss)) < 1e-5
+    assert rep.results[0].tokens == windows.shape[0] * 31
+
+
+def test_oracle_with_k_at_least_t_equals_dense(trained):
+    rep = _eval(trained, modes="dense,oracle", k="32")
+    dense, oracle = rep.results
+    assert abs(dense.perplexity - oracle.perplexity) < 1e-4 * dense.perplexity
+    assert oracle.routing["recall"] == pytest.approx(1.0) and oracle.routing["mass"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_modes_order_and_metrics_on_a_trained_gate(trained):
+    rep = _eval(trained)
+    by = {(r.mode, r.k): r for r in rep.results}
+    for k in (2, 4):
+        assert by[("oracle", k)].perplexity < by[("random", k)].perplexity
+        assert by[("oracle", k)].routing["recall"] == pytest.approx(1.0)
+        assert by[("gate", k)].routing["recall"] > by[("random", k)].routing["recall"]
+        assert by[("gate", k)].routing["mass"] > by[("random", k)].routing["mass"]
+        assert 0 < by[("gate", k)].routing["sparsity_causal"] < 1
+    row = rep.summary[1]
+    assert row["k"] == 4 and row["sparsity_all_keys"] == pytest.approx(1 - 4 / 32)
+    gap = (row["random"] - row["gate"]) / (row["random"] - row["oracle"])
+    assert row["gap_closed"] == pytest.approx(gap) and row["gate_over_oracle"] == pytest.approx(row["gate"] / row["oracle"])
+    sink = by[("dense", None)].per_layer
+    assert len(sink) == 2 and all(0 < r["first_token_share"] < 1 for r in sink)
+
+
+def test_report_json_and_plot_have_every_field(trained, tmp_path):
+    _eval(trained, output=str(tmp_path / "rep"))
+    doc = json.loads((tmp_path / "rep" / "eval.json").read_text())
+    setup = doc["setup"]
+    for key in ("model", "gate_config", "data", "seq_len", "windows", "tokens_scored", "k", "modes", "versions",
+                "random_seed", "closed_loop"):
+        assert key in setup, key
+    assert setup["data"]["split"] == "heldout" and setup["data"]["sha256"]
+    assert {r["mode"] for r in doc["results"]} == {"dense", "oracle", "gate", "random"}
+    for r in doc["results"]:
+        if r["k"] is not None:
+            assert {"recall", "f1", "mass", "sparsity_causal"} <= set(r["routing"]) and len(r["per_layer"]) == 2
+    assert all(math.isfinite(r["perplexity"]) for r in doc["results"])
+    assert (tmp_path / "rep" / "eval.png").stat().st_size > 1000
+
+
+def test_gate_mismatch_and_bad_arguments(trained, tmp_path):
+    model, corpus, gates = trained
+    other = save_tiny_checkpoint(tmp_path / "other", "llama", layers=3)
+    with pytest.raises(GateMismatchError, match="num_layers"):
+        _eval(trained, model=str(other))
+    with pytest.raises(UserError, match="--k"):
+        _eval(trained, k="0")
+    with pytest.raises(UserError, match="--modes"):
+        _eval(trained, modes="dense,magic")
+    with pytest.raises(UserError, match="needs --gates"):
+        evaluate_perplexity(EvalConfig(model=str(model), dataset=str(corpus), modes="gate"))
+
+
+def test_cli_eval_end_to_end(trained, tmp_path):
+    model, corpus, gates = trained
+    cmd = [sys.executable, "-m", "sparsify_cli", "eval", "--gates", str(gates), "--dataset", str(corpus),
+           "--k", "2,4", "--max-windows", "3", "--output", str(tmp_path / "r")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=WIDE)
+    assert run.returncode == 0, run.stderr
+    assert "closed-loop perplexity" in run.stdout and "gap closed" in run.stdout
+    doc = json.loads((tmp_path / "r" / "eval.json").read_text())
+    gate4 = next(r for r in doc["results"] if r["mode"] == "gate" and r["k"] == 4)
+    assert f"{gate4['perplexity']:.3f}" in run.stdout  # the CLI prints the library's numbers
