@@ -30,7 +30,7 @@ from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
 from posthoc_sparse.attention.policies import (  # noqa: E402
     DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
 )
-from posthoc_sparse.distill.loop import accumulate_gradients  # noqa: E402
+from posthoc_sparse.distill.loop import accumulate_gradients, decoder_of  # noqa: E402
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
 
@@ -108,6 +108,10 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False):
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
 
+        def decoder_forward():  # the same forward without the LM head (what distillation runs)
+            with torch.no_grad():
+                decoder_of(model)(input_ids=ids, use_cache=False)
+
         def step():
             with SparseAttention(model, policy):
                 accumulate_gradients(model, policy, bank, [ids], "kl", 64)
@@ -118,17 +122,55 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False):
         try:
             if not memory_only:
                 row["forward_s"] = timed(forward, device, reps)
+                row["decoder_forward_s"] = timed(decoder_forward, device, reps)
                 row["distill_step_s"] = timed(step, device, reps)
                 row["time_ratio"] = row["distill_step_s"] / row["forward_s"]
+                row["time_ratio_vs_decoder"] = row["distill_step_s"] / row["decoder_forward_s"]
             row["forward_peak_bytes"] = peak(forward, device)
+            row["decoder_forward_peak_bytes"] = peak(decoder_forward, device)
             row["distill_peak_bytes"] = peak(step, device)
             if row["forward_peak_bytes"]:
                 row["memory_ratio"] = row["distill_peak_bytes"] / row["forward_peak_bytes"]
+                row["memory_ratio_vs_decoder"] = row["distill_peak_bytes"] / row["decoder_forward_peak_bytes"]
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_kernel(ts, device, reps):
+    """The fused KL kernels alone (forward + backward, one layer, Qwen3-1.7B heads) for launch settings."""
+    from posthoc_sparse.kernels import kl_distill
+
+    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2), (128, 32, 4, 3),
+               (32, 64, 4, 2), (64, 128, 8, 2)]
+    rows = []
+    default = dict(kl_distill.TUNING)
+    for t in ts:
+        gen = torch.Generator().manual_seed(t)
+        q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+        k = torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16)
+        gq = torch.randn(1, 16, t, 32, generator=gen).to(device).requires_grad_()
+        gk = torch.randn(1, 16, t, 32, generator=gen).to(device).requires_grad_()
+        for kind in ("fwd", "bwd"):
+            for cfg in configs:
+                kl_distill.TUNING.update(default)
+                kl_distill.TUNING[kind] = cfg
+
+                def run():
+                    kl = kl_distill.kl_rows_fused(q, k, gq, gk, 128**-0.5)
+                    if kind == "bwd":
+                        kl.sum().backward()
+                try:
+                    sec = timed(run, device, reps)
+                except Exception as e:  # a launch setting the compiler rejects (shared memory)
+                    sec = None
+                    print("config failed", kind, cfg, type(e).__name__)
+                rows.append({"T": t, "kernel": kind, "config": cfg, "seconds": sec})
+                print(json.dumps(rows[-1]), flush=True)
+    kl_distill.TUNING.update(default)
     return rows
 
 
@@ -252,6 +294,9 @@ def main() -> None:
     if "distill" in parts:
         result["parts"]["distill"] = bench_distill(model, bank, plan["distill"], device, args.reps)
         save()
+    if "kernel" in parts:
+        result["parts"]["kernel"] = bench_kernel([4096], device, args.reps)
+        save()
     if "memory" in parts:
         result["parts"]["memory"] = bench_distill(model, bank, plan["memory"], device, 1, memory_only=True)
         save()
@@ -271,7 +316,8 @@ def main() -> None:
     print(f"\n{result['device']}  {result['dtype']}  ({args.size} size)")
     for part, rows in result["parts"].items():
         for row in rows:
-            keys = [k for k in row if k.endswith(("ratio", "speedup_vs_sdpa")) or k in ("T", "peak_bytes", "error")]
+            keys = [k for k in row if k.endswith(("ratio", "ratio_vs_decoder", "speedup_vs_sdpa"))
+                    or k in ("T", "peak_bytes", "error")]
             print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .tiny import ARCHS, tiny_model, train_tiny_lm, write_corpus
 
@@ -23,3 +29,12 @@ def trained_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus.txt", n_docs=300)
     return train_tiny_lm(root / "model", corpus), corpus
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -87,7 +87,7 @@ def test_gate_init_from_model_with_full_width_reproduces_the_scores(arch):
             gq, gk = bank.layers[layer].project(rec.x, rec.query, rec.key, rec.cos, rec.sin)
             g = gq @ gk.transpose(-1, -2)
             s = scores(rec.query, rec.key, rec.scaling, rec.softcap)
-            kl, _ = kl_rows(s, g, rec.allowed)
+            kl, _ = kl_rows(s, g, rec.allowed())
             assert float(kl) < 1e-6, (arch, gate_input, layer)
 
 

@@ -43,9 +43,9 @@ class LayerCall:
     def softcap(self) -> float | None:
         return self.kwargs.get("softcap")
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self, a: int = 0, e: int | None = None) -> torch.Tensor:
         b, _, t, _ = self.query.shape
-        return allowed_keys(self.attention_mask, b, t, self.key.shape[2], self.query.device)  # (B, 1, T, S)
+        return allowed_keys(self.attention_mask, b, t, self.key.shape[2], self.query.device, a, e)  # (B, 1, C, S)
 
 
 def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:
@@ -63,12 +63,12 @@ class DensePolicy:
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
         if self.observer is not None:
-            allowed = call.allowed()
             t, s = call.query.shape[2], call.key.shape[2]
             step = query_chunk_size(call.query.shape[0], call.query.shape[1], s)
             for a in range(0, t, step):
-                sc = scores(call.query[:, :, a : a + step], call.key, call.scaling, call.softcap)
-                self.observer(call.layer, sc, allowed[:, :, a : a + step], None)
+                e = min(t, a + step)
+                sc = scores(call.query[:, :, a:e], call.key, call.scaling, call.softcap)
+                self.observer(call.layer, sc, call.allowed(a, e), None)
         out, _ = sdpa_attention_forward(
             call.module, call.query, call.key, call.value, call.attention_mask,
             dropout=call.dropout, scaling=call.scaling, **call.kwargs,
@@ -82,12 +82,25 @@ class LayerRecord:
 
     query: torch.Tensor  # (B, H, T, D)
     key: torch.Tensor  # (B, Hkv, S, D)
-    allowed: torch.Tensor  # (B, 1, T, S) bool
+    mask: torch.Tensor | None  # the mask transformers passed: None means plain causal (kept as given, O(1))
     scaling: float
     softcap: float | None
     x: torch.Tensor | None  # (B, T, hidden)
     cos: torch.Tensor | None
     sin: torch.Tensor | None
+
+    def allowed(self, a: int = 0, e: int | None = None) -> torch.Tensor:
+        """Allowed keys of query rows a:e, bool (B, 1, C, S); built per chunk, never (T, S) for all layers."""
+        b, _, t, _ = self.query.shape
+        e = t if e is None else e
+        return allowed_keys(self.mask, b, t, self.key.shape[2], self.query.device, a, e)
+
+    def valid_rows(self) -> int:
+        """Query rows (times heads) that have at least one allowed key."""
+        b, h, t, _ = self.query.shape
+        if self.mask is None:
+            return b * h * t
+        return int(self.allowed().any(-1).sum()) * h
 
 
 class RecordPolicy(DensePolicy):
@@ -101,7 +114,7 @@ class RecordPolicy(DensePolicy):
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
         self.records[call.layer] = LayerRecord(
-            query=call.query.detach(), key=call.key.detach(), allowed=call.allowed(), scaling=call.scaling,
+            query=call.query.detach(), key=call.key.detach(), mask=call.attention_mask, scaling=call.scaling,
             softcap=call.softcap, x=None if call.x is None else call.x.detach(),
             cos=None if call.cos is None else call.cos.detach(), sin=None if call.sin is None else call.sin.detach(),
         )
@@ -160,15 +173,15 @@ class TopKPolicy:
     def __call__(self, call: LayerCall) -> torch.Tensor:
         q, key, v = call.query, call.key, call.value
         b, h, t, _ = q.shape
-        allowed = call.allowed()  # (B, 1, T, S)
         prepared = self.selector.prepare(call)
         step = self.query_chunk or query_chunk_size(b, h, key.shape[2])
         out = torch.empty(b, h, t, v.shape[-1], dtype=torch.float32, device=q.device)  # (B, H, T, D)
         for a in range(0, t, step):
             e = min(t, a + step)
             s = scores(q[:, :, a:e], key, call.scaling, call.softcap)  # (B, H, C, S)
-            keep = topk_keep(self.selector.select(prepared, a, e, s), allowed[:, :, a:e], self.k)
+            allowed = call.allowed(a, e)  # (B, 1, C, S)
+            keep = topk_keep(self.selector.select(prepared, a, e, s), allowed, self.k)
             out[:, :, a:e] = attend(masked_softmax(s, keep), v)
             if self.observer is not None:
-                self.observer(call.layer, s, allowed[:, :, a:e], keep)
+                self.observer(call.layer, s, allowed, keep)
         return out.to(v.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)

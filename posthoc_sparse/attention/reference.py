@@ -9,20 +9,23 @@ from __future__ import annotations
 import torch
 
 
-def allowed_keys(attention_mask: torch.Tensor | None, b: int, t: int, s: int, device: torch.device) -> torch.Tensor:
-    """The keys each query may attend to, as bool (B, 1, T, S).
+def allowed_keys(attention_mask: torch.Tensor | None, b: int, t: int, s: int, device: torch.device,
+                 a: int = 0, e: int | None = None) -> torch.Tensor:
+    """The keys query rows ``a:e`` (of T) may attend to, as bool (B, 1, C, S).
 
     ``attention_mask`` is what transformers hands the attention function: None (plain causal, queries at the
-    last T of S positions), a bool mask (True = attend) or an additive float mask (0 = attend).
+    last T of S positions), a bool mask (True = attend) or an additive float mask (0 = attend). Only the
+    requested rows are built, so a chunked caller never holds a (T, S) mask.
     """
+    e = t if e is None else e
     if attention_mask is None:
-        qpos = torch.arange(s - t, s, device=device)[:, None]  # (T, 1)
+        qpos = torch.arange(s - t + a, s - t + e, device=device)[:, None]  # (C, 1)
         kpos = torch.arange(s, device=device)[None, :]  # (1, S)
-        return (kpos <= qpos).expand(b, 1, t, s)
-    mask = attention_mask
+        return (kpos <= qpos).expand(b, 1, e - a, s)
+    mask = attention_mask[..., -t:, :s][..., a:e, :]
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask[..., -t:, :s].expand(b, mask.shape[1], t, s)
+    return mask.expand(b, mask.shape[1], e - a, s)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

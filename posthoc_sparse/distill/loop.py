@@ -53,29 +53,50 @@ class DistillResult:
 
 
 def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, scale: float,
-                        chunk: int | None = None) -> torch.Tensor:
+                        chunk: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Mean loss over the layer's query rows; gradients (times ``scale``) accumulate into ``gate``.
 
-    The gate's projections run once; the loss runs chunk by chunk against detached leaves whose gradients
-    are then pushed through the projections in one backward call.
+    The gate's projections run once. The KL on a plain causal window goes through the fused kernel
+    (posthoc_sparse.kernels.kl_distill) where Triton can run it; otherwise the naive reference runs chunk by
+    chunk against detached leaves whose gradients are then pushed through the projections in one call.
+    ``fused`` forces one path (None: automatic).
     """
-    gq, gk = gate.project(rec.x, rec.query, rec.key, rec.cos, rec.sin)  # (B, H, T, d), (B, H, S, d)
-    gq_leaf, gk_leaf = gq.detach().requires_grad_(), gk.detach().requires_grad_()
+    from ..kernels.kl_distill import fused_available, kl_rows_fused
+
+    # On a GPU with a bf16 model the gate projections run in bf16 (fp32 accumulation); the loss stays fp32.
+    low = rec.query.is_cuda and rec.query.dtype == torch.bfloat16
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
+        gq, gk = gate.project(rec.x, rec.query, rec.key, rec.cos, rec.sin)  # (B, H, T, d), (B, H, S, d)
     b, h, t, _ = rec.query.shape
-    n_rows = int(rec.allowed.any(-1).sum()) * h
+    n_rows = rec.valid_rows()
     if n_rows == 0:
         return torch.zeros((), device=gq.device)
+    eligible = kind == "kl" and rec.mask is None and not rec.softcap and t == rec.key.shape[2]
+    if fused is None:
+        fused = eligible and fused_available(rec.query)
+    if fused:
+        if not eligible:
+            raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
+        loss = kl_rows_fused(rec.query, rec.key, gq, gk, rec.scaling).sum() / n_rows  # (B, H, T) -> ()
+        (loss * scale).backward()
+        return loss.detach()
+    gq_leaf, gk_leaf = gq.detach().requires_grad_(), gk.detach().requires_grad_()
     step = chunk or query_chunk_size(b, h, rec.key.shape[2], budget_bytes=1 << 26)
     total = torch.zeros((), device=gq.device)
     for a in range(0, t, step):
         e = min(t, a + step)
         s = scores(rec.query[:, :, a:e], rec.key, rec.scaling, rec.softcap)  # (B, H, C, S)
         g = torch.matmul(gq_leaf[:, :, a:e], gk_leaf.transpose(-1, -2))  # (B, H, C, S)
-        loss, _ = loss_rows(kind, s, g, rec.allowed[:, :, a:e], k)
+        loss, _ = loss_rows(kind, s, g, rec.allowed(a, e), k)
         (loss * (scale / n_rows)).backward()
         total += loss.detach()
     torch.autograd.backward([gq, gk], [gq_leaf.grad, gk_leaf.grad])
     return total / n_rows
+
+
+def decoder_of(model):
+    """The model without its LM head (distillation needs attention inputs, not logits)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
 def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batches: list[torch.Tensor],
@@ -86,7 +107,7 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
     layer_losses = torch.zeros(bank.spec.num_layers, device=micro_batches[0].device)
     for ids in micro_batches:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            decoder_of(model)(input_ids=ids, use_cache=False)
         for layer, rec in sorted(policy.records.items()):
             layer_losses[layer] += layer_loss_backward(rec, bank.layers[layer], loss, k, 1.0 / n) / n
         policy.records.clear()
@@ -102,7 +123,7 @@ def open_loop_recall(model, windows: torch.Tensor, banks: dict[str, GateBank], k
     policy = RecordPolicy()
     with SparseAttention(model, policy):
         for i in range(0, len(windows), batch_size):
-            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+            decoder_of(model)(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
             for layer, rec in sorted(policy.records.items()):
                 projected = {n: bk.layers[layer].project(rec.x, rec.query, rec.key, rec.cos, rec.sin)
                              for n, bk in banks.items()}
@@ -111,7 +132,7 @@ def open_loop_recall(model, windows: torch.Tensor, banks: dict[str, GateBank], k
                 for a in range(0, t, step):
                     e = min(t, a + step)
                     s = scores(rec.query[:, :, a:e], rec.key, rec.scaling, rec.softcap)
-                    allowed = rec.allowed[:, :, a:e]
+                    allowed = rec.allowed(a, e)
                     for name, (gq, gk) in projected.items():
                         g = torch.matmul(gq[:, :, a:e].float(), gk.float().transpose(-1, -2))
                         stats[name].observe(layer, s, allowed, topk_keep(g, allowed, k))
