@@ -126,7 +126,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
                     logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 (loss / cfg.grad_accum).backward()
-                total += float(loss) / cfg.grad_accum
+                total += float(loss.detach()) / cfg.grad_accum
             if not math.isfinite(total):
                 raise UserError(f"language-model loss became non-finite at step {step + 1}; lower --lr")
             opt.step()

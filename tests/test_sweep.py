@@ -1,0 +1,113 @@
+"""The unfreeze sweep: what trains, what stays frozen, zero gate gradient under hard top-k, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posthoc_sparse.attention.interface import SparseAttention
+from posthoc_sparse.attention.policies import GateSelector, TopKPolicy
+from posthoc_sparse.config import DistillConfig
+from posthoc_sparse.data import build_windows
+from posthoc_sparse.distill.loop import distill
+from posthoc_sparse.experiments.sweep import SweepConfig, choose_layers, lm_train, run_sweep, trainable_parameters
+from posthoc_sparse.gates.io import load_gates
+from posthoc_sparse.loading import load_model
+
+from .tiny import random_ids, tiny_model
+
+WIDE = {**os.environ, "COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def gated(trained_tiny, tmp_path_factory):
+    model, corpus = trained_tiny
+    gates = tmp_path_factory.mktemp("sweep") / "gates"
+    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(gates), k=4, steps=30, seq_len=32,
+                          lr=3e-2, warmup=3, d_g=8, val_every=30, val_windows=2, gate_init="random"))
+    return model, corpus, gates
+
+
+def test_choose_layers():
+    assert choose_layers(28, 0.29, "spread") == [1, 5, 8, 12, 15, 19, 22, 26]
+    assert choose_layers(10, 0.3, "first") == [0, 1, 2] and choose_layers(10, 0.3, "last") == [7, 8, 9]
+    assert choose_layers(10, 0.0, "spread") == [] and choose_layers(10, 0.5, "0,5,9") == [0, 5, 9]
+
+
+def test_hard_topk_gives_the_gate_exactly_zero_gradient():
+    """The paper's second finding: a hard top-k mask passes no gradient to the gate that chose it."""
+    model = tiny_model("llama")
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    bank = GateBank(gate_spec_for_model(model, d_g=8)).reset_random(0).requires_grad_(True)
+    for p in trainable_parameters(model, [0, 1], "attention"):
+        p.requires_grad_(True)
+    ids = random_ids(2, 16)
+    with SparseAttention(model, TopKPolicy(GateSelector(bank), 3)):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in bank.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_only_the_chosen_parameters_change_and_the_gate_never_does(gated):
+    model_dir, corpus, gates = gated
+    loaded = load_model(str(model_dir))
+    model = loaded.model
+    bank, _ = load_gates(gates)
+    gate_before = {k: v.clone() for k, v in bank.state_dict().items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = trainable_parameters(model, [1], "attention")
+    for p in params:
+        p.requires_grad_(True)
+    windows, _ = build_windows(loaded.tokenizer, str(corpus), "train", 32)
+    cfg = SweepConfig(steps=3, lr=1e-2, batch_size=2)
+    lm_train(model, params, TopKPolicy(GateSelector(bank), 4), windows, cfg, torch.device("cpu"))
+    chosen = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        if id(p) in chosen:
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name
+    assert all(torch.equal(v, gate_before[k]) for k, v in bank.state_dict().items())
+
+
+def test_sweep_points_gap_and_resume(gated, tmp_path):
+    model_dir, corpus, gates = gated
+    cfg = SweepConfig(gates=str(gates), dataset=str(corpus), layers="0,0.5", steps=4, lr=1e-2, eval_windows=3,
+                      output=str(tmp_path / "s"))
+    rep = run_sweep(cfg)
+    assert [r["fraction"] for r in rep["table"]] == [0.0, 0.5]
+    for row in rep["table"]:
+        pts = {p["gate"]: p for p in rep["points"] if p["fraction"] == row["fraction"]}
+        assert row["gap"] == pytest.approx(pts["random"]["ppl"] - pts["learned"]["ppl"])
+    zero = [p for p in rep["points"] if p["fraction"] == 0.0]
+    assert all(p["steps"] == 0 and p["n_params_trained"] == 0 for p in zero)
+    assert (tmp_path / "s" / "sweep.json").exists() and (tmp_path / "s" / "sweep.png").exists()
+    # The post-hoc point (f = 0): the distilled gate beats the random one on held-out text.
+    assert rep["table"][0]["ppl_learned"] < rep["table"][0]["ppl_random"]
+
+    events = []
+    again = run_sweep(SweepConfig(**{**cfg.__dict__, "resume": True}), on_event=lambda k, i: events.append((k, i)))
+    assert sum(1 for k, i in events if k == "point" and i.get("skipped")) == 4
+    assert again["table"] == rep["table"]
+
+
+def test_cli_unfreeze_sweep_end_to_end(gated, tmp_path):
+    model_dir, corpus, gates = gated
+    cmd = [sys.executable, "-m", "sparsify_cli", "unfreeze-sweep", "--gates", str(gates), "--dataset", str(corpus),
+           "--layers", "0,0.5", "--steps", "2", "--eval-windows", "2", "--output", str(tmp_path / "cli")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=WIDE)
+    assert run.returncode == 0, run.stderr
+    assert "unfreeze sweep" in run.stdout and "gap (random - learned)" in run.stdout
+    doc = json.loads((tmp_path / "cli" / "sweep.json").read_text())
+    assert len(doc["points"]) == 4
+    bad = subprocess.run(cmd[:-2] + ["--layers", "1.5", "--output", str(tmp_path / "bad")], capture_output=True,
+                         text=True, env=WIDE)
+    assert bad.returncode == 2 and "--layers" in bad.stderr
