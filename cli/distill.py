@@ -68,6 +68,9 @@ def distill(
             state["task"] = bar.add_task("distill", total=info["steps"], completed=info["resumed_from"], info="")
         elif kind == "validate":
             state["recall"], state["recall_random"] = info["recall"], info["recall_random"]
+            if not console.is_terminal:  # logs redirected to a file get a line per validation
+                console.print(f"step {info['step']}: recall@{cfg.k} {info['recall']:.3f} "
+                              f"(random {info['recall_random']:.3f})")
         elif kind == "step" and state["task"] is not None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  recall@{cfg.k} {fmt(state['recall'], '.3f')} "

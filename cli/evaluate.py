@@ -56,6 +56,8 @@ def eval_(
         elif kind == "result":
             label = info["mode"] if info["k"] is None else f"{info['mode']}@{info['k']}"
             bar.update(state["task"], advance=1, info=f"{label}: ppl {info['perplexity']:.3f}")
+            if not console.is_terminal:  # logs redirected to a file get a line per result
+                console.print(f"{label}: perplexity {info['perplexity']:.3f} ({info['seconds']:.0f} s)")
 
     try:
         report = evaluate_perplexity(cfg, on_event=on_event)

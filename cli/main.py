@@ -6,6 +6,7 @@ POSTHOC_SPARSE_DEBUG=1 for full tracebacks.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -21,35 +22,50 @@ def _register_commands() -> None:
     from . import sweep as _sweep  # noqa: F401
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages replace transformers' loading bars and info logs."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: exit 0 on success, 2 on a user error (one line), 1 on an internal error."""
     _register_commands()
+    _quiet_libraries()
     debug = os.environ.get("POSTHOC_SPARSE_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, standalone_mode=False)
-    except UserError as e:
-        if debug:
-            raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun with --resume to continue from the last checkpoint")
-        sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun with --resume to continue from the last checkpoint", 130)
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's (or Typer's vendored click's) usage errors
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         if debug:
             raise
-        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)",
-                      highlight=False, soft_wrap=True)
-        sys.exit(1)
+        if isinstance(e, UserError):
+            _fail(f"[bold red]error:[/] {e}", 2)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            _fail(f"[bold red]error:[/] cannot write {e.filename or 'the output'}: {e.strerror}; free space or fix "
+                  "the permissions, then rerun with --resume", 2)
+        _fail(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def unfreeze_sweep(
             tag = " (saved earlier)" if info.get("skipped") else ""
             bar.update(state["task"], advance=1,
                        info=f"f={info['fraction']:.2f} {info['gate']}: ppl {info['ppl']:.3f}{tag}")
+            if not console.is_terminal:
+                console.print(f"f={info['fraction']:.2f} {info['gate']}: perplexity {info['ppl']:.3f}{tag}")
 
     try:
         report = run_sweep(cfg, on_event=on_event)

@@ -59,6 +59,8 @@ class DistillConfig:
             raise UserError(
                 f"--k {self.k} keeps every key of a {self.seq_len}-token window; choose k < --seq-len"
             )
+        if self.d_g % 2:
+            raise UserError(f"--d-g must be even (rotary pairs), got {self.d_g}")
         _choice("gate-input", self.gate_input, ("hidden", "qk"))
         _choice("gate-init", self.gate_init, ("model", "random"))
         _choice("loss", self.loss, ("kl", "bce"))

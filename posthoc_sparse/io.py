@@ -25,6 +25,13 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
         raise UserError(f"output {path} exists and is not a folder; choose another --output")
     if path.exists() and any(path.iterdir()) and not (overwrite or resume):
         raise UserError(f"output folder {path} already exists; pass --overwrite to replace it or --resume to continue")
+    try:  # fail now, not after hours of work: the folder must be creatable and writable
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path} ({e.strerror}); choose another --output") from None
 
 
 @contextlib.contextmanager

@@ -62,6 +62,24 @@ class SweepConfig:
     device: str = "auto"
     trust_remote_code: bool = False
 
+    def validate(self) -> None:
+        """Check every setting that needs no model, before any model is loaded or gate distilled."""
+        self.fractions()
+        if self.which not in ("spread", "first", "last"):
+            try:
+                [int(x) for x in self.which.split(",") if x.strip()]
+            except ValueError:
+                raise UserError(f"--which must be spread, first, last or a list like 0,5,9, got {self.which!r}") from None
+        if self.params not in ("attention", "layer"):
+            raise UserError(f"--params must be attention or layer, got {self.params!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_windows"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.k is not None and self.k <= 0:
+            raise UserError(f"--k must be positive, got {self.k}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
     def fractions(self) -> list[float]:
         try:
             fs = [float(x) for x in self.layers.split(",") if x.strip()]
@@ -144,6 +162,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     from ..loading import load_model, model_fingerprint
 
     emit = on_event or (lambda kind, info: None)
+    cfg.validate()
     fractions = cfg.fractions()
     out = Path(cfg.output)
     check_output_dir(out, cfg.overwrite, cfg.resume)
