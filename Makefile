@@ -16,7 +16,7 @@ setup: $(BIN)/sparsify
 
 demo: setup
 	$(BIN)/sparsify distill --output gates/demo --overwrite
-	$(BIN)/sparsify eval --gates gates/demo --k 16,32,64 --output reports/demo --overwrite
+	$(BIN)/sparsify eval --gates gates/demo --k 16,32,64 --max-windows 4 --output reports/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q
