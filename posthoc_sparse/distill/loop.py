@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import LayerRecord, RecordPolicy, query_chunk_size
 from ..attention.reference import scores, topk_keep

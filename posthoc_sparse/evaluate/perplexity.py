@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .._version import __version__
 from ..attention.interface import SparseAttention
 from ..attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL

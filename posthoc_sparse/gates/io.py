@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import GateMismatchError, UserError
 from ..io import atomic_write_json, write_safetensors
 from .modules import GATE_INPUTS, GateBank, GateSpec
