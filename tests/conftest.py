@@ -38,3 +38,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_gates(trained_tiny, tmp_path_factory):
+    """(model folder, corpus, gate folder): a k=4 gate distilled once on the trained tiny model."""
+    from posthoc_sparse.config import DistillConfig
+    from posthoc_sparse.distill.loop import distill
+
+    model, corpus = trained_tiny
+    gates = tmp_path_factory.mktemp("gates") / "gates"
+    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(gates), k=4, steps=40, seq_len=32,
+                          lr=3e-2, warmup=3, d_g=8, val_every=40, val_windows=2, gate_init="random"))
+    return model, corpus, gates

@@ -11,9 +11,7 @@ import sys
 import pytest
 import torch
 
-from posthoc_sparse.config import DistillConfig
 from posthoc_sparse.data import build_windows
-from posthoc_sparse.distill.loop import distill
 from posthoc_sparse.errors import GateMismatchError, UserError
 from posthoc_sparse.evaluate.perplexity import EvalConfig, evaluate_perplexity
 from posthoc_sparse.loading import load_model
@@ -25,12 +23,8 @@ WIDE = {**os.environ, "COLUMNS": "200"}  # rich wraps tables at 80 columns when 
 
 
 @pytest.fixture(scope="module")
-def trained(trained_tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    model, corpus = trained_tiny
-    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(root / "gates"), k=4, steps=40,
-                          seq_len=32, lr=3e-2, warmup=3, d_g=8, val_every=40, val_windows=2, gate_init="random"))
-    return model, corpus, root / "gates"
+def trained(tiny_gates):
+    return tiny_gates
 
 
 def _eval(trained, **kw):

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from posthoc_sparse.config import DistillConfig
-from posthoc_sparse.distill.loop import distill
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.generate import GenerateConfig, generate_text
 
@@ -17,12 +15,8 @@ WIDE = {**os.environ, "COLUMNS": "200"}
 
 
 @pytest.fixture(scope="module")
-def gates(trained_tiny, tmp_path_factory):
-    model, corpus = trained_tiny
-    out = tmp_path_factory.mktemp("gen") / "gates"
-    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(out), k=4, steps=20, seq_len=32,
-                          lr=3e-2, warmup=3, d_g=8, val_every=20, val_windows=2, gate_init="random"))
-    return out
+def gates(tiny_gates):
+    return tiny_gates[2]
 
 
 def test_generate_with_compare_dense(gates):

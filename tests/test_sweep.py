@@ -12,9 +12,7 @@ import torch
 
 from posthoc_sparse.attention.interface import SparseAttention
 from posthoc_sparse.attention.policies import GateSelector, TopKPolicy
-from posthoc_sparse.config import DistillConfig
 from posthoc_sparse.data import build_windows
-from posthoc_sparse.distill.loop import distill
 from posthoc_sparse.experiments.sweep import SweepConfig, choose_layers, lm_train, run_sweep, trainable_parameters
 from posthoc_sparse.gates.io import load_gates
 from posthoc_sparse.loading import load_model
@@ -25,12 +23,8 @@ WIDE = {**os.environ, "COLUMNS": "200"}
 
 
 @pytest.fixture(scope="module")
-def gated(trained_tiny, tmp_path_factory):
-    model, corpus = trained_tiny
-    gates = tmp_path_factory.mktemp("sweep") / "gates"
-    distill(DistillConfig(model=str(model), dataset=str(corpus), output=str(gates), k=4, steps=30, seq_len=32,
-                          lr=3e-2, warmup=3, d_g=8, val_every=30, val_windows=2, gate_init="random"))
-    return model, corpus, gates
+def gated(tiny_gates):
+    return tiny_gates
 
 
 def test_choose_layers():
