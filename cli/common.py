@@ -37,6 +37,18 @@ def progress_bar() -> Progress:
     )
 
 
+def is_main_process() -> bool:
+    """False in the non-main processes of a `torchrun` / `accelerate launch` group (they print nothing)."""
+    from posthoc_sparse.parallel import is_main_process as main
+
+    return main()
+
+
+def processes_note(info: dict) -> str:
+    n = info.get("processes", 1)
+    return f", {n} data-parallel processes" if n > 1 else ""
+
+
 def fmt(x: float | None, spec: str = ".4f") -> str:
     if x is None or x != x:
         return "-"

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from posthoc_sparse.config import DistillConfig
 
-from .common import fmt, make_config, progress_bar
+from .common import fmt, is_main_process, make_config, processes_note, progress_bar
 from .app import app, console, out_console
 
 Opt = typer.Option
@@ -34,10 +34,13 @@ def distill(
     gate_init: Annotated[Optional[str], Opt(help="model (model's own q/k rows) or random. Default model.")] = None,
     loss: Annotated[Optional[str], Opt(help="kl (against dense attention) or bce (against the oracle mask). Default kl.")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N.")] = None,
+    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
+    device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,
+    max_memory: Annotated[Optional[str], Opt(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")] = None,
     val_every: Annotated[Optional[int], Opt(help="Validate recall@k every N steps. Default 50.")] = None,
     val_windows: Annotated[Optional[int], Opt(help="Held-out windows for validation. Default 8.")] = None,
     checkpoint_every: Annotated[Optional[int], Opt(help="Checkpoint every N steps. Default 50.")] = None,
+    save_every: Annotated[Optional[int], Opt(help="Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off). Default 0.")] = None,
     max_train_windows: Annotated[Optional[int], Opt(help="Use at most N training windows.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing --output folder.")] = None,
     trust_remote_code: Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code.")] = None,
@@ -56,7 +59,8 @@ def distill(
     def on_event(kind: str, info: dict) -> None:
         if kind == "loaded":
             tr, ho = info["train"], info["heldout"]
-            console.print(f"model [bold]{info['model']}[/] ({info['resolved']}) on {info['device']}, {info['dtype']}")
+            console.print(f"model [bold]{info['model']}[/] ({info['resolved']}) on {info['device']}, {info['dtype']}"
+                          f"{processes_note(info)}")
             console.print(f"text  [bold]{tr['source']}[/]: {tr['n_windows']} train windows, "
                           f"{ho['n_windows']} held-out windows of {cfg.seq_len} tokens")
             spec = info["spec"]
@@ -82,6 +86,8 @@ def distill(
         result = run_distill(cfg, on_event=on_event)
     finally:
         bar.stop()
+    if not is_main_process():  # the other processes of a launched group stay quiet
+        return
     table = Table(title=f"distilled gates -> {result.output}")
     for col in ("steps", "loss first", "loss last", f"recall@{cfg.k} gate", "gate at init", "random gate", "s/step", "tok/s"):
         table.add_column(col, justify="right")

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 
-from .common import fmt, make_config, progress_bar
+from .common import fmt, is_main_process, make_config, processes_note, progress_bar
 from .app import app, console, out_console
 
 Opt = typer.Option
@@ -30,7 +30,9 @@ def eval_(
     random_seed: Annotated[Optional[int], Opt(help="Seed of the random gate. Default: the gate's random_seed.")] = None,
     no_routing: Annotated[Optional[bool], Opt("--no-routing", help="Skip recall/mass/sink metrics (faster).")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto, float32, bfloat16, float16.")] = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N.")] = None,
+    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
+    device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,
+    max_memory: Annotated[Optional[str], Opt(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing --output folder.")] = None,
     trust_remote_code: Annotated[Optional[bool], Opt("--trust-remote-code")] = None,
     revision: Annotated[Optional[str], Opt(help="Hub revision of --model.")] = None,
@@ -49,8 +51,8 @@ def eval_(
     def on_event(kind: str, info: dict) -> None:
         if kind == "loaded":
             d = info["data"]
-            console.print(f"model [bold]{info['model']}[/] on {info['device']}, {info['dtype']}; text {d['source']} "
-                          f"({d['split']}): {d['n_windows']} windows of {d['seq_len']} tokens")
+            console.print(f"model [bold]{info['model']}[/] on {info['device']}, {info['dtype']}{processes_note(info)}; "
+                          f"text {d['source']} ({d['split']}): {d['n_windows']} windows of {d['seq_len']} tokens")
             bar.start()
             state["task"] = bar.add_task("eval", total=info["runs"], info="")
         elif kind == "result":
@@ -63,6 +65,8 @@ def eval_(
         report = evaluate_perplexity(cfg, on_event=on_event)
     finally:
         bar.stop()
+    if not is_main_process():  # the other processes of a launched group stay quiet
+        return
     table = Table(title=f"closed-loop perplexity, T={report.setup['seq_len']}, {report.setup['tokens_scored']} tokens")
     cols = ["k", "dense", "oracle", "gate", "random", "gate/oracle", "gap closed", "gate recall", "gate mass",
             "random recall", "sparsity (all / causal)"]

@@ -20,6 +20,8 @@ def _register_commands() -> None:
     from . import evaluate as _evaluate  # noqa: F401
     from . import generate as _generate  # noqa: F401
     from . import sweep as _sweep  # noqa: F401
+    from . import pretrain as _pretrain  # noqa: F401
+    from . import corpus as _corpus  # noqa: F401
 
 
 def _quiet_libraries() -> None:

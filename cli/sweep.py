@@ -9,7 +9,7 @@ from rich.table import Table
 
 from posthoc_sparse.experiments.sweep import SweepConfig
 
-from .common import fmt, make_config, progress_bar
+from .common import fmt, is_main_process, make_config, processes_note, progress_bar
 from .app import app, console, out_console
 
 Opt = typer.Option
@@ -54,7 +54,8 @@ def unfreeze_sweep(
         if kind == "distill":
             console.print(f"no --gates given: distilling a gate first ({info['steps']} steps) into {info['output']}")
         elif kind == "loaded":
-            console.print(f"model [bold]{info['model']}[/] on {info['device']}; fractions {info['fractions']}, k={info['k']}")
+            console.print(f"model [bold]{info['model']}[/] on {info['device']}{processes_note(info)}; "
+                          f"fractions {info['fractions']}, k={info['k']}")
             bar.start()
             state["task"] = bar.add_task("sweep", total=info["points"], info="")
         elif kind == "point" and state["task"] is not None:
@@ -68,6 +69,8 @@ def unfreeze_sweep(
         report = run_sweep(cfg, on_event=on_event)
     finally:
         bar.stop()
+    if not is_main_process():  # the other processes of a launched group stay quiet
+        return
     table = Table(title=f"unfreeze sweep, top-{report['settings']['k']}, {report['model']}")
     for c in ("fraction", "layers unfrozen", "ppl learned", "ppl random", "gap (random - learned)",
               "dense ppl after (learned run)", "dense ppl after (random run)"):

@@ -15,13 +15,21 @@ def __getattr__(name: str):
         from .gates import io
 
         return getattr(io, name)
-    if name in ("distill", "DistillConfig"):
+    if name in ("distill_gates", "DistillConfig"):  # not "distill": that name is the subpackage
         from .config import DistillConfig
         from .distill.loop import distill
 
-        return {"distill": distill, "DistillConfig": DistillConfig}[name]
+        return {"distill_gates": distill, "DistillConfig": DistillConfig}[name]
     if name in ("evaluate_perplexity", "EvalConfig"):
         from .evaluate import perplexity
 
         return getattr(perplexity, name)
+    if name in ("pretrain", "PretrainConfig"):
+        from .experiments import pretrain
+
+        return getattr(pretrain, name)
+    if name in ("build_corpus", "CorpusConfig"):
+        from . import corpus
+
+        return getattr(corpus, name)
     raise AttributeError(f"module 'posthoc_sparse' has no attribute {name!r}")

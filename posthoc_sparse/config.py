@@ -13,6 +13,7 @@ from .errors import UserError
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_DATASET = "embedded:wiki-leads"
 EMBEDDED_STEPS = 100  # distillation steps of the embedded default on 2 CPU cores (a few minutes)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's big-model placements
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,12 @@ class DistillConfig:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # one of DEVICE_MAPS: spread one model over this process's GPUs (one process)
+    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
     val_every: int = 50
     val_windows: int = 8
     checkpoint_every: int = 50
+    save_every: int = 0  # also write the gate at step 0 and every N steps to <output>/snapshots/step-N (0: off)
     max_train_windows: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -55,6 +59,8 @@ class DistillConfig:
         _positive(self, "k", "steps", "seq_len", "batch_size", "grad_accum", "d_g", "val_every", "checkpoint_every")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.save_every < 0:
+            raise UserError(f"--save-every must be 0 (off) or positive, got {self.save_every}")
         if self.k >= self.seq_len:
             raise UserError(
                 f"--k {self.k} keeps every key of a {self.seq_len}-token window; choose k < --seq-len"
@@ -64,6 +70,15 @@ class DistillConfig:
         _choice("gate-input", self.gate_input, ("hidden", "qk"))
         _choice("gate-init", self.gate_init, ("model", "random"))
         _choice("loss", self.loss, ("kl", "bce"))
+        check_device_map(self.device_map, self.max_memory)
+
+
+def check_device_map(device_map: str | None, max_memory: str | None) -> None:
+    """--device-map is one of DEVICE_MAPS; --max-memory needs it."""
+    if device_map is not None:
+        _choice("device-map", device_map, DEVICE_MAPS)
+    elif max_memory is not None:
+        raise UserError("--max-memory only applies with --device-map (e.g. --device-map auto)")
 
 
 def _positive(cfg, *names: str) -> None:
@@ -116,7 +131,7 @@ def build_config(cls, base: dict | None = None, overrides: dict | None = None):
 def load_recipe(name_or_path: str) -> dict:
     """Read a recipe TOML (a path, or a name in the packaged ``recipes/``)."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix != ".toml" and not path.is_file():  # a name (which may hold dots: qwen3-1.7b-distill)
         from importlib.resources import files
 
         path = Path(str(files("posthoc_sparse_recipes") / f"{name_or_path}.toml"))

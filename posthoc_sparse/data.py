@@ -7,7 +7,8 @@ Sources (``source`` arguments):
   ``{title: {"title", "description", "topic", "extract"}}``; each ``extract`` is one document).
 * a local file: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one object per line, text in
   ``text_field``), ``.json`` (a list of strings or of objects with ``text_field``), ``.parquet`` (column
-  ``text_field``); or a folder of such files, read recursively in sorted path order.
+  ``text_field``); or a folder of such files, read recursively in sorted path order (hidden files, and a
+  ``manifest.json`` at the folder's top level, as ``sparsify corpus`` writes, are metadata and skipped).
 * anything else is a Hugging Face hub dataset ``name[:config]``, loaded through ``datasets`` on first use.
 
 Split: hub datasets use their own ``train`` split for training and ``validation`` (else ``test``) for held-out
@@ -31,11 +32,12 @@ import torch
 from .config import EMBEDDED_DATASET
 from .errors import UserError
 
-__all__ = ["EMBEDDED_DATASET", "SPLITS", "SUFFIXES", "WindowSampler", "build_windows", "is_heldout",
-           "load_documents"]
+__all__ = ["EMBEDDED_DATASET", "MANIFEST_NAME", "SPLITS", "SUFFIXES", "WindowSampler", "build_windows",
+           "is_heldout", "load_documents"]
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SPLITS = ("train", "heldout")
+MANIFEST_NAME = "manifest.json"  # at a folder's top level: metadata (sparsify corpus), not text
 HUB_DEFAULT_CONFIGS = {"wikitext": "wikitext-103-raw-v1"}
 # Extensions that mark a source as a (possibly missing) local file rather than a hub name.
 _FILE_SUFFIXES = SUFFIXES + (".csv", ".tsv", ".md", ".gz", ".zip", ".arrow", ".xml", ".html", ".text")
@@ -140,7 +142,8 @@ def _local_documents(path: Path, text_field: str) -> tuple[list[str], int]:
     """Raw documents of a file or of every supported file under a folder (sorted, recursive, no hidden files)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                       and p.relative_to(path).as_posix() != MANIFEST_NAME)
         if not files:
             raise UserError(f"folder {path} holds no {', '.join(SUFFIXES)} files; pass a folder with text files")
     else:
@@ -187,7 +190,8 @@ def _hub_documents(source: str, split: str, text_field: str) -> tuple[list[str],
         offline = os.environ.get("HF_HUB_OFFLINE", "unset")
         raise UserError(
             f"dataset {resolved!r} could not be loaded ({type(e).__name__}: {_first_line(e)}); the machine may be "
-            f"offline (HF_HUB_OFFLINE={offline}): pass a local .txt/.jsonl/.json/.parquet file or folder instead"
+            f"offline (HF_HUB_OFFLINE={offline}): pass a local .txt/.jsonl/.json/.parquet file or folder instead "
+            "(`sparsify corpus --output data/offline-en` builds one from offline packages)"
         ) from None
     if text_field not in ds.column_names:
         raise UserError(f"dataset {resolved!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "

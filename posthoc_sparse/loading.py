@@ -9,6 +9,7 @@ folder, so the first load and the cached ones give the same model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EMBEDDED_MODEL
+from .config import DEVICE_MAPS, EMBEDDED_MODEL
 from .errors import UserError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -278,14 +279,16 @@ def _check_causal_lm(config, source: str, trust_remote_code: bool) -> None:
 
 def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", revision: str | None = None, cache_dir: Path | None = None,
-               device_map: str | dict | None = None) -> LoadedModel:
+               device_map: str | dict | None = None, max_memory: dict | str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with every parameter frozen (asserted).
 
     ``model`` is :data:`EMBEDDED_MODEL`, a hub id, a local folder with a ``config.json``, or a ``.gguf``
     file (converted once and cached under ``cache_dir``, see the module docstring). ``dtype``: ``auto``
     (bfloat16 on CUDA, float32 on CPU), float32/fp32, bfloat16/bf16, float16/fp16. ``device``: ``auto``,
     ``cpu``, ``cuda`` or ``cuda:N``; ignored for placement when ``device_map`` is given, which is passed
-    to ``from_pretrained`` instead. Raises UserError for anything the user can fix: a missing path, an
+    to ``from_pretrained`` instead (Accelerate's big-model placement: ``auto``, ``balanced``, ``sequential``
+    or a dict), with ``max_memory`` (a dict, or a string such as ``"0=20GiB,1=20GiB,cpu=64GiB"``, see
+    :func:`parse_max_memory`); layers that do not fit go to the CPU, then to disk. Raises UserError for anything the user can fix: a missing path, an
     unknown dtype or device, a hub id that cannot be fetched, a model that is not a causal LM or whose
     attention does not go through transformers' AttentionInterface.
     """
@@ -335,6 +338,10 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     load_kwargs = dict(kwargs, dtype=torch_dtype, attn_implementation=attn_implementation)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
+        if max_memory is not None:
+            load_kwargs["max_memory"] = parse_max_memory(max_memory)
+    elif max_memory is not None:
+        raise UserError("--max-memory only applies with --device-map (e.g. --device-map auto)")
     try:
         lm = AutoModelForCausalLM.from_pretrained(checkpoint, **load_kwargs)
     except OSError as e:
@@ -366,7 +373,90 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     dtype_name = str(torch_dtype).removeprefix("torch.")
     return LoadedModel(model=lm, tokenizer=tokenizer, source=source, resolved=resolved,
                        revision=revision if hub else None,
-                       dtype=dtype_name, device=str(next(lm.parameters()).device))
+                       dtype=dtype_name, device=str(input_device(lm)))
+
+
+def parse_max_memory(spec: dict | str) -> dict:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (a dict passes through)."""
+    if isinstance(spec, dict):
+        return spec
+    out: dict = {}
+    for item in str(spec).split(","):
+        if not item.strip():
+            continue
+        key, sep, size = item.partition("=")
+        key, size = key.strip(), size.strip()
+        if not sep or not key or not size:
+            raise UserError(f"--max-memory takes DEVICE=SIZE pairs like 0=20GiB,1=20GiB,cpu=64GiB, got {spec!r}")
+        out[int(key) if key.isdigit() else key] = size
+    if not out:
+        raise UserError(f"--max-memory takes DEVICE=SIZE pairs like 0=20GiB,1=20GiB,cpu=64GiB, got {spec!r}")
+    return out
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return None
+
+
+def execution_devices(model: nn.Module, modules: list[nn.Module]) -> list[torch.device]:
+    """The device each of ``modules`` (submodules of ``model``) computes on.
+
+    Without a device map, the device of the module's parameters. With one (``device_map=...``), the
+    execution device of Accelerate's hook on the module or its nearest ancestor: the GPU holding the block,
+    or the main device for blocks offloaded to the CPU or disk (whose parameters sit on the meta device).
+    """
+    named = dict(model.named_modules())
+    names = {id(m): n for n, m in named.items()}
+    out = []
+    for mod in modules:
+        dev = None
+        if getattr(model, "hf_device_map", None):
+            parts = names[id(mod)].split(".") if names[id(mod)] else []
+            for i in range(len(parts), -1, -1):
+                dev = _hook_device(named[".".join(parts[:i])])
+                if dev is not None:
+                    break
+        if dev is None:
+            param = next((p for p in mod.parameters() if p.device.type != "meta"), None)
+            dev = param.device if param is not None else next(model.parameters()).device
+        out.append(dev)
+    return out
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the execution device of the input embeddings (``model.device`` without a map)."""
+    return execution_devices(model, [model.get_input_embeddings()])[0]
+
+
+def device_summary(model: nn.Module) -> str:
+    """One line saying where the model lives: ``cuda:0`` or ``device map: cuda:0 x 15, cuda:1 x 14``."""
+    dmap = getattr(model, "hf_device_map", None)
+    if not dmap:
+        return str(input_device(model))
+    counts: dict[str, int] = {}
+    for dev in dmap.values():
+        name = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        counts[name] = counts.get(name, 0) + 1
+    return "device map: " + ", ".join(f"{k} x {v}" for k, v in counts.items())
+
+
+@contextlib.contextmanager
+def onloaded(modules: list[nn.Module]):
+    """Within the block, the weights of ``modules`` (and their submodules) that Accelerate offloaded to the
+    CPU or disk are real tensors on the CPU (on the meta device otherwise); a no-op for ordinary models."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    with contextlib.ExitStack() as stack:
+        for mod in modules:
+            for sub in mod.modules():
+                if has_offloaded_params(sub):
+                    stack.enter_context(align_module_device(sub, torch.device("cpu")))
+        yield
 
 
 def _text_config(config):
@@ -421,6 +511,7 @@ def describe_attention(model) -> dict:
     return info
 
 
-__all__ = ["EMBEDDED_GGUF", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "default_cache_dir",
-           "describe_attention", "embedded_model_path", "gguf_cache_path", "load_model", "model_fingerprint",
-           "resolve_device", "resolve_dtype", "uses_attention_interface"]
+__all__ = ["DEVICE_MAPS", "EMBEDDED_GGUF", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "default_cache_dir",
+           "describe_attention", "device_summary", "embedded_model_path", "execution_devices", "gguf_cache_path",
+           "input_device", "load_model", "model_fingerprint", "onloaded", "parse_max_memory", "resolve_device",
+           "resolve_dtype", "uses_attention_interface"]

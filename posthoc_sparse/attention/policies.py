@@ -15,7 +15,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..gates.modules import GateBank
-from .reference import allowed_keys, attend, masked_softmax, scores, topk_keep
+from .reference import allowed_keys, attend, masked_softmax, scores, soft_topk_bias, topk_keep
 
 # observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
 # keep (B, H, C, S) or None for the dense policy.
@@ -51,6 +51,21 @@ class LayerCall:
 def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:
     """Queries per chunk so one fp32 (B, H, C, S) tensor stays near ``budget_bytes`` (256 MiB)."""
     return max(1, budget_bytes // max(1, b * h * s * 4))
+
+
+def chunked_attention(call: LayerCall, probs, query_chunk: int | None = None) -> torch.Tensor:
+    """Attention over query chunks: ``probs(a, e, s, allowed)`` turns the fp32 scores (B, H, C, S) of query rows
+    a:e and their allowed keys (B, 1, C, S) into probabilities; returns the output (B, T, H, D) in v's dtype.
+    Differentiable in q, k, v (and in whatever ``probs`` uses); one (B, H, C, S) chunk is built at a time."""
+    q, key, v = call.query, call.key, call.value
+    b, h, t, _ = q.shape
+    step = query_chunk or query_chunk_size(b, h, key.shape[2])
+    out = torch.empty(b, h, t, v.shape[-1], dtype=torch.float32, device=q.device)  # (B, H, T, D)
+    for a in range(0, t, step):
+        e = min(t, a + step)
+        s = scores(q[:, :, a:e], key, call.scaling, call.softcap)  # (B, H, C, S)
+        out[:, :, a:e] = attend(probs(a, e, s, call.allowed(a, e)), v)
+    return out.to(v.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)
 
 
 class DensePolicy:
@@ -155,6 +170,17 @@ class GateSelector:
         return torch.matmul(gq[:, :, a:b].float(), gk.float().transpose(-1, -2))  # (B, H, C, S)
 
 
+class RandomScoreSelector:
+    """A fresh uniformly random top-k selection at every call (the stochastic-mask experiment). Draws from
+    torch's global generator, so a seeded training step draws the same masks again (resume is exact)."""
+
+    def prepare(self, call: LayerCall):
+        return None
+
+    def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
+        return torch.rand(s.shape, device=s.device)
+
+
 class TopKPolicy:
     """Deployed hard top-k: keep the selector's top-k allowed keys per query, softmax the true scores over them.
 
@@ -171,17 +197,35 @@ class TopKPolicy:
         return isinstance(self.selector, GateSelector)
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
-        q, key, v = call.query, call.key, call.value
-        b, h, t, _ = q.shape
         prepared = self.selector.prepare(call)
-        step = self.query_chunk or query_chunk_size(b, h, key.shape[2])
-        out = torch.empty(b, h, t, v.shape[-1], dtype=torch.float32, device=q.device)  # (B, H, T, D)
-        for a in range(0, t, step):
-            e = min(t, a + step)
-            s = scores(q[:, :, a:e], key, call.scaling, call.softcap)  # (B, H, C, S)
-            allowed = call.allowed(a, e)  # (B, 1, C, S)
+
+        def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             keep = topk_keep(self.selector.select(prepared, a, e, s), allowed, self.k)
-            out[:, :, a:e] = attend(masked_softmax(s, keep), v)
             if self.observer is not None:
                 self.observer(call.layer, s, allowed, keep)
-        return out.to(v.dtype).transpose(1, 2).contiguous()  # (B, T, H, D)
+            return masked_softmax(s, keep)
+
+        return chunked_attention(call, probs, self.query_chunk)
+
+
+class SoftGatePolicy:
+    """End-to-end soft gating: the scores plus ``soft_topk_bias`` of the gate's scores, softmax over the
+    allowed keys. Differentiable in the model's q, k, v and in the gate (when its parameters require grad).
+    Used only for training with a gate in the loop (``sparsify pretrain --gate-mode soft-*``), never deployed.
+    """
+
+    needs_inputs = True
+
+    def __init__(self, bank: GateBank, k: int, tau: float = 1.0, query_chunk: int | None = None):
+        if k <= 0 or tau <= 0:
+            raise ValueError(f"need k > 0 and tau > 0, got k={k}, tau={tau}")
+        self.bank, self.k, self.tau, self.query_chunk = bank, k, tau, query_chunk
+
+    def __call__(self, call: LayerCall) -> torch.Tensor:
+        gq, gk = self.bank.layers[call.layer].project(call.x, call.query, call.key, call.cos, call.sin)
+
+        def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+            g = torch.matmul(gq[:, :, a:e].float(), gk.float().transpose(-1, -2))  # (B, H, C, S)
+            return torch.nan_to_num(torch.softmax(s + soft_topk_bias(g, allowed, self.k, self.tau), dim=-1), nan=0.0)
+
+        return chunked_attention(call, probs, self.query_chunk)

