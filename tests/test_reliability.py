@@ -22,7 +22,7 @@ from posthoc_sparse.errors import UserError
 from posthoc_sparse.gates.io import GATE_CONFIG_NAME, GATE_WEIGHTS_NAME, load_gates, save_gates
 from posthoc_sparse.gates.modules import GateBank, GateSpec
 
-from .tiny import save_tiny_checkpoint
+from .tiny import save_tiny_checkpoint, tiny_tokenizer, write_corpus
 
 ENV = {**os.environ, "COLUMNS": "200"}
 CLI = [sys.executable, "-m", "sparsify_cli"]
@@ -49,28 +49,72 @@ def _wait_for(path: Path, proc: subprocess.Popen, cond, timeout=240.0):
     return False
 
 
-def test_kill_9_during_distill_then_resume_gives_the_uninterrupted_result(trained_tiny, tmp_path):
-    model, corpus = trained_tiny
-    steps = 60
-    full = subprocess.run(_distill_cmd(model, corpus, tmp_path / "full", steps), capture_output=True, text=True,
-                          env=ENV, timeout=300)
+def _full_killed_resumed(cmd, out: Path, reached_when, env=ENV) -> int:
+    """Run ``cmd(out / "full")`` to the end; run ``cmd(out / "killed")``, SIGKILL it once its checkpoint's
+    state.json satisfies ``reached_when(meta)``, then rerun it with --resume. Returns the step it was killed at."""
+    full = subprocess.run(cmd(out / "full"), capture_output=True, text=True, env=env, timeout=300)
     assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen(_distill_cmd(model, corpus, tmp_path / "killed", steps), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
-    state = tmp_path / "killed" / "checkpoint" / "state.json"
-    reached = _wait_for(state, proc, lambda d: d["meta"]["step"] >= 10)
+    proc = subprocess.Popen(cmd(out / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = out / "killed" / "checkpoint" / "state.json"
+    reached = _wait_for(state, proc, lambda d: reached_when(d["meta"]))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert reached, "the run ended before a checkpoint could be interrupted"
-    assert not (tmp_path / "killed" / GATE_CONFIG_NAME).exists()  # nothing final was half-written
-    resumed = subprocess.run(_distill_cmd(model, corpus, tmp_path / "killed", steps, ["--resume"]),
-                             capture_output=True, text=True, env=ENV, timeout=300)
+    killed_at = json.loads(state.read_text())["meta"]["step"]
+    resumed = subprocess.run(cmd(out / "killed") + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    return killed_at
+
+
+def test_kill_9_during_distill_then_resume_gives_the_uninterrupted_result(trained_tiny, tmp_path):
+    model, corpus = trained_tiny
+    steps = 60
+    seen = {}
+
+    def cmd(out):
+        if out.name == "killed" and (out / "checkpoint").exists():
+            seen["final_before_resume"] = (out / GATE_CONFIG_NAME).exists()  # nothing final was half-written
+        return _distill_cmd(model, corpus, out, steps)
+
+    _full_killed_resumed(cmd, tmp_path, lambda meta: meta["step"] >= 10)
+    assert seen == {"final_before_resume": False}
     a, _ = load_gates(tmp_path / "full")
     b, cfg = load_gates(tmp_path / "killed")
     assert cfg["steps"] == steps
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def _pretrain_cmd(tok, corpus, out, steps, extra=()):
+    return CLI + ["pretrain", "--dataset", str(corpus), "--tokenizer", str(tok), "--n-layer", "2", "--d-model", "32",
+                  "--n-head", "2", "--d-ff", "64", "--seq-len", "32", "--batch-size", "8", "--steps", str(steps),
+                  "--lr", "3e-3", "--min-lr", "3e-4", "--warmup", "5", "--dropout", "0.1", "--eval-every", "1000",
+                  "--eval-windows", "2", "--checkpoint-every", "10", "--device", "cpu", "--output", str(out), *extra]
+
+
+def test_kill_9_during_pretrain_then_resume_gives_the_uninterrupted_result(tmp_path):
+    from safetensors.torch import load_file
+
+    tok, corpus = tmp_path / "tok", write_corpus(tmp_path / "corpus.txt")
+    tiny_tokenizer().save_pretrained(tok)
+    steps = 120  # dropout on: the per-step seeding must survive the kill too
+    env = ENV | {"OMP_NUM_THREADS": "1"}  # tiny matrices: threads only add contention
+    seen = {}
+
+    def cmd(out):
+        if out.name == "killed" and (out / "checkpoint").exists():
+            seen["final_before_resume"] = (out / "config.json").exists()  # nothing final was written
+        return _pretrain_cmd(tok, corpus, out, steps)
+
+    killed_at = _full_killed_resumed(cmd, tmp_path, lambda meta: 20 <= meta["step"] < steps, env)  # final: last
+    assert seen == {"final_before_resume": False}
+    log = json.loads((tmp_path / "killed" / "pretrain_log.json").read_text())
+    assert 0 < log["resumed_from"] == killed_at < steps and log["history"][-1]["step"] == steps
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
 def test_kill_9_during_sweep_then_resume_skips_finished_points(trained_tiny, tmp_path):
