@@ -120,10 +120,15 @@ launch() {  # launch N_PROCESSES MODE LABEL: one run, bounded by what is left of
     return $rc
 }
 
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+two() {  # the 2-process launches need 2 GPUs (or SMOKE); on one GPU this records the 1-GPU baseline only
+    if [ "$SMOKE" = 1 ] || ((NGPU >= 2)); then launch 2 "$@"; else
+        echo "skipped $1 on 2 GPUs: this machine has $NGPU GPU(s); 1-GPU baseline only" | tee -a "$OUT/log.txt"; fi
+}
 launch 1 distill 1gpu
-launch 2 distill 2gpu
+two distill 2gpu
 launch 1 eval 1gpu
-launch 2 eval 2gpu
+two eval 2gpu
 
 python - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, sys
