@@ -22,6 +22,7 @@ def _register_commands() -> None:
     from . import sweep as _sweep  # noqa: F401
     from . import pretrain as _pretrain  # noqa: F401
     from . import corpus as _corpus  # noqa: F401
+    from . import absorb as _absorb  # noqa: F401
 
 
 def _quiet_libraries() -> None:

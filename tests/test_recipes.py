@@ -16,6 +16,7 @@ from posthoc_sparse.config import DistillConfig, build_config, load_recipe
 from posthoc_sparse.corpus import CorpusConfig
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.evaluate.perplexity import EvalConfig
+from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 from posthoc_sparse.experiments.sweep import SweepConfig
 
@@ -23,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = ROOT / "recipes"
 RECIPES = sorted(RECIPE_DIR.rglob("*.toml"))
 KINDS = {"distill": DistillConfig, "eval": EvalConfig, "unfreeze-sweep": SweepConfig, "pretrain": PretrainConfig,
-         "corpus": CorpusConfig}
+         "corpus": CorpusConfig, "absorb": AbsorbConfig}
 FIRST_LINE = re.compile(r"# sparsify (?P<command>[a-z-]+) --recipe (?P<name>\S+)(?: .*)?")
 
 
 def test_the_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert {"paper-31m", "paper-31m-distill", "paper-31m-eval", "qwen3-1.7b-distill", "qwen3-1.7b-unfreeze"} <= names
+    assert {"paper-31m", "paper-31m-distill", "paper-31m-eval", "qwen3-1.7b-distill", "qwen3-1.7b-unfreeze",
+            "paper-31m-absorb"} <= names
     assert len(RECIPES) >= 7
 
 

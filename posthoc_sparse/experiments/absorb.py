@@ -1,0 +1,414 @@
+"""``sparsify absorb``: the routing-absorption paper's four lines of evidence, and the post-hoc counterpart.
+
+Every experiment trains small models from scratch with ``pretrain`` (a gate or mask in the loop through
+``PretrainConfig.gate_mode``), distills with ``distill`` and measures with ``evaluate_perplexity``, all on the
+same held-out windows. The experiments (``--experiments``, comma list):
+
+- ``soft``: soft gating end to end, the gate trained with the model ("soft-learned") vs the same gate frozen
+  at its random init ("soft-random"), over ``seeds`` seeds: perplexity as trained, deployed with hard top-k of
+  that gate, and the gate's recall against the oracle.
+- ``hard``: the learned gate behind a hard top-k mask ("hard-topk"): the gradient that reaches the gate,
+  measured at every training step, and whether its weights moved from their init.
+- ``coadapt``: a gate distilled post hoc (KL, frozen model) onto the co-adapted Q/K/V of the hard-topk model
+  vs onto the mask-agnostic Q/K/V of the dense model: recall and deployed perplexity of each.
+- ``stochastic``: a model trained with a fresh random top-k mask at every forward, deployed dense, vs the
+  dense baseline.
+- ``posthoc``: a gate distilled on the frozen dense model; deployed gate perplexity against distillation steps,
+  with the random gate, the oracle and dense as references.
+
+Layout of ``output``: ``runs/<run>/`` (HF checkpoints, ``gate/``), ``distill/<model>/`` (gate folders with
+``snapshots/``), ``evals/<name>.json`` (eval reports), then ``absorb.json``, ``summary.md`` and one PNG per
+experiment. Finished pieces are kept: ``resume`` skips them and continues an interrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+from ..config import _positive
+from ..errors import UserError
+from .pretrain import GATE_DIR, LOG_NAME, PretrainConfig
+
+EXPERIMENTS = ("soft", "hard", "coadapt", "stochastic", "posthoc")
+REPORT_NAME = "absorb.json"
+SUMMARY_NAME = "summary.md"
+_P = PretrainConfig  # the model and its training default to the paper's 31M model (PretrainConfig's defaults)
+
+
+@dataclass(frozen=True)
+class AbsorbConfig:
+    """``sparsify absorb``. Model and training fields mean what they mean in ``PretrainConfig``."""
+
+    dataset: str = _P.dataset
+    output: str = "reports/absorb"
+    experiments: str = ",".join(EXPERIMENTS)
+    seeds: int = 3  # seeds of the soft experiment (the other runs use seed 0)
+    steps: int = _P.steps  # training steps of every run
+    k: int = 64
+    tau: float = _P.gate_tau
+    d_g: int = _P.gate_d_g
+    distill_steps: int = 1000
+    distill_every: int = 100  # a point of the convergence curve every N distillation steps
+    distill_lr: float = 2e-3
+    distill_batch_size: int = 4
+    eval_windows: int = 32
+    tokenizer: str = _P.tokenizer
+    arch: str = _P.arch
+    n_layer: int = _P.n_layer
+    d_model: int = _P.d_model
+    n_head: int = _P.n_head
+    d_ff: int = _P.d_ff
+    seq_len: int = _P.seq_len
+    batch_size: int = _P.batch_size
+    lr: float = _P.lr
+    min_lr: float = _P.min_lr
+    warmup: int = _P.warmup
+    max_train_windows: int | None = None
+    mixed_precision: str = _P.mixed_precision
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+    def experiment_list(self) -> list[str]:
+        names = [e.strip() for e in self.experiments.split(",") if e.strip()]
+        bad = [e for e in names if e not in EXPERIMENTS]
+        if bad or not names:
+            raise UserError(f"--experiments takes a comma list of {', '.join(EXPERIMENTS)}, got {self.experiments!r}")
+        return [e for e in EXPERIMENTS if e in names]
+
+    def validate(self) -> None:
+        _positive(self, "seeds", "steps", "k", "d_g", "distill_steps", "distill_every", "distill_batch_size",
+                  "eval_windows")
+        self.experiment_list()
+        if self.k >= self.seq_len:
+            raise UserError(f"--k {self.k} keeps every key of a {self.seq_len}-token window; choose k < --seq-len")
+        if self.distill_every > self.distill_steps:
+            raise UserError(f"--distill-every {self.distill_every} exceeds --distill-steps {self.distill_steps}")
+        self.pretrain_config("dense", 0, "x").validate()
+
+    def pretrain_config(self, mode: str, seed: int, output: str) -> PretrainConfig:
+        return PretrainConfig(
+            dataset=self.dataset, output=output, tokenizer=self.tokenizer, arch=self.arch, n_layer=self.n_layer,
+            d_model=self.d_model, n_head=self.n_head, d_ff=self.d_ff, seq_len=self.seq_len, steps=self.steps,
+            batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr, warmup=min(self.warmup, self.steps),
+            seed=seed, mixed_precision=self.mixed_precision, device=self.device,
+            eval_every=self.steps, eval_windows=self.eval_windows, checkpoint_every=max(1, self.steps // 4),
+            max_train_windows=self.max_train_windows, gate_mode=mode, gate_k=self.k, gate_tau=self.tau,
+            gate_d_g=self.d_g, resume=self.resume)
+
+
+def _runs_needed(cfg: AbsorbConfig) -> list[tuple[str, str, int]]:
+    """(run name, gate mode, seed) of every training run the chosen experiments need, in order."""
+    exps = set(cfg.experiment_list())
+    runs = [("dense-s0", "dense", 0)]
+    if "soft" in exps:
+        for s in range(cfg.seeds):
+            runs += [(f"soft-learned-s{s}", "soft-learned", s), (f"soft-random-s{s}", "soft-random", s)]
+    if exps & {"hard", "coadapt"}:
+        runs.append(("hard-topk-s0", "hard-topk", 0))
+    if "stochastic" in exps:
+        runs.append(("stochastic-s0", "stochastic", 0))
+    return runs
+
+
+def _mean_std(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs),
+            "values": xs}
+
+
+class _Runner:
+    """Runs and caches the pieces (training runs, distillations, evaluations) under ``cfg.output``."""
+
+    def __init__(self, cfg: AbsorbConfig, emit: Callable[[str, dict], None]):
+        self.cfg, self.emit, self.out = cfg, emit, Path(cfg.output)
+
+    def train(self, name: str, mode: str, seed: int) -> dict:
+        from .pretrain import pretrain
+
+        run = self.out / "runs" / name
+        if (run / LOG_NAME).is_file() and (run / "config.json").is_file():
+            log = _read_json(run / LOG_NAME)
+            self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": True})
+        else:
+            self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": False})
+            pretrain(self.cfg.pretrain_config(mode, seed, str(run)),
+                     on_event=lambda kind, info: self.emit(f"pretrain:{kind}", info | {"run": name}))
+            log = _read_json(run / LOG_NAME)
+        last = log["evals"][-1]
+        return {"name": name, "mode": mode, "seed": seed, "path": str(run), "ppl_as_trained": last["heldout_ppl"],
+                "loss_as_trained": last["heldout_loss"], "seconds": log["seconds"],
+                "tokens_per_second": log["tokens_per_second"], "gate_grad": log.get("gate_grad"),
+                "loss_curve": [[h["step"], h["loss_mean"]] for h in log["history"]]}
+
+    def distill(self, name: str, model_dir: str) -> dict:
+        from ..config import DistillConfig
+        from ..distill.loop import HISTORY_NAME, distill
+        from ..gates.io import GATE_CONFIG_NAME
+
+        c = self.cfg
+        out = self.out / "distill" / name
+        if not ((out / GATE_CONFIG_NAME).is_file() and (out / HISTORY_NAME).is_file()):
+            self.emit("distill", {"name": name, "model": model_dir, "cached": False})
+            distill(DistillConfig(
+                model=model_dir, dataset=c.dataset, output=str(out), k=c.k, steps=c.distill_steps, seq_len=c.seq_len,
+                batch_size=c.distill_batch_size, lr=c.distill_lr, d_g=c.d_g, gate_init="random",
+                val_every=c.distill_every, val_windows=8, checkpoint_every=c.distill_every,
+                save_every=c.distill_every, device=c.device, resume=c.resume,
+            ), on_event=lambda kind, info: self.emit(f"distill:{kind}", info | {"run": name}))
+        else:
+            self.emit("distill", {"name": name, "model": model_dir, "cached": True})
+        log = _read_json(out / HISTORY_NAME)
+        return {"path": str(out), "loss_curve": [[h["step"], h["loss"]] for h in log["history"]],
+                "recall_curve": [[h["step"], h["recall"]] for h in log["history"] if "recall" in h]}
+
+    def evaluate(self, name: str, model_dir: str, modes: str, gates: str | None = None) -> dict:
+        """{mode: {"ppl", "recall", "mass"}} at k, cached in evals/<name>.json."""
+        from ..evaluate.perplexity import EvalConfig, evaluate_perplexity
+        from ..io import atomic_write_json
+
+        c = self.cfg
+        path = self.out / "evals" / f"{name}.json"
+        if path.is_file():
+            report = _read_json(path)
+        else:
+            self.emit("eval", {"name": name, "modes": modes})
+            report = evaluate_perplexity(EvalConfig(
+                gates=gates, model=model_dir, dataset=c.dataset, k=str(c.k), modes=modes, seq_len=c.seq_len,
+                max_windows=c.eval_windows, batch_size=4, d_g=c.d_g, device=c.device,
+            )).to_json()
+            atomic_write_json(path, report)
+        out = {}
+        for r in report["results"]:
+            routing = r.get("routing") or {}
+            out[r["mode"]] = {"ppl": r["perplexity"], "recall": routing.get("recall"), "mass": routing.get("mass"),
+                              "tokens": r["tokens"]}
+        return out
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _gate_moved(run_dir: str, seed: int) -> float:
+    """Largest |w - w_init| over the gate saved with a run (its init is the seeded random init)."""
+    from ..gates.io import load_gates
+    from ..gates.modules import GateBank
+
+    bank, _ = load_gates(Path(run_dir) / GATE_DIR)
+    init = GateBank(bank.spec).reset_random(seed)
+    with torch.no_grad():
+        return max(float((a - b).abs().max()) for a, b in zip(bank.parameters(), init.parameters(), strict=True))
+
+
+def run_absorb(cfg: AbsorbConfig, on_event: Callable[[str, dict], None] | None = None) -> dict:
+    """Run the chosen experiments; write absorb.json, summary.md and the plots into ``cfg.output``; return the
+    report (the dict written to absorb.json). ``on_event(kind, info)`` reports progress."""
+    import shutil
+
+    from ..io import atomic_write_bytes, atomic_write_json, check_output_dir
+
+    emit = on_event or (lambda kind, info: None)
+    cfg.validate()
+    out = Path(cfg.output)
+    check_output_dir(out, cfg.overwrite, cfg.resume)
+    if cfg.overwrite and not cfg.resume:  # start over: no earlier run, gate or report may be reused
+        for sub in ("runs", "distill", "evals"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    exps = cfg.experiment_list()
+    runner = _Runner(cfg, emit)
+    t0 = time.perf_counter()
+    runs = {name: runner.train(name, mode, seed) for name, mode, seed in _runs_needed(cfg)}
+    dense = runs["dense-s0"]
+    dense_eval = runner.evaluate("dense-s0", dense["path"], "dense,oracle,random")
+    results: dict[str, dict] = {}
+
+    if "soft" in exps:
+        per_seed = []
+        for s in range(cfg.seeds):
+            row = {"seed": s}
+            for variant in ("learned", "random"):
+                r = runs[f"soft-{variant}-s{s}"]
+                ev = runner.evaluate(r["name"], r["path"], "dense,gate", gates=str(Path(r["path"]) / GATE_DIR))
+                gg = r["gate_grad"] or {}
+                row[variant] = {"ppl_as_trained": r["ppl_as_trained"], "ppl_gate_topk": ev["gate"]["ppl"],
+                                "recall": ev["gate"]["recall"], "ppl_dense": ev["dense"]["ppl"],
+                                "gate_grad_mean": gg.get("sum_norm", 0.0) / max(1, gg.get("steps", 0)),
+                                "gate_moved": _gate_moved(r["path"], s)}
+            per_seed.append(row)
+        stats = {}
+        for key in ("ppl_as_trained", "ppl_gate_topk", "recall", "ppl_dense"):
+            stats[key] = {v: _mean_std([row[v][key] for row in per_seed]) for v in ("learned", "random")}
+            stats[key]["random_minus_learned"] = _mean_std(
+                [row["random"][key] - row["learned"][key] for row in per_seed
+                 if row["random"][key] is not None and row["learned"][key] is not None])
+        results["soft"] = {"per_seed": per_seed, "stats": stats, "dense_ppl": dense["ppl_as_trained"]}
+
+    if "hard" in exps:
+        r = runs["hard-topk-s0"]
+        gg = r["gate_grad"] or {}
+        soft = runs.get("soft-learned-s0")
+        results["hard"] = {
+            "ppl_as_trained": r["ppl_as_trained"], "steps_measured": gg.get("steps", 0),
+            "steps_with_gradient": gg.get("steps_with_gradient", 0), "max_gate_grad_norm": gg.get("max_norm", 0.0),
+            "gate_moved": _gate_moved(r["path"], 0), "dense_ppl": dense["ppl_as_trained"],
+            "soft_learned_gate_grad_mean": None if soft is None or not soft["gate_grad"] else
+            soft["gate_grad"]["sum_norm"] / max(1, soft["gate_grad"]["steps"]),
+        }
+
+    distilled = {}
+    if "coadapt" in exps or "posthoc" in exps:
+        distilled["dense"] = runner.distill("dense", dense["path"])
+    if "coadapt" in exps:
+        distilled["coadapted"] = runner.distill("coadapted", runs["hard-topk-s0"]["path"])
+        rows = []
+        for name, model_dir in (("mask-agnostic (dense model)", dense["path"]),
+                                ("co-adapted (hard-topk model)", runs["hard-topk-s0"]["path"])):
+            key = "dense" if name.startswith("mask") else "coadapted"
+            ev = runner.evaluate(f"coadapt-{key}", model_dir, "dense,oracle,gate,random",
+                                 gates=distilled[key]["path"])
+            rows.append({"model": key, "label": name, "ppl_dense": ev["dense"]["ppl"], "ppl_oracle": ev["oracle"]["ppl"],
+                         "ppl_gate": ev["gate"]["ppl"], "ppl_random": ev["random"]["ppl"],
+                         "recall": ev["gate"]["recall"], "mass": ev["gate"]["mass"],
+                         "gate_over_oracle": ev["gate"]["ppl"] / ev["oracle"]["ppl"],
+                         "recall_curve": distilled[key]["recall_curve"]})
+        results["coadapt"] = rows  # a list: mask-agnostic first
+
+    if "stochastic" in exps:
+        r = runs["stochastic-s0"]
+        ev = runner.evaluate("stochastic-s0", r["path"], "dense,oracle,random")
+        results["stochastic"] = {
+            "stochastic": {"ppl_as_trained": r["ppl_as_trained"], "ppl_dense": ev["dense"]["ppl"],
+                           "ppl_oracle": ev["oracle"]["ppl"], "ppl_random": ev["random"]["ppl"]},
+            "dense_baseline": {"ppl_as_trained": dense["ppl_as_trained"], "ppl_dense": dense_eval["dense"]["ppl"],
+                               "ppl_oracle": dense_eval["oracle"]["ppl"], "ppl_random": dense_eval["random"]["ppl"]},
+        }
+        results["stochastic"]["dense_ratio"] = ev["dense"]["ppl"] / dense_eval["dense"]["ppl"]
+
+    if "posthoc" in exps:
+        from ..distill.loop import SNAPSHOT_DIR
+
+        snaps = sorted((Path(distilled["dense"]["path"]) / SNAPSHOT_DIR).glob("step-*"),
+                       key=lambda p: int(p.name.split("-")[1]))
+        curve = []
+        for snap in snaps:
+            step = int(snap.name.split("-")[1])
+            ev = runner.evaluate(f"posthoc-step-{step}", dense["path"], "gate", gates=str(snap))
+            curve.append({"step": step, "ppl_gate": ev["gate"]["ppl"], "recall": ev["gate"]["recall"]})
+        results["posthoc"] = {"curve": curve, "ppl_random": dense_eval["random"]["ppl"],
+                              "ppl_oracle": dense_eval["oracle"]["ppl"], "ppl_dense": dense_eval["dense"]["ppl"],
+                              "loss_curve": distilled["dense"]["loss_curve"]}
+
+    import transformers
+
+    report = {
+        "config": asdict(cfg), "experiments": exps, "results": results,
+        "runs": {n: {k: v for k, v in r.items() if k != "loss_curve"} for n, r in runs.items()},
+        "loss_curves": {n: r["loss_curve"] for n, r in runs.items()},
+        "dense": dense_eval, "device": _device_name(cfg.device), "seconds": time.perf_counter() - t0,
+        "versions": {"posthoc_sparse": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    atomic_write_json(out / REPORT_NAME, report)
+    atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(report).encode())
+    from .plots import plot_absorb
+
+    report["plots"] = [str(p) for p in plot_absorb(report, out)]
+    emit("done", {"report": str(out / REPORT_NAME), "summary": str(out / SUMMARY_NAME), "plots": report["plots"]})
+    return report
+
+
+def _device_name(device: str) -> str:
+    from ..loading import resolve_device
+
+    dev = resolve_device(device)
+    if dev.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(dev))
+    return "cpu"
+
+
+def _f(x, spec=".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _ms(d: dict, spec=".2f") -> str:
+    if d["mean"] is None:
+        return "-"
+    return f"{d['mean']:{spec}} ± {d['std']:{spec}}" if d["n"] > 1 else format(d["mean"], spec)
+
+
+def summary_markdown(report: dict) -> str:
+    """The markdown summary: one table per experiment, with the settings that produced it."""
+    c, res = report["config"], report["results"]
+    lines = [
+        "# Routing absorption: end-to-end gating vs post-hoc distillation", "",
+        f"Model: {c['arch']}, {c['n_layer']} layers, d_model {c['d_model']}, {c['n_head']} heads, d_ff {c['d_ff']}, "
+        f"context {c['seq_len']}; data {c['dataset']}; {c['steps']} training steps per run (batch {c['batch_size']}); "
+        f"k = {c['k']}, d_g {c['d_g']}, tau {c['tau']}; {c['eval_windows']} held-out windows; device "
+        f"{report['device']}; {report['seconds']:.0f} s.", "",
+    ]
+    if "soft" in res:
+        st = res["soft"]["stats"]
+        lines += ["## 1. Soft gating end to end: learned vs random gate", "",
+                  f"Mean ± std over {c['seeds']} seeds. Dense baseline (seed 0): {_f(res['soft']['dense_ppl'])}.", "",
+                  "| | learned gate | random gate | random − learned |", "|---|---|---|---|"]
+        for key, label in (("ppl_as_trained", "perplexity as trained (soft gate)"),
+                           ("ppl_gate_topk", f"perplexity, hard top-{c['k']} of the gate"),
+                           ("recall", f"gate recall@{c['k']} vs oracle"),
+                           ("ppl_dense", "perplexity, gate removed (dense)")):
+            spec = ".3f" if key == "recall" else ".2f"
+            lines.append(f"| {label} | {_ms(st[key]['learned'], spec)} | {_ms(st[key]['random'], spec)} | "
+                         f"{_ms(st[key]['random_minus_learned'], spec)} |")
+        lines.append("")
+    if "hard" in res:
+        h = res["hard"]
+        lines += ["## 2. Hard top-k: the gate's gradient through the mask", "",
+                  "| steps measured | steps where a gradient reached the gate | largest gate-gradient norm | "
+                  "largest change of a gate weight | perplexity as trained | soft-learned mean gate-gradient norm |",
+                  "|---|---|---|---|---|---|",
+                  f"| {h['steps_measured']} | {h['steps_with_gradient']} | {h['max_gate_grad_norm']:.1e} | "
+                  f"{h['gate_moved']:.1e} | {_f(h['ppl_as_trained'])} | {_f(h['soft_learned_gate_grad_mean'], '.2e')} |",
+                  ""]
+    if "coadapt" in res:
+        lines += ["## 3. Distilling onto co-adapted vs mask-agnostic Q/K/V", "",
+                  f"| model the gate is distilled onto | recall@{c['k']} | mass kept | dense | oracle | gate | random | "
+                  "gate / oracle |", "|---|---|---|---|---|---|---|---|"]
+        for row in res["coadapt"]:
+            lines.append(f"| {row['label']} | {_f(row['recall'], '.3f')} | {_f(row['mass'], '.3f')} | "
+                         f"{_f(row['ppl_dense'])} | {_f(row['ppl_oracle'])} | {_f(row['ppl_gate'])} | "
+                         f"{_f(row['ppl_random'])} | {_f(row['gate_over_oracle'], '.3f')} |")
+        lines.append("")
+    if "stochastic" in res:
+        s = res["stochastic"]
+        lines += ["## 4. Stochastic mask randomization", "",
+                  f"| model | as trained | deployed dense | oracle top-{c['k']} | random top-{c['k']} |",
+                  "|---|---|---|---|---|"]
+        for key, label in (("stochastic", "trained with random masks"), ("dense_baseline", "dense baseline")):
+            r = s[key]
+            lines.append(f"| {label} | {_f(r['ppl_as_trained'])} | {_f(r['ppl_dense'])} | {_f(r['ppl_oracle'])} | "
+                         f"{_f(r['ppl_random'])} |")
+        lines += ["", f"Deployed dense, stochastic / baseline: {s['dense_ratio']:.3f}.", ""]
+    if "posthoc" in res:
+        p = res["posthoc"]
+        lines += ["## Post hoc: a gate distilled on the frozen dense model", "",
+                  f"Dense {_f(p['ppl_dense'])}, oracle top-{c['k']} {_f(p['ppl_oracle'])}, random gate "
+                  f"{_f(p['ppl_random'])}.", "", f"| distillation step | gate top-{c['k']} perplexity | recall |",
+                  "|---|---|---|"]
+        lines += [f"| {pt['step']} | {_f(pt['ppl_gate'])} | {_f(pt['recall'], '.3f')} |" for pt in p["curve"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["EXPERIMENTS", "AbsorbConfig", "run_absorb", "summary_markdown"]
