@@ -111,6 +111,29 @@ def test_two_processes_sweep_like_one(runs, tmp_path):
         assert b["train_loss_last"] == pytest.approx(a["train_loss_last"], rel=1e-5)
 
 
+def test_two_processes_pretrain_like_one_with_a_gate_in_the_loop(tmp_path):
+    """Pretrain: DDP averages the model's gradients, the gate outside DDP is averaged by hand; both end equal."""
+    from posthoc_sparse.experiments.pretrain import GATE_DIR, PretrainConfig, pretrain
+
+    from .test_pretrain import phrase_corpus
+    from .tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    settings = dict(dataset=phrase_corpus(tmp_path / "corpus.txt"), tokenizer=tmp_path / "tok", n_layer=2, d_model=32,
+                    n_head=2, d_ff=64, seq_len=32, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_windows=3,
+                    checkpoint_every=3, gate_mode="soft-learned", gate_k=4, gate_d_g=8, device="cpu")
+    pretrain(PretrainConfig(**{k: str(v) if k in ("dataset", "tokenizer") else v for k, v in settings.items()},
+                            batch_size=4, output=str(tmp_path / "one")))
+    torchrun("pretrain", *_flags(settings | {"batch_size": 2, "output": tmp_path / "two"}))
+    for name in ("model.safetensors", f"{GATE_DIR}/gates.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    log = json.loads((tmp_path / "two" / "pretrain_log.json").read_text())
+    assert log["processes"] == 2 and log["gate_grad"]["steps_with_gradient"] == 6
+
+
 def test_device_map_spreads_the_model_and_changes_no_number(trained_tiny, tmp_path):
     """A 200 KB budget leaves room for the embeddings only: the layers go to disk and run through hooks."""
     from posthoc_sparse.attention.interface import attention_modules
