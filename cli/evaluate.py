@@ -28,6 +28,7 @@ def eval_(
     batch_size: Annotated[Optional[int], Opt(help="Windows per forward. Default 1.")] = None,
     output: Annotated[Optional[str], Opt("--output", "-o", help="Folder for eval.json and eval.png.")] = None,
     random_seed: Annotated[Optional[int], Opt(help="Seed of the random gate. Default: the gate's random_seed.")] = None,
+    selection: Annotated[Optional[str], Opt(help="head: top-k per query head (the method); group: one top-k shared by the query heads of each KV group (GQA), to measure what sharing costs. Default head.")] = None,
     no_routing: Annotated[Optional[bool], Opt("--no-routing", help="Skip recall/mass/sink metrics (faster).")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto, float32, bfloat16, float16.")] = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,

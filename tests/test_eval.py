@@ -107,3 +107,39 @@ def test_cli_eval_end_to_end(trained, tmp_path):
     doc = json.loads((tmp_path / "r" / "eval.json").read_text())
     gate4 = next(r for r in doc["results"] if r["mode"] == "gate" and r["k"] == 4)
     assert f"{gate4['perplexity']:.3f}" in run.stdout  # the CLI prints the library's numbers
+
+
+def test_group_selection_shares_one_key_set_per_kv_group(trained):
+    from posthoc_sparse.attention.interface import SparseAttention
+    from posthoc_sparse.attention.policies import OracleSelector, TopKPolicy
+    from posthoc_sparse.attention.reference import allowed_keys, group_scores, topk_keep
+
+    sel = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    allowed = allowed_keys(None, 2, 8, 8, torch.device("cpu"))
+    assert group_scores(sel, allowed, 1) is sel  # MHA: nothing to share
+    keep = topk_keep(group_scores(sel, allowed, 2), allowed, 3)
+    assert torch.equal(keep[:, 0], keep[:, 1]) and torch.equal(keep[:, 2], keep[:, 3])
+    assert not torch.equal(keep[:, 0], keep[:, 2])
+    assert (keep.sum(-1) == allowed.sum(-1).clamp(max=3)).all()  # still exactly min(k, allowed) per row
+
+    model, corpus, _ = trained  # the tiny model: 4 query heads over 2 KV heads
+    loaded = load_model(str(model))
+    seen = []
+    policy = TopKPolicy(OracleSelector(), 3, observer=lambda layer, s, allowed, keep: seen.append(keep),
+                        selection="group")
+    with torch.no_grad(), SparseAttention(loaded.model, policy):
+        loaded.model(input_ids=torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1)))
+    assert len(seen) == 2 and all(torch.equal(k[:, 0], k[:, 1]) and torch.equal(k[:, 2], k[:, 3]) for k in seen)
+
+
+def test_group_selection_in_eval_costs_recall_and_equals_dense_at_full_k(trained):
+    head = _eval(trained, modes="oracle,gate", k="4")
+    group = _eval(trained, modes="dense,oracle,gate", k="4,32", selection="group")
+    by = {(r.mode, r.k): r for r in group.results}
+    assert group.setup["selection"] == "group" and head.setup["selection"] == "head"
+    assert by[("oracle", 4)].routing["recall"] < 1.0  # a shared set misses some of each head's own top-k
+    assert by[("oracle", 4)].routing["recall"] > head.results[1].routing["recall"] * 0.5
+    dense = by[("dense", None)].perplexity
+    assert by[("oracle", 32)].perplexity == pytest.approx(dense, rel=1e-4)
+    with pytest.raises(UserError, match="--selection"):
+        _eval(trained, modes="oracle", selection="block")

@@ -15,7 +15,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..gates.modules import GateBank
-from .reference import allowed_keys, attend, masked_softmax, scores, soft_topk_bias, topk_keep
+from .reference import allowed_keys, attend, group_scores, masked_softmax, scores, soft_topk_bias, topk_keep
+
+SELECTIONS = ("head", "group")  # top-k per query head (METHOD.md), or one top-k shared by each KV group
 
 # observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
 # keep (B, H, C, S) or None for the dense policy.
@@ -187,10 +189,14 @@ class TopKPolicy:
     The naive chunked reference path: never more than one (B, H, C, S) chunk of scores at a time.
     """
 
-    def __init__(self, selector, k: int, observer: Observer | None = None, query_chunk: int | None = None):
+    def __init__(self, selector, k: int, observer: Observer | None = None, query_chunk: int | None = None,
+                 selection: str = "head"):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         self.selector, self.k, self.observer, self.query_chunk = selector, k, observer, query_chunk
+        self.selection = selection
 
     @property
     def needs_inputs(self) -> bool:
@@ -198,9 +204,10 @@ class TopKPolicy:
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
         prepared = self.selector.prepare(call)
+        n_rep = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
 
         def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-            keep = topk_keep(self.selector.select(prepared, a, e, s), allowed, self.k)
+            keep = topk_keep(group_scores(self.selector.select(prepared, a, e, s), allowed, n_rep), allowed, self.k)
             if self.observer is not None:
                 self.observer(call.layer, s, allowed, keep)
             return masked_softmax(s, keep)

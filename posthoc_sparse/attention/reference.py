@@ -55,6 +55,19 @@ def topk_keep(select: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tens
     return keep & allowed
 
 
+def group_scores(select: torch.Tensor, allowed: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Selection scores shared by the ``n_rep`` query heads of each KV group: every head gets its group's mean
+    softmax of ``select`` over the allowed keys (the group's mean attention distribution for the oracle), so
+    top-k of the result picks one set of keys per group. select: (B, H, C, S); allowed: (B, 1|H, C, S) bool.
+    Returns (B, H, C, S) fp32 (``select`` itself when n_rep == 1)."""
+    if n_rep == 1:
+        return select
+    p = torch.softmax(select.float().masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    b, h, c, s = p.shape
+    mean = p.view(b, h // n_rep, n_rep, c, s).mean(2, keepdim=True)  # (B, Hkv, 1, C, S)
+    return mean.expand(b, h // n_rep, n_rep, c, s).reshape(b, h, c, s)
+
+
 def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float) -> torch.Tensor:
     """The soft relaxation of gate top-k used for end-to-end training (METHOD.md, soft gating).
 
