@@ -28,6 +28,14 @@ def __getattr__(name: str):
         from .experiments import pretrain
 
         return getattr(pretrain, name)
+    if name in ("run_sweep", "SweepConfig"):
+        from .experiments import sweep
+
+        return getattr(sweep, name)
+    if name in ("run_absorb", "AbsorbConfig"):
+        from .experiments import absorb
+
+        return getattr(absorb, name)
     if name in ("build_corpus", "CorpusConfig"):
         from . import corpus
 

@@ -258,6 +258,14 @@ def test_absorb_resume_reuses_finished_pieces(assets, absorbed):
     assert json.loads(json.dumps(again["results"])) == json.loads(json.dumps(report["results"]))
 
 
+def test_the_top_level_api_names_the_experiments():
+    import posthoc_sparse
+    from posthoc_sparse.experiments.sweep import SweepConfig, run_sweep
+
+    assert posthoc_sparse.run_absorb is run_absorb and posthoc_sparse.AbsorbConfig is AbsorbConfig
+    assert posthoc_sparse.run_sweep is run_sweep and posthoc_sparse.SweepConfig is SweepConfig
+
+
 def test_absorb_refuses_bad_settings(assets, tmp_path):
     for kw, match in (({"experiments": "soft,nope"}, "experiments"), ({"k": 32}, "--k"),
                       ({"distill_every": 10}, "distill-every"), ({"seeds": 0}, "seeds")):
