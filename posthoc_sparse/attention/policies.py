@@ -226,13 +226,14 @@ class SoftGatePolicy:
     def __init__(self, bank: GateBank, k: int, tau: float = 1.0, query_chunk: int | None = None):
         if k <= 0 or tau <= 0:
             raise ValueError(f"need k > 0 and tau > 0, got k={k}, tau={tau}")
-        self.bank, self.k, self.tau, self.query_chunk = bank, k, tau, query_chunk
+        self.selector = GateSelector(bank)  # the gate's scores G, computed exactly as deployed top-k computes them
+        self.k, self.tau, self.query_chunk = k, tau, query_chunk
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
-        gq, gk = self.bank.layers[call.layer].project(call.x, call.query, call.key, call.cos, call.sin)
+        prepared = self.selector.prepare(call)
 
         def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-            g = torch.matmul(gq[:, :, a:e].float(), gk.float().transpose(-1, -2))  # (B, H, C, S)
+            g = self.selector.select(prepared, a, e, s)  # (B, H, C, S)
             return torch.nan_to_num(torch.softmax(s + soft_topk_bias(g, allowed, self.k, self.tau), dim=-1), nan=0.0)
 
         return chunked_attention(call, probs, self.query_chunk)

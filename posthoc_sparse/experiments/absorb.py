@@ -137,14 +137,12 @@ class _Runner:
         from .pretrain import pretrain
 
         run = self.out / "runs" / name
-        if (run / LOG_NAME).is_file() and (run / "config.json").is_file():
-            log = _read_json(run / LOG_NAME)
-            self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": True})
-        else:
-            self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": False})
+        cached = (run / LOG_NAME).is_file() and (run / "config.json").is_file()
+        self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": cached})
+        if not cached:
             pretrain(self.cfg.pretrain_config(mode, seed, str(run)),
                      on_event=lambda kind, info: self.emit(f"pretrain:{kind}", info | {"run": name}))
-            log = _read_json(run / LOG_NAME)
+        log = _read_json(run / LOG_NAME)
         last = log["evals"][-1]
         return {"name": name, "mode": mode, "seed": seed, "path": str(run), "ppl_as_trained": last["heldout_ppl"],
                 "loss_as_trained": last["heldout_loss"], "seconds": log["seconds"],
@@ -158,16 +156,15 @@ class _Runner:
 
         c = self.cfg
         out = self.out / "distill" / name
-        if not ((out / GATE_CONFIG_NAME).is_file() and (out / HISTORY_NAME).is_file()):
-            self.emit("distill", {"name": name, "model": model_dir, "cached": False})
+        cached = (out / GATE_CONFIG_NAME).is_file() and (out / HISTORY_NAME).is_file()
+        self.emit("distill", {"name": name, "model": model_dir, "cached": cached})
+        if not cached:
             distill(DistillConfig(
                 model=model_dir, dataset=c.dataset, output=str(out), k=c.k, steps=c.distill_steps, seq_len=c.seq_len,
                 batch_size=c.distill_batch_size, lr=c.distill_lr, d_g=c.d_g, gate_init="random",
                 val_every=c.distill_every, val_windows=8, checkpoint_every=c.distill_every,
                 save_every=c.distill_every, device=c.device, resume=c.resume,
             ), on_event=lambda kind, info: self.emit(f"distill:{kind}", info | {"run": name}))
-        else:
-            self.emit("distill", {"name": name, "model": model_dir, "cached": True})
         log = _read_json(out / HISTORY_NAME)
         return {"path": str(out), "loss_curve": [[h["step"], h["loss"]] for h in log["history"]],
                 "recall_curve": [[h["step"], h["recall"]] for h in log["history"] if "recall" in h]}
@@ -274,9 +271,8 @@ def run_absorb(cfg: AbsorbConfig, on_event: Callable[[str, dict], None] | None =
     if "coadapt" in exps:
         distilled["coadapted"] = runner.distill("coadapted", runs["hard-topk-s0"]["path"])
         rows = []
-        for name, model_dir in (("mask-agnostic (dense model)", dense["path"]),
-                                ("co-adapted (hard-topk model)", runs["hard-topk-s0"]["path"])):
-            key = "dense" if name.startswith("mask") else "coadapted"
+        for key, name, model_dir in (("dense", "mask-agnostic (dense model)", dense["path"]),
+                                     ("coadapted", "co-adapted (hard-topk model)", runs["hard-topk-s0"]["path"])):
             ev = runner.evaluate(f"coadapt-{key}", model_dir, "dense,oracle,gate,random",
                                  gates=distilled[key]["path"])
             rows.append({"model": key, "label": name, "ppl_dense": ev["dense"]["ppl"], "ppl_oracle": ev["oracle"]["ppl"],

@@ -345,6 +345,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     from ..distill.checkpoint import save_checkpoint
     from ..io import atomic_write_json, check_output_dir
     from ..loading import resolve_device
+    from ..parallel import Processes
 
     emit = on_event or (lambda kind, info: None)
     cfg.validate()
@@ -354,6 +355,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     if dev.startswith("cuda:"):
         torch.cuda.set_device(int(dev.split(":")[1]))
     accelerator = Accelerator(cpu=dev == "cpu")
+    procs = Processes(cfg.device)  # the same process group, for the collectives the gate needs
     device = accelerator.device
     if not accelerator.is_main_process:  # one process reports progress
         emit = lambda kind, info: None  # noqa: E731
@@ -443,10 +445,9 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         gate_grad = None
         if bank is not None:
-            if accelerator.num_processes > 1:  # the gate is outside DDP: average its gradients here
-                for p in gate_params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            # The gate is outside DDP: average its gradients here. Only those that exist: a gate no gradient
+            # reaches (hard top-k) must still read as None, and that is the same on every process.
+            procs.average_gradients([p for p in gate_params if p.grad is not None])
             gate_grad = gate_grad_norm(bank)
             gate_stats["steps"] += 1
             if gate_grad is not None:
