@@ -7,7 +7,9 @@ Parts (``--parts``, comma list):
   distill    distillation step time / frozen forward time of the same batch (T = 2048, 4096)
   memory     peak memory of a distillation step / frozen inference forward (T = 4096, 16384, 32768)
   eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
-  attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768)
+  attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768),
+             per-head selection (reference) and block selection (Triton), with the kernels' agreement
+  model      the whole decoder forward, block-gated top-k in every layer / dense SDPA (T = 4096..32768)
   sweep      peak memory of unfreeze-sweep training with 29% of layers' attention unfrozen (T = 512)
 Prints a table and writes JSON with ratios, absolute times, peak memory, device and versions.
 """
@@ -43,9 +45,9 @@ SIZES = {
                 max_position_embeddings=4096),
 }
 PLAN = {
-    "gpu": {"distill": [2048, 4096], "memory": [4096, 16384, 32768], "eval": [512, 4096],
+    "gpu": {"distill": [2048, 4096], "memory": [4096, 16384, 32768], "eval": [512, (512, 8), 4096],
             "attention": [4096, 16384, 32768], "attention_k": [64, 256, 2048], "sweep": [512]},
-    "cpu": {"distill": [256, 512], "memory": [512, 1024], "eval": [128, 512], "attention": [512, 1024],
+    "cpu": {"distill": [256, 512], "memory": [512, 1024], "eval": [128, (128, 4), 512], "attention": [512, 1024],
             "attention_k": [16, 64], "sweep": [128]},
 }
 
@@ -174,59 +176,187 @@ def bench_kernel(ts, device, reps):
     return rows
 
 
-def bench_eval(model, bank, ts, device, reps):
+def bench_eval(model, bank, ts, device, reps, block_sizes=(16, 64)):
+    """Whole-model eval (windows_nll) throughput of each sparse mode against dense, k = 64: per-head selection
+    (the method's, the chunked reference) and block selection (Triton kernels on a GPU) per block size.
+    ``ts``: window lengths, or (length, windows per batch) pairs."""
     from posthoc_sparse.evaluate.perplexity import windows_nll
 
     rows = []
     random_bank = GateBank(bank.spec).reset_random(1).to(device)
+    selectors = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank),
+                 "random": lambda: GateSelector(random_bank)}
     for t in ts:
-        windows = ids_for(model, t, device, b=1).cpu()
-        row = {"T": t}
-        policies = {"dense": DensePolicy(), "oracle": TopKPolicy(OracleSelector(), 64),
-                    "gate": TopKPolicy(GateSelector(bank), 64), "random": TopKPolicy(GateSelector(random_bank), 64)}
+        t, batch = t if isinstance(t, tuple) else (t, 1)
+        windows = ids_for(model, t, device, b=batch).cpu()
+        row = {"T": t, "batch": batch, "k": 64}
+        policies = {"dense": DensePolicy()}
+        for name, make in selectors.items():
+            policies[name] = TopKPolicy(make(), 64)
+            for blk in block_sizes:
+                policies[f"{name}_block{blk}"] = TopKPolicy(make(), 64, selection="block", block=blk)
         for name, pol in policies.items():
             def run(pol=pol):
                 with SparseAttention(model, pol):
-                    windows_nll(model, windows, 1, device)
+                    windows_nll(model, windows, batch, device)
             row[f"{name}_s"] = timed(run, device, reps)
-        for name in ("oracle", "gate", "random"):
-            row[f"{name}_throughput_ratio"] = row["dense_s"] / row[f"{name}_s"]
+        for name in policies:
+            if name != "dense":
+                row[f"{name}_throughput_ratio"] = row["dense_s"] / row[f"{name}_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def bench_attention(model, bank, ts, ks, device, dtype, reps):
-    """One layer: SDPA flash attention vs the deployed gated top-k (gate scoring + top-k + attention)."""
+def _layer_inputs(model, spec, t, device, dtype):
+    gen = torch.Generator(device="cpu").manual_seed(t)
+    q = torch.randn(1, spec.num_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
+    x = torch.randn(1, t, spec.hidden_size, generator=gen).to(device, dtype)
+    pos = torch.arange(t, device=device)[None]
+    cos, sin = model.model.rotary_emb(x, pos)
+    return q, k, v, x, cos, sin
+
+
+def _agreement(pol, call, rows: int = 256) -> dict:
+    """The kernel path against the naive fp32 reference at full size: the selection (fused block scores vs
+    the reference's; differing choices compared by the reference score mass they carry) and the output of
+    the last ``rows`` queries (reference attention over those rows only)."""
+    from posthoc_sparse.kernels import block_sparse as bsp
+
+    gq, gk = pol.selector.prepare(call)  # the reference: torch projection and rotary, pool_bound, naive scores
+    b = pol.block
+    groups = call.key.shape[1]
+    gq, gkb = bsp.pool_bound(gq, gk, b)
+    n = bsp.n_blocks(pol.k, b)
+    fused = bsp.group_sum(pol.selector.block_mass(call, b), groups)  # the deployed path (Triton summaries + scores)
+    ref = torch.cat([bsp.block_mass_reference(gq[:, :, a:a + 4096], gkb, b, a)
+                     for a in range(0, gq.shape[2], 4096)], dim=2)  # 4096 is a multiple of every block size
+    ref = bsp.group_sum(ref, groups)
+    idx_f, idx_r = bsp.select(fused, n, 0, b), bsp.select_blocks(ref, n, 0, b)
+
+    def carried(idx):  # the reference mass of the chosen earlier blocks (the diagonal is always chosen)
+        return ref.gather(-1, idx[..., :-1].long().clamp(min=0)).masked_fill(idx[..., :-1] < 0, 0).sum(-1)
+
+    same = (idx_f.sort(-1).values == idx_r.sort(-1).values).all(-1).float().mean()
+    t = call.query.shape[2]
+    out = bsp.block_attention_fused(call.query, call.key, call.value, idx_f, b, call.scaling)[:, -rows:]
+    want = bsp.block_attention_reference(call.query[:, :, -rows:], call.key, call.value, idx_f[:, :, (t - rows) // b:],
+                                         b, call.scaling)
+    err = (out.transpose(1, 2).float() - want).norm() / want.norm()
+    got_rows, want_rows = carried(idx_f), carried(idx_r)
+    want_mass = float(want_rows.sum())
+    has = want_rows > 0
+    worst = float((got_rows[has] / want_rows[has]).min()) if bool(has.any()) else 1.0
+    return {"same_selection_fraction": float(same),
+            "selected_mass_ratio": float(got_rows.sum()) / want_mass if want_mass > 0 else 1.0,
+            "worst_row_mass_ratio": worst,
+            "output_rel_err_last_rows": float(err)}
+
+
+def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 64, 128), head_max_t=4096):
+    """One layer: SDPA flash attention vs the deployed gated top-k (gate projection + scoring + top-k +
+    attention over the selected keys). Per-head selection (the chunked reference) up to ``head_max_t``;
+    block selection (Triton) for every T, k and block size, with its parts timed and its agreement with the
+    reference."""
     import torch.nn.functional as F
+
+    from posthoc_sparse.kernels import block_sparse as bsp
 
     spec = bank.spec
     attn = [m for m in model.modules() if type(m).__name__.endswith("Attention")][0]
     rows = []
     for t in ts:
-        gen = torch.Generator(device="cpu").manual_seed(t)
-        q = torch.randn(1, spec.num_heads, t, spec.head_dim, generator=gen).to(device, dtype)
-        k = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
-        v = torch.randn(1, spec.num_kv_heads, t, spec.head_dim, generator=gen).to(device, dtype)
-        x = torch.randn(1, t, spec.hidden_size, generator=gen).to(device, dtype)
-        pos = torch.arange(t, device=device)[None]
-        cos, sin = model.model.rotary_emb(x, pos)
-        row = {"T": t}
-        row["sdpa_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                              device, reps)
+        q, k, v, x, cos, sin = _layer_inputs(model, spec, t, device, dtype)
+        call = LayerCall(module=attn, layer=0, query=q, key=k, value=v, attention_mask=None,
+                         scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin)
+        sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device, reps)
         for kk in ks:
-            pol = TopKPolicy(GateSelector(bank), kk)
-            call = LayerCall(module=attn, layer=0, query=q, key=k, value=v, attention_mask=None,
-                             scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin)
-            try:
+            row = {"T": t, "k": kk, "sdpa_s": sdpa}
+            if t <= head_max_t:
+                pol = TopKPolicy(GateSelector(bank), kk)
                 with torch.no_grad():
-                    row[f"topk{kk}_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
-                row[f"topk{kk}_speedup_vs_sdpa"] = row["sdpa_s"] / row[f"topk{kk}_s"]
-            except torch.OutOfMemoryError:
-                row[f"topk{kk}_s"] = None
-                torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+                    row["head_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
+                row["head_speedup_vs_sdpa"] = sdpa / row["head_s"]
+            for blk in block_sizes:
+                pol = TopKPolicy(GateSelector(bank), kk, selection="block", block=blk)
+                key = f"block{blk}"
+                try:
+                    with torch.no_grad():
+                        row[f"{key}_s"] = timed(lambda: pol(call), device, reps)
+                        # gate projection + block summaries + block scores
+                        mass = bsp.group_sum(pol.selector.block_mass(call, blk), k.shape[1])
+                        row[f"{key}_scoring_s"] = timed(lambda: pol.selector.block_mass(call, blk), device, reps)
+                        n = bsp.n_blocks(kk, blk)
+                        row[f"{key}_topk_s"] = timed(lambda: bsp.select(mass, n, 0, blk), device, reps)
+                        row[f"{key}_torch_topk_s"] = timed(lambda: bsp.select_blocks(mass, n, 0, blk), device, reps)
+                        if device.type == "cuda":  # the kernels alone (on a CPU the policy takes the reference)
+                            idx = bsp.select(mass, n, 0, blk)
+                            row[f"{key}_attention_s"] = timed(
+                                lambda: bsp.block_attention_fused(q, k, v, idx, blk, call.scaling), device, reps)
+                            row[f"{key}_agreement"] = _agreement(pol, call)
+                    row[f"{key}_speedup_vs_sdpa"] = sdpa / row[f"{key}_s"]
+                    row[f"{key}_keys_per_query"] = n * blk
+                except torch.OutOfMemoryError:
+                    row[f"{key}_s"] = None
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_attention_tuning(model, bank, t, k, device, dtype, reps):
+    """Launch settings of the block attention kernel (rows per program, warps, stages) at one T and k."""
+    from posthoc_sparse.kernels import block_sparse as bsp
+
+    spec = bank.spec
+    q, key, v, _, _, _ = _layer_inputs(model, spec, t, device, dtype)
+    default = dict(bsp.TUNING)
+    rows = []
+    for blk in (64, 128):
+        n = bsp.n_blocks(k, blk)
+        nq = -(-t // blk)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        mass = torch.rand(1, spec.num_kv_heads, nq, nq, generator=gen).to(device)
+        idx = bsp.select(mass, n, 0, blk)
+        for max_rows, warps, stages in [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)]:
+            bsp.TUNING.update(max_rows=max_rows, num_warps=warps, num_stages=stages)
+            try:
+                sec = timed(lambda: bsp.block_attention_fused(q, key, v, idx, blk, spec.head_dim**-0.5), device, reps)
+            except Exception as e:  # a setting the compiler rejects (shared memory, registers)
+                sec = None
+                print("config failed", blk, max_rows, warps, stages, type(e).__name__)
+            rows.append({"T": t, "k": k, "block": blk, "max_rows": max_rows, "num_warps": warps, "num_stages": stages,
+                         "seconds": sec})
+            print(json.dumps(rows[-1]), flush=True)
+    bsp.TUNING.update(default)
+    return rows
+
+
+def bench_model(model, bank, ts, ks, device, reps, block_sizes=(16, 64)):
+    """The whole model: decoder forward with dense (SDPA) attention vs block-gated top-k in every layer."""
+    rows = []
+    for t in ts:
+        ids = ids_for(model, t, device)
+
+        def forward(policy=None):
+            with torch.no_grad():
+                if policy is None:
+                    decoder_of(model)(input_ids=ids, use_cache=False)
+                else:
+                    with SparseAttention(model, policy):
+                        decoder_of(model)(input_ids=ids, use_cache=False)
+
+        dense = timed(forward, device, reps)
+        for kk in ks:
+            row = {"T": t, "k": kk, "dense_decoder_s": dense}
+            for blk in block_sizes:
+                pol = TopKPolicy(GateSelector(bank), kk, selection="block", block=blk)
+                row[f"block{blk}_s"] = timed(lambda: forward(pol), device, reps)
+                row[f"block{blk}_speedup_vs_dense"] = dense / row[f"block{blk}_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -270,7 +400,7 @@ def bench_sweep_memory(size, device, ts):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="gpu" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--parts", default="distill,memory,eval,attention,sweep")
+    ap.add_argument("--parts", default="distill,memory,eval,attention,model,sweep")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="perf.json")
     args = ap.parse_args()
@@ -307,6 +437,13 @@ def main() -> None:
         result["parts"]["attention"] = bench_attention(model, bank, plan["attention"], plan["attention_k"], device,
                                                        dtype, args.reps)
         save()
+    if "attention_tuning" in parts:
+        result["parts"]["attention_tuning"] = bench_attention_tuning(model, bank, plan["attention"][-1], 2048, device,
+                                                                     dtype, args.reps)
+        save()
+    if "model" in parts:
+        result["parts"]["model"] = bench_model(model, bank, plan["attention"], plan["attention_k"], device, args.reps)
+        save()
     if "sweep" in parts:
         del model
         if device.type == "cuda":
@@ -316,8 +453,8 @@ def main() -> None:
     print(f"\n{result['device']}  {result['dtype']}  ({args.size} size)")
     for part, rows in result["parts"].items():
         for row in rows:
-            keys = [k for k in row if k.endswith(("ratio", "ratio_vs_decoder", "speedup_vs_sdpa"))
-                    or k in ("T", "peak_bytes", "error")]
+            keys = [k for k in row if k.endswith(("ratio", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense"))
+                    or k in ("T", "k", "batch", "peak_bytes", "error")]
             print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
 
 

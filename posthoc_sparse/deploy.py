@@ -12,27 +12,36 @@ from pathlib import Path
 from torch import nn
 
 from .attention.interface import SparseAttention
-from .attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from .attention.policies import DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from .errors import UserError
 from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
 from .gates.modules import GateBank
+from .kernels.block_sparse import BLOCK_SIZES
 
 DEPLOY_MODES = ("gate", "random", "oracle", "dense")
 
 
 def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, mode: str = "gate",
-                random_seed: int | None = None) -> SparseAttention:
+                random_seed: int | None = None, selection: str = "head", block_size: int = DEFAULT_BLOCK
+                ) -> SparseAttention:
     """Route ``model``'s attention through top-k selection until the returned handle is removed.
 
     ``gates``: a gate folder or a loaded ``GateBank`` (validated against the model; may be None for the
     "oracle" and "dense" modes). ``mode``: "gate" (the learned gate), "random" (the random control with the
-    gate's shapes and ``random_seed``), "oracle" (true top-k) or "dense". Use as a context manager or call
+    gate's shapes and ``random_seed``), "oracle" (true top-k) or "dense". ``selection``: "head" (top-k per
+    query head, the method), "group" (one set per KV group) or "block" (``block_size``-position key blocks per
+    KV group and query block; the Triton kernel serves CUDA prefill). Use as a context manager or call
     ``.remove()``; removal restores the model's attention exactly.
     """
     if mode not in DEPLOY_MODES:
         raise UserError(f"mode must be one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
     if k <= 0:
         raise UserError(f"k must be a positive number of keys, got {k}")
+    if selection not in SELECTIONS:
+        raise UserError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if selection == "block" and block_size not in BLOCK_SIZES:
+        raise UserError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    topk = dict(selection=selection, block=block_size)
     bank, config = None, {}
     if isinstance(gates, GateBank):
         bank = gates
@@ -50,11 +59,11 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
     if mode == "dense":
         return SparseAttention(model, DensePolicy())
     if mode == "oracle":
-        return SparseAttention(model, TopKPolicy(OracleSelector(), k))
+        return SparseAttention(model, TopKPolicy(OracleSelector(), k, **topk))
     if mode == "random":
         spec = bank.spec if bank is not None else gate_spec_for_model(model, default_d_g(model))
         seed = random_seed if random_seed is not None else config.get("random_seed", 1)
         bank = GateBank(spec).reset_random(seed).requires_grad_(False)
     elif bank is None:
         raise UserError("mode 'gate' needs gates: a folder written by `sparsify distill` or a GateBank")
-    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device)), k))
+    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device)), k, **topk))

@@ -142,4 +142,4 @@ def test_group_selection_in_eval_costs_recall_and_equals_dense_at_full_k(trained
     dense = by[("dense", None)].perplexity
     assert by[("oracle", 32)].perplexity == pytest.approx(dense, rel=1e-4)
     with pytest.raises(UserError, match="--selection"):
-        _eval(trained, modes="oracle", selection="block")
+        _eval(trained, modes="oracle", selection="blocks")

@@ -15,9 +15,13 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..gates.modules import GateBank
+from ..kernels import block_sparse as bsp
 from .reference import allowed_keys, attend, group_scores, masked_softmax, scores, soft_topk_bias, topk_keep
 
-SELECTIONS = ("head", "group")  # top-k per query head (METHOD.md), or one top-k shared by each KV group
+# top-k per query head (METHOD.md); one top-k shared by each KV group; key blocks shared by each KV group and
+# query block (kernels/block_sparse.py: the fast deployed path)
+SELECTIONS = ("head", "group", "block")
+DEFAULT_BLOCK = 64
 
 # observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
 # keep (B, H, C, S) or None for the dense policy.
@@ -147,6 +151,33 @@ class OracleSelector:
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         return s
 
+    def block_mass(self, call: LayerCall, block: int) -> torch.Tensor:
+        """Exact dense attention mass of each earlier key block, per head: (B, H, NQ, NB) fp32."""
+        q = call.query
+        b, h, t, _ = q.shape
+        s_len = call.key.shape[2]
+        if q.is_cuda and call.attention_mask is None and bsp.block_kernels_ok(q, call.key, block):
+            return bsp.oracle_block_mass_fused(q, call.key, block, call.scaling, call.softcap)
+        q0 = s_len - t
+        step = query_chunk_size(b, h, s_len)
+        parts = []
+        for a in range(0, t, step):
+            e = min(t, a + step)
+            p = masked_softmax(scores(q[:, :, a:e], call.key, call.scaling, call.softcap), call.allowed(a, e))
+            parts.append((q0 + a, bsp.block_mass_from_probs(p, q0 + a, block)))
+        return _stack_query_blocks(parts, block)
+
+
+def _stack_query_blocks(parts: list[tuple[int, torch.Tensor]], block: int) -> torch.Tensor:
+    """Join per-chunk (B, H, NQ_c, NB) masses; a query block split over two chunks has its parts added."""
+    first = parts[0][0] // block
+    nq = (parts[-1][0] // block) + parts[-1][1].shape[2] - first
+    out = torch.zeros(*parts[0][1].shape[:2], nq, parts[0][1].shape[3], device=parts[0][1].device)
+    for pos, m in parts:
+        j = pos // block - first
+        out[:, :, j : j + m.shape[2]] += m
+    return out
+
 
 @dataclass
 class GateSelector:
@@ -157,7 +188,10 @@ class GateSelector:
 
     def prepare(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
         gate = self.bank.layers[call.layer]
-        gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
+        half = call.query.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast("cuda", dtype=call.query.dtype, enabled=call.query.is_cuda and half):
+            # on a half-precision model the gate projects in its dtype (fp32 accumulation), as in distillation
+            gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
         s = call.key.shape[2]
         if gk.shape[2] < s:  # decoding: new gate keys extend the cache
             cached = self.key_cache.get(call.layer)
@@ -171,6 +205,26 @@ class GateSelector:
         gq, gk = prepared
         return torch.matmul(gq[:, :, a:b].float(), gk.float().transpose(-1, -2))  # (B, H, C, S)
 
+    def block_mass(self, call: LayerCall, block: int) -> torch.Tensor:
+        """The gate's mass of each earlier key block, per head: (B, H, NQ, NB) fp32. A block's score is an upper
+        bound of its largest gate score (``pool_bound``); it ranked blocks far better than the gate score of
+        the mean key (docs/performance.md). On CUDA prefill with the "hidden" input one Triton pass turns the
+        raw projection into the summaries (and the decode cache's keys)."""
+        gate = self.bank.layers[call.layer]
+        q, d = call.query, gate.spec.d_g
+        if (q.is_cuda and gate.spec.gate_input == "hidden" and call.x is not None
+                and bsp.block_kernels_ok(q, call.key, block, 2 * d)):
+            with torch.autocast("cuda", dtype=q.dtype, enabled=q.dtype in (torch.bfloat16, torch.float16)):
+                y = gate.hidden_projection(call.x)  # (B, T, 2H, d)
+            gq2, gkb, gk = bsp.gate_summaries_fused(y, gate.rope_tables(call.cos, call.sin, y.dtype), block)
+            self.key_cache[call.layer] = gk
+            return bsp.block_mass_fused(gq2, gkb, block)
+        gq, gk = self.prepare(call)
+        gq, gkb = bsp.pool_bound(gq, gk, block)
+        if q.is_cuda and bsp.block_kernels_ok(q, call.key, block, gq.shape[-1]):
+            return bsp.block_mass_fused(gq, gkb, block)
+        return bsp.block_mass_reference(gq, gkb, block, call.key.shape[2] - q.shape[2])
+
 
 class RandomScoreSelector:
     """A fresh uniformly random top-k selection at every call (the stochastic-mask experiment). Draws from
@@ -182,6 +236,12 @@ class RandomScoreSelector:
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         return torch.rand(s.shape, device=s.device)
 
+    def block_mass(self, call: LayerCall, block: int) -> torch.Tensor:
+        b, h, t, _ = call.query.shape
+        s_len = call.key.shape[2]
+        nq = (s_len - 1) // block - (s_len - t) // block + 1
+        return torch.rand(b, h, nq, -(-s_len // block), device=call.query.device)
+
 
 class TopKPolicy:
     """Deployed hard top-k: keep the selector's top-k allowed keys per query, softmax the true scores over them.
@@ -190,24 +250,54 @@ class TopKPolicy:
     """
 
     def __init__(self, selector, k: int, observer: Observer | None = None, query_chunk: int | None = None,
-                 selection: str = "head"):
+                 selection: str = "head", block: int = DEFAULT_BLOCK):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if selection == "block" and block not in bsp.BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {bsp.BLOCK_SIZES}, got {block}")
         self.selector, self.k, self.observer, self.query_chunk = selector, k, observer, query_chunk
-        self.selection = selection
+        self.selection, self.block = selection, block
 
     @property
     def needs_inputs(self) -> bool:
         return isinstance(self.selector, GateSelector)
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
+        if self.selection == "block":
+            return self._blocks(call)
         prepared = self.selector.prepare(call)
         n_rep = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
 
         def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             keep = topk_keep(group_scores(self.selector.select(prepared, a, e, s), allowed, n_rep), allowed, self.k)
+            if self.observer is not None:
+                self.observer(call.layer, s, allowed, keep)
+            return masked_softmax(s, keep)
+
+        return chunked_attention(call, probs, self.query_chunk)
+
+    def fast_path(self, call: LayerCall) -> bool:
+        """The Triton kernel serves CUDA prefill with plain causal masking when nothing needs gradients or
+        per-chunk scores (an observer); everything else takes the chunked reference."""
+        q = call.query
+        return (q.is_cuda and self.observer is None and call.attention_mask is None and not call.dropout
+                and not (torch.is_grad_enabled() and (q.requires_grad or call.key.requires_grad
+                                                      or call.value.requires_grad))
+                and bsp.block_kernels_ok(q, call.key, self.block))
+
+    def _blocks(self, call: LayerCall) -> torch.Tensor:
+        q, key = call.query, call.key
+        s_len, t = key.shape[2], q.shape[2]
+        groups = key.shape[1]
+        mass = bsp.group_sum(self.selector.block_mass(call, self.block), groups)
+        idx = bsp.select(mass, bsp.n_blocks(self.k, self.block), s_len - t, self.block)  # (B, G, NQ, n)
+        if self.fast_path(call):
+            return bsp.block_attention_fused(q, key, call.value, idx, self.block, call.scaling, call.softcap)
+
+        def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+            keep = bsp.block_keep(idx, self.block, s_len, s_len - t, q.shape[1] // groups, a, e) & allowed
             if self.observer is not None:
                 self.observer(call.layer, s, allowed, keep)
             return masked_softmax(s, keep)

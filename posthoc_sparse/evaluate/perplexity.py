@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..attention.interface import SparseAttention
-from ..attention.policies import SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from ..attention.policies import DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
@@ -50,7 +50,9 @@ class EvalConfig:
     random_seed: int | None = None  # default: the gate config's random_seed (seed + 1), else 1
     d_g: int | None = None  # random gate shape when no gate is given: 32, or the model's rotary width if smaller
     gate_input: str = "hidden"
-    selection: str = "head"  # "head": top-k per query head; "group": one top-k shared by each KV group (GQA)
+    selection: str = "head"  # "head": top-k per query head; "group": one top-k shared by each KV group (GQA);
+    # "block": key blocks shared by each KV group and query block (the Triton-kernel deployed path)
+    block_size: int = DEFAULT_BLOCK  # with selection "block": positions per key / query block
     routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
     dtype: str = "auto"
     device: str = "auto"
@@ -99,6 +101,13 @@ class EvalReport:
 
     def to_json(self) -> dict:
         return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
+
+
+def check_block_size(block: int) -> None:
+    from ..kernels.block_sparse import BLOCK_SIZES
+
+    if block not in BLOCK_SIZES:
+        raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
 
 
 @torch.no_grad()
@@ -154,6 +163,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     ks, modes = cfg.k_list(), cfg.mode_list()
     if cfg.selection not in SELECTIONS:
         raise UserError(f"--selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
+    check_block_size(cfg.block_size)
     check_device_map(cfg.device_map, cfg.max_memory)
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
@@ -207,7 +217,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
             else:
                 selector = {"oracle": OracleSelector, "gate": lambda: GateSelector(gate_bank),
                             "random": lambda: GateSelector(random_bank)}[mode]()
-                policy = TopKPolicy(selector, k, observer, selection=cfg.selection)
+                policy = TopKPolicy(selector, k, observer, selection=cfg.selection, block=cfg.block_size)
             t0 = time.perf_counter()
             with SparseAttention(model, policy):
                 nll, count = windows_nll(model, windows, cfg.batch_size, device, procs)
@@ -226,7 +236,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         "architecture": type(model).__name__, "gates": cfg.gates, "gate_config": gate_cfg,
         "random_seed": random_seed, "data": data_info, "seq_len": seq_len, "windows": len(windows),
         "tokens_scored": results[0].tokens if results else 0, "k": ks, "modes": modes,
-        "selection": cfg.selection,
+        "selection": cfg.selection, "block_size": cfg.block_size if cfg.selection == "block" else None,
         "device": device_summary(model), "processes": procs.world, "dtype": loaded.dtype, "closed_loop": True,
         "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }

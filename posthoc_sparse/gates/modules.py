@@ -75,15 +75,36 @@ class LayerGate(nn.Module):
         self.wk = nn.Parameter(torch.empty(h, c, d))
         self.register_buffer("freq_idx", default_freq_idx(spec) if spec.uses_rope else torch.zeros(0, dtype=torch.long))
 
-    def _rope(self, t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-        # t: (B, H, T, d); cos, sin: (B, T, rotary_dim) as the model passes them
+    def rope_tables(self, cos: torch.Tensor | None, sin: torch.Tensor | None, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The gate's rotary cos and sin, (B, T, d/2) each in ``dtype``, from the model's (B, T, rotary_dim);
+        None when the gate uses no rotary embedding."""
         if cos is None or self.freq_idx.numel() == 0:
+            return None
+        c = cos.index_select(-1, self.freq_idx.to(cos.device)).to(dtype)
+        s = sin.index_select(-1, self.freq_idx.to(sin.device)).to(dtype)
+        return c, s
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        # t: (B, T, X, d) (heads third, so the broadcast over heads runs on contiguous memory);
+        # cos, sin: (B, T, rotary_dim) as the model passes them
+        tables = self.rope_tables(cos, sin, t.dtype)
+        if tables is None:
             return t
-        c = cos.index_select(-1, self.freq_idx.to(cos.device)).to(t.dtype)  # (B, T, d/2)
-        s = sin.index_select(-1, self.freq_idx.to(sin.device)).to(t.dtype)
-        c = torch.cat((c, c), dim=-1).unsqueeze(1)  # (B, 1, T, d)
-        s = torch.cat((s, s), dim=-1).unsqueeze(1)
+        c = torch.cat((tables[0], tables[0]), dim=-1).unsqueeze(2)  # (B, T, 1, d)
+        s = torch.cat((tables[1], tables[1]), dim=-1).unsqueeze(2)
         return t * c + rotate_half(t) * s
+
+    def hidden_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The "hidden" input's gate queries and keys of every head before the rotary embedding, from one
+        (T, C) x (C, 2 H d) product: (B, T, 2H, d), queries in heads 0..H-1, keys in H..2H-1, scaled by
+        d**-0.25. (A per-head einsum broadcasts x to (H, T, C), the largest cost of deployed gating at long T.)"""
+        b, t, c = x.shape
+        h, _, d = self.wq.shape
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.wq.dtype)
+        w = (torch.cat((self.wq, self.wk), 0) * self.spec.d_g**-0.25).permute(1, 0, 2).reshape(c, 2 * h * d)
+        return torch.matmul(x, w).view(b, t, 2 * h, d)
 
     def project(
         self,
@@ -100,15 +121,13 @@ class LayerGate(nn.Module):
         scale = self.spec.d_g**-0.25
         wq, wk = self.wq, self.wk
         if self.spec.gate_input == "hidden":
-            x = x.to(wq.dtype)
-            gq = torch.einsum("btc,hcd->bhtd", x, wq)  # (B, H, T, d)
-            gk = torch.einsum("btc,hcd->bhtd", x, wk)  # (B, H, T, d)
-            gq, gk = self._rope(gq, cos, sin), self._rope(gk, cos, sin)
-        else:
-            rep = self.spec.num_heads // self.spec.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, D)
-            gq = torch.einsum("bhtc,hcd->bhtd", q.to(wq.dtype), wq)  # (B, H, T, d)
-            gk = torch.einsum("bhsc,hcd->bhsd", k.to(wk.dtype), wk)  # (B, H, S, d)
+            h = wq.shape[0]
+            y = self._rope(self.hidden_projection(x), cos, sin).transpose(1, 2)  # (B, 2H, T, d)
+            return y[:, :h], y[:, h:]
+        rep = self.spec.num_heads // self.spec.num_kv_heads
+        k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, S, D)
+        gq = torch.einsum("bhtc,hcd->bhtd", q.to(wq.dtype), wq)  # (B, H, T, d)
+        gk = torch.einsum("bhsc,hcd->bhsd", k.to(wk.dtype), wk)  # (B, H, S, d)
         return gq * scale, gk * scale
 
 
