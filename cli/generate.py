@@ -23,6 +23,8 @@ def generate(
     max_new_tokens: Annotated[Optional[int], Opt(help="Tokens to generate. Default 50.")] = None,
     k: Annotated[Optional[int], Opt(help="Keys kept per query. Default: the gate's k.")] = None,
     mode: Annotated[Optional[str], Opt(help="gate, random, oracle or dense. Default gate.")] = None,
+    selection: Annotated[Optional[str], Opt(help="head (top-k per query head), group (per KV group) or block (key blocks per KV group and query block; Triton on GPUs). Default head.")] = None,
+    block_size: Annotated[Optional[int], Opt(help="With --selection block: 16, 32, 64 or 128. Default 64.")] = None,
     compare_dense: Annotated[Optional[bool], Opt("--compare-dense", help="Also generate densely and compare.")] = None,
     do_sample: Annotated[Optional[bool], Opt("--sample", help="Sample instead of greedy decoding.")] = None,
     temperature: Annotated[Optional[float], Opt(help="Sampling temperature.")] = None,

@@ -23,6 +23,8 @@ class GenerateConfig:
     max_new_tokens: int = 50
     k: int | None = None  # default: the gate's k
     mode: str = "gate"
+    selection: str = "head"  # head | group | block (apply_gates)
+    block_size: int = 64  # with selection "block"
     compare_dense: bool = False
     do_sample: bool = False
     temperature: float = 1.0
@@ -75,7 +77,7 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
     model, tok = loaded.model, loaded.tokenizer
     inputs = tok(cfg.prompt, return_tensors="pt").to(model.device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with apply_gates(model, cfg.gates, k=k, mode=cfg.mode):
+    with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
         new, spt = _timed_generate(model, inputs, cfg, pad_id)
     result = GenerateResult(prompt=cfg.prompt, text=tok.decode(new, skip_special_tokens=True),
                             tokens=new.tolist(), seconds_per_token=spt)
@@ -84,7 +86,7 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
         full = torch.cat([inputs["input_ids"][0], new]).unsqueeze(0)  # (1, prompt + N)
         n_prompt = inputs["input_ids"].shape[1]
         logits_dense = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()  # (N, V)
-        with apply_gates(model, cfg.gates, k=k, mode=cfg.mode):
+        with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
             logits_sparse = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()
         logp, logq = logits_dense.log_softmax(-1), logits_sparse.log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # (N,)

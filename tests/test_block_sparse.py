@@ -212,9 +212,10 @@ def test_bad_block_sizes_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,block,k", [(1000, 64, 256), (4096, 64, 2048), (4096, 16, 64), (777, 32, 96)])
-def test_kernels_on_gpu_bf16(t, block, k):
-    q, key, v, gq, gk = _qkv(1, 16, 8, t, 128, 32, seed=t, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,block,k", [(1000, 64, 256), (4096, 64, 2048), (4096, 16, 64), (777, 32, 96), (300, 128, 256)])
+def test_kernels_on_gpu_half(t, block, k, dtype):
+    q, key, v, gq, gk = _qkv(1, 16, 8, t, 128, 32, seed=t, device="cuda", dtype=dtype)
     gq2, gkb = bs.pool_bound(gq, gk, block)
     mass = bs.block_mass_fused(gq2, gkb, block)
     ref_mass = bs.block_mass_reference(gq2, gkb, block)
@@ -265,3 +266,42 @@ def test_kernel_path_of_the_policy_equals_the_reference_path_on_gpu():
     slow = _run(model, TopKPolicy(GateSelector(bank), 64, selection="block", block=32,
                                   observer=lambda *a: None), ids)  # an observer forces the chunked reference
     torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)  # tf32 products in the kernels
+
+
+def test_apply_gates_with_block_selection_prefills_and_generates():
+    from posthoc_sparse.deploy import apply_gates
+    from posthoc_sparse.errors import UserError
+
+    model = tiny_model("llama")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(1, 40)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with apply_gates(model, bank, k=48, selection="block", block_size=16):  # 3 blocks of 16: all of 40
+            torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=1e-4, rtol=1e-4)
+        with apply_gates(model, bank, k=16, selection="block", block_size=16):
+            assert (model(input_ids=ids).logits - dense).abs().max() > 1e-3
+            out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 45)
+    with pytest.raises(UserError, match="selection"):
+        apply_gates(model, bank, k=16, selection="blocks")
+    with pytest.raises(UserError, match="block_size"):
+        apply_gates(model, bank, k=16, selection="block", block_size=24)
+
+
+def test_cli_eval_with_block_selection(tiny_gates, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model, corpus, gates = tiny_gates
+    cmd = [sys.executable, "-m", "sparsify_cli", "eval", "--gates", str(gates), "--dataset", str(corpus), "--k", "32",
+           "--modes", "oracle,gate", "--max-windows", "2", "--seq-len", "64", "--selection", "block", "--block-size", "16",
+           "--output", str(tmp_path / "r")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert doc["setup"]["selection"] == "block" and doc["setup"]["block_size"] == 16
+    bad = subprocess.run(cmd[:-2] + ["--block-size", "20"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--block-size" in bad.stderr + bad.stdout
