@@ -305,3 +305,15 @@ def test_cli_eval_with_block_selection(tiny_gates, tmp_path):
     assert doc["setup"]["selection"] == "block" and doc["setup"]["block_size"] == 16
     bad = subprocess.run(cmd[:-2] + ["--block-size", "20"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--block-size" in bad.stderr + bad.stdout
+
+
+def test_block_selection_on_every_architecture(model):
+    """Gate block selection on each tiny architecture (sliding windows, QK-norm, MHA/GQA, 1 KV head): all
+    blocks kept equals dense attention; fewer changes the logits and keeps them finite."""
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(2, 50)
+    dense = _run(model, TopKPolicy(OracleSelector(), 10**6), ids)
+    full = _run(model, TopKPolicy(GateSelector(bank), 64, selection="block", block=16), ids)
+    torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
+    sparse = _run(model, TopKPolicy(GateSelector(bank), 16, selection="block", block=16), ids)
+    assert torch.isfinite(sparse).all() and (sparse - dense).abs().max() > 1e-4
