@@ -59,6 +59,15 @@ def _brute_force_selection(mass, n, block, t):
     return keep
 
 
+def test_nan_masses_count_as_zero_so_valid_blocks_come_first():
+    mass = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0)).tril(-1)
+    mass[0, 0, 5, :3] = float("nan")
+    for idx in (bs.select_blocks(mass, 4, 0, 8), bs.select_blocks_fused(mass, 4, 0, 8)):
+        valid = torch.minimum(torch.arange(6), torch.tensor(3))  # min(n - 1, i) leading entries
+        for i in range(6):
+            assert (idx[0, 0, i, : int(valid[i])] >= 0).all() and int(idx[0, 0, i, -1]) == i
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 9])
 def test_selection_and_keep_match_a_brute_force_loop(n):
     t, block = 45, 8
@@ -99,8 +108,8 @@ def test_gate_summaries_kernel_equals_projection_rotary_and_pool_bound(rope):
     gate = GateBank(spec).reset_random(3).layers[0]
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 45, spec.hidden_size, generator=gen)
-    pos = torch.arange(45)[None].expand(2, 45)
-    cos, sin = model.model.rotary_emb(x, pos)
+    cos, sin = model.model.rotary_emb(x, torch.arange(45)[None])  # one table for the batch, as transformers passes
+    assert cos.shape[0] == 1
     if not rope:
         gate.freq_idx = torch.zeros(0, dtype=torch.long)  # as for a model without rotary embedding
     assert isinstance(gate, LayerGate)
@@ -255,6 +264,31 @@ def test_gate_summaries_kernel_on_gpu_bf16():
     got_q, got_kb, got_k = bs.gate_summaries_fused(y, gate.rope_tables(cos, sin, y.dtype), 64)
     for got, want in ((got_q, want_q), (got_kb, want_kb), (got_k, gk)):  # bf16: one rounding against three
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_block_mass_on_gpu_equals_the_reference_for_a_batch(dtype):
+    """GateSelector.block_mass on CUDA (Triton summaries and scores) against projection + rotary + pool_bound
+    + the naive scores, for a batch of 3 sharing one rotary table (as transformers passes it)."""
+    from posthoc_sparse.attention.policies import LayerCall
+
+    model = tiny_model("qwen3").cuda().to(dtype)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    spec = bank.spec
+    gen = torch.Generator().manual_seed(5)
+    t = 200
+    q = torch.randn(3, spec.num_heads, t, spec.head_dim, generator=gen).cuda().to(dtype)
+    k = torch.randn(3, spec.num_kv_heads, t, spec.head_dim, generator=gen).cuda().to(dtype)
+    x = torch.randn(3, t, spec.hidden_size, generator=gen).cuda().to(dtype)
+    cos, sin = model.model.rotary_emb(x, torch.arange(t, device="cuda")[None])
+    call = LayerCall(module=None, layer=1, query=q, key=k, value=k, attention_mask=None, scaling=0.25, dropout=0.0,
+                     kwargs={}, x=x, cos=cos, sin=sin)
+    sel = GateSelector(bank)
+    got = sel.block_mass(call, 32)
+    gq, gk = sel.prepare(call)
+    want = bs.block_mass_reference(*bs.pool_bound(gq, gk, 32), 32)
+    assert (got - want).abs().max() < (1e-2 if dtype == torch.float32 else 0.1) * 32
 
 
 @pytest.mark.gpu

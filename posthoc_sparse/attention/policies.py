@@ -285,7 +285,7 @@ class TopKPolicy:
         return (q.is_cuda and self.observer is None and call.attention_mask is None and not call.dropout
                 and not (torch.is_grad_enabled() and (q.requires_grad or call.key.requires_grad
                                                       or call.value.requires_grad))
-                and bsp.block_kernels_ok(q, call.key, self.block))
+                and call.value.shape[-1] == q.shape[-1] and bsp.block_kernels_ok(q, call.key, self.block))
 
     def _blocks(self, call: LayerCall) -> torch.Tensor:
         q, key = call.query, call.key

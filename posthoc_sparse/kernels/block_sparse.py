@@ -82,7 +82,8 @@ def block_mass_reference(gq: torch.Tensor, gkp: torch.Tensor, block: int, q_offs
 
 def block_mass_from_probs(p: torch.Tensor, q_offset: int, block: int) -> torch.Tensor:
     """Exact per-head mass of each candidate key block from per-token probabilities p (B, H, T, S):
-    (B, H, NQ, NB) fp32, the oracle's block scores. Chunk the queries and add the results to bound memory."""
+    (B, H, NQ, NB) fp32, the oracle's block scores. Callers chunk the queries and add the results to bound
+    memory (``OracleSelector.block_mass``)."""
     b, h, t, s = p.shape
     nb = -(-s // block)
     per_key_block = torch.nn.functional.pad(p.float(), (0, nb * block - s)).view(b, h, t, nb, block).sum(-1)
@@ -97,8 +98,9 @@ def group_sum(mass: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def select_blocks(mass: torch.Tensor, n: int, q_offset: int, block: int) -> torch.Tensor:
-    """The selected key blocks of each query block, (B, G, NQ, n) int32: the n - 1 candidate blocks with the
-    largest mass, then the diagonal block; -1 where a query block has fewer than n - 1 earlier blocks.
+    """The selected key blocks of each query block, (B, G, NQ, min(n - 1, NB) + 1) int32: the n - 1 candidate
+    blocks with the largest mass, then the diagonal block; -1 where a query block has fewer than n - 1 earlier
+    blocks (always after the valid ones). A NaN mass counts as 0, so every candidate stays a valid choice.
 
     mass: (B, G, NQ, NB) with NQ the query blocks of queries q_offset.. (first one q_offset // block)."""
     b, g, nq, nb = mass.shape
@@ -108,7 +110,7 @@ def select_blocks(mass: torch.Tensor, n: int, q_offset: int, block: int) -> torc
     if kk <= 0:
         return diag.contiguous()
     cand = torch.arange(nb, device=mass.device)[None, :] < qb[:, None]  # (NQ, NB)
-    masked = mass.float().masked_fill(~cand, float("-inf"))
+    masked = mass.float().nan_to_num(nan=0.0).masked_fill(~cand, float("-inf"))
     top = masked.topk(kk, dim=-1)
     idx = top.indices.to(torch.int32).masked_fill(~torch.isfinite(top.values), -1)
     return torch.cat((idx, diag), dim=-1).contiguous()
@@ -346,6 +348,7 @@ if triton is not None:
         qb = q_first + qi
         cols = tl.arange(0, NB_PAD)
         row = tl.load(MASS + b * smb + g * smg + qi * smq + cols, mask=cols < NB, other=0.0)
+        row = tl.where(row == row, row, 0.0)  # NaN counts as no mass, as in select_blocks
         row = tl.where(cols < qb, row, -float("inf"))
         out = IDX + b * sib + g * sig + qi * siq
         for j in range(n_top):
@@ -357,7 +360,8 @@ if triton is not None:
 
 
 def select_blocks_fused(mass: torch.Tensor, n: int, q_offset: int, block: int) -> torch.Tensor:
-    """Triton twin of ``select_blocks`` (the same sets; equal masses resolve to the lower block index)."""
+    """Triton twin of ``select_blocks``: the same sets when masses are distinct (equal masses resolve to the
+    lower block index here, in an unspecified order in torch.topk)."""
     b, g, nq, nb = mass.shape
     kk = min(n - 1, nb)
     mass = mass.float().contiguous()
@@ -411,9 +415,12 @@ def gate_summaries_fused(y: torch.Tensor, tables: tuple[torch.Tensor, torch.Tens
     gq2 = torch.empty(b, h, t, 2 * d, dtype=y.dtype, device=y.device)
     gk = torch.empty(b, h, t, d, dtype=y.dtype, device=y.device)
     gkb = torch.empty(b, h, nb, 2 * d, dtype=y.dtype, device=y.device)
-    c, s = tables if tables is not None else (y, y)  # unused without rotary
+    c, s = tables if tables is not None else (y[..., 0, : d // 2], y[..., 0, : d // 2])  # unused without rotary
+    if c.shape[-2] != t or c.shape[0] not in (1, b):
+        raise ValueError(f"rotary tables of shape {tuple(c.shape)} do not fit {b} sequences of {t} positions")
     c, s = c.contiguous(), s.contiguous()
-    _gate_summaries[(nb, b * h)](y, c, s, gq2, gk, gkb, y.stride(0), y.stride(1), y.stride(2), c.stride(0), c.stride(1),
+    c_batch = c.stride(0) if c.shape[0] > 1 else 0  # transformers passes one table for the whole batch
+    _gate_summaries[(nb, b * h)](y, c, s, gq2, gk, gkb, y.stride(0), y.stride(1), y.stride(2), c_batch, c.stride(1),
                                  *gq2.stride()[:3], *gk.stride()[:3], *gkb.stride()[:3], h, t, DH=d // 2, BLOCK=block,
                                  ROPE=tables is not None, num_warps=4)
     return gq2, gkb, gk
