@@ -3,7 +3,8 @@
     python benchmarks/block_quality.py --gates gates/smol --seq-len 2048 --windows 4 --out quality.json \
         --runs "dense;oracle,head,64;gate,head,64;oracle,block,16,64;gate,block,16,64;gate,block,64,256"
 
-Each run is ``mode,selection,k`` or ``mode,block,B,k`` (mode: dense, oracle, gate, random). Every run scores
+Each run is ``mode,selection,k`` or ``mode,block,B,k[,exact]`` (mode: dense, oracle, gate, random; ``exact``:
+the gate's block score is its softmax mass, ``--block-score exact``). Every run scores
 the same held-out windows of the gate's model and dataset. Writes JSON after each run.
 """
 
@@ -33,8 +34,10 @@ def policy_for(run: str, bank: GateBank, random_bank: GateBank):
         return DensePolicy()
     mode, selection = parts[0], parts[1]
     block = int(parts[2]) if selection == "block" else 64
-    k = int(parts[-1])
-    selector = {"oracle": OracleSelector(), "gate": GateSelector(bank), "random": GateSelector(random_bank)}[mode]
+    score = "exact" if parts[-1] == "exact" else "bound"
+    k = int(parts[3] if selection == "block" else parts[2])
+    selector = {"oracle": OracleSelector(), "gate": GateSelector(bank, block_score=score),
+                "random": GateSelector(random_bank, block_score=score)}[mode]
     return TopKPolicy(selector, k, selection=selection, block=block)
 
 

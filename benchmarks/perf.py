@@ -195,6 +195,8 @@ def bench_eval(model, bank, ts, device, reps, block_sizes=(16, 64)):
             policies[name] = TopKPolicy(make(), 64)
             for blk in block_sizes:
                 policies[f"{name}_block{blk}"] = TopKPolicy(make(), 64, selection="block", block=blk)
+        policies["gate_block64exact"] = TopKPolicy(GateSelector(bank, block_score="exact"), 64, selection="block",
+                                                   block=64)
         for name, pol in policies.items():
             def run(pol=pol):
                 with SparseAttention(model, pol):
@@ -301,6 +303,10 @@ def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 6
                 except torch.OutOfMemoryError:
                     row[f"{key}_s"] = None
                     torch.cuda.empty_cache()
+            exact = TopKPolicy(GateSelector(bank, block_score="exact"), kk, selection="block", block=64)
+            with torch.no_grad():
+                row["block64exact_s"] = timed(lambda: exact(call), device, reps)
+            row["block64exact_speedup_vs_sdpa"] = sdpa / row["block64exact_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -30,6 +30,7 @@ def eval_(
     random_seed: Annotated[Optional[int], Opt(help="Seed of the random gate. Default: the gate's random_seed.")] = None,
     selection: Annotated[Optional[str], Opt(help="head: top-k per query head (the method); group: one top-k shared by the query heads of each KV group (GQA); block: ceil(k/B) key blocks of B positions per KV group and query block (the fast Triton path on GPUs). Default head.")] = None,
     block_size: Annotated[Optional[int], Opt(help="With --selection block: positions per block, 16, 32, 64 or 128. Default 64.")] = None,
+    block_score: Annotated[Optional[str], Opt(help="With --selection block: how the gate scores a block. bound: an upper bound of its largest gate score (fast); exact: the gate's softmax mass on it (closer to per-head quality, O(T^2) like dense attention). Default bound.")] = None,
     no_routing: Annotated[Optional[bool], Opt("--no-routing", help="Skip recall/mass/sink metrics (faster).")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto, float32, bfloat16, float16.")] = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .attention.interface import SparseAttention
-from .attention.policies import DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from .attention.policies import BLOCK_SCORES, DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from .errors import UserError
 from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
 from .gates.modules import GateBank
@@ -22,15 +22,16 @@ DEPLOY_MODES = ("gate", "random", "oracle", "dense")
 
 
 def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, mode: str = "gate",
-                random_seed: int | None = None, selection: str = "head", block_size: int = DEFAULT_BLOCK
-                ) -> SparseAttention:
+                random_seed: int | None = None, selection: str = "head", block_size: int = DEFAULT_BLOCK,
+                block_score: str = "bound") -> SparseAttention:
     """Route ``model``'s attention through top-k selection until the returned handle is removed.
 
     ``gates``: a gate folder or a loaded ``GateBank`` (validated against the model; may be None for the
     "oracle" and "dense" modes). ``mode``: "gate" (the learned gate), "random" (the random control with the
     gate's shapes and ``random_seed``), "oracle" (true top-k) or "dense". ``selection``: "head" (top-k per
     query head, the method), "group" (one set per KV group) or "block" (``block_size``-position key blocks per
-    KV group and query block; the Triton kernel serves CUDA prefill). Use as a context manager or call
+    KV group and query block; the Triton kernel serves CUDA prefill; ``block_score`` "bound" or "exact", see
+    ``GateSelector.block_mass``). Use as a context manager or call
     ``.remove()``; removal restores the model's attention exactly.
     """
     if mode not in DEPLOY_MODES:
@@ -41,6 +42,8 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
         raise UserError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if selection == "block" and block_size not in BLOCK_SIZES:
         raise UserError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    if block_score not in BLOCK_SCORES:
+        raise UserError(f"block_score must be one of {', '.join(BLOCK_SCORES)}, got {block_score!r}")
     topk = dict(selection=selection, block=block_size)
     bank, config = None, {}
     if isinstance(gates, GateBank):
@@ -66,4 +69,4 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
         bank = GateBank(spec).reset_random(seed).requires_grad_(False)
     elif bank is None:
         raise UserError("mode 'gate' needs gates: a folder written by `sparsify distill` or a GateBank")
-    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device)), k, **topk))
+    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device), block_score=block_score), k, **topk))

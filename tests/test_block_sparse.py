@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -351,3 +352,54 @@ def test_block_selection_on_every_architecture(model):
     torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
     sparse = _run(model, TopKPolicy(GateSelector(bank), 16, selection="block", block=16), ids)
     assert torch.isfinite(sparse).all() and (sparse - dense).abs().max() > 1e-4
+
+
+def _layer_call(model, bank, ids, layer=0):
+    """The LayerCall one layer receives in a forward over ids (captured through a recording policy)."""
+    seen = {}
+
+    class Grab:
+        needs_inputs = True
+
+        def __call__(self, call):
+            seen.setdefault(call.layer, call)
+            return TopKPolicy(OracleSelector(), 10**6)(call)
+
+    _run(model, Grab(), ids)
+    return seen[layer]
+
+
+def test_exact_block_score_is_the_gate_softmax_mass_and_eval_takes_it(tiny_gates):
+    from posthoc_sparse.errors import UserError
+    from posthoc_sparse.evaluate.perplexity import EvalConfig, evaluate_perplexity
+
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    call = _layer_call(model, bank, random_ids(2, 45))
+    sel = GateSelector(bank, block_score="exact")
+    gq, gk = sel.prepare(call)
+    g = torch.matmul(gq, gk.transpose(-1, -2)).masked_fill(torch.ones(45, 45, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(sel.block_mass(call, 16), bs.block_mass_from_probs(torch.softmax(g, -1), 0, 16))
+    assert not torch.allclose(GateSelector(bank).block_mass(call, 16), sel.block_mass(call, 16))
+
+    _, corpus, gates = tiny_gates
+    base = dict(gates=str(gates), dataset=str(corpus), k="32", modes="oracle,gate", max_windows=2, seq_len=64,
+                selection="block", block_size=16)
+    rep = evaluate_perplexity(EvalConfig(**base, block_score="exact"))
+    assert rep.setup["block_score"] == "exact" and all(math.isfinite(r.perplexity) for r in rep.results)
+    with pytest.raises(UserError, match="--block-score"):
+        evaluate_perplexity(EvalConfig(**base, block_score="max"))
+
+
+@pytest.mark.gpu
+def test_exact_block_score_kernel_on_gpu():
+    model = tiny_model("qwen3").cuda().to(torch.bfloat16)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    call = _layer_call(model, bank, random_ids(2, 300).cuda())
+    sel = GateSelector(bank, block_score="exact")
+    got = sel.block_mass(call, 32)  # the oracle-mass kernel on the gate's queries and keys
+    gq, gk = sel.prepare(call)
+    g = torch.matmul(gq.float(), gk.float().transpose(-1, -2))
+    g = g.masked_fill(torch.ones(300, 300, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    want = bs.block_mass_from_probs(torch.softmax(g, -1), 0, 32)
+    assert (got - want).abs().max() < 0.05 * 32

@@ -21,6 +21,7 @@ from .reference import allowed_keys, attend, group_scores, masked_softmax, score
 # top-k per query head (METHOD.md); one top-k shared by each KV group; key blocks shared by each KV group and
 # query block (kernels/block_sparse.py: the fast deployed path)
 SELECTIONS = ("head", "group", "block")
+BLOCK_SCORES = ("bound", "exact")  # how the gate scores a key block (GateSelector.block_mass)
 DEFAULT_BLOCK = 64
 
 # observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
@@ -153,19 +154,26 @@ class OracleSelector:
 
     def block_mass(self, call: LayerCall, block: int) -> torch.Tensor:
         """Exact dense attention mass of each earlier key block, per head: (B, H, NQ, NB) fp32."""
-        q = call.query
-        b, h, t, _ = q.shape
-        s_len = call.key.shape[2]
-        if q.is_cuda and call.attention_mask is None and bsp.block_kernels_ok(q, call.key, block):
-            return bsp.oracle_block_mass_fused(q, call.key, block, call.scaling, call.softcap)
-        q0 = s_len - t
-        step = query_chunk_size(b, h, s_len)
-        parts = []
-        for a in range(0, t, step):
-            e = min(t, a + step)
-            p = masked_softmax(scores(q[:, :, a:e], call.key, call.scaling, call.softcap), call.allowed(a, e))
-            parts.append((q0 + a, bsp.block_mass_from_probs(p, q0 + a, block)))
-        return _stack_query_blocks(parts, block)
+        return softmax_block_mass(call, call.query, call.key, call.scaling, call.softcap, block)
+
+
+def softmax_block_mass(call: LayerCall, q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None,
+                       block: int) -> torch.Tensor:
+    """The mass softmax(q . k * scaling) puts on each earlier key block over the call's allowed keys, summed
+    over each query block: (B, H, NQ, NB) fp32. q (B, H, T, D); k (B, H or Hkv, S, D). The Triton kernel on
+    CUDA plain-causal prefill, else chunked (one (B, H, C, S) tensor at a time)."""
+    b, h, t, _ = q.shape
+    s_len = k.shape[2]
+    if q.is_cuda and call.attention_mask is None and bsp.block_kernels_ok(q, k, block):
+        return bsp.oracle_block_mass_fused(q, k, block, scaling, softcap)
+    q0 = s_len - t
+    step = query_chunk_size(b, h, s_len)
+    parts = []
+    for a in range(0, t, step):
+        e = min(t, a + step)
+        p = masked_softmax(scores(q[:, :, a:e], k, scaling, softcap), call.allowed(a, e))
+        parts.append((q0 + a, bsp.block_mass_from_probs(p, q0 + a, block)))
+    return _stack_query_blocks(parts, block)
 
 
 def _stack_query_blocks(parts: list[tuple[int, torch.Tensor]], block: int) -> torch.Tensor:
@@ -185,6 +193,7 @@ class GateSelector:
 
     bank: GateBank
     key_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_score: str = "bound"  # with block selection: "bound" (fast) or "exact" (the gate's softmax mass)
 
     def prepare(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
         gate = self.bank.layers[call.layer]
@@ -209,7 +218,13 @@ class GateSelector:
         """The gate's mass of each earlier key block, per head: (B, H, NQ, NB) fp32. A block's score is an upper
         bound of its largest gate score (``pool_bound``); it ranked blocks far better than the gate score of
         the mean key (docs/performance.md). On CUDA prefill with the "hidden" input one Triton pass turns the
-        raw projection into the summaries (and the decode cache's keys)."""
+        raw projection into the summaries (and the decode cache's keys).
+
+        ``block_score="exact"`` scores a block by the mass the gate's own softmax over keys puts on it (as the
+        oracle does with the dense scores): closer to per-head quality, but O(T^2 d) like dense attention."""
+        if self.block_score == "exact":
+            gq, gk = self.prepare(call)
+            return softmax_block_mass(call, gq, gk, 1.0, None, block)
         gate = self.bank.layers[call.layer]
         q, d = call.query, gate.spec.d_g
         if (q.is_cuda and gate.spec.gate_input == "hidden" and call.x is not None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..attention.interface import SparseAttention
-from ..attention.policies import DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from ..attention.policies import BLOCK_SCORES, DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
@@ -53,6 +53,7 @@ class EvalConfig:
     selection: str = "head"  # "head": top-k per query head; "group": one top-k shared by each KV group (GQA);
     # "block": key blocks shared by each KV group and query block (the Triton-kernel deployed path)
     block_size: int = DEFAULT_BLOCK  # with selection "block": positions per key / query block
+    block_score: str = "bound"  # with selection "block": how the gate scores a block, "bound" or "exact"
     routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
     dtype: str = "auto"
     device: str = "auto"
@@ -164,6 +165,8 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     if cfg.selection not in SELECTIONS:
         raise UserError(f"--selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
     check_block_size(cfg.block_size)
+    if cfg.block_score not in BLOCK_SCORES:
+        raise UserError(f"--block-score must be one of {', '.join(BLOCK_SCORES)}, got {cfg.block_score!r}")
     check_device_map(cfg.device_map, cfg.max_memory)
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
@@ -215,8 +218,9 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
             if mode == "dense":
                 policy = DensePolicy(observer)
             else:
-                selector = {"oracle": OracleSelector, "gate": lambda: GateSelector(gate_bank),
-                            "random": lambda: GateSelector(random_bank)}[mode]()
+                selector = {"oracle": OracleSelector,
+                            "gate": lambda: GateSelector(gate_bank, block_score=cfg.block_score),
+                            "random": lambda: GateSelector(random_bank, block_score=cfg.block_score)}[mode]()
                 policy = TopKPolicy(selector, k, observer, selection=cfg.selection, block=cfg.block_size)
             t0 = time.perf_counter()
             with SparseAttention(model, policy):
@@ -237,6 +241,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         "random_seed": random_seed, "data": data_info, "seq_len": seq_len, "windows": len(windows),
         "tokens_scored": results[0].tokens if results else 0, "k": ks, "modes": modes,
         "selection": cfg.selection, "block_size": cfg.block_size if cfg.selection == "block" else None,
+        "block_score": cfg.block_score if cfg.selection == "block" else None,
         "device": device_summary(model), "processes": procs.world, "dtype": loaded.dtype, "closed_loop": True,
         "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
