@@ -12,11 +12,10 @@ from pathlib import Path
 from torch import nn
 
 from .attention.interface import SparseAttention
-from .attention.policies import BLOCK_SCORES, DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from .attention.policies import DEFAULT_BLOCK, DensePolicy, GateSelector, OracleSelector, TopKPolicy, check_selection
 from .errors import UserError
 from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
 from .gates.modules import GateBank
-from .kernels.block_sparse import BLOCK_SIZES
 
 DEPLOY_MODES = ("gate", "random", "oracle", "dense")
 
@@ -38,12 +37,7 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
         raise UserError(f"mode must be one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
     if k <= 0:
         raise UserError(f"k must be a positive number of keys, got {k}")
-    if selection not in SELECTIONS:
-        raise UserError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-    if selection == "block" and block_size not in BLOCK_SIZES:
-        raise UserError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
-    if block_score not in BLOCK_SCORES:
-        raise UserError(f"block_score must be one of {', '.join(BLOCK_SCORES)}, got {block_score!r}")
+    check_selection(selection, block_size, block_score)
     topk = dict(selection=selection, block=block_size)
     bank, config = None, {}
     if isinstance(gates, GateBank):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..errors import UserError
 from ..gates.modules import GateBank
 from ..kernels import block_sparse as bsp
 from .reference import allowed_keys, attend, group_scores, masked_softmax, scores, soft_topk_bias, topk_keep
@@ -23,6 +24,22 @@ from .reference import allowed_keys, attend, group_scores, masked_softmax, score
 SELECTIONS = ("head", "group", "block")
 BLOCK_SCORES = ("bound", "exact")  # how the gate scores a key block (GateSelector.block_mass)
 DEFAULT_BLOCK = 64
+
+
+def check_selection(selection: str, block_size: int, block_score: str,
+                    names: tuple[str, str, str] = ("selection", "block_size", "block_score")) -> None:
+    """One clear UserError for a bad selection, block size or block score; ``names`` are what the caller calls
+    them (Python arguments by default, or CLI flags)."""
+    for name, value, allowed in zip(names, (selection, block_size, block_score),
+                                    (SELECTIONS, bsp.BLOCK_SIZES, BLOCK_SCORES)):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _half_autocast(t: torch.Tensor):
+    """Autocast to ``t``'s dtype on CUDA half-precision models: gate projections run in the model's dtype with
+    fp32 accumulation, as in distillation; a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=t.dtype, enabled=t.is_cuda and t.dtype in (torch.bfloat16, torch.float16))
 
 # observer(layer, s, allowed, keep): s (B, H, C, S) fp32 dense scores of a query chunk, allowed (B, 1|H, C, S),
 # keep (B, H, C, S) or None for the dense policy.
@@ -197,9 +214,7 @@ class GateSelector:
 
     def prepare(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
         gate = self.bank.layers[call.layer]
-        half = call.query.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast("cuda", dtype=call.query.dtype, enabled=call.query.is_cuda and half):
-            # on a half-precision model the gate projects in its dtype (fp32 accumulation), as in distillation
+        with _half_autocast(call.query):
             gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
         s = call.key.shape[2]
         if gk.shape[2] < s:  # decoding: new gate keys extend the cache
@@ -229,7 +244,7 @@ class GateSelector:
         q, d = call.query, gate.spec.d_g
         if (q.is_cuda and gate.spec.gate_input == "hidden" and call.x is not None
                 and bsp.block_kernels_ok(q, call.key, block, 2 * d)):
-            with torch.autocast("cuda", dtype=q.dtype, enabled=q.dtype in (torch.bfloat16, torch.float16)):
+            with _half_autocast(q):
                 y = gate.hidden_projection(call.x)  # (B, T, 2H, d)
             gq2, gkb, gk = bsp.gate_summaries_fused(y, gate.rope_tables(call.cos, call.sin, y.dtype), block)
             self.key_cache[call.layer] = gk

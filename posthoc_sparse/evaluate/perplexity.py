@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._version import __version__
 from ..attention.interface import SparseAttention
-from ..attention.policies import BLOCK_SCORES, DEFAULT_BLOCK, SELECTIONS, DensePolicy, GateSelector, OracleSelector, TopKPolicy
+from ..attention.policies import DEFAULT_BLOCK, DensePolicy, GateSelector, OracleSelector, TopKPolicy, check_selection
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
@@ -104,13 +104,6 @@ class EvalReport:
         return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
 
 
-def check_block_size(block: int) -> None:
-    from ..kernels.block_sparse import BLOCK_SIZES
-
-    if block not in BLOCK_SIZES:
-        raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block}")
-
-
 @torch.no_grad()
 def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None
                 ) -> tuple[float, int]:
@@ -162,11 +155,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     from ..loading import device_summary, execution_devices, input_device, load_model, model_fingerprint
 
     ks, modes = cfg.k_list(), cfg.mode_list()
-    if cfg.selection not in SELECTIONS:
-        raise UserError(f"--selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
-    check_block_size(cfg.block_size)
-    if cfg.block_score not in BLOCK_SCORES:
-        raise UserError(f"--block-score must be one of {', '.join(BLOCK_SCORES)}, got {cfg.block_score!r}")
+    check_selection(cfg.selection, cfg.block_size, cfg.block_score, ("--selection", "--block-size", "--block-score"))
     check_device_map(cfg.device_map, cfg.max_memory)
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
