@@ -5,6 +5,7 @@
 
 Parts (``--parts``, comma list):
   distill    distillation step time / frozen forward time of the same batch (T = 2048, 4096)
+  kernel     the fused KL kernels alone, one layer at T = 4096, under several launch settings
   memory     peak memory of a distillation step / frozen inference forward (T = 4096, 16384, 32768)
   eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
   attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768),
@@ -32,7 +33,7 @@ from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
 from posthoc_sparse.attention.policies import (  # noqa: E402
     DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
 )
-from posthoc_sparse.distill.loop import accumulate_gradients, decoder_of  # noqa: E402
+from posthoc_sparse.distill.loop import accumulate_gradients, decoder_of, gate_optimizer  # noqa: E402
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
 
@@ -71,6 +72,22 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, device, reps: int, warmup: int = 1) -> dict:
+    """Median seconds of each function, timed in ``reps`` rounds that run every function once in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak(fn, device) -> int | None:
     if device.type != "cuda":
         return None
@@ -100,7 +117,7 @@ def ids_for(model, t: int, device, b: int = 1) -> torch.Tensor:
 
 def bench_distill(model, bank, ts, device, reps, memory_only=False):
     rows = []
-    opt = torch.optim.AdamW(bank.parameters(), lr=1e-4)
+    opt = gate_optimizer(bank, 1e-4)
     policy = RecordPolicy()
 
     for t in ts:
@@ -123,9 +140,11 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False):
         row = {"T": t}
         try:
             if not memory_only:
-                row["forward_s"] = timed(forward, device, reps)
-                row["decoder_forward_s"] = timed(decoder_forward, device, reps)
-                row["distill_step_s"] = timed(step, device, reps)
+                # interleaved rounds, so that the host's noise (at T = 2048 the forward is launch-bound) falls
+                # on all three alike; medians of each
+                times = interleaved({"forward_s": forward, "decoder_forward_s": decoder_forward,
+                                     "distill_step_s": step}, device, reps)
+                row.update(times)
                 row["time_ratio"] = row["distill_step_s"] / row["forward_s"]
                 row["time_ratio_vs_decoder"] = row["distill_step_s"] / row["decoder_forward_s"]
             row["forward_peak_bytes"] = peak(forward, device)
@@ -143,36 +162,51 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False):
 
 
 def bench_kernel(ts, device, reps):
-    """The fused KL kernels alone (forward + backward, one layer, Qwen3-1.7B heads) for launch settings."""
-    from posthoc_sparse.kernels import kl_distill
+    """The fused KL kernels alone (one layer, Qwen3-1.7B heads, bf16 teacher and gate as distillation runs them):
+    each kernel under several launch settings, then the whole per-layer KL (forward + gradient) as distillation
+    calls it, with the teacher's lse from the model's attention forward (cuDNN or flash attention, as SDPA
+    picks) and without, beside that attention forward itself."""
+    from posthoc_sparse.kernels import kl_distill as kd
 
-    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2), (128, 32, 4, 3),
-               (32, 64, 4, 2), (64, 128, 8, 2)]
+    configs = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
+               (64, 32, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)]
     rows = []
-    default = dict(kl_distill.TUNING)
+    default = dict(kd.TUNING)
     for t in ts:
         gen = torch.Generator().manual_seed(t)
         q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
         k = torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16)
-        gq = torch.randn(1, 16, t, 32, generator=gen).to(device).requires_grad_()
-        gk = torch.randn(1, 16, t, 32, generator=gen).to(device).requires_grad_()
-        for kind in ("fwd", "bwd"):
-            for cfg in configs:
-                kl_distill.TUNING.update(default)
-                kl_distill.TUNING[kind] = cfg
+        v = torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16)
+        gq = torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16)
+        gk = torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16)
+        _, lse = kd.flash_attention_lse(q, k, v, 128**-0.5)
+        w = torch.full(lse.shape, 1.0 / t, device=device)
+        _, lse_s, lse_g = kd._forward(q, k, gq, gk, 128**-0.5, teacher=True)
 
-                def run():
-                    kl = kl_distill.kl_rows_fused(q, k, gq, gk, 128**-0.5)
-                    if kind == "bwd":
-                        kl.sum().backward()
-                try:
-                    sec = timed(run, device, reps)
-                except Exception as e:  # a launch setting the compiler rejects (shared memory)
-                    sec = None
-                    print("config failed", kind, cfg, type(e).__name__)
-                rows.append({"T": t, "kernel": kind, "config": cfg, "seconds": sec})
-                print(json.dumps(rows[-1]), flush=True)
-    kl_distill.TUNING.update(default)
+        def record(name, fn, **extra):
+            try:
+                sec = timed(fn, device, reps, warmup=2)
+            except Exception as e:  # a launch setting the compiler rejects (shared memory)
+                sec = None
+                print("failed", name, extra, type(e).__name__, str(e)[:120])
+            rows.append({"T": t, "kernel": name, **extra, "seconds": sec})
+            print(json.dumps(rows[-1]), flush=True)
+
+        record("teacher_attention_forward", lambda: kd.flash_attention_lse(q, k, v, 128**-0.5))
+        for kind, fn in (("fwd", lambda: kd._forward(q, k, gq, gk, 128**-0.5, teacher=True)),
+                         ("lse", lambda: kd._forward(q, k, gq, gk, 128**-0.5, teacher=False))):
+            for cfg in configs:
+                kd.TUNING.update(default, **{kind: cfg})
+                record(kind, fn, config=cfg)
+        for low in (False, True):
+            for cfg in configs:
+                kd.TUNING.update(default, grad=cfg, low=low)
+                record("grad", lambda: kd._gradient(q, k, gq, gk, w, lse_s, lse_g, 128**-0.5, with_kl=True),
+                       config=cfg, low=low)
+        kd.TUNING.update(default)
+        record("kl_with_flash_lse", lambda: kd.kl_grad_fused(q, k, gq, gk, 128**-0.5, 1.0 / t, lse))
+        record("kl_teacher_pass", lambda: kd.kl_grad_fused(q, k, gq, gk, 128**-0.5, 1.0 / t))
+    kd.TUNING.update(default)
     return rows
 
 

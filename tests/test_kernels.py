@@ -16,7 +16,8 @@ from posthoc_sparse.attention.policies import RecordPolicy  # noqa: E402
 from posthoc_sparse.distill.loop import layer_loss_backward  # noqa: E402
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
-from posthoc_sparse.kernels.kl_distill import kl_rows_fused, kl_rows_reference  # noqa: E402
+from posthoc_sparse.kernels import kl_distill  # noqa: E402
+from posthoc_sparse.kernels.kl_distill import kl_grad_fused, kl_rows_fused, kl_rows_reference  # noqa: E402
 
 from .tiny import random_ids, tiny_model  # noqa: E402
 
@@ -49,6 +50,51 @@ def test_fused_kl_equals_reference_forward_and_backward(shape):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
+def _teacher_lse(q, k, scaling):
+    n_rep = q.shape[1] // k.shape[1]
+    s = torch.matmul(q.float(), k.float().repeat_interleave(n_rep, 1).transpose(-1, -2)) * scaling
+    t = q.shape[2]
+    return s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf")).logsumexp(-1)
+
+
+def _grad_reference(q, k, gq, gk, scaling, weight):
+    gq.grad = gk.grad = None
+    kl = kl_rows_reference(q, k, gq, gk, scaling)
+    (kl.sum() * weight).backward()
+    return kl.detach(), gq.grad.clone(), gk.grad.clone()
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 16, 16, 16), (2, 4, 2, 37, 32, 16), (1, 3, 1, 70, 16, 32)])
+def test_one_pass_gradient_equals_reference(shape, with_lse):
+    """kl_grad_fused (the distillation path): KL and gradients without autograd, with the teacher's lse given
+    (gate-only forward, KL from the gradient pass) or computed by the teacher forward."""
+    b, h, hkv, t, d, dg = shape
+    q, k, gq, gk, _ = _inputs(b, h, hkv, t, d, dg)
+    weight = 0.37
+    ref = _grad_reference(q, k, gq, gk, d**-0.5, weight)
+    lse = _teacher_lse(q, k, d**-0.5) if with_lse else None
+    kl, dg = kl_grad_fused(q, k, gq.detach(), gk.detach(), d**-0.5, weight, lse)
+    got = (kl, dg[0], dg[1])
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+def test_kernels_with_query_blocks_larger_than_key_blocks(monkeypatch):
+    """BLOCK_M = 2 x BLOCK_N: the diagonal query block spans two key blocks, the second past T for some rows."""
+    for kind in ("fwd", "lse", "grad"):
+        monkeypatch.setitem(kl_distill.TUNING, kind, (32, 16, 4, 1))
+    q, k, gq, gk, w = _inputs(1, 2, 1, 75, 16, 16, seed=3)
+    res = _both(q, k, gq, gk, w, scaling=0.25)
+    for got, ref in zip(res["fused"], res["ref"]):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    ref = _grad_reference(q, k, gq, gk, 0.25, 1.0)
+    kl, dg = kl_grad_fused(q, k, gq.detach(), gk.detach(), 0.25, 1.0, _teacher_lse(q, k, 0.25))
+    got = (kl, dg[0], dg[1])
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
 def test_fused_kl_is_zero_when_the_gate_equals_the_scores():
     q, k, _, _, _ = _inputs(1, 2, 2, 33, 16, 16)
     gq = (q * 16**-0.25).clone().requires_grad_()
@@ -57,21 +103,52 @@ def test_fused_kl_is_zero_when_the_gate_equals_the_scores():
     assert kl.abs().max() < 1e-5
 
 
-def test_layer_loss_fused_and_reference_paths_agree_on_a_model():
-    model = tiny_model("qwen3")
+@pytest.mark.parametrize("arch,gate_input,with_lse", [("qwen3", "hidden", False), ("qwen3", "hidden", True),
+                                                      ("llama", "hidden", True), ("qwen3", "qk", True)])
+def test_layer_loss_fused_and_reference_paths_agree_on_a_model(arch, gate_input, with_lse):
+    """The fused layer loss ("hidden" gates: no autograd graph; "qk" gates: the kernels' gradients through
+    autograd), with the teacher lse in the record or not, equals the reference path: loss and the gate's weight
+    gradients, which accumulate over calls."""
+    model = tiny_model(arch)
     policy = RecordPolicy()
     with SparseAttention(model, policy), torch.no_grad():
-        model(input_ids=random_ids(2, 40), use_cache=False)
+        model(input_ids=random_ids(2, 70), use_cache=False)
     rec = policy.records[1]
-    spec = gate_spec_for_model(model, d_g=16)
+    if with_lse:
+        rec.lse = _teacher_lse(rec.query, rec.key, rec.scaling)
+    spec = gate_spec_for_model(model, d_g=16, gate_input=gate_input)
     grads, losses = [], []
     for fused in (False, True):
         bank = GateBank(spec).reset_random(0)
-        losses.append(float(layer_loss_backward(rec, bank.layers[1], "kl", 4, 1.0, fused=fused)))
+        losses.append(float(layer_loss_backward(rec, bank.layers[1], "kl", 4, 0.5, fused=fused)))
+        layer_loss_backward(rec, bank.layers[1], "kl", 4, 0.25, fused=fused)
         grads.append([p.grad for p in bank.layers[1].parameters()])
     assert abs(losses[0] - losses[1]) < 1e-5
+    assert len(grads[1]) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+def test_gate_rope_equals_the_gate_rotary_and_its_gradient(rotary):
+    """gate_rope (forward) equals LayerGate._rope on the raw projection; inverse equals autograd's gradient."""
+    from posthoc_sparse.kernels.kl_distill import gate_rope
+
+    model = tiny_model("qwen3")
+    gate = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).layers[0]
+    gen = torch.Generator().manual_seed(5)
+    b, t, h = 2, 70, gate.wq.shape[0]
+    y = torch.randn(b, t, 2 * h, 16, generator=gen).requires_grad_()
+    cos, sin = (torch.randn(1, t, 16, generator=gen) for _ in range(2))
+    if not rotary:
+        cos = sin = None
+    ref = gate._rope(y, cos, sin).transpose(1, 2)  # (B, 2H, T, d)
+    g = gate_rope(y.detach(), cos, sin, gate.freq_idx)
+    torch.testing.assert_close(torch.cat((g[0], g[1]), 1), ref, atol=1e-6, rtol=1e-5)
+    up = torch.randn(2, b, h, t, 16, generator=gen)
+    ref.backward(torch.cat((up[0], up[1]), 1))
+    got = gate_rope(torch.empty_like(y), cos, sin, gate.freq_idx, up, inverse=True, scale=0.5)
+    torch.testing.assert_close(got, 0.5 * y.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -84,3 +161,54 @@ def test_fused_kl_on_gpu(dtype, t):
     for got, ref in zip(res["fused"], res["ref"]):
         err = (got.float() - ref.float()).norm() / ref.float().norm()
         assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), float(err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low", [False, True])
+@pytest.mark.parametrize("t", [129, 1000, 4096])
+def test_one_pass_gradient_on_gpu(t, low, monkeypatch):
+    """bf16 teacher and gate (as distillation runs them), the teacher lse given; products in fp32 or bf16."""
+    monkeypatch.setitem(kl_distill.TUNING, "low", low)
+    q, k, gq, gk, _ = _inputs(1, 16, 8, t, 128, 32, device="cuda", dtype=torch.bfloat16, seed=t)
+    gq, gk = gq.detach().bfloat16().requires_grad_(), gk.detach().bfloat16().requires_grad_()
+    ref = _grad_reference(q, k, gq, gk, 128**-0.5, 1.0 / t)
+    kl, dg = kl_grad_fused(q, k, gq.detach(), gk.detach(), 128**-0.5, 1.0 / t, _teacher_lse(q, k, 128**-0.5))
+    got = (kl, dg[0], dg[1])
+    for a, r in zip(got, ref):
+        err = (a.float() - r.float()).norm() / r.float().norm()
+        assert err < 2e-2, float(err)
+
+
+def test_record_has_no_teacher_lse_off_the_gpu():
+    model = tiny_model("qwen3")
+    policy = RecordPolicy()
+    with SparseAttention(model, policy), torch.no_grad():
+        model(input_ids=random_ids(1, 20), use_cache=False)
+    assert all(rec.lse is None for rec in policy.records.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_record_keeps_the_flash_forward_lse_on_gpu(arch):
+    """The recording forward runs flash attention's ATen op: same logits as the stock SDPA forward, and the lse
+    it keeps is the teacher's log-sum-exp; the distillation loss through it equals the reference path's."""
+    from posthoc_sparse.attention.policies import DensePolicy
+
+    model = tiny_model(arch).to("cuda", torch.bfloat16)
+    ids = random_ids(2, 300).cuda()
+    policy = RecordPolicy()
+    with torch.no_grad():
+        with SparseAttention(model, DensePolicy()):
+            dense = model(input_ids=ids, use_cache=False).logits
+        with SparseAttention(model, policy):
+            recorded = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(recorded, dense, atol=1e-2, rtol=1e-2)
+    rec = policy.records[1]
+    assert rec.lse is not None and rec.lse.shape == rec.query.shape[:3]
+    torch.testing.assert_close(rec.lse, _teacher_lse(rec.query, rec.key, rec.scaling), atol=2e-3, rtol=1e-4)
+    spec = gate_spec_for_model(model, d_g=16)
+    losses = []
+    for fused in (False, True):
+        bank = GateBank(spec).reset_random(0).to("cuda")
+        losses.append(float(layer_loss_backward(rec, bank.layers[1], "kl", 4, 1.0, fused=fused)))
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses

@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import UserError
 from ..gates.modules import GateBank
 from ..kernels import block_sparse as bsp
+from ..kernels.kl_distill import flash_attention_lse, flash_lse_ok
 from .reference import allowed_keys, attend, group_scores, masked_softmax, scores, soft_topk_bias, topk_keep
 
 # top-k per query head (METHOD.md); one top-k shared by each KV group; key blocks shared by each KV group and
@@ -127,6 +128,7 @@ class LayerRecord:
     x: torch.Tensor | None  # (B, T, hidden)
     cos: torch.Tensor | None
     sin: torch.Tensor | None
+    lse: torch.Tensor | None = None  # (B, H, T) fp32: the teacher's log-sum-exp, when the forward yielded it
 
     def allowed(self, a: int = 0, e: int | None = None) -> torch.Tensor:
         """Allowed keys of query rows a:e, bool (B, 1, C, S); built per chunk, never (T, S) for all layers."""
@@ -143,7 +145,10 @@ class LayerRecord:
 
 
 class RecordPolicy(DensePolicy):
-    """Dense attention that also records each layer's q, k, mask and gate inputs for distillation."""
+    """Dense attention that also records each layer's q, k, mask and gate inputs for distillation. On CUDA
+    plain-causal prefill (no observer) the attention runs through flash attention's ATen op, the kernel the
+    model's SDPA call would use, and the record keeps its log-sum-exp: the fused KL then needs no teacher pass
+    of its own."""
 
     needs_inputs = True
 
@@ -157,6 +162,10 @@ class RecordPolicy(DensePolicy):
             softcap=call.softcap, x=None if call.x is None else call.x.detach(),
             cos=None if call.cos is None else call.cos.detach(), sin=None if call.sin is None else call.sin.detach(),
         )
+        if self.observer is None and flash_lse_ok(call.query, call.key, call.value, call.attention_mask, call.softcap,
+                                                  call.dropout, call.kwargs):
+            out, self.records[call.layer].lse = flash_attention_lse(call.query, call.key, call.value, call.scaling)
+            return out
         return super().__call__(call)
 
 

@@ -58,30 +58,34 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
                         chunk: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Mean loss over the layer's query rows; gradients (times ``scale``) accumulate into ``gate``.
 
-    The gate's projections run once. The KL on a plain causal window goes through the fused kernel
-    (posthoc_sparse.kernels.kl_distill) where Triton can run it; otherwise the naive reference runs chunk by
-    chunk against detached leaves whose gradients are then pushed through the projections in one call.
-    ``fused`` forces one path (None: automatic).
+    The KL on a plain causal window goes through the fused kernels (posthoc_sparse.kernels.kl_distill) where
+    Triton can run them: for a "hidden" gate the whole layer (projection, rotary, KL and its gradient, the
+    weight gradient) runs without an autograd graph (``_fused_hidden_loss``); a "qk" gate takes the kernels'
+    gradients through autograd. Otherwise the naive reference runs chunk by chunk against detached leaves whose
+    gradients are then pushed through the projections in one call. ``fused`` forces one path (None: automatic).
     """
-    from ..kernels.kl_distill import fused_available, kl_rows_fused
+    from ..kernels.kl_distill import fused_available, kl_grad_fused
 
+    b, h, t, _ = rec.query.shape
+    n_rows = rec.valid_rows()
+    eligible = kind == "kl" and rec.mask is None and not rec.softcap and t == rec.key.shape[2]
+    if fused is None:
+        fused = eligible and fused_available(rec.query)
+    if fused and not eligible:
+        raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
+    if fused and gate.spec.gate_input == "hidden":
+        return _fused_hidden_loss(rec, gate, scale / n_rows) / n_rows
     # On a GPU with a bf16 model the gate projections run in bf16 (fp32 accumulation); the loss stays fp32.
     low = rec.query.is_cuda and rec.query.dtype == torch.bfloat16
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
         gq, gk = gate.project(rec.x, rec.query, rec.key, rec.cos, rec.sin)  # (B, H, T, d), (B, H, S, d)
-    b, h, t, _ = rec.query.shape
-    n_rows = rec.valid_rows()
     if n_rows == 0:
         return torch.zeros((), device=gq.device)
-    eligible = kind == "kl" and rec.mask is None and not rec.softcap and t == rec.key.shape[2]
-    if fused is None:
-        fused = eligible and fused_available(rec.query)
     if fused:
-        if not eligible:
-            raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
-        loss = kl_rows_fused(rec.query, rec.key, gq, gk, rec.scaling).sum() / n_rows  # (B, H, T) -> ()
-        (loss * scale).backward()
-        return loss.detach()
+        # one gradient pass (and a gate-only lse pass) when the forward left the teacher's lse in the record
+        kl, dg = kl_grad_fused(rec.query, rec.key, gq, gk, rec.scaling, scale / n_rows, rec.lse)  # (B, H, T)
+        torch.autograd.backward([gq, gk], [dg[0].to(gq.dtype), dg[1].to(gk.dtype)])
+        return kl.sum() / n_rows
     gq_leaf, gk_leaf = gq.detach().requires_grad_(), gk.detach().requires_grad_()
     step = chunk or query_chunk_size(b, h, rec.key.shape[2], budget_bytes=1 << 26)
     total = torch.zeros((), device=gq.device)
@@ -94,6 +98,38 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
         total += loss.detach()
     torch.autograd.backward([gq, gk], [gq_leaf.grad, gk_leaf.grad])
     return total / n_rows
+
+
+@torch.no_grad()
+def _fused_hidden_loss(rec: LayerRecord, gate: LayerGate, weight: float) -> torch.Tensor:
+    """The summed KL of one layer's rows for a "hidden" gate, adding ``weight`` times its gradient to the gate's
+    wq and wk, in a handful of launches and no autograd graph (distillation is otherwise bound by the host's
+    launch rate): the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding into
+    one buffer (``gate_rope``), the fused KL and its gradient, the gradient back through the rotation, and the
+    weight gradient as one (C, T) x (T, 2 H d) product. The autograd path is the reference (tests hold them equal)."""
+    from ..kernels.kl_distill import gate_rope, kl_grad_fused
+
+    x = rec.x  # (B, T, C)
+    b, t, c = x.shape
+    h, _, d = gate.wq.shape
+    y = torch.matmul(x, gate.hidden_weight().to(x.dtype)).view(b, t, 2 * h, d)  # (B, T, 2H, d)
+    g = gate_rope(y, rec.cos, rec.sin, gate.freq_idx)  # (2, B, H, T, d): [0] queries, [1] keys
+    kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, weight, rec.lse)  # (B, H, T), (2, B, H, T, d)
+    # back through the rotation and hidden_weight's d**-0.25, into y's storage
+    dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=gate.spec.d_g**-0.25)
+    dw = torch.matmul(x.reshape(b * t, c).t(), dy.view(b * t, 2 * h * d)).view(c, 2 * h, d).transpose(0, 1)
+    for p, part in ((gate.wq, dw[:h]), (gate.wk, dw[h:])):  # (H, C, d) each
+        if p.grad is None:
+            p.grad = part.to(p.dtype, memory_format=torch.contiguous_format)
+        else:
+            p.grad += part
+    return kl.sum()
+
+
+def gate_optimizer(bank: GateBank, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the gate's parameters; PyTorch's fused (single-kernel) AdamW when they all live on CUDA."""
+    params = list(bank.parameters())
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=all(p.is_cuda for p in params) or None)
 
 
 def decoder_of(model):
@@ -210,7 +246,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     for b in (bank, random_bank):
         for gate, dev in zip(b.layers, layer_devices, strict=True):
             gate.to(dev)
-    opt = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = gate_optimizer(bank, cfg.lr, cfg.weight_decay)
     # --batch-size is per process and micro-batch (as in transformers' Trainer); the sampler deals out the
     # global batch, so 1 process x 4 windows and 2 processes x 2 windows see the same windows per step.
     sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum * procs.world,

@@ -99,12 +99,16 @@ class LayerGate(nn.Module):
         """The "hidden" input's gate queries and keys of every head before the rotary embedding, from one
         (T, C) x (C, 2 H d) product: (B, T, 2H, d), queries in heads 0..H-1, keys in H..2H-1, scaled by
         d**-0.25. (A per-head einsum broadcasts x to (H, T, C), the largest cost of deployed gating at long T.)"""
-        b, t, c = x.shape
+        b, t, _ = x.shape
         h, _, d = self.wq.shape
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.wq.dtype)
-        w = (torch.cat((self.wq, self.wk), 0) * self.spec.d_g**-0.25).permute(1, 0, 2).reshape(c, 2 * h * d)
-        return torch.matmul(x, w).view(b, t, 2 * h, d)
+        return torch.matmul(x, self.hidden_weight()).view(b, t, 2 * h, d)
+
+    def hidden_weight(self) -> torch.Tensor:
+        """``hidden_projection``'s weight: (C, 2 H d), wq's heads then wk's, scaled by d**-0.25."""
+        h, c, d = self.wq.shape
+        return (torch.cat((self.wq, self.wk), 0) * self.spec.d_g**-0.25).permute(1, 0, 2).reshape(c, 2 * h * d)
 
     def project(
         self,
