@@ -129,6 +129,30 @@ def test_layer_loss_fused_and_reference_paths_agree_on_a_model(arch, gate_input,
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_all_layers_at_once_equal_the_reference_per_layer():
+    """fused_hidden_losses over every layer of a model (weights laid out together, gradients added in one call)
+    equals the reference path layer by layer, also when gradients are already there."""
+    from posthoc_sparse.distill.loop import fused_hidden_losses
+
+    model = tiny_model("llama", layers=3)
+    policy = RecordPolicy()
+    with SparseAttention(model, policy), torch.no_grad():
+        model(input_ids=random_ids(2, 66), use_cache=False)
+    spec = gate_spec_for_model(model, d_g=16)
+    ref_bank, bank = GateBank(spec).reset_random(1), GateBank(spec).reset_random(1)
+    records = [policy.records[i] for i in range(3)]
+    ref = torch.stack([layer_loss_backward(rec, ref_bank.layers[i], "kl", 4, 0.5, fused=False)
+                       for i, rec in enumerate(records)])
+    got = fused_hidden_losses([(rec, bank.layers[i]) for i, rec in enumerate(records)], 0.5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for rep in range(2):
+        for a, b in zip(bank.parameters(), ref_bank.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+        for i, rec in enumerate(records):
+            layer_loss_backward(rec, ref_bank.layers[i], "kl", 4, 0.25, fused=False)
+        fused_hidden_losses([(rec, bank.layers[i]) for i, rec in enumerate(records)], 0.25)
+
+
 @pytest.mark.parametrize("rotary", [True, False])
 def test_gate_rope_equals_the_gate_rotary_and_its_gradient(rotary):
     """gate_rope (forward) equals LayerGate._rope on the raw projection; inverse equals autograd's gradient."""

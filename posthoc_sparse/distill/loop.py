@@ -68,13 +68,13 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
 
     b, h, t, _ = rec.query.shape
     n_rows = rec.valid_rows()
-    eligible = kind == "kl" and rec.mask is None and not rec.softcap and t == rec.key.shape[2]
+    eligible = _fused_eligible(rec, kind)
     if fused is None:
         fused = eligible and fused_available(rec.query)
     if fused and not eligible:
         raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
     if fused and gate.spec.gate_input == "hidden":
-        return _fused_hidden_loss(rec, gate, scale / n_rows) / n_rows
+        return fused_hidden_losses([(rec, gate)], scale)[0]
     # On a GPU with a bf16 model the gate projections run in bf16 (fp32 accumulation); the loss stays fp32.
     low = rec.query.is_cuda and rec.query.dtype == torch.bfloat16
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
@@ -100,30 +100,53 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
     return total / n_rows
 
 
+def _fused_eligible(rec: LayerRecord, kind: str) -> bool:
+    """Whether the fused kernels compute this layer's loss: the KL on a plain causal window, no soft-capping."""
+    return kind == "kl" and rec.mask is None and not rec.softcap and rec.query.shape[2] == rec.key.shape[2]
+
+
 @torch.no_grad()
-def _fused_hidden_loss(rec: LayerRecord, gate: LayerGate, weight: float) -> torch.Tensor:
-    """The summed KL of one layer's rows for a "hidden" gate, adding ``weight`` times its gradient to the gate's
-    wq and wk, in a handful of launches and no autograd graph (distillation is otherwise bound by the host's
-    launch rate): the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding into
-    one buffer (``gate_rope``), the fused KL and its gradient, the gradient back through the rotation, and the
-    weight gradient as one (C, T) x (T, 2 H d) product. The autograd path is the reference (tests hold them equal)."""
+def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float) -> torch.Tensor:
+    """Mean KL (L,) of each (record, "hidden" gate) pair, all on one device, adding ``scale`` times the gradient
+    of each mean to its gate's wq and wk. No autograd graph and a handful of launches per layer (distillation is
+    otherwise bound by the host's launch rate): all layers' projection weights are laid out in one go; per layer
+    the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding (``gate_rope``), the
+    fused KL and its gradient, the gradient back through the rotation and the weight gradient (one product);
+    then every gradient is added in one call and the losses reduced in one. The autograd path of
+    ``layer_loss_backward`` is the reference (tests hold them equal)."""
     from ..kernels.kl_distill import gate_rope, kl_grad_fused
 
-    x = rec.x  # (B, T, C)
-    b, t, c = x.shape
-    h, _, d = gate.wq.shape
-    y = torch.matmul(x, gate.hidden_weight().to(x.dtype)).view(b, t, 2 * h, d)  # (B, T, 2H, d)
-    g = gate_rope(y, rec.cos, rec.sin, gate.freq_idx)  # (2, B, H, T, d): [0] queries, [1] keys
-    kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, weight, rec.lse)  # (B, H, T), (2, B, H, T, d)
-    # back through the rotation and hidden_weight's d**-0.25, into y's storage
-    dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=gate.spec.d_g**-0.25)
-    dw = torch.matmul(x.reshape(b * t, c).t(), dy.view(b * t, 2 * h * d)).view(c, 2 * h, d).transpose(0, 1)
-    for p, part in ((gate.wq, dw[:h]), (gate.wk, dw[h:])):  # (H, C, d) each
-        if p.grad is None:
-            p.grad = part.to(p.dtype, memory_format=torch.contiguous_format)
-        else:
-            p.grad += part
-    return kl.sum()
+    gates = [gate for _, gate in pairs]
+    x0 = pairs[0][0].x
+    b, t, c = x0.shape
+    h, _, d = gates[0].wq.shape
+    n, scale_w = len(pairs), gates[0].spec.d_g**-0.25
+    # (L, C, 2 H d): LayerGate.hidden_weight of every layer, in the activations' dtype
+    w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(n, 2 * h, c, d)
+    w = (w * scale_w).to(x0.dtype).permute(0, 2, 1, 3).reshape(n, c, 2 * h * d)
+    dw = torch.empty_like(w)
+    kls = []
+    for i, (rec, gate) in enumerate(pairs):
+        x = rec.x.reshape(b * t, c)
+        y = torch.matmul(x, w[i]).view(b, t, 2 * h, d)  # (B, T, 2H, d)
+        g = gate_rope(y, rec.cos, rec.sin, gate.freq_idx)  # (2, B, H, T, d): [0] queries, [1] keys
+        kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, scale / (b * h * t), rec.lse)
+        # back through the rotation and the weight's d**-0.25, into y's storage; then the weight gradient
+        dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=scale_w)
+        torch.matmul(x.t(), dy.view(b * t, 2 * h * d), out=dw[i])
+        kls.append(kl)  # (B, H, T)
+    grads = dw.view(n, c, 2 * h, d).permute(0, 2, 1, 3).to(gates[0].wq.dtype, memory_format=torch.contiguous_format)
+    params = [p for gate in gates for p in (gate.wq, gate.wk)]
+    parts = [grads[i, sl] for i in range(n) for sl in (slice(0, h), slice(h, None))]  # (H, C, d) each
+    if all(p.grad is None for p in params):
+        for p, part in zip(params, parts):
+            p.grad = part
+    else:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for p in params], parts)
+    return torch.stack(kls).sum((1, 2, 3)) / (b * h * t)
 
 
 def gate_optimizer(bank: GateBank, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -141,14 +164,28 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
                          loss: str, k: int) -> torch.Tensor:
     """One step's gradients: for each micro-batch (B, T) a no-grad dense forward under ``policy`` (attached
     by the caller), then every layer's gate loss backpropagated; returns per-layer mean losses (L,)."""
+    from ..kernels.kl_distill import fused_available
+
     n = len(micro_batches)
     layer_losses = torch.zeros(bank.spec.num_layers, device=micro_batches[0].device)
     for ids in micro_batches:
         with torch.no_grad():
             decoder_of(model)(input_ids=ids, use_cache=False)
+        groups: dict = {}  # device -> layers whose losses go through fused_hidden_losses together
         for layer, rec in sorted(policy.records.items()):
-            # with a model split over devices (--device-map) each layer's loss lives on its layer's device
-            layer_losses[layer] += (layer_loss_backward(rec, bank.layers[layer], loss, k, 1.0 / n) / n).to(layer_losses.device)
+            gate = bank.layers[layer]
+            if gate.spec.gate_input == "hidden" and _fused_eligible(rec, loss) and fused_available(rec.query):
+                groups.setdefault(rec.query.device, []).append(layer)
+            else:  # with a model split over devices (--device-map) each layer's loss lives on its layer's device
+                layer_losses[layer] += (layer_loss_backward(rec, gate, loss, k, 1.0 / n) / n).to(layer_losses.device)
+        for layers in groups.values():
+            losses = fused_hidden_losses([(policy.records[i], bank.layers[i]) for i in layers], 1.0 / n) / n
+            losses = losses.to(layer_losses.device)
+            if layers == list(range(layers[0], layers[-1] + 1)):
+                layer_losses[layers[0]:layers[-1] + 1] += losses
+            else:
+                for j, i in enumerate(layers):
+                    layer_losses[i] += losses[j]
         policy.records.clear()
     return layer_losses
 
