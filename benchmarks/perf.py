@@ -5,6 +5,7 @@
 
 Parts (``--parts``, comma list):
   distill    distillation step time / frozen forward time of the same batch (T = 2048, 4096)
+  distill_sampled  the same with --row-fraction 0.5 and 0.25 (T = 2048, 4096), and T = 16384 exact and 0.25
   kernel     the fused KL kernels alone, one layer at T = 4096, under several launch settings
   memory     peak memory of a distillation step / frozen inference forward (T = 4096, 16384, 32768)
   eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
@@ -46,9 +47,10 @@ SIZES = {
                 max_position_embeddings=4096),
 }
 PLAN = {
-    "gpu": {"distill": [2048, 4096], "memory": [4096, 16384, 32768], "eval": [512, (512, 8), 4096],
+    "gpu": {"distill": [2048, 4096], "distill_sampled": [(2048, 0.5), (2048, 0.25), (4096, 0.5), (4096, 0.25),
+                                                         (16384, 1.0), (16384, 0.25)], "memory": [4096, 16384, 32768], "eval": [512, (512, 8), 4096],
             "attention": [4096, 16384, 32768], "attention_k": [64, 256, 2048], "sweep": [512]},
-    "cpu": {"distill": [256, 512], "memory": [512, 1024], "eval": [128, (128, 4), 512], "attention": [512, 1024],
+    "cpu": {"distill": [256, 512], "distill_sampled": [(512, 0.5)], "memory": [512, 1024], "eval": [128, (128, 4), 512], "attention": [512, 1024],
             "attention_k": [16, 64], "sweep": [128]},
 }
 
@@ -115,7 +117,7 @@ def ids_for(model, t: int, device, b: int = 1) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (b, t), generator=gen).to(device)
 
 
-def bench_distill(model, bank, ts, device, reps, memory_only=False):
+def bench_distill(model, bank, ts, device, reps, memory_only=False, row_fraction=1.0):
     rows = []
     opt = gate_optimizer(bank, 1e-4)
     policy = RecordPolicy()
@@ -133,11 +135,11 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False):
 
         def step():
             with SparseAttention(model, policy):
-                accumulate_gradients(model, policy, bank, [ids], "kl", 64)
+                accumulate_gradients(model, policy, bank, [ids], "kl", 64, row_fraction)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        row = {"T": t}
+        row = {"T": t, "row_fraction": row_fraction}
         try:
             if not memory_only:
                 # interleaved rounds, so that the host's noise (at T = 2048 the forward is launch-bound) falls
@@ -464,6 +466,11 @@ def main() -> None:
     if "distill" in parts:
         result["parts"]["distill"] = bench_distill(model, bank, plan["distill"], device, args.reps)
         save()
+    if "distill_sampled" in parts:
+        result["parts"]["distill_sampled"] = [
+            row for t, fraction in plan["distill_sampled"]
+            for row in bench_distill(model, bank, [t], device, args.reps, row_fraction=fraction)]
+        save()
     if "kernel" in parts:
         result["parts"]["kernel"] = bench_kernel([4096], device, args.reps)
         save()
@@ -494,7 +501,7 @@ def main() -> None:
     for part, rows in result["parts"].items():
         for row in rows:
             keys = [k for k in row if k.endswith(("ratio", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense"))
-                    or k in ("T", "k", "batch", "peak_bytes", "error")]
+                    or k in ("T", "k", "batch", "row_fraction", "peak_bytes", "error")]
             print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
 
 

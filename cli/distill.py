@@ -33,6 +33,7 @@ def distill(
     gate_input: Annotated[Optional[str], Opt(help="hidden (attention input + rotary) or qk (model's q, k). Default hidden.")] = None,
     gate_init: Annotated[Optional[str], Opt(help="model (model's own q/k rows) or random. Default model.")] = None,
     loss: Annotated[Optional[str], Opt(help="kl (against dense attention) or bce (against the oracle mask). Default kl.")] = None,
+    row_fraction: Annotated[Optional[float], Opt(help="Estimate each step's loss from a random share of each layer's 128-token query blocks (unbiased; cheaper at long --seq-len). Default 1: every query.")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
     device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,

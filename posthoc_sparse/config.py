@@ -35,6 +35,7 @@ class DistillConfig:
     gate_input: str = "hidden"  # "hidden" (attention block input) or "qk" (the model's post-rotary q, k)
     gate_init: str = "model"  # "model" (the model's own q/k rows at the gate's rotary pairs) or "random"
     loss: str = "kl"  # "kl" or "bce"
+    row_fraction: float = 1.0  # < 1: each step's loss from a random share of each layer's 128-row query blocks
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
@@ -59,6 +60,8 @@ class DistillConfig:
         _positive(self, "k", "steps", "seq_len", "batch_size", "grad_accum", "d_g", "val_every", "checkpoint_every")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.row_fraction <= 1:
+            raise UserError(f"--row-fraction must be in (0, 1], got {self.row_fraction}")
         if self.save_every < 0:
             raise UserError(f"--save-every must be 0 (off) or positive, got {self.save_every}")
         if self.k >= self.seq_len:

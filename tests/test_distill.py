@@ -43,6 +43,15 @@ def test_distillation_lifts_recall_clearly_above_the_random_gate(assets, tmp_pat
     assert len(log["history"]) == 60 and log["train"]["n_windows"] > 0
 
 
+def test_distillation_on_sampled_query_blocks_learns(assets, tmp_path):
+    """--row-fraction 0.5 on 256-token windows (each layer's loss from 1 of its 2 query blocks per step)."""
+    res = distill(_cfg(assets, tmp_path / "g", seq_len=256, steps=30, k=16, row_fraction=0.5, val_every=30))
+    assert res.loss_last < 0.7 * res.loss_first
+    assert res.recall > res.recall_random + 0.1, (res.recall, res.recall_random)
+    with pytest.raises(UserError, match="row-fraction"):
+        _cfg(assets, tmp_path / "h", row_fraction=0.0).validate()
+
+
 def test_resume_after_a_stop_gives_the_same_gate(assets, tmp_path):
     full = distill(_cfg(assets, tmp_path / "full", steps=20))
     # A run that stops after 10 steps (its checkpoint), then resumes to 20.

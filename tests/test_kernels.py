@@ -80,6 +80,58 @@ def test_one_pass_gradient_equals_reference(shape, with_lse):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("tuning", [None, (32, 16, 4, 1)])
+def test_sampled_row_blocks_equal_the_reference_on_those_rows(with_lse, tuning, monkeypatch):
+    """With row_blocks only the sampled 128-row blocks take part: their KL and the gradient of their weighted
+    sum equal the reference's with zero weight elsewhere (the last block partial, several sub-blocks each)."""
+    if tuning:
+        for kind in ("fwd", "lse", "grad"):
+            monkeypatch.setitem(kl_distill.TUNING, kind, tuning)
+    q, k, gq, gk, _ = _inputs(1, 2, 1, 300, 16, 16, seed=4)
+    blocks = torch.tensor([2, 0], dtype=torch.int32)
+    mask = kl_distill.row_mask(blocks, 300)
+    assert mask.sum() == 128 + 44 and mask[:128].all() and not mask[128:256].any()
+    gq.grad = gk.grad = None
+    ref = kl_rows_reference(q, k, gq, gk, 0.25) * mask
+    (ref.sum() * 0.7).backward()
+    lse = _teacher_lse(q, k, 0.25) if with_lse else None
+    kl, dg = kl_grad_fused(q, k, gq.detach(), gk.detach(), 0.25, 0.7, lse, blocks)
+    for a, r in zip((kl, dg[0], dg[1]), (ref.detach(), gq.grad, gk.grad)):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+def test_row_block_sampling_draws_distinct_blocks_longest_first():
+    gen = torch.Generator().manual_seed(0)
+    rows = kl_distill.sample_row_blocks(5, 1000, 0.5, gen)  # 8 blocks, 4 drawn per layer
+    assert rows.shape == (5, 4) and rows.dtype == torch.int32
+    for r in rows.tolist():
+        assert len(set(r)) == 4 and r == sorted(r, reverse=True) and all(0 <= i < 8 for i in r)
+    assert len({tuple(r) for r in rows.tolist()}) > 1  # layers draw independently
+    assert kl_distill.sample_row_blocks(5, 1000, 1.0, gen) is None
+    assert kl_distill.sample_row_blocks(5, 100, 0.5, gen) is None  # one block: all of it
+
+
+def test_sampled_loss_is_an_unbiased_estimate_of_the_full_loss():
+    """Averaged over every possible draw (3 blocks, 1 drawn), the sampled layer loss and its gradients equal
+    the full ones exactly: the nb / m scaling makes the estimate unbiased."""
+    model = tiny_model("qwen3")
+    policy = RecordPolicy()
+    with SparseAttention(model, policy), torch.no_grad():
+        model(input_ids=random_ids(1, 300), use_cache=False)
+    rec = policy.records[0]
+    spec = gate_spec_for_model(model, d_g=16)
+    full = GateBank(spec).reset_random(0)
+    exact = layer_loss_backward(rec, full.layers[0], "kl", 4, 1.0, fused=False)
+    for fused in (False, True):
+        bank = GateBank(spec).reset_random(0)
+        est = [layer_loss_backward(rec, bank.layers[0], "kl", 4, 1 / 3, fused=fused,
+                                   row_blocks=torch.tensor([i], dtype=torch.int32)) for i in range(3)]
+        torch.testing.assert_close(sum(est) / 3, exact, atol=1e-5, rtol=1e-5)
+        for a, b in zip(bank.parameters(), full.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_kernels_with_query_blocks_larger_than_key_blocks(monkeypatch):
     """BLOCK_M = 2 x BLOCK_N: the diagonal query block spans two key blocks, the second past T for some rows."""
     for kind in ("fwd", "lse", "grad"):

@@ -55,12 +55,16 @@ class DistillResult:
 
 
 def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, scale: float,
-                        chunk: int | None = None, fused: bool | None = None) -> torch.Tensor:
+                        chunk: int | None = None, fused: bool | None = None,
+                        row_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss over the layer's query rows; gradients (times ``scale``) accumulate into ``gate``.
+
+    ``row_blocks`` (m,): the sampled ``ROW_BLOCK``-row query blocks (``sample_row_blocks``; None: every row).
+    Then the loss is the unbiased estimate nb / m * (sum over the sampled rows) / rows, nb the window's blocks.
 
     The KL on a plain causal window goes through the fused kernels (posthoc_sparse.kernels.kl_distill) where
     Triton can run them: for a "hidden" gate the whole layer (projection, rotary, KL and its gradient, the
-    weight gradient) runs without an autograd graph (``_fused_hidden_loss``); a "qk" gate takes the kernels'
+    weight gradient) runs without an autograd graph (``fused_hidden_losses``); a "qk" gate takes the kernels'
     gradients through autograd. Otherwise the naive reference runs chunk by chunk against detached leaves whose
     gradients are then pushed through the projections in one call. ``fused`` forces one path (None: automatic).
     """
@@ -74,7 +78,8 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
     if fused and not eligible:
         raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
     if fused and gate.spec.gate_input == "hidden":
-        return fused_hidden_losses([(rec, gate)], scale)[0]
+        return fused_hidden_losses([(rec, gate)], scale, None if row_blocks is None else row_blocks[None])[0]
+    n_rows = n_rows * _sampled_share(row_blocks, t)
     # On a GPU with a bf16 model the gate projections run in bf16 (fp32 accumulation); the loss stays fp32.
     low = rec.query.is_cuda and rec.query.dtype == torch.bfloat16
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=low):
@@ -83,14 +88,13 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
         return torch.zeros((), device=gq.device)
     if fused:
         # one gradient pass (and a gate-only lse pass) when the forward left the teacher's lse in the record
-        kl, dg = kl_grad_fused(rec.query, rec.key, gq, gk, rec.scaling, scale / n_rows, rec.lse)  # (B, H, T)
+        kl, dg = kl_grad_fused(rec.query, rec.key, gq, gk, rec.scaling, scale / n_rows, rec.lse, row_blocks)
         torch.autograd.backward([gq, gk], [dg[0].to(gq.dtype), dg[1].to(gk.dtype)])
         return kl.sum() / n_rows
     gq_leaf, gk_leaf = gq.detach().requires_grad_(), gk.detach().requires_grad_()
     step = chunk or query_chunk_size(b, h, rec.key.shape[2], budget_bytes=1 << 26)
     total = torch.zeros((), device=gq.device)
-    for a in range(0, t, step):
-        e = min(t, a + step)
+    for a, e in _row_spans(t, step, row_blocks):
         s = scores(rec.query[:, :, a:e], rec.key, rec.scaling, rec.softcap)  # (B, H, C, S)
         g = torch.matmul(gq_leaf[:, :, a:e], gk_leaf.transpose(-1, -2))  # (B, H, C, S)
         loss, _ = loss_rows(kind, s, g, rec.allowed(a, e), k)
@@ -100,15 +104,37 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
     return total / n_rows
 
 
+def _sampled_share(row_blocks: torch.Tensor | None, t: int) -> float:
+    """m / nb: the share of a T-row window's ROW_BLOCK-row blocks that were sampled (1 without sampling)."""
+    from ..kernels.kl_distill import ROW_BLOCK
+
+    return 1.0 if row_blocks is None else row_blocks.shape[-1] / -(-t // ROW_BLOCK)
+
+
+def _row_spans(t: int, step: int, row_blocks: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Query row spans [a, e) of at most ``step`` rows covering every row, or only the sampled blocks."""
+    from ..kernels.kl_distill import ROW_BLOCK
+
+    if row_blocks is None:
+        return [(a, min(t, a + step)) for a in range(0, t, step)]
+    spans = []
+    for blk in sorted(int(i) for i in row_blocks.tolist()):
+        lo, hi = blk * ROW_BLOCK, min(t, (blk + 1) * ROW_BLOCK)
+        spans += [(a, min(hi, a + step)) for a in range(lo, hi, step)]
+    return spans
+
+
 def _fused_eligible(rec: LayerRecord, kind: str) -> bool:
     """Whether the fused kernels compute this layer's loss: the KL on a plain causal window, no soft-capping."""
     return kind == "kl" and rec.mask is None and not rec.softcap and rec.query.shape[2] == rec.key.shape[2]
 
 
 @torch.no_grad()
-def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float) -> torch.Tensor:
+def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float,
+                        row_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL (L,) of each (record, "hidden" gate) pair, all on one device, adding ``scale`` times the gradient
-    of each mean to its gate's wq and wk. No autograd graph and a handful of launches per layer (distillation is
+    of each mean to its gate's wq and wk; with ``row_blocks`` (L, m), its unbiased estimate from each layer's
+    sampled query blocks (as ``layer_loss_backward``). No autograd graph and a handful of launches per layer (distillation is
     otherwise bound by the host's launch rate): all layers' projection weights are laid out in one go; per layer
     the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding (``gate_rope``), the
     fused KL and its gradient, the gradient back through the rotation and the weight gradient (one product);
@@ -121,6 +147,7 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
     b, t, c = x0.shape
     h, _, d = gates[0].wq.shape
     n, scale_w = len(pairs), gates[0].spec.d_g**-0.25
+    rows = b * h * t * _sampled_share(row_blocks, t)  # the mean's denominator
     # (L, C, 2 H d): LayerGate.hidden_weight of every layer, in the activations' dtype
     w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(n, 2 * h, c, d)
     w = (w * scale_w).to(x0.dtype).permute(0, 2, 1, 3).reshape(n, c, 2 * h * d)
@@ -130,7 +157,8 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
         x = rec.x.reshape(b * t, c)
         y = torch.matmul(x, w[i]).view(b, t, 2 * h, d)  # (B, T, 2H, d)
         g = gate_rope(y, rec.cos, rec.sin, gate.freq_idx)  # (2, B, H, T, d): [0] queries, [1] keys
-        kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, scale / (b * h * t), rec.lse)
+        kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, scale / rows, rec.lse,
+                               None if row_blocks is None else row_blocks[i])
         # back through the rotation and the weight's d**-0.25, into y's storage; then the weight gradient
         dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=scale_w)
         torch.matmul(x.t(), dy.view(b * t, 2 * h * d), out=dw[i])
@@ -146,7 +174,7 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_add_([p.grad for p in params], parts)
-    return torch.stack(kls).sum((1, 2, 3)) / (b * h * t)
+    return torch.stack(kls).sum((1, 2, 3)) / rows
 
 
 def gate_optimizer(bank: GateBank, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -161,13 +189,26 @@ def decoder_of(model):
 
 
 def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batches: list[torch.Tensor],
-                         loss: str, k: int) -> torch.Tensor:
+                         loss: str, k: int, row_fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
     """One step's gradients: for each micro-batch (B, T) a no-grad dense forward under ``policy`` (attached
-    by the caller), then every layer's gate loss backpropagated; returns per-layer mean losses (L,)."""
-    from ..kernels.kl_distill import fused_available
+    by the caller), then every layer's gate loss backpropagated; returns per-layer mean losses (L,).
+
+    ``row_fraction`` < 1: each layer's loss is estimated from a random ceil(fraction * nb) of the window's nb
+    ``ROW_BLOCK``-row query blocks, drawn afresh per micro-batch and layer from ``seed`` (unbiased; see
+    ``layer_loss_backward``)."""
+    from ..kernels.kl_distill import fused_available, sample_row_blocks
 
     n = len(micro_batches)
     layer_losses = torch.zeros(bank.spec.num_layers, device=micro_batches[0].device)
+    generators: dict = {}
+
+    def sampled(count: int, t: int, device) -> torch.Tensor | None:
+        if row_fraction >= 1:
+            return None
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return sample_row_blocks(count, t, row_fraction, generators[device])
+
     for ids in micro_batches:
         with torch.no_grad():
             decoder_of(model)(input_ids=ids, use_cache=False)
@@ -177,9 +218,13 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
             if gate.spec.gate_input == "hidden" and _fused_eligible(rec, loss) and fused_available(rec.query):
                 groups.setdefault(rec.query.device, []).append(layer)
             else:  # with a model split over devices (--device-map) each layer's loss lives on its layer's device
-                layer_losses[layer] += (layer_loss_backward(rec, gate, loss, k, 1.0 / n) / n).to(layer_losses.device)
-        for layers in groups.values():
-            losses = fused_hidden_losses([(policy.records[i], bank.layers[i]) for i in layers], 1.0 / n) / n
+                rows = sampled(1, rec.query.shape[2], rec.query.device)
+                rows = None if rows is None else rows[0]
+                layer_losses[layer] += (layer_loss_backward(rec, gate, loss, k, 1.0 / n, row_blocks=rows) / n
+                                        ).to(layer_losses.device)
+        for device, layers in groups.items():
+            rows = sampled(len(layers), policy.records[layers[0]].query.shape[2], device)
+            losses = fused_hidden_losses([(policy.records[i], bank.layers[i]) for i in layers], 1.0 / n, rows) / n
             losses = losses.to(layer_losses.device)
             if layers == list(range(layers[0], layers[-1] + 1)):
                 layer_losses[layers[0]:layers[-1] + 1] += losses
@@ -347,7 +392,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
                 group["lr"] = lr_at(step, cfg, total_steps)
             idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
             micro = [train[i].to(device) for i in idx.split(cfg.batch_size)]
-            layer_losses = accumulate_gradients(model, policy, bank, micro, cfg.loss, cfg.k)
+            layer_losses = accumulate_gradients(model, policy, bank, micro, cfg.loss, cfg.k, cfg.row_fraction,
+                                                seed=cfg.seed * 1_000_003 + step)
             if procs.world > 1:  # the mean over processes = the gradient of the whole global batch
                 (layer_losses,) = procs.average_gradients(bank.parameters(), layer_losses)
             if not torch.isfinite(layer_losses).all():

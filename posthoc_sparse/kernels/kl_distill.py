@@ -20,6 +20,8 @@ hold them equal, on the CPU through TRITON_INTERPRET=1 and on the GPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,6 +47,16 @@ def kl_rows_reference(q, k, gq, gk, scaling: float) -> torch.Tensor:
 if triton is not None:
     NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity": keeps the online softmax free of inf - inf
     LOG2E = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def _query_block(ROWS, SAMPLED: tl.constexpr, SUB: tl.constexpr):
+        # this program's query block: the longest rows first; with SAMPLED, sub-block (program % SUB) of the
+        # sampled ROW_BLOCK-row block ROWS[program // SUB] (ROWS sorted longest first)
+        if SAMPLED:
+            i = tl.program_id(0)
+            return tl.load(ROWS + i // SUB) * SUB + i % SUB
+        else:
+            return tl.num_programs(0) - 1 - tl.program_id(0)
 
     @triton.jit
     def _fwd_tile(q, gq, offs_m, start_n, K, GK, k_base, gk_base, skt, sgt, T, qk_scale,
@@ -78,12 +90,12 @@ if triton is not None:
         return m_s, l_s, acc, m_g_new, l_g
 
     @triton.jit
-    def _kl_fwd(Q, K, GQ, GK, KL, LSE_S, LSE_G,
+    def _kl_fwd(Q, K, GQ, GK, KL, LSE_S, LSE_G, ROWS,
                 sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh,
                 H, T, n_rep, scaling,
                 D: tl.constexpr, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TEACHER: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows first
+                TEACHER: tl.constexpr, SAMPLED: tl.constexpr, SUB: tl.constexpr):
+        pid_m = _query_block(ROWS, SAMPLED, SUB)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -144,12 +156,13 @@ if triton is not None:
         return dgq, acc
 
     @triton.jit
-    def _kl_grad(Q, K, GQ, GK, W, LSE_S, LSE_G, KL, DGQ, DGK,
+    def _kl_grad(Q, K, GQ, GK, W, LSE_S, LSE_G, KL, DGQ, DGK, ROWS,
                  sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh, sdb, sdh, sdt,
                  H, T, n_rep, scaling, w_all,
                  D: tl.constexpr, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 WITH_KL: tl.constexpr, LOW: tl.constexpr, ROW_W: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+                 WITH_KL: tl.constexpr, LOW: tl.constexpr, ROW_W: tl.constexpr, SAMPLED: tl.constexpr,
+                 SUB: tl.constexpr):
+        pid_m = _query_block(ROWS, SAMPLED, SUB)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -234,32 +247,49 @@ def _launch(kind: str, t: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
-def _forward(q, k, gq, gk, scaling, teacher: bool):
-    """(kl, lse_s, lse_g), each (B, H, T) fp32; without ``teacher`` only lse_g is written."""
+ROW_BLOCK = 128  # rows are sampled (``row_blocks``) in blocks of this many consecutive query positions
+
+
+def _grid(t: int, bh: int, block_m: int, row_blocks: torch.Tensor | None):
+    """The launch grid and the sampling arguments: every query block, or the sub-blocks of the sampled ones."""
+    if row_blocks is None:
+        return (triton.cdiv(t, block_m), bh), {"SAMPLED": False, "SUB": 1}
+    if ROW_BLOCK % block_m:
+        raise ValueError(f"KL kernel launch: BLOCK_M {block_m} must divide the sampling block {ROW_BLOCK}")
+    sub = ROW_BLOCK // block_m
+    return (row_blocks.numel() * sub, bh), {"SAMPLED": True, "SUB": sub}
+
+
+def _forward(q, k, gq, gk, scaling, teacher: bool, row_blocks=None):
+    """(kl, lse_s, lse_g), each (B, H, T) fp32; without ``teacher`` only lse_g is written. With ``row_blocks``
+    only those rows are written."""
     b, h, t, d = q.shape
     kl = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
     lse_s, lse_g = torch.empty_like(kl), torch.empty_like(kl)
     launch = _launch("fwd" if teacher else "lse", t, q.dtype)
-    grid = (triton.cdiv(t, launch["BLOCK_M"]), b * h)
-    _kl_fwd[grid](q, k, gq, gk, kl, lse_s, lse_g, *q.stride()[:3], *k.stride()[:3], *gq.stride()[:3],
-                  *kl.stride()[:2], h, t, h // k.shape[1], scaling, D=d, DG=gq.shape[-1], TEACHER=teacher, **launch)
+    grid, sampling = _grid(t, b * h, launch["BLOCK_M"], row_blocks)
+    _kl_fwd[grid](q, k, gq, gk, kl, lse_s, lse_g, kl if row_blocks is None else row_blocks, *q.stride()[:3],
+                  *k.stride()[:3], *gq.stride()[:3], *kl.stride()[:2], h, t, h // k.shape[1], scaling, D=d,
+                  DG=gq.shape[-1], TEACHER=teacher, **sampling, **launch)
     return kl, lse_s, lse_g
 
 
-def _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl: bool):
+def _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl: bool, row_blocks=None):
     """The gradients (2, B, H, T, d) fp32 ([0] to gq, [1] to gk) for row weights w (B, H, T), or one weight for
-    all rows (a float), and the rows' KL when ``with_kl`` (else None)."""
+    all rows (a float), and the rows' KL when ``with_kl`` (else None). With ``row_blocks`` only those rows take
+    part (the KL of the others is 0)."""
     b, h, t, d = q.shape
     dg2 = torch.zeros((2, *gq.shape), device=q.device, dtype=torch.float32)  # [0] dgq, [1] dgk
     dgq, dgk = dg2[0], dg2[1]
-    kl = torch.empty_like(lse_s) if with_kl else lse_s
+    kl = (torch.empty_like(lse_s) if row_blocks is None else torch.zeros_like(lse_s)) if with_kl else lse_s
     launch = _launch("grad", t, q.dtype)
     low = bool(TUNING["low"]) and q.is_cuda
-    grid = (triton.cdiv(t, launch["BLOCK_M"]), b * h)
+    grid, sampling = _grid(t, b * h, launch["BLOCK_M"], row_blocks)
     row_w = isinstance(w, torch.Tensor)
-    _kl_grad[grid](q, k, gq, gk, w if row_w else lse_s, lse_s, lse_g, kl, dgq, dgk, *q.stride()[:3], *k.stride()[:3],
-                   *gq.stride()[:3], *lse_s.stride()[:2], *dgq.stride()[:3], h, t, h // k.shape[1], scaling,
-                   0.0 if row_w else float(w), D=d, DG=gq.shape[-1], WITH_KL=with_kl, LOW=low, ROW_W=row_w, **launch)
+    _kl_grad[grid](q, k, gq, gk, w if row_w else lse_s, lse_s, lse_g, kl, dgq, dgk,
+                   kl if row_blocks is None else row_blocks, *q.stride()[:3], *k.stride()[:3], *gq.stride()[:3],
+                   *lse_s.stride()[:2], *dgq.stride()[:3], h, t, h // k.shape[1], scaling, 0.0 if row_w else float(w),
+                   D=d, DG=gq.shape[-1], WITH_KL=with_kl, LOW=low, ROW_W=row_w, **sampling, **launch)
     return dg2, (kl if with_kl else None)
 
 
@@ -299,21 +329,45 @@ def kl_rows_fused(q, k, gq, gk, scaling: float) -> torch.Tensor:
     return _FusedKL.apply(q, k, gq, gk, float(scaling))
 
 
-def kl_grad_fused(q, k, gq, gk, scaling: float, weight: float, lse_s: torch.Tensor | None = None):
+def kl_grad_fused(q, k, gq, gk, scaling: float, weight: float, lse_s: torch.Tensor | None = None,
+                  row_blocks: torch.Tensor | None = None):
     """The rows' KL (B, H, T) fp32 and the gradient of ``weight * KL.sum()`` to gq and gk, without autograd.
 
     ``lse_s`` (B, H, T): the teacher's log-sum-exp of q . k * scaling over causal keys, as a flash forward
-    returns it; given, no teacher pass runs before the gradient pass. Returns (kl, dg) with dg the gradients as
-    one (2, B, H, T, d) fp32 tensor, [0] to gq and [1] to gk."""
+    returns it; given, no teacher pass runs before the gradient pass. ``row_blocks``: int32 indices of the
+    ``ROW_BLOCK``-row query blocks that take part (``sample_row_blocks``), None for every row; the KL of the
+    other rows is 0 and they add nothing to the gradient. Returns (kl, dg) with dg the gradients as one
+    (2, B, H, T, d) fp32 tensor, [0] to gq and [1] to gk."""
     q, k, gq, gk, lse_s = _prepare(q, k, gq, gk, lse_s)
     w = float(weight)
     if lse_s is None:
-        kl, lse_s, lse_g = _forward(q, k, gq, gk, scaling, teacher=True)
-        dg2, _ = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=False)
+        kl, lse_s, lse_g = _forward(q, k, gq, gk, scaling, teacher=True, row_blocks=row_blocks)
+        dg2, _ = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=False, row_blocks=row_blocks)
+        if row_blocks is not None:
+            kl = kl * row_mask(row_blocks, q.shape[2]).to(kl.device)
     else:
-        _, _, lse_g = _forward(q, k, gq, gk, scaling, teacher=False)
-        dg2, kl = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=True)
+        _, _, lse_g = _forward(q, k, gq, gk, scaling, teacher=False, row_blocks=row_blocks)
+        dg2, kl = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=True, row_blocks=row_blocks)
     return kl, dg2
+
+
+def sample_row_blocks(n: int, t: int, fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+    """For each of ``n`` layers, a uniform random choice of ceil(fraction * nb) of the nb ``ROW_BLOCK``-row
+    query blocks of a T-token window, as (n, m) int32 on the generator's device, each row sorted longest
+    blocks first; None when that is every block (``fraction`` 1, or a short window)."""
+    nb = -(-t // ROW_BLOCK)
+    m = max(1, math.ceil(fraction * nb - 1e-9))
+    if m >= nb:
+        return None
+    keys = torch.rand(n, nb, generator=generator, device=generator.device)
+    return keys.argsort(1)[:, :m].sort(1, descending=True).values.to(torch.int32)
+
+
+def row_mask(row_blocks: torch.Tensor, t: int) -> torch.Tensor:
+    """(T,) bool: the query rows inside the sampled blocks."""
+    blocks = torch.zeros(-(-t // ROW_BLOCK), dtype=torch.bool, device=row_blocks.device)
+    blocks[row_blocks.long()] = True
+    return blocks.repeat_interleave(ROW_BLOCK)[:t]
 
 
 def flash_lse_ok(q, k, v, mask, softcap, dropout: float, kwargs: dict) -> bool:
