@@ -120,7 +120,7 @@ def ids_for(model, t: int, device, b: int = 1) -> torch.Tensor:
 def bench_distill(model, bank, ts, device, reps, memory_only=False, row_fraction=1.0):
     rows = []
     opt = gate_optimizer(bank, 1e-4)
-    policy = RecordPolicy()
+    policy = RecordPolicy(stack_layers=bank.spec.num_layers)  # as the distillation loop records
 
     for t in ts:
         ids = ids_for(model, t, device)

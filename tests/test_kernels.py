@@ -205,6 +205,39 @@ def test_all_layers_at_once_equal_the_reference_per_layer():
         fused_hidden_losses([(rec, bank.layers[i]) for i, rec in enumerate(records)], 0.25)
 
 
+@pytest.mark.parametrize("sample,budget", [(False, 1 << 28), (True, 1 << 28), (False, 1)])
+def test_stacked_layers_equal_the_reference_per_layer(sample, budget):
+    """fused_stacked_losses (every layer as one batch of L * B sequences, from a RecordStack) equals the
+    reference path layer by layer, with two sequences per layer and with sampled row blocks."""
+    from posthoc_sparse.attention.policies import RecordStack
+    from posthoc_sparse.distill.loop import fused_stacked_losses, stacked
+
+    model = tiny_model("llama", layers=3)
+    policy = RecordPolicy()
+    with SparseAttention(model, policy), torch.no_grad():
+        model(input_ids=random_ids(2, 200), use_cache=False)
+    recs = [policy.records[i] for i in range(3)]
+    stack = RecordStack.like(3, recs[0].query, recs[0].key, recs[0].x)
+    for i, rec in enumerate(recs):
+        rec.lse = _teacher_lse(rec.query, rec.key, rec.scaling)
+        for name in ("query", "key", "x", "lse"):
+            getattr(stack, name)[i].copy_(getattr(rec, name))
+        stack.layers.append(i)
+        rec.slot = i
+    policy.stack = stack
+    assert stacked(policy, [0, 1, 2]) and not stacked(policy, [0, 1])  # records share one rotary table
+    rows = torch.tensor([[1], [0], [1]], dtype=torch.int32) if sample else None
+    spec = gate_spec_for_model(model, d_g=16)
+    ref_bank, bank = GateBank(spec).reset_random(2), GateBank(spec).reset_random(2)
+    ref = torch.stack([layer_loss_backward(rec, ref_bank.layers[i], "kl", 4, 0.5, fused=False,
+                                           row_blocks=None if rows is None else rows[i])
+                       for i, rec in enumerate(recs)])
+    got = fused_stacked_losses(stack, recs, list(bank.layers), 0.5, rows, budget_bytes=budget)  # 1: a run a layer
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(bank.parameters(), ref_bank.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("rotary", [True, False])
 def test_gate_rope_equals_the_gate_rotary_and_its_gradient(rotary):
     """gate_rope (forward) equals LayerGate._rope on the raw projection; inverse equals autograd's gradient."""
@@ -288,3 +321,32 @@ def test_record_keeps_the_flash_forward_lse_on_gpu(arch):
         bank = GateBank(spec).reset_random(0).to("cuda")
         losses.append(float(layer_loss_backward(rec, bank.layers[1], "kl", 4, 1.0, fused=fused)))
     assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[0]), losses
+
+
+@pytest.mark.gpu
+def test_stacked_records_on_gpu_equal_the_per_layer_path():
+    """RecordPolicy(stack_layers=L) on CUDA records every layer into one stack; accumulate_gradients then takes
+    the stacked path, with the same losses and gradients as the per-layer fused path."""
+    from posthoc_sparse.distill.loop import accumulate_gradients, stacked
+
+    model = tiny_model("qwen3", layers=3).to("cuda", torch.bfloat16)
+    ids = random_ids(2, 300).cuda()
+    spec = gate_spec_for_model(model, d_g=16)
+    out = []
+    for stack_layers in (0, 3):
+        bank = GateBank(spec).reset_random(0).to("cuda")
+        policy = RecordPolicy(stack_layers=stack_layers)
+        with SparseAttention(model, policy):
+            if stack_layers:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
+                assert policy.stack is not None and policy.stack.layers == [0, 1, 2]
+                assert [policy.records[i].slot for i in range(3)] == [0, 1, 2]
+                assert stacked(policy, [0, 1, 2])  # so accumulate_gradients takes the stacked path
+                policy.clear()
+            losses = accumulate_gradients(model, policy, bank, [ids], "kl", 4)
+        out.append((losses, [p.grad.clone() for p in bank.parameters()]))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-4, rtol=1e-3)
+    for a, b in zip(out[1][1], out[0][1]):
+        err = (a - b).norm() / b.norm()
+        assert err < 1e-2, float(err)

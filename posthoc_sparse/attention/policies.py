@@ -129,6 +129,7 @@ class LayerRecord:
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     lse: torch.Tensor | None = None  # (B, H, T) fp32: the teacher's log-sum-exp, when the forward yielded it
+    slot: int | None = None  # where query, key, x and lse live in the policy's RecordStack, if they do
 
     def allowed(self, a: int = 0, e: int | None = None) -> torch.Tensor:
         """Allowed keys of query rows a:e, bool (B, 1, C, S); built per chunk, never (T, S) for all layers."""
@@ -144,27 +145,70 @@ class LayerRecord:
         return int(self.allowed().any(-1).sum()) * h
 
 
+@dataclass
+class RecordStack:
+    """Recorded inputs of several layers in shared buffers (slot i holds layer ``layers[i]``), so that
+    distillation can treat all layers as one batch (``distill.loop.fused_stacked_losses``)."""
+
+    query: torch.Tensor  # (L, B, H, T, D)
+    key: torch.Tensor  # (L, B, Hkv, T, D)
+    x: torch.Tensor  # (L, B, T, C)
+    lse: torch.Tensor  # (L, B, H, T) fp32
+    layers: list[int] = field(default_factory=list)
+
+    @classmethod
+    def like(cls, n: int, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> RecordStack:
+        def new(t: torch.Tensor, dtype=None) -> torch.Tensor:
+            return torch.empty((n, *t.shape), dtype=dtype or t.dtype, device=t.device)
+
+        return cls(new(q), new(k), new(x), new(q[..., 0], torch.float32))
+
+    def fits(self, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> bool:
+        return (len(self.layers) < self.query.shape[0] and self.query.shape[1:] == q.shape
+                and self.key.shape[1:] == k.shape and self.x.shape[1:] == x.shape
+                and self.query.dtype == q.dtype and self.x.dtype == x.dtype and self.query.device == q.device)
+
+
 class RecordPolicy(DensePolicy):
     """Dense attention that also records each layer's q, k, mask and gate inputs for distillation. On CUDA
-    plain-causal prefill (no observer) the attention runs through flash attention's ATen op, the kernel the
-    model's SDPA call would use, and the record keeps its log-sum-exp: the fused KL then needs no teacher pass
-    of its own."""
+    plain-causal prefill (no observer) the attention runs through the ATen op of the kernel the model's SDPA
+    call would use (``flash_attention_lse``: cuDNN or flash attention), and the record keeps its log-sum-exp:
+    the fused KL then needs no teacher pass of its own. With ``stack_layers`` = L, such layers' q, k, x and
+    lse are copied into one ``RecordStack`` of L slots per forward (``clear()`` starts the next)."""
 
     needs_inputs = True
 
-    def __init__(self):
+    def __init__(self, stack_layers: int = 0):
         super().__init__()
         self.records: dict[int, LayerRecord] = {}
+        self.stack_layers = stack_layers
+        self.stack: RecordStack | None = None
+
+    def clear(self) -> None:
+        """Forget this forward's records (and its stack)."""
+        self.records.clear()
+        self.stack = None
 
     def __call__(self, call: LayerCall) -> torch.Tensor:
-        self.records[call.layer] = LayerRecord(
+        rec = LayerRecord(
             query=call.query.detach(), key=call.key.detach(), mask=call.attention_mask, scaling=call.scaling,
             softcap=call.softcap, x=None if call.x is None else call.x.detach(),
             cos=None if call.cos is None else call.cos.detach(), sin=None if call.sin is None else call.sin.detach(),
         )
+        self.records[call.layer] = rec
         if self.observer is None and flash_lse_ok(call.query, call.key, call.value, call.attention_mask, call.softcap,
                                                   call.dropout, call.kwargs):
-            out, self.records[call.layer].lse = flash_attention_lse(call.query, call.key, call.value, call.scaling)
+            out, rec.lse = flash_attention_lse(call.query, call.key, call.value, call.scaling)
+            if self.stack_layers and rec.x is not None:
+                if self.stack is None:
+                    self.stack = RecordStack.like(self.stack_layers, rec.query, rec.key, rec.x)
+                if self.stack.fits(rec.query, rec.key, rec.x):
+                    rec.slot = len(self.stack.layers)
+                    self.stack.layers.append(call.layer)
+                    for name in ("query", "key", "x", "lse"):
+                        buf = getattr(self.stack, name)[rec.slot]
+                        buf.copy_(getattr(rec, name))
+                        setattr(rec, name, buf)
             return out
         return super().__call__(call)
 

@@ -134,23 +134,22 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
                         row_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL (L,) of each (record, "hidden" gate) pair, all on one device, adding ``scale`` times the gradient
     of each mean to its gate's wq and wk; with ``row_blocks`` (L, m), its unbiased estimate from each layer's
-    sampled query blocks (as ``layer_loss_backward``). No autograd graph and a handful of launches per layer (distillation is
-    otherwise bound by the host's launch rate): all layers' projection weights are laid out in one go; per layer
-    the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding (``gate_rope``), the
-    fused KL and its gradient, the gradient back through the rotation and the weight gradient (one product);
-    then every gradient is added in one call and the losses reduced in one. The autograd path of
-    ``layer_loss_backward`` is the reference (tests hold them equal)."""
+    sampled query blocks (as ``layer_loss_backward``). No autograd graph and a handful of launches per layer
+    (distillation is otherwise bound by the host's launch rate): all layers' projection weights are laid out
+    in one go; per layer the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding
+    (``gate_rope``), the fused KL and its gradient, the gradient back through the rotation and the weight
+    gradient (one product); then every gradient is added in one call and the losses reduced in one. The
+    autograd path of ``layer_loss_backward`` is the reference (tests hold them equal). ``fused_stacked_losses``
+    does the same for layers recorded into one ``RecordStack``, with a few launches for all of them."""
     from ..kernels.kl_distill import gate_rope, kl_grad_fused
 
     gates = [gate for _, gate in pairs]
     x0 = pairs[0][0].x
     b, t, c = x0.shape
     h, _, d = gates[0].wq.shape
-    n, scale_w = len(pairs), gates[0].spec.d_g**-0.25
+    scale_w = gates[0].spec.d_g**-0.25
     rows = b * h * t * _sampled_share(row_blocks, t)  # the mean's denominator
-    # (L, C, 2 H d): LayerGate.hidden_weight of every layer, in the activations' dtype
-    w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(n, 2 * h, c, d)
-    w = (w * scale_w).to(x0.dtype).permute(0, 2, 1, 3).reshape(n, c, 2 * h * d)
+    w = _hidden_weights(gates, x0.dtype)  # (L, C, 2 H d)
     dw = torch.empty_like(w)
     kls = []
     for i, (rec, gate) in enumerate(pairs):
@@ -163,6 +162,79 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
         dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=scale_w)
         torch.matmul(x.t(), dy.view(b * t, 2 * h * d), out=dw[i])
         kls.append(kl)  # (B, H, T)
+    _add_weight_grads(gates, dw)
+    return torch.stack(kls).sum((1, 2, 3)) / rows
+
+
+@torch.no_grad()
+def fused_stacked_losses(stack, recs: list[LayerRecord], gates: list[LayerGate], scale: float,
+                         row_blocks: torch.Tensor | None = None, budget_bytes: int = 1 << 28) -> torch.Tensor:
+    """``fused_hidden_losses`` for the layers of one ``RecordStack`` (``recs`` its records in slot order, one
+    scaling and one rotary table for all): runs of consecutive layers as one batch of n * B sequences, so each
+    run takes one batched projection, one rotary pass, one KL forward and one gradient pass, one rotary inverse
+    and one batched weight gradient. A run holds as many layers as keep its temporaries (projections, gate
+    queries and keys, their fp32 gradients) within ``budget_bytes`` (256 MiB), at least one."""
+    n_all, (b, _, t, _) = len(recs), stack.query.shape[1:]  # slots beyond len(recs) are unfilled
+    h, _, d = gates[0].wq.shape
+    per_layer = b * t * 2 * h * d * (2 * stack.x.element_size() + 8)
+    run = max(1, min(n_all, budget_bytes // per_layer))
+    losses = [_stacked_run(stack, recs, gates, scale, row_blocks, a, min(n_all, a + run))
+              for a in range(0, n_all, run)]
+    return torch.cat(losses)
+
+
+def _stacked_run(stack, recs, gates, scale, row_blocks, a: int, e: int) -> torch.Tensor:
+    """The mean KL (e - a,) of the stack's layers a:e, their weight gradients added (``fused_stacked_losses``)."""
+    from ..kernels.kl_distill import gate_rope, kl_grad_fused
+
+    q, k, x, lse = (getattr(stack, name)[a:e] for name in ("query", "key", "x", "lse"))
+    gates = gates[a:e]
+    n, b, hq, t, dq = q.shape
+    c = x.shape[-1]
+    h, _, d = gates[0].wq.shape
+    scale_w = gates[0].spec.d_g**-0.25
+    rows = b * h * t * _sampled_share(row_blocks, t)
+    x = x.view(n, b * t, c)
+    y = torch.bmm(x, _hidden_weights(gates, x.dtype)).view(n * b, t, 2 * h, d)  # (n B, T, 2H, d)
+    cos, sin = recs[0].cos, recs[0].sin
+    freq = torch.stack([gate.freq_idx for gate in gates]) if gates[0].freq_idx.numel() else gates[0].freq_idx
+    g = gate_rope(y, cos, sin, freq)  # (2, n B, H, T, d)
+    kl, dg = kl_grad_fused(q.view(n * b, hq, t, dq), k.view(n * b, k.shape[2], t, dq), g[0], g[1], recs[0].scaling,
+                           scale / rows, lse.view(n * b, hq, t),
+                           None if row_blocks is None else row_blocks[a:e].repeat_interleave(b, 0))
+    dy = gate_rope(y, cos, sin, freq, dg, inverse=True, scale=scale_w)
+    _add_weight_grads(gates, torch.bmm(x.transpose(1, 2), dy.view(n, b * t, 2 * h * d)))
+    return kl.view(n, -1).sum(1) / rows
+
+
+def stacked(policy: RecordPolicy, layers: list[int]) -> bool:
+    """Whether ``layers`` are exactly the policy's stack, in order, with one scaling and one rotary table."""
+    st = policy.stack
+    if st is None or st.layers != layers:
+        return False
+    recs = [policy.records[i] for i in layers]
+    return (all(r.slot == j for j, r in enumerate(recs)) and len({r.scaling for r in recs}) == 1
+            and all(_same(r.cos, recs[0].cos) and _same(r.sin, recs[0].sin) for r in recs))
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same tensor (storage, offset, shape and strides), as records of one forward share the rotary tables."""
+    if a is None or b is None:
+        return a is b
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _hidden_weights(gates: list[LayerGate], dtype: torch.dtype) -> torch.Tensor:
+    """(L, C, 2 H d): ``LayerGate.hidden_weight`` of every gate, laid out in one go, in ``dtype``."""
+    h, c, d = gates[0].wq.shape
+    w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(len(gates), 2 * h, c, d)
+    return (w * gates[0].spec.d_g**-0.25).to(dtype).permute(0, 2, 1, 3).reshape(len(gates), c, 2 * h * d)
+
+
+def _add_weight_grads(gates: list[LayerGate], dw: torch.Tensor) -> None:
+    """Add (L, C, 2 H d) weight gradients (of ``_hidden_weights``'s layout) to the gates' wq and wk, in one call."""
+    n, c, _ = dw.shape
+    h, _, d = gates[0].wq.shape
     grads = dw.view(n, c, 2 * h, d).permute(0, 2, 1, 3).to(gates[0].wq.dtype, memory_format=torch.contiguous_format)
     params = [p for gate in gates for p in (gate.wq, gate.wk)]
     parts = [grads[i, sl] for i in range(n) for sl in (slice(0, h), slice(h, None))]  # (H, C, d) each
@@ -174,7 +246,6 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         torch._foreach_add_([p.grad for p in params], parts)
-    return torch.stack(kls).sum((1, 2, 3)) / rows
 
 
 def gate_optimizer(bank: GateBank, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -224,14 +295,18 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
                                         ).to(layer_losses.device)
         for device, layers in groups.items():
             rows = sampled(len(layers), policy.records[layers[0]].query.shape[2], device)
-            losses = fused_hidden_losses([(policy.records[i], bank.layers[i]) for i in layers], 1.0 / n, rows) / n
+            recs, gates = [policy.records[i] for i in layers], [bank.layers[i] for i in layers]
+            if stacked(policy, layers):
+                losses = fused_stacked_losses(policy.stack, recs, gates, 1.0 / n, rows) / n
+            else:
+                losses = fused_hidden_losses(list(zip(recs, gates)), 1.0 / n, rows) / n
             losses = losses.to(layer_losses.device)
             if layers == list(range(layers[0], layers[-1] + 1)):
                 layer_losses[layers[0]:layers[-1] + 1] += losses
             else:
                 for j, i in enumerate(layers):
                     layer_losses[i] += losses[j]
-        policy.records.clear()
+        policy.clear()
     return layer_losses
 
 
@@ -381,7 +456,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * procs.world  # all processes together
-    policy = RecordPolicy()
+    # the fused losses of "hidden" gates take all layers' inputs from one stack (fused_stacked_losses)
+    policy = RecordPolicy(stack_layers=bank.spec.num_layers if (cfg.loss, cfg.gate_input) == ("kl", "hidden") else 0)
     batches = iter(sampler)
     t_start, steps_timed = time.perf_counter(), 0
     recall = recall_init

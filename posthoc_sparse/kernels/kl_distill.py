@@ -49,12 +49,12 @@ if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
-    def _query_block(ROWS, SAMPLED: tl.constexpr, SUB: tl.constexpr):
+    def _query_block(ROWS, b, srb, SAMPLED: tl.constexpr, SUB: tl.constexpr):
         # this program's query block: the longest rows first; with SAMPLED, sub-block (program % SUB) of the
-        # sampled ROW_BLOCK-row block ROWS[program // SUB] (ROWS sorted longest first)
+        # sampled ROW_BLOCK-row block ROWS[b, program // SUB] (each row of ROWS sorted longest first)
         if SAMPLED:
             i = tl.program_id(0)
-            return tl.load(ROWS + i // SUB) * SUB + i % SUB
+            return tl.load(ROWS + b * srb + i // SUB) * SUB + i % SUB
         else:
             return tl.num_programs(0) - 1 - tl.program_id(0)
 
@@ -91,14 +91,14 @@ if triton is not None:
 
     @triton.jit
     def _kl_fwd(Q, K, GQ, GK, KL, LSE_S, LSE_G, ROWS,
-                sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh,
+                sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh, srb,
                 H, T, n_rep, scaling,
                 D: tl.constexpr, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 TEACHER: tl.constexpr, SAMPLED: tl.constexpr, SUB: tl.constexpr):
-        pid_m = _query_block(ROWS, SAMPLED, SUB)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
+        pid_m = _query_block(ROWS, b, srb, SAMPLED, SUB)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row = offs_m[:, None] < T
         k_base = b * skb + (h // n_rep) * skh
@@ -157,15 +157,15 @@ if triton is not None:
 
     @triton.jit
     def _kl_grad(Q, K, GQ, GK, W, LSE_S, LSE_G, KL, DGQ, DGK, ROWS,
-                 sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh, sdb, sdh, sdt,
+                 sqb, sqh, sqt, skb, skh, skt, sgb, sgh, sgt, sob, soh, sdb, sdh, sdt, srb,
                  H, T, n_rep, scaling, w_all,
                  D: tl.constexpr, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  WITH_KL: tl.constexpr, LOW: tl.constexpr, ROW_W: tl.constexpr, SAMPLED: tl.constexpr,
                  SUB: tl.constexpr):
-        pid_m = _query_block(ROWS, SAMPLED, SUB)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
+        pid_m = _query_block(ROWS, b, srb, SAMPLED, SUB)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_g = tl.arange(0, DG)
         row_ok = offs_m < T
@@ -203,10 +203,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _gate_rope(A, G, C, S, F, sab, sat, sah, sg0, sgb, sgh, sgt, scb, sct, H, T, scale,
+    def _gate_rope(A, G, C, S, F, sab, sat, sah, sg0, sgb, sgh, sgt, scb, sct, n_tab, per_f, H, T, scale,
                    HALF: tl.constexpr, BLOCK_T: tl.constexpr, ROPE: tl.constexpr, INVERSE: tl.constexpr):
         # A: the raw projection (B, T, 2H, d) (queries in heads 0..H-1, keys after); G: (2, B, H, T, d); C, S:
-        # the model's rotary tables (B or 1, T, rotary_dim), of which the gate uses columns F (d/2,).
+        # the model's rotary tables (n_tab, T, rotary_dim) (sequence b uses b % n_tab), of which the gate uses
+        # columns F (sequence b uses row b // per_f of F, (rows, d/2)).
         # Forward: G = rotary(A) * scale. INVERSE: A = rotary^T(G) * scale, the gradient through the rotation.
         pid_t = tl.program_id(0)
         bh = tl.program_id(1)
@@ -221,7 +222,7 @@ if triton is not None:
         x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         if ROPE:
-            tab = b * scb + offs_t[:, None] * sct + tl.load(F + offs_c)[None, :]
+            tab = (b % n_tab) * scb + offs_t[:, None] * sct + tl.load(F + (b // per_f) * HALF + offs_c)[None, :]
             c = tl.load(C + tab, mask=m, other=0.0).to(tl.float32)
             s = tl.load(S + tab, mask=m, other=0.0).to(tl.float32)
             if INVERSE:
@@ -251,13 +252,18 @@ ROW_BLOCK = 128  # rows are sampled (``row_blocks``) in blocks of this many cons
 
 
 def _grid(t: int, bh: int, block_m: int, row_blocks: torch.Tensor | None):
-    """The launch grid and the sampling arguments: every query block, or the sub-blocks of the sampled ones."""
+    """The launch grid and the sampling arguments: every query block, or the sub-blocks of the sampled ones
+    (``row_blocks`` (m,) for every sequence of the batch, or (B, m) one row per sequence)."""
     if row_blocks is None:
         return (triton.cdiv(t, block_m), bh), {"SAMPLED": False, "SUB": 1}
     if ROW_BLOCK % block_m:
         raise ValueError(f"KL kernel launch: BLOCK_M {block_m} must divide the sampling block {ROW_BLOCK}")
     sub = ROW_BLOCK // block_m
-    return (row_blocks.numel() * sub, bh), {"SAMPLED": True, "SUB": sub}
+    return (row_blocks.shape[-1] * sub, bh), {"SAMPLED": True, "SUB": sub}
+
+
+def _row_stride(row_blocks: torch.Tensor | None) -> int:
+    return row_blocks.stride(0) if row_blocks is not None and row_blocks.dim() == 2 else 0
 
 
 def _forward(q, k, gq, gk, scaling, teacher: bool, row_blocks=None):
@@ -269,7 +275,8 @@ def _forward(q, k, gq, gk, scaling, teacher: bool, row_blocks=None):
     launch = _launch("fwd" if teacher else "lse", t, q.dtype)
     grid, sampling = _grid(t, b * h, launch["BLOCK_M"], row_blocks)
     _kl_fwd[grid](q, k, gq, gk, kl, lse_s, lse_g, kl if row_blocks is None else row_blocks, *q.stride()[:3],
-                  *k.stride()[:3], *gq.stride()[:3], *kl.stride()[:2], h, t, h // k.shape[1], scaling, D=d,
+                  *k.stride()[:3], *gq.stride()[:3], *kl.stride()[:2], _row_stride(row_blocks), h, t,
+                  h // k.shape[1], scaling, D=d,
                   DG=gq.shape[-1], TEACHER=teacher, **sampling, **launch)
     return kl, lse_s, lse_g
 
@@ -288,7 +295,8 @@ def _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl: bool, row_blocks=
     row_w = isinstance(w, torch.Tensor)
     _kl_grad[grid](q, k, gq, gk, w if row_w else lse_s, lse_s, lse_g, kl, dgq, dgk,
                    kl if row_blocks is None else row_blocks, *q.stride()[:3], *k.stride()[:3], *gq.stride()[:3],
-                   *lse_s.stride()[:2], *dgq.stride()[:3], h, t, h // k.shape[1], scaling, 0.0 if row_w else float(w),
+                   *lse_s.stride()[:2], *dgq.stride()[:3], _row_stride(row_blocks), h, t, h // k.shape[1], scaling,
+                   0.0 if row_w else float(w),
                    D=d, DG=gq.shape[-1], WITH_KL=with_kl, LOW=low, ROW_W=row_w, **sampling, **launch)
     return dg2, (kl if with_kl else None)
 
@@ -364,10 +372,12 @@ def sample_row_blocks(n: int, t: int, fraction: float, generator: torch.Generato
 
 
 def row_mask(row_blocks: torch.Tensor, t: int) -> torch.Tensor:
-    """(T,) bool: the query rows inside the sampled blocks."""
-    blocks = torch.zeros(-(-t // ROW_BLOCK), dtype=torch.bool, device=row_blocks.device)
-    blocks[row_blocks.long()] = True
-    return blocks.repeat_interleave(ROW_BLOCK)[:t]
+    """(T,) bool, or (B, 1, T) for (B, m) blocks: the query rows inside the sampled blocks."""
+    rb = row_blocks.long().reshape(-1, row_blocks.shape[-1])
+    blocks = torch.zeros(rb.shape[0], -(-t // ROW_BLOCK), dtype=torch.bool, device=row_blocks.device)
+    blocks.scatter_(1, rb, True)
+    mask = blocks.repeat_interleave(ROW_BLOCK, 1)[:, :t]
+    return mask[0] if row_blocks.dim() == 1 else mask[:, None]
 
 
 def flash_lse_ok(q, k, v, mask, softcap, dropout: float, kwargs: dict) -> bool:
@@ -411,7 +421,10 @@ def gate_rope(a: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | Non
     the columns the gate uses (``LayerGate.freq_idx``). Writes one (2, B, H, T, d) buffer: [0] the gate queries,
     [1] the gate keys, each contiguous, in a's dtype. With ``inverse`` it runs backwards: the gradient ``g``
     (2, B, H, T, d) taken back through the rotation into ``a`` (overwritten and returned). Outputs are multiplied
-    by ``scale``. ``LayerGate._rope`` is the reference."""
+    by ``scale``. ``LayerGate._rope`` is the reference.
+
+    Several layers at once: ``a`` holds L layers' batches one after the other (L * B sequences), the tables
+    serve every layer (sequence i uses table i % their batch) and ``freq_idx`` is (L, d/2), one row a layer."""
     b, t, h2, d = a.shape
     h = h2 // 2
     if a.stride(-1) != 1:
@@ -420,16 +433,18 @@ def gate_rope(a: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | Non
         g = torch.empty(2, b, h, t, d, dtype=a.dtype, device=a.device)
     rope = cos is not None and freq_idx.numel() > 0
     if rope:
-        if cos.shape[-2] != t or cos.shape[0] not in (1, b):
+        if cos.shape[-2] != t or b % cos.shape[0]:
             raise ValueError(f"rotary tables of shape {tuple(cos.shape)} do not fit {b} sequences of {t} positions")
         cos, sin = cos.contiguous(), sin.contiguous()
-        freq_idx = freq_idx.to(a.device)
+        freq_idx = freq_idx.to(a.device).contiguous()
+        per_f = b // freq_idx.shape[0] if freq_idx.dim() == 2 else b
     else:
         cos = sin = freq_idx = a  # unused
-    c_batch = cos.stride(0) if rope and cos.shape[0] > 1 else 0  # transformers passes one table for the batch
+        per_f = b
     block_t = 64
     _gate_rope[(triton.cdiv(t, block_t), b * h2)](a, g, cos, sin, freq_idx, a.stride(0), a.stride(1), a.stride(2),
-                                                  *g.stride()[:4], c_batch, cos.stride(-2), h, t, float(scale),
+                                                  *g.stride()[:4], cos.stride(0), cos.stride(-2),
+                                                  cos.shape[0] if rope else 1, per_f, h, t, float(scale),
                                                   HALF=d // 2, BLOCK_T=block_t, ROPE=rope, INVERSE=inverse,
                                                   num_warps=4)
     return a if inverse else g
