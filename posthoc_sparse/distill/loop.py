@@ -132,77 +132,58 @@ def _fused_eligible(rec: LayerRecord, kind: str) -> bool:
 @torch.no_grad()
 def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float,
                         row_blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean KL (L,) of each (record, "hidden" gate) pair, all on one device, adding ``scale`` times the gradient
-    of each mean to its gate's wq and wk; with ``row_blocks`` (L, m), its unbiased estimate from each layer's
-    sampled query blocks (as ``layer_loss_backward``). No autograd graph and a handful of launches per layer
-    (distillation is otherwise bound by the host's launch rate): all layers' projection weights are laid out
-    in one go; per layer the projection (one product, as ``LayerGate.hidden_projection``), the rotary embedding
-    (``gate_rope``), the fused KL and its gradient, the gradient back through the rotation and the weight
-    gradient (one product); then every gradient is added in one call and the losses reduced in one. The
-    autograd path of ``layer_loss_backward`` is the reference (tests hold them equal). ``fused_stacked_losses``
-    does the same for layers recorded into one ``RecordStack``, with a few launches for all of them."""
-    from ..kernels.kl_distill import gate_rope, kl_grad_fused
-
-    gates = [gate for _, gate in pairs]
-    x0 = pairs[0][0].x
-    b, t, c = x0.shape
-    h, _, d = gates[0].wq.shape
-    scale_w = gates[0].spec.d_g**-0.25
-    rows = b * h * t * _sampled_share(row_blocks, t)  # the mean's denominator
-    w = _hidden_weights(gates, x0.dtype)  # (L, C, 2 H d)
-    dw = torch.empty_like(w)
-    kls = []
-    for i, (rec, gate) in enumerate(pairs):
-        x = rec.x.reshape(b * t, c)
-        y = torch.matmul(x, w[i]).view(b, t, 2 * h, d)  # (B, T, 2H, d)
-        g = gate_rope(y, rec.cos, rec.sin, gate.freq_idx)  # (2, B, H, T, d): [0] queries, [1] keys
-        kl, dg = kl_grad_fused(rec.query, rec.key, g[0], g[1], rec.scaling, scale / rows, rec.lse,
-                               None if row_blocks is None else row_blocks[i])
-        # back through the rotation and the weight's d**-0.25, into y's storage; then the weight gradient
-        dy = gate_rope(y, rec.cos, rec.sin, gate.freq_idx, dg, inverse=True, scale=scale_w)
-        torch.matmul(x.t(), dy.view(b * t, 2 * h * d), out=dw[i])
-        kls.append(kl)  # (B, H, T)
-    _add_weight_grads(gates, dw)
-    return torch.stack(kls).sum((1, 2, 3)) / rows
+    """Mean KL (L,) of each (record, "hidden" gate) pair, adding ``scale`` times the gradient of each mean to
+    its gate's wq and wk; with ``row_blocks`` (L, m), its unbiased estimate from each layer's sampled query
+    blocks (as ``layer_loss_backward``). Layer by layer (``_hidden_run``), for records not in one
+    ``RecordStack`` (``fused_stacked_losses`` batches those). The autograd path of ``layer_loss_backward`` is
+    the reference (tests hold them equal)."""
+    return torch.cat([
+        _hidden_run(rec.query[None], rec.key[None], rec.x[None], None if rec.lse is None else rec.lse[None], rec,
+                    [gate], scale, None if row_blocks is None else row_blocks[i:i + 1])
+        for i, (rec, gate) in enumerate(pairs)])
 
 
 @torch.no_grad()
 def fused_stacked_losses(stack, recs: list[LayerRecord], gates: list[LayerGate], scale: float,
                          row_blocks: torch.Tensor | None = None, budget_bytes: int = 1 << 28) -> torch.Tensor:
     """``fused_hidden_losses`` for the layers of one ``RecordStack`` (``recs`` its records in slot order, one
-    scaling and one rotary table for all): runs of consecutive layers as one batch of n * B sequences, so each
-    run takes one batched projection, one rotary pass, one KL forward and one gradient pass, one rotary inverse
-    and one batched weight gradient. A run holds as many layers as keep its temporaries (projections, gate
-    queries and keys, their fp32 gradients) within ``budget_bytes`` (256 MiB), at least one."""
+    scaling and one rotary table for all): runs of consecutive layers as one batch of n * B sequences
+    (``_hidden_run``). A run holds as many layers as keep its temporaries (projections, gate queries and keys,
+    their fp32 gradients) within ``budget_bytes`` (256 MiB), at least one."""
     n_all, (b, _, t, _) = len(recs), stack.query.shape[1:]  # slots beyond len(recs) are unfilled
     h, _, d = gates[0].wq.shape
     per_layer = b * t * 2 * h * d * (2 * stack.x.element_size() + 8)
     run = max(1, min(n_all, budget_bytes // per_layer))
-    losses = [_stacked_run(stack, recs, gates, scale, row_blocks, a, min(n_all, a + run))
-              for a in range(0, n_all, run)]
-    return torch.cat(losses)
+    return torch.cat([
+        _hidden_run(*(getattr(stack, name)[a:e] for name in ("query", "key", "x", "lse")), recs[0], gates[a:e],
+                    scale, None if row_blocks is None else row_blocks[a:e])
+        for a, e in ((a, min(n_all, a + run)) for a in range(0, n_all, run))])
 
 
-def _stacked_run(stack, recs, gates, scale, row_blocks, a: int, e: int) -> torch.Tensor:
-    """The mean KL (e - a,) of the stack's layers a:e, their weight gradients added (``fused_stacked_losses``)."""
+def _hidden_run(q, k, x, lse, rec: LayerRecord, gates: list[LayerGate], scale: float,
+                row_blocks: torch.Tensor | None) -> torch.Tensor:
+    """The mean KL (n,) of n layers given as one batch, adding their weight gradients: q (n, B, H, T, D), k
+    (n, B, Hkv, T, D), x (n, B, T, C), lse (n, B, H, T) or None (then the KL kernels make their own teacher
+    pass), ``rec`` a record whose scaling and rotary tables all n layers share, row_blocks (n, m) or None.
+    No autograd graph and one launch of each step for the n layers (distillation is otherwise bound by the
+    host's launch rate): the projection (one batched product, as ``LayerGate.hidden_projection``), the rotary
+    embedding (``gate_rope``), the fused KL and its gradient, the gradient back through the rotation, and the
+    weight gradient (one batched product), added to the gates in one call."""
     from ..kernels.kl_distill import gate_rope, kl_grad_fused
 
-    q, k, x, lse = (getattr(stack, name)[a:e] for name in ("query", "key", "x", "lse"))
-    gates = gates[a:e]
     n, b, hq, t, dq = q.shape
     c = x.shape[-1]
     h, _, d = gates[0].wq.shape
-    scale_w = gates[0].spec.d_g**-0.25
-    rows = b * h * t * _sampled_share(row_blocks, t)
-    x = x.view(n, b * t, c)
+    rows = b * h * t * _sampled_share(row_blocks, t)  # the mean's denominator
+    x = x.reshape(n, b * t, c)
     y = torch.bmm(x, _hidden_weights(gates, x.dtype)).view(n * b, t, 2 * h, d)  # (n B, T, 2H, d)
-    cos, sin = recs[0].cos, recs[0].sin
     freq = torch.stack([gate.freq_idx for gate in gates]) if gates[0].freq_idx.numel() else gates[0].freq_idx
-    g = gate_rope(y, cos, sin, freq)  # (2, n B, H, T, d)
-    kl, dg = kl_grad_fused(q.view(n * b, hq, t, dq), k.view(n * b, k.shape[2], t, dq), g[0], g[1], recs[0].scaling,
-                           scale / rows, lse.view(n * b, hq, t),
-                           None if row_blocks is None else row_blocks[a:e].repeat_interleave(b, 0))
-    dy = gate_rope(y, cos, sin, freq, dg, inverse=True, scale=scale_w)
+    g = gate_rope(y, rec.cos, rec.sin, freq)  # (2, n B, H, T, d): [0] queries, [1] keys
+    kl, dg = kl_grad_fused(q.view(n * b, hq, t, dq), k.view(n * b, k.shape[2], t, dq), g[0], g[1], rec.scaling,
+                           scale / rows, None if lse is None else lse.view(n * b, hq, t),
+                           None if row_blocks is None else row_blocks.repeat_interleave(b, 0))
+    # back through the rotation and the weight's d**-0.25, into y's storage; then the weight gradient
+    dy = gate_rope(y, rec.cos, rec.sin, freq, dg, inverse=True, scale=gates[0].spec.d_g**-0.25)
     _add_weight_grads(gates, torch.bmm(x.transpose(1, 2), dy.view(n, b * t, 2 * h * d)))
     return kl.view(n, -1).sum(1) / rows
 

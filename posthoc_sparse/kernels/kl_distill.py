@@ -268,9 +268,9 @@ def _row_stride(row_blocks: torch.Tensor | None) -> int:
 
 def _forward(q, k, gq, gk, scaling, teacher: bool, row_blocks=None):
     """(kl, lse_s, lse_g), each (B, H, T) fp32; without ``teacher`` only lse_g is written. With ``row_blocks``
-    only those rows are written."""
+    only those rows are written (the KL of the others is 0)."""
     b, h, t, d = q.shape
-    kl = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
+    kl = (torch.empty if row_blocks is None else torch.zeros)(b, h, t, device=q.device, dtype=torch.float32)
     lse_s, lse_g = torch.empty_like(kl), torch.empty_like(kl)
     launch = _launch("fwd" if teacher else "lse", t, q.dtype)
     grid, sampling = _grid(t, b * h, launch["BLOCK_M"], row_blocks)
@@ -351,8 +351,6 @@ def kl_grad_fused(q, k, gq, gk, scaling: float, weight: float, lse_s: torch.Tens
     if lse_s is None:
         kl, lse_s, lse_g = _forward(q, k, gq, gk, scaling, teacher=True, row_blocks=row_blocks)
         dg2, _ = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=False, row_blocks=row_blocks)
-        if row_blocks is not None:
-            kl = kl * row_mask(row_blocks, q.shape[2]).to(kl.device)
     else:
         _, _, lse_g = _forward(q, k, gq, gk, scaling, teacher=False, row_blocks=row_blocks)
         dg2, kl = _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl=True, row_blocks=row_blocks)
@@ -369,15 +367,6 @@ def sample_row_blocks(n: int, t: int, fraction: float, generator: torch.Generato
         return None
     keys = torch.rand(n, nb, generator=generator, device=generator.device)
     return keys.argsort(1)[:, :m].sort(1, descending=True).values.to(torch.int32)
-
-
-def row_mask(row_blocks: torch.Tensor, t: int) -> torch.Tensor:
-    """(T,) bool, or (B, 1, T) for (B, m) blocks: the query rows inside the sampled blocks."""
-    rb = row_blocks.long().reshape(-1, row_blocks.shape[-1])
-    blocks = torch.zeros(rb.shape[0], -(-t // ROW_BLOCK), dtype=torch.bool, device=row_blocks.device)
-    blocks.scatter_(1, rb, True)
-    mask = blocks.repeat_interleave(ROW_BLOCK, 1)[:, :t]
-    return mask[0] if row_blocks.dim() == 1 else mask[:, None]
 
 
 def flash_lse_ok(q, k, v, mask, softcap, dropout: float, kwargs: dict) -> bool:
