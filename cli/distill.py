@@ -34,6 +34,7 @@ def distill(
     gate_init: Annotated[Optional[str], Opt(help="model (model's own q/k rows) or random. Default model.")] = None,
     loss: Annotated[Optional[str], Opt(help="kl (against dense attention) or bce (against the oracle mask). Default kl.")] = None,
     row_fraction: Annotated[Optional[float], Opt(help="Estimate each step's loss from a random share of each layer's 128-token query blocks (unbiased; cheaper at long --seq-len). Default 1: every query.")] = None,
+    cuda_graph: Annotated[Optional[bool], Opt("--cuda-graph/--no-cuda-graph", help="On a GPU, replay each step's forward and losses as one CUDA graph after the first step (KL, hidden gates, one GPU). Default on.")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
     device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,
@@ -80,6 +81,8 @@ def distill(
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  recall@{cfg.k} {fmt(state['recall'], '.3f')} "
                 f"(random {fmt(state['recall_random'], '.3f')})  {info['tokens_per_second']:.0f} tok/s"))
+        elif kind == "note":
+            console.print(f"[yellow]note[/]: {info['message']}")
         elif kind == "done":
             bar.stop()
 

@@ -36,6 +36,7 @@ class DistillConfig:
     gate_init: str = "model"  # "model" (the model's own q/k rows at the gate's rotary pairs) or "random"
     loss: str = "kl"  # "kl" or "bce"
     row_fraction: float = 1.0  # < 1: each step's loss from a random share of each layer's 128-row query blocks
+    cuda_graph: bool = True  # on a GPU, replay each step's forward and losses as a CUDA graph (where it captures)
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"

@@ -145,3 +145,22 @@ def test_nested_handles_restore_the_outer_policy(model):
             _forward(model, ids)
         again = _forward(model, ids)
     assert torch.equal(outer, again)
+
+
+def test_plain_causal_prefill_masks_are_none_only_for_full_causal_windows():
+    """Inside plain_causal_prefill() (CUDA-graph capture of distillation steps) the mask builder returns None for
+    full causal attention over whole windows, as SDPA's own builder does eagerly, whatever skip flag transformers
+    passes; padding masks, local windows and offsets still get their explicit masks."""
+    from posthoc_sparse.attention.interface import _mask, plain_causal_prefill
+
+    base = dict(batch_size=2, q_length=6, kv_length=6, device="cpu")
+    forced = _mask(**base, allow_is_causal_skip=False)
+    assert forced.shape == (2, 1, 6, 6) and torch.equal(forced[0, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+    with plain_causal_prefill():
+        assert _mask(**base, allow_is_causal_skip=False) is None
+        padded = torch.ones(2, 6, dtype=torch.bool)
+        padded[0, :2] = False
+        assert _mask(**base, attention_mask=padded) is not None
+        assert _mask(**base, local_size=3, allow_is_causal_skip=False) is not None
+        assert _mask(**(base | {"kv_length": 8}), kv_offset=0, allow_is_causal_skip=False) is not None
+    assert _mask(**base, allow_is_causal_skip=False) is not None

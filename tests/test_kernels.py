@@ -350,3 +350,74 @@ def test_stacked_records_on_gpu_equal_the_per_layer_path():
     for a, b in zip(out[1][1], out[0][1]):
         err = (a - b).norm() / b.norm()
         assert err < 1e-2, float(err)
+
+
+def _steps(model, micro, spec, fraction, graphs, n_steps=4):
+    """Per-step losses and the final gate weights of ``n_steps`` AdamW steps of accumulate_gradients."""
+    from posthoc_sparse.distill.loop import accumulate_gradients, gate_optimizer
+
+    bank = GateBank(spec).reset_random(0).to("cuda")
+    opt = gate_optimizer(bank, 1e-2)
+    policy = RecordPolicy(stack_layers=spec.num_layers)
+    losses = []
+    with SparseAttention(model, policy):
+        for step in range(n_steps):
+            losses.append(accumulate_gradients(model, policy, bank, micro, "kl", 4, fraction, seed=step,
+                                               graphs=graphs))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return torch.stack(losses), [p.detach().clone() for p in bank.parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("fail", [False, True])
+def test_step_graph_replays_equal_eager_steps_on_gpu(fraction, fail, monkeypatch):
+    """StepGraphs: the first micro-batch of a shape runs eagerly, the second is captured, the rest replay; four
+    AdamW steps of two micro-batches give the eager run's losses and weights, with and without row sampling. A
+    capture that fails leaves the shape eager, with the reason kept."""
+    from posthoc_sparse.distill import loop
+
+    monkeypatch.setattr(kl_distill, "CUDNN_IN_CAPTURE", None)
+    if fail:
+        def broken(self, body):
+            raise RuntimeError("capture refused")
+        monkeypatch.setattr(loop._Graph, "capture", broken)
+    model = tiny_model("qwen3", layers=3).to("cuda", torch.bfloat16)
+    micro = [random_ids(2, 300, seed=s).cuda() for s in (1, 2)]
+    spec = gate_spec_for_model(model, d_g=16)
+    # the flash-attention op in both runs (whether cuDNN attention can be captured depends on the torch build)
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        eager = _steps(model, micro, spec, fraction, None)
+        graphs = loop.StepGraphs()
+        replayed = _steps(model, micro, spec, fraction, graphs)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    if fail:
+        assert list(graphs.graphs.values()) == [None] and "capture refused" in graphs.failures[-1]
+    else:
+        assert graphs.failures == [] and len(graphs.graphs) == 1 and None not in graphs.graphs.values()
+    torch.testing.assert_close(replayed[0], eager[0], atol=1e-4, rtol=1e-3)
+    for a, b in zip(replayed[1], eager[1]):
+        err = (a - b).norm() / b.norm()
+        assert err < 1e-3, float(err)
+
+
+def test_kernel_dims_send_other_shapes_to_the_reference_path():
+    """The fused kernels take power-of-two head and gate dims of at least 16 (tl.arange, tl.dot on a GPU); a
+    gate of d_g = 8 (or a head dim of 80) takes the reference path instead of failing to compile."""
+    from posthoc_sparse.distill.loop import _fused_eligible
+
+    assert kl_distill.kernel_dims_ok(128, 32) and kl_distill.kernel_dims_ok(64, 16)
+    assert not kl_distill.kernel_dims_ok(128, 8) and not kl_distill.kernel_dims_ok(80, 32)
+    model = tiny_model("llama", layers=1)
+    policy = RecordPolicy()
+    with SparseAttention(model, policy), torch.no_grad():
+        model(input_ids=random_ids(1, 40), use_cache=False)
+    rec = policy.records[0]
+    assert _fused_eligible(rec, "kl", 16) and not _fused_eligible(rec, "kl", 8)
+    bank = GateBank(gate_spec_for_model(model, d_g=8)).reset_random(0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        layer_loss_backward(rec, bank.layers[0], "kl", 4, 1.0, fused=True)

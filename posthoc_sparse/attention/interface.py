@@ -8,6 +8,7 @@ Nothing inside transformers is rebound: the function is looked up by name like S
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -48,10 +49,39 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     return binding.policy(call), None
 
 
+_PLAIN_CAUSAL = {"depth": 0}
+
+
+@contextlib.contextmanager
+def plain_causal_prefill():
+    """Within: the caller promises that every forward is plain causal prefill of whole windows (input ids only:
+    no padding mask, no packed sequences, no cache), so ``_mask`` returns None (SDPA's causal kernels) for full
+    attention layers without looking at the inputs. ``distill.loop.StepGraphs`` captures its CUDA graphs inside
+    it: while a stream captures, transformers cannot read the position ids to rule out packed sequences and
+    would build an explicit (B, 1, T, T) mask instead."""
+    _PLAIN_CAUSAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _PLAIN_CAUSAL["depth"] -= 1
+
+
+def _mask(*args, **kwargs):
+    """SDPA's mask builder; inside ``plain_causal_prefill()``, None for full causal attention over as many
+    queries as keys (no padding mask, no local window, no offset), as SDPA's builder returns eagerly."""
+    if not args and _PLAIN_CAUSAL["depth"]:
+        if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+                and kwargs.get("q_length") is not None and kwargs.get("q_length") == kwargs.get("kv_length")
+                and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
+                and isinstance(kwargs.get("kv_offset", 0), int) and kwargs.get("kv_offset", 0) == 0):
+            return None
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+
+
 def register() -> None:
-    """Register the attention function and its mask builder (SDPA's boolean masks). Idempotent."""
+    """Register the attention function and its mask builder (SDPA's boolean masks, ``_mask``). Idempotent."""
     AttentionInterface.register(IMPL_NAME, _attention_forward)
-    AttentionMaskInterface.register(IMPL_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(IMPL_NAME, _mask)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..attention.interface import SparseAttention, attention_modules
+from ..attention.interface import SparseAttention, attention_modules, plain_causal_prefill
 from ..attention.policies import LayerRecord, RecordPolicy, query_chunk_size
 from ..attention.reference import scores, topk_keep
 from ..config import DistillConfig
@@ -32,6 +32,7 @@ from .losses import loss_rows
 
 CHECKPOINT_DIR = "checkpoint"
 HISTORY_NAME = "distill_log.json"
+RUN_BUDGET = 1 << 28  # bytes of temporaries one run of stacked layers may hold (fused_stacked_losses)
 SNAPSHOT_DIR = "snapshots"  # --save-every: <output>/snapshots/step-<N>/, each a complete gate folder
 # Config keys that must agree between a checkpoint and the run resuming it.
 _RESUME_KEYS = ("model", "dataset", "k", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "d_g",
@@ -72,11 +73,12 @@ def layer_loss_backward(rec: LayerRecord, gate: LayerGate, kind: str, k: int, sc
 
     b, h, t, _ = rec.query.shape
     n_rows = rec.valid_rows()
-    eligible = _fused_eligible(rec, kind)
+    eligible = _fused_eligible(rec, kind, gate.spec.d_g)
     if fused is None:
         fused = eligible and fused_available(rec.query)
     if fused and not eligible:
-        raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping")
+        raise ValueError("the fused kernel needs the KL loss on a plain causal window without soft-capping, "
+                         "with power-of-two head and gate dimensions of at least 16")
     if fused and gate.spec.gate_input == "hidden":
         return fused_hidden_losses([(rec, gate)], scale, None if row_blocks is None else row_blocks[None])[0]
     n_rows = n_rows * _sampled_share(row_blocks, t)
@@ -124,9 +126,13 @@ def _row_spans(t: int, step: int, row_blocks: torch.Tensor | None) -> list[tuple
     return spans
 
 
-def _fused_eligible(rec: LayerRecord, kind: str) -> bool:
-    """Whether the fused kernels compute this layer's loss: the KL on a plain causal window, no soft-capping."""
-    return kind == "kl" and rec.mask is None and not rec.softcap and rec.query.shape[2] == rec.key.shape[2]
+def _fused_eligible(rec: LayerRecord, kind: str, d_g: int) -> bool:
+    """Whether the fused kernels compute this layer's loss: the KL on a plain causal window, no soft-capping,
+    head and gate dimensions the kernels take (``kernel_dims_ok``)."""
+    from ..kernels.kl_distill import kernel_dims_ok
+
+    return (kind == "kl" and rec.mask is None and not rec.softcap and rec.query.shape[2] == rec.key.shape[2]
+            and kernel_dims_ok(rec.query.shape[-1], d_g))
 
 
 @torch.no_grad()
@@ -145,19 +151,30 @@ def fused_hidden_losses(pairs: list[tuple[LayerRecord, LayerGate]], scale: float
 
 @torch.no_grad()
 def fused_stacked_losses(stack, recs: list[LayerRecord], gates: list[LayerGate], scale: float,
-                         row_blocks: torch.Tensor | None = None, budget_bytes: int = 1 << 28) -> torch.Tensor:
+                         row_blocks: torch.Tensor | None = None, budget_bytes: int | None = None) -> torch.Tensor:
     """``fused_hidden_losses`` for the layers of one ``RecordStack`` (``recs`` its records in slot order, one
     scaling and one rotary table for all): runs of consecutive layers as one batch of n * B sequences
-    (``_hidden_run``). A run holds as many layers as keep its temporaries (projections, gate queries and keys,
-    their fp32 gradients) within ``budget_bytes`` (256 MiB), at least one."""
-    n_all, (b, _, t, _) = len(recs), stack.query.shape[1:]  # slots beyond len(recs) are unfilled
-    h, _, d = gates[0].wq.shape
-    per_layer = b * t * 2 * h * d * (2 * stack.x.element_size() + 8)
-    run = max(1, min(n_all, budget_bytes // per_layer))
+    (``_hidden_run``, ``stack_runs``)."""
     return torch.cat([
-        _hidden_run(*(getattr(stack, name)[a:e] for name in ("query", "key", "x", "lse")), recs[0], gates[a:e],
-                    scale, None if row_blocks is None else row_blocks[a:e])
-        for a, e in ((a, min(n_all, a + run)) for a in range(0, n_all, run))])
+        _stack_run(stack, a, e, recs[0], gates[a:e], scale, None if row_blocks is None else row_blocks[a:e])
+        for a, e in stack_runs(stack, len(recs), gates[0], budget_bytes)])
+
+
+def stack_runs(stack, n_all: int, gate: LayerGate, budget_bytes: int | None = None) -> list[tuple[int, int]]:
+    """The runs [a, e) of the first ``n_all`` slots of ``stack``: as many consecutive layers as keep a run's
+    temporaries (projections, gate queries and keys, their fp32 gradients) within ``budget_bytes`` (None:
+    ``RUN_BUDGET``), at least one."""
+    b, _, t, _ = stack.query.shape[1:]
+    h, _, d = gate.wq.shape
+    per_layer = b * t * 2 * h * d * (2 * stack.x.element_size() + 8)
+    run = max(1, min(n_all, (budget_bytes or RUN_BUDGET) // per_layer))
+    return [(a, min(n_all, a + run)) for a in range(0, n_all, run)]
+
+
+def _stack_run(stack, a: int, e: int, rec: LayerRecord, gates: list[LayerGate], scale: float,
+               row_blocks: torch.Tensor | None) -> torch.Tensor:
+    return _hidden_run(*(getattr(stack, name)[a:e] for name in ("query", "key", "x", "lse")), rec, gates, scale,
+                       row_blocks)
 
 
 def _hidden_run(q, k, x, lse, rec: LayerRecord, gates: list[LayerGate], scale: float,
@@ -194,7 +211,12 @@ def stacked(policy: RecordPolicy, layers: list[int]) -> bool:
     if st is None or st.layers != layers:
         return False
     recs = [policy.records[i] for i in layers]
-    return (all(r.slot == j for j, r in enumerate(recs)) and len({r.scaling for r in recs}) == 1
+    return all(r.slot == j for j, r in enumerate(recs)) and _one_table(recs)
+
+
+def _one_table(recs: list[LayerRecord]) -> bool:
+    """Whether the records share one scaling and one rotary table (what ``_hidden_run`` takes from one)."""
+    return (len({r.scaling for r in recs}) == 1
             and all(_same(r.cos, recs[0].cos) and _same(r.sin, recs[0].sin) for r in recs))
 
 
@@ -241,17 +263,23 @@ def decoder_of(model):
 
 
 def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batches: list[torch.Tensor],
-                         loss: str, k: int, row_fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
+                         loss: str, k: int, row_fraction: float = 1.0, seed: int = 0,
+                         graphs: StepGraphs | None = None) -> torch.Tensor:
     """One step's gradients: for each micro-batch (B, T) a no-grad dense forward under ``policy`` (attached
     by the caller), then every layer's gate loss backpropagated; returns per-layer mean losses (L,).
 
     ``row_fraction`` < 1: each layer's loss is estimated from a random ceil(fraction * nb) of the window's nb
-    ``ROW_BLOCK``-row query blocks, drawn afresh per micro-batch and layer from ``seed`` (unbiased; see
-    ``layer_loss_backward``)."""
+    ``ROW_BLOCK``-row query blocks, drawn afresh per micro-batch from ``seed`` (unbiased; see
+    ``layer_loss_backward``).
+
+    ``graphs`` (CUDA, a stacking policy, the KL of "hidden" gates, every layer in the stack): each micro-batch
+    shape runs eagerly once, is then captured as a CUDA graph (forward and losses) and replayed from then on
+    (``StepGraphs``), so the host launches nothing but the replay."""
     from ..kernels.kl_distill import fused_available, sample_row_blocks
 
     n = len(micro_batches)
-    layer_losses = torch.zeros(bank.spec.num_layers, device=micro_batches[0].device)
+    n_layers = bank.spec.num_layers
+    layer_losses = torch.zeros(n_layers, device=micro_batches[0].device)
     generators: dict = {}
 
     def sampled(count: int, t: int, device) -> torch.Tensor | None:
@@ -261,34 +289,189 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
             generators[device] = torch.Generator(device=device).manual_seed(seed)
         return sample_row_blocks(count, t, row_fraction, generators[device])
 
+    fast = (policy.stack_layers > 0 and loss == "kl" and bank.spec.gate_input == "hidden"
+            and micro_batches[0].is_cuda and fused_available(micro_batches[0]))
     for ids in micro_batches:
-        with torch.no_grad():
-            decoder_of(model)(input_ids=ids, use_cache=False)
-        groups: dict = {}  # device -> layers whose losses go through fused_hidden_losses together
-        for layer, rec in sorted(policy.records.items()):
-            gate = bank.layers[layer]
-            if gate.spec.gate_input == "hidden" and _fused_eligible(rec, loss) and fused_available(rec.query):
-                groups.setdefault(rec.query.device, []).append(layer)
-            else:  # with a model split over devices (--device-map) each layer's loss lives on its layer's device
-                rows = sampled(1, rec.query.shape[2], rec.query.device)
-                rows = None if rows is None else rows[0]
-                layer_losses[layer] += (layer_loss_backward(rec, gate, loss, k, 1.0 / n, row_blocks=rows) / n
-                                        ).to(layer_losses.device)
-        for device, layers in groups.items():
-            rows = sampled(len(layers), policy.records[layers[0]].query.shape[2], device)
-            recs, gates = [policy.records[i] for i in layers], [bank.layers[i] for i in layers]
-            if stacked(policy, layers):
-                losses = fused_stacked_losses(policy.stack, recs, gates, 1.0 / n, rows) / n
-            else:
-                losses = fused_hidden_losses(list(zip(recs, gates)), 1.0 / n, rows) / n
-            losses = losses.to(layer_losses.device)
-            if layers == list(range(layers[0], layers[-1] + 1)):
-                layer_losses[layers[0]:layers[-1] + 1] += losses
-            else:
-                for j, i in enumerate(layers):
-                    layer_losses[i] += losses[j]
-        policy.clear()
+        # on the fast path every layer's sampled row blocks are drawn before the forward (a graph takes them as an
+        # input), as the stacked path draws them after it
+        rows = sampled(n_layers, ids.shape[1], ids.device) if fast else None
+
+        def body(ids=ids, rows=rows):
+            return _micro_batch(model, policy, bank, ids, loss, k, 1.0 / n, rows, sampled)
+
+        out = graphs.replay(ids, rows, 1.0 / n, bank, body) if graphs is not None and fast else None
+        if out is None:
+            out, whole = body()
+            if graphs is not None and fast:
+                graphs.ran_eagerly(ids, rows, 1.0 / n, whole)
+        layer_losses += out / n
     return layer_losses
+
+
+def _micro_batch(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor, loss: str, k: int, scale: float,
+                 rows: torch.Tensor | None, sampled: Callable) -> tuple[torch.Tensor, bool]:
+    """One micro-batch of ``accumulate_gradients``: the per-layer mean losses (L,) on ``ids``'s device, their
+    gradients times ``scale`` added to the gates; and whether every layer went through the one stack of the
+    policy (so that the micro-batch can be captured as a CUDA graph)."""
+    from ..kernels.kl_distill import fused_available
+
+    n_layers = bank.spec.num_layers
+    out = torch.zeros(n_layers, device=ids.device)
+
+    def add(layers: list[int], losses: torch.Tensor) -> None:
+        losses = losses.to(out.device)
+        if layers == list(range(layers[0], layers[-1] + 1)):
+            out[layers[0]:layers[-1] + 1] += losses
+        else:
+            for j, i in enumerate(layers):
+                out[i] += losses[j]
+
+    def rows_for(layers: list[int], device) -> torch.Tensor | None:
+        if rows is None:
+            return sampled(len(layers), ids.shape[1], device)
+        if layers == list(range(layers[0], layers[-1] + 1)):  # a view: no index tensor (CUDA-graph safe)
+            return rows[layers[0]:layers[-1] + 1].to(device)
+        return rows[layers].to(device)
+
+    with torch.no_grad():
+        decoder_of(model)(input_ids=ids, use_cache=False)
+    every = sorted(policy.records)
+    whole = every == list(range(n_layers)) and stacked(policy, every)
+    groups: dict = {}  # device -> layers whose losses go through fused_hidden_losses together
+    for layer, rec in sorted(policy.records.items()):
+        gate = bank.layers[layer]
+        if (gate.spec.gate_input == "hidden" and _fused_eligible(rec, loss, gate.spec.d_g)
+                and fused_available(rec.query)):
+            groups.setdefault(rec.query.device, []).append(layer)
+        else:  # with a model split over devices (--device-map) each layer's loss lives on its layer's device
+            mine = rows_for([layer], rec.query.device)
+            mine = None if mine is None else mine[0]
+            add([layer], layer_loss_backward(rec, gate, loss, k, scale, row_blocks=mine)[None])
+            whole = False
+    for device, layers in groups.items():
+        mine = rows_for(layers, device)
+        recs, gates = [policy.records[i] for i in layers], [bank.layers[i] for i in layers]
+        if stacked(policy, layers):
+            add(layers, fused_stacked_losses(policy.stack, recs, gates, scale, mine))
+        else:
+            add(layers, fused_hidden_losses(list(zip(recs, gates)), scale, mine))
+    policy.clear()
+    return out, whole
+
+
+class StepGraphs:
+    """CUDA graphs of ``accumulate_gradients``'s micro-batches, one per input shape (and row sampling and
+    gradient scale). A shape's first micro-batch runs eagerly (the warm-up: Triton compiles, cuDNN plans); if
+    every layer then went through the policy's one stack, the second is captured (the recording forward, the
+    fused losses, the gradients into static buffers) and every later one replays the graph: the host launches
+    one graph instead of some thousand kernels, which is what bounds the step at T <= 4096 on a GPU as fast as
+    an H100. A capture that fails leaves that shape eager (``failures`` says why).
+
+    The graphs read the gates' weights where they live (an optimizer that updates them in place, as AdamW does,
+    is seen by the next replay) and add their gradients to ``.grad`` after each replay. Their memory (the step's
+    activations and temporaries, as in an eager step) stays reserved while this object lives."""
+
+    def __init__(self):
+        self.graphs: dict = {}  # key -> _Graph, or None where the shape stays eager
+        self.seen: set = set()
+        self.failures: list[str] = []  # why shapes stayed eager
+        self.retried: list[str] = []  # captures that failed once, then took (without cuDNN attention)
+
+    @staticmethod
+    def _key(ids: torch.Tensor, rows: torch.Tensor | None, scale: float) -> tuple:
+        return tuple(ids.shape), ids.device, scale, None if rows is None else tuple(rows.shape)
+
+    def ran_eagerly(self, ids: torch.Tensor, rows: torch.Tensor | None, scale: float, whole: bool) -> None:
+        key = self._key(ids, rows, scale)
+        if not whole:
+            self.graphs[key] = None
+        self.seen.add(key)
+
+    def replay(self, ids: torch.Tensor, rows: torch.Tensor | None, scale: float, bank: GateBank,
+               body: Callable) -> torch.Tensor | None:
+        """The micro-batch's per-layer losses through this shape's graph (captured now if due), its gradients
+        added to the gates; None where the caller must run it eagerly."""
+        key = self._key(ids, rows, scale)
+        if key not in self.seen or (key in self.graphs and self.graphs[key] is None):
+            return None
+        graph = self.graphs.get(key)
+        if graph is None:
+            from ..kernels import kl_distill as kd
+
+            graph, errors = None, []
+            # cuDNN attention (the recording forward's, as SDPA's) may refuse capture where this torch build
+            # cannot capture it: then the capture is tried once more with the flash-attention op
+            for cudnn in ((None, False) if kd.CUDNN_IN_CAPTURE is None else (kd.CUDNN_IN_CAPTURE,)):
+                kd.CUDNN_IN_CAPTURE = cudnn
+                try:
+                    graph = _Graph(ids, rows, list(bank.parameters()))
+                    graph.capture(body)
+                    kd.CUDNN_IN_CAPTURE = cudnn is not False
+                    break
+                except Exception as e:  # noqa: BLE001 - any capture failure: this shape stays eager
+                    torch.cuda.synchronize(ids.device)
+                    graph = None
+                    errors.append(f"{tuple(ids.shape)}{' (flash attention)' if cudnn is False else ''}: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            self.graphs[key] = graph
+            if graph is None:
+                self.failures += errors
+                return None
+            self.retried += errors
+        return graph.replay(ids, rows)
+
+
+class _Graph:
+    """One captured micro-batch: static inputs (ids, sampled rows), static gradient buffers (one flat buffer,
+    zeroed inside the graph), the static per-layer losses."""
+
+    def __init__(self, ids: torch.Tensor, rows: torch.Tensor | None, params: list[torch.Tensor]):
+        self.ids = ids.clone()
+        self.rows = None if rows is None else rows.clone()
+        self.params = params
+        self.flat = torch.zeros(sum(p.numel() for p in params), device=ids.device, dtype=params[0].dtype)
+        self.bufs = [b.view_as(p) for b, p in zip(self.flat.split([p.numel() for p in params]), params)]
+        self.graph = torch.cuda.CUDAGraph()
+        self.losses: torch.Tensor | None = None
+
+    def _run(self, body: Callable) -> torch.Tensor:
+        self.flat.zero_()
+        losses, _ = body(ids=self.ids, rows=self.rows)
+        return losses
+
+    def capture(self, body: Callable) -> None:
+        saved = [p.grad for p in self.params]
+        try:
+            for p, b in zip(self.params, self.bufs):  # the losses add their gradients here
+                p.grad = b
+            side = torch.cuda.Stream(self.ids.device)  # a warm-up on a side stream, as capture wants
+            side.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with plain_causal_prefill():  # distillation windows: whole, unpadded, unpacked
+                with torch.cuda.stream(side):
+                    self._run(body)
+                torch.cuda.current_stream(self.ids.device).wait_stream(side)
+                with torch.cuda.graph(self.graph):  # a private memory pool
+                    self.losses = self._run(body)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    def replay(self, ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        self.ids.copy_(ids)
+        if rows is not None:
+            self.rows.copy_(rows)
+        self.graph.replay()
+        grads = [p.grad for p in self.params]
+        if all(g is None for g in grads):
+            flat = self.flat.clone()
+            for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.grad = g.view_as(p)
+        else:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            torch._foreach_add_([p.grad for p in self.params], self.bufs)
+        return self.losses.clone()
 
 
 @torch.no_grad()
@@ -442,6 +625,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     batches = iter(sampler)
     t_start, steps_timed = time.perf_counter(), 0
     recall = recall_init
+    graphs = StepGraphs() if cfg.cuda_graph and torch.device(device).type == "cuda" else None
     with SparseAttention(model, policy):
         while step < total_steps:
             t0 = time.perf_counter()
@@ -449,8 +633,12 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
                 group["lr"] = lr_at(step, cfg, total_steps)
             idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
             micro = [train[i].to(device) for i in idx.split(cfg.batch_size)]
+            failed = len(graphs.failures) if graphs is not None else 0
             layer_losses = accumulate_gradients(model, policy, bank, micro, cfg.loss, cfg.k, cfg.row_fraction,
-                                                seed=cfg.seed * 1_000_003 + step)
+                                                seed=cfg.seed * 1_000_003 + step, graphs=graphs)
+            if graphs is not None and len(graphs.failures) > failed:
+                emit("note", {"message": f"CUDA graph capture failed, steps of this shape run eagerly: "
+                                         f"{graphs.failures[-1]}"})
             if procs.world > 1:  # the mean over processes = the gradient of the whole global batch
                 (layer_losses,) = procs.average_gradients(bank.parameters(), layer_losses)
             if not torch.isfinite(layer_losses).all():
@@ -480,12 +668,15 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
         assert not changed, f"distillation changed base model parameters: {changed[:3]}"
     assert_frozen(model)
     elapsed = time.perf_counter() - t_start
+    graph_info = None if graphs is None else {  # which step shapes replayed as CUDA graphs, and why others did not
+        "replayed_shapes": [list(key[0]) for key, g in graphs.graphs.items() if g is not None],
+        "failures": graphs.failures, "retried": graphs.retried}
     if procs.is_main:
         save_gates(out, bank.cpu(), meta | {"steps": step})
         checkpoint(step)
         atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
                                                "heldout": held_info, "library_version": __version__,
-                                               "processes": procs.world})
+                                               "processes": procs.world, "cuda_graph": graph_info})
     procs.barrier()  # the gate folder is complete before any process returns (and, say, loads it)
     losses = [h["loss"] for h in history]
     result = DistillResult(
@@ -493,7 +684,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
         loss_last=losses[-1] if losses else float("nan"), recall=recall, recall_random=recall_random,
         recall_init=recall_init, seconds_per_step=elapsed / max(1, steps_timed),
         tokens_per_second=tokens_per_step * steps_timed / max(elapsed, 1e-9), resumed_from=resumed_from,
-        history=history, data={"train": train_info, "heldout": held_info},
+        history=history, data={"train": train_info, "heldout": held_info, "cuda_graph": graph_info},
     )
     emit("done", asdict(result))
     return result

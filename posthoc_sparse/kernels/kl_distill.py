@@ -133,7 +133,7 @@ if triton is not None:
     def _grad_tile(q, gq, gq_d, lse_s, lse_g, w, offs_m, start_n, K, GK, DGK, k_base, gk_base, skt, sgt, T,
                    qk_scale, dgq, acc,
                    D: tl.constexpr, DG: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                   WITH_KL: tl.constexpr):
+                   WITH_KL: tl.constexpr, SEM: tl.constexpr):
         # one key block: p and softmax(g) from the rows' lse (log2 units), dg = w (softmax(g) - p)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, DG)
@@ -152,7 +152,8 @@ if triton is not None:
             acc += tl.sum(p * (s - g), 1)
         dg = (w[:, None] * (qg - p)).to(gq_d.dtype)
         dgq += tl.dot(dg, gk.to(gq_d.dtype))
-        tl.atomic_add(DGK + gk_base + offs_n[:, None] * sgt + offs_g[None, :], tl.dot(tl.trans(dg), gq_d), mask=col)
+        tl.atomic_add(DGK + gk_base + offs_n[:, None] * sgt + offs_g[None, :], tl.dot(tl.trans(dg), gq_d), mask=col,
+                      sem=SEM)
         return dgq, acc
 
     @triton.jit
@@ -161,7 +162,7 @@ if triton is not None:
                  H, T, n_rep, scaling, w_all,
                  D: tl.constexpr, DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  WITH_KL: tl.constexpr, LOW: tl.constexpr, ROW_W: tl.constexpr, SAMPLED: tl.constexpr,
-                 SUB: tl.constexpr):
+                 SUB: tl.constexpr, SEM: tl.constexpr):
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -193,10 +194,10 @@ if triton is not None:
         diag = pid_m * BLOCK_M
         for start_n in range(0, diag, BLOCK_N):
             dgq, acc = _grad_tile(q, gq, gq_d, lse_s, lse_g, w, offs_m, start_n, K, GK, DGK, k_base, gk_base, skt,
-                                  sgt, T, qk_scale, dgq, acc, D, DG, BLOCK_N, False, WITH_KL)
+                                  sgt, T, qk_scale, dgq, acc, D, DG, BLOCK_N, False, WITH_KL, SEM)
         for start_n in range(diag, tl.minimum(diag + BLOCK_M, T), BLOCK_N):
             dgq, acc = _grad_tile(q, gq, gq_d, lse_s, lse_g, w, offs_m, start_n, K, GK, DGK, k_base, gk_base, skt,
-                                  sgt, T, qk_scale, dgq, acc, D, DG, BLOCK_N, True, WITH_KL)
+                                  sgt, T, qk_scale, dgq, acc, D, DG, BLOCK_N, True, WITH_KL, SEM)
         tl.store(DGQ + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_g[None, :], dgq, mask=row)
         if WITH_KL:
             tl.store(KL + rows, acc / LOG2E - lse_s / LOG2E + lse_g / LOG2E, mask=row_ok)
@@ -234,9 +235,10 @@ if triton is not None:
 
 # Launch settings (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, with BLOCK_M a multiple of BLOCK_N:
 # "fwd" the teacher-and-gate forward, "lse" the gate-only forward, "grad" the gradient pass; "low" runs the
-# gradient products in bf16. benchmarks/perf.py --parts kernel times the alternatives on a GPU. Small windows
-# use 16 x 16 blocks (tl.dot's minimum).
-TUNING = {"fwd": (64, 64, 4, 2), "lse": (64, 64, 4, 2), "grad": (128, 128, 8, 2), "low": True}
+# gradient products in bf16; "sem" is the memory order of the gradient pass's atomic adds to dgk (only their sum
+# at the kernel's end is read, so "relaxed" suffices). benchmarks/perf.py --parts kernel times the alternatives
+# on a GPU. Small windows use 16 x 16 blocks (tl.dot's minimum).
+TUNING = {"fwd": (64, 64, 4, 2), "lse": (64, 64, 4, 2), "grad": (128, 128, 8, 2), "low": True, "sem": "relaxed"}
 
 
 def _launch(kind: str, t: int, dtype: torch.dtype) -> dict:
@@ -297,7 +299,8 @@ def _gradient(q, k, gq, gk, w, lse_s, lse_g, scaling, with_kl: bool, row_blocks=
                    kl if row_blocks is None else row_blocks, *q.stride()[:3], *k.stride()[:3], *gq.stride()[:3],
                    *lse_s.stride()[:2], *dgq.stride()[:3], _row_stride(row_blocks), h, t, h // k.shape[1], scaling,
                    0.0 if row_w else float(w),
-                   D=d, DG=gq.shape[-1], WITH_KL=with_kl, LOW=low, ROW_W=row_w, **sampling, **launch)
+                   D=d, DG=gq.shape[-1], WITH_KL=with_kl, LOW=low, ROW_W=row_w, SEM=TUNING["sem"], **sampling,
+                   **launch)
     return dg2, (kl if with_kl else None)
 
 
@@ -324,6 +327,12 @@ class _FusedKL(torch.autograd.Function):
         q, k, gq, gk, lse_s, lse_g = ctx.saved_tensors
         dg2, _ = _gradient(q, k, gq, gk, dkl.contiguous().float(), lse_s, lse_g, ctx.scaling, with_kl=False)
         return None, None, dg2[0].to(ctx.dtypes[0]), dg2[1].to(ctx.dtypes[1]), None
+
+
+def kernel_dims_ok(head_dim: int, d_g: int) -> bool:
+    """Whether the KL kernels take these dimensions: powers of two (``tl.arange``) of at least 16 (the least
+    inner dimension of ``tl.dot`` on a GPU). Other shapes take the reference path."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (head_dim, d_g))
 
 
 def fused_available(q: torch.Tensor) -> bool:
@@ -388,19 +397,25 @@ def flash_attention_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Te
     faster than flash attention there at T = 4096), else flash attention. Key/value heads fewer than query heads
     (GQA) are passed as they are, as SDPA's enable_gqa does."""
     key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
-    if _CUDNN_OK.get(key, True) and torch.backends.cuda.cudnn_sdp_enabled():
+    capturing = torch.cuda.is_current_stream_capturing()
+    if (_CUDNN_OK.get(key, True) and torch.backends.cuda.cudnn_sdp_enabled()
+            and not (capturing and CUDNN_IN_CAPTURE is False)):
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
                                                                           scale=scaling)[:2]
             _CUDNN_OK[key] = True
             return out.transpose(1, 2).contiguous(), lse.reshape(q.shape[:3])
         except RuntimeError:  # cuDNN (or this build) does not take the shape: flash attention does
+            if capturing:  # the capture is spoiled: the caller retries it with CUDNN_IN_CAPTURE = False
+                raise
             _CUDNN_OK[key] = False
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scaling)[:2]
     return out.transpose(1, 2).contiguous(), lse[..., :q.shape[2]]
 
 
 _CUDNN_OK: dict = {}  # (device, dtype, heads, kv heads, head dim) -> whether cuDNN attention took the call
+CUDNN_IN_CAPTURE: bool | None = None  # whether cuDNN attention is captured into CUDA graphs (None: not tried yet;
+# False: while a stream captures, the flash-attention op serves; distill.loop.StepGraphs finds it out)
 
 
 def gate_rope(a: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, freq_idx: torch.Tensor,
