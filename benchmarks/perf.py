@@ -19,6 +19,7 @@ Prints a table and writes JSON with ratios, absolute times, peak memory, device 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -34,7 +35,7 @@ from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
 from posthoc_sparse.attention.policies import (  # noqa: E402
     DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
 )
-from posthoc_sparse.distill.loop import accumulate_gradients, decoder_of, gate_optimizer  # noqa: E402
+from posthoc_sparse.distill.loop import StepGraphs, accumulate_gradients, decoder_of, gate_optimizer  # noqa: E402
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
 
@@ -74,20 +75,75 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict, device, reps: int, warmup: int = 1) -> dict:
-    """Median seconds of each function, timed in ``reps`` rounds that run every function once in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+def interleaved(fns: dict, device, reps: int, warmup: int = 1, contexts: dict | None = None,
+                host: bool = False) -> dict:
+    """Median seconds of each function, timed in ``reps`` rounds that run every function once in turn.
+    ``contexts[name]()``: a context manager entered around that function's calls, outside the timed span.
+    ``host``: also each function's host time, "<name>_host_s" (from the start until the call returns, before
+    the GPU is waited for: when it is close to the wall time, the host's launches bind)."""
+    contexts = contexts or {}
+
+    def run(name, fn, times=None):
+        ctx = contexts.get(name)
+        with ctx() if ctx else contextlib.nullcontext():
             sync(device)
             t0 = time.perf_counter()
             fn()
+            t1 = time.perf_counter()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            t2 = time.perf_counter()
+        if times is not None:
+            times[name].append(t2 - t0)
+            times[name[:-2] + "_host_s"].append(t1 - t0)
+
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            run(name, fn)
+    times = {key: [] for name in fns for key in (name, name[:-2] + "_host_s")}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            run(name, fn, times)
+    return {name: statistics.median(ts) for name, ts in times.items() if host or not name.endswith("_host_s")}
+
+
+def cuda_graphed(fn, device):
+    """``fn`` (static inputs) replayed as a CUDA graph: captured at the first call, after a warm-up on a side
+    stream."""
+    state = {}
+
+    def run():
+        if "graph" not in state:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                fn()
+        state["graph"].replay()
+
+    return run
+
+
+def gpu_busy(fn) -> float:
+    """Seconds during which at least one GPU kernel or copy of ``fn()`` runs (the union over streams of their
+    intervals, from the profiler's trace; after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, -math.inf
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy * 1e-6
 
 
 def peak(fn, device) -> int | None:
@@ -117,10 +173,19 @@ def ids_for(model, t: int, device, b: int = 1) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (b, t), generator=gen).to(device)
 
 
-def bench_distill(model, bank, ts, device, reps, memory_only=False, row_fraction=1.0):
+def bench_distill(model, bank, ts, device, reps, memory_only=False, row_fraction=1.0, graph_step=False):
+    """Targets 1 (time) and 2 (memory): the distillation step as ``distill.loop.distill`` runs it (the model stays
+    switched to the recording policy across steps) against the stock forward of the same batch. On a GPU with
+    ``graph_step`` the step replays as a CUDA graph (``StepGraphs``, the loop's default there) and is timed
+    beside the eager step. Also the recording forward alone, each one's host time (until the call returns) and
+    GPU busy time, and the stock forward replayed as a CUDA graph (how much of its time is the host's launching;
+    under capture transformers builds an explicit causal mask, so that forward's attention is slower)."""
     rows = []
     opt = gate_optimizer(bank, 1e-4)
     policy = RecordPolicy(stack_layers=bank.spec.num_layers)  # as the distillation loop records
+
+    def attached():
+        return SparseAttention(model, policy)
 
     for t in ts:
         ids = ids_for(model, t, device)
@@ -133,28 +198,54 @@ def bench_distill(model, bank, ts, device, reps, memory_only=False, row_fraction
             with torch.no_grad():
                 decoder_of(model)(input_ids=ids, use_cache=False)
 
-        def step():
-            with SparseAttention(model, policy):
-                accumulate_gradients(model, policy, bank, [ids], "kl", 64, row_fraction)
+        def record_forward():  # the recording forward alone (SparseAttention attached by the context)
+            with torch.no_grad():
+                decoder_of(model)(input_ids=ids, use_cache=False)
+            policy.clear()
+
+        def step(graphs=None):
+            accumulate_gradients(model, policy, bank, [ids], "kl", 64, row_fraction, graphs=graphs)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        row = {"T": t, "row_fraction": row_fraction}
+        graphed = graph_step and device.type == "cuda"
+        graphs = StepGraphs() if graphed else None
+        fns = {"forward_s": forward, "decoder_forward_s": decoder_forward, "record_forward_s": record_forward,
+               "distill_step_eager_s": step}
+        if graphed:
+            fns |= {"distill_step_s": lambda: step(graphs), "forward_graph_s": cuda_graphed(forward, device)}
+        contexts = {name: attached for name in ("record_forward_s", "distill_step_eager_s", "distill_step_s")}
+        row = {"T": t, "row_fraction": row_fraction, "cuda_graph": graphed}
         try:
             if not memory_only:
-                # interleaved rounds, so that the host's noise (at T = 2048 the forward is launch-bound) falls
-                # on all three alike; medians of each
-                times = interleaved({"forward_s": forward, "decoder_forward_s": decoder_forward,
-                                     "distill_step_s": step}, device, reps)
-                row.update(times)
+                # interleaved rounds, so that the host's noise (at T <= 4096 the eager forward is bound by the
+                # host's launches) falls on all alike; medians of each
+                row.update(interleaved(fns, device, reps, contexts=contexts, host=True))
+                if not graphed:
+                    row["distill_step_s"] = row["distill_step_eager_s"]
                 row["time_ratio"] = row["distill_step_s"] / row["forward_s"]
+                row["time_ratio_eager"] = row["distill_step_eager_s"] / row["forward_s"]
                 row["time_ratio_vs_decoder"] = row["distill_step_s"] / row["decoder_forward_s"]
+                if graphed:
+                    row["graph_failures"] = graphs.failures
+                if device.type == "cuda":  # how much of each the GPU is busy: below the wall time, the host binds
+                    for name, fn in fns.items():
+                        with contexts.get(name, contextlib.nullcontext)():
+                            row[name[:-2] + "_gpu_busy_s"] = gpu_busy(fn)
+                    # the step's GPU work against the forward's: the time ratio on a host that never binds
+                    row["gpu_busy_ratio"] = row["distill_step_eager_gpu_busy_s"] / row["forward_gpu_busy_s"]
+            with attached():
+                row["distill_peak_bytes"] = peak(step, device)
+                if graphed:  # a fresh graph: the eager first step, then the capture and a replay
+                    fresh = StepGraphs()
+                    row["distill_graph_peak_bytes"] = peak(lambda: [step(fresh) for _ in range(2)], device)
             row["forward_peak_bytes"] = peak(forward, device)
             row["decoder_forward_peak_bytes"] = peak(decoder_forward, device)
-            row["distill_peak_bytes"] = peak(step, device)
             if row["forward_peak_bytes"]:
                 row["memory_ratio"] = row["distill_peak_bytes"] / row["forward_peak_bytes"]
                 row["memory_ratio_vs_decoder"] = row["distill_peak_bytes"] / row["decoder_forward_peak_bytes"]
+                if graphed:
+                    row["memory_ratio_graph"] = row["distill_graph_peak_bytes"] / row["forward_peak_bytes"]
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
             torch.cuda.empty_cache()
@@ -205,6 +296,11 @@ def bench_kernel(ts, device, reps):
                 kd.TUNING.update(default, grad=cfg, low=low)
                 record("grad", lambda: kd._gradient(q, k, gq, gk, w, lse_s, lse_g, 128**-0.5, with_kl=True),
                        config=cfg, low=low)
+        for sem in ("acq_rel", "relaxed"):  # the memory order of the dgk atomics
+            for cfg in ((128, 128, 8, 2), (128, 64, 8, 3)):
+                kd.TUNING.update(default, grad=cfg, sem=sem)
+                record("grad", lambda: kd._gradient(q, k, gq, gk, w, lse_s, lse_g, 128**-0.5, with_kl=True),
+                       config=cfg, low=kd.TUNING["low"], sem=sem)
         kd.TUNING.update(default)
         record("kl_with_flash_lse", lambda: kd.kl_grad_fused(q, k, gq, gk, 128**-0.5, 1.0 / t, lse))
         record("kl_teacher_pass", lambda: kd.kl_grad_fused(q, k, gq, gk, 128**-0.5, 1.0 / t))
@@ -464,18 +560,19 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     if "distill" in parts:
-        result["parts"]["distill"] = bench_distill(model, bank, plan["distill"], device, args.reps)
+        result["parts"]["distill"] = bench_distill(model, bank, plan["distill"], device, args.reps, graph_step=True)
         save()
     if "distill_sampled" in parts:
         result["parts"]["distill_sampled"] = [
             row for t, fraction in plan["distill_sampled"]
-            for row in bench_distill(model, bank, [t], device, args.reps, row_fraction=fraction)]
+            for row in bench_distill(model, bank, [t], device, args.reps, row_fraction=fraction, graph_step=True)]
         save()
     if "kernel" in parts:
         result["parts"]["kernel"] = bench_kernel([4096], device, args.reps)
         save()
     if "memory" in parts:
-        result["parts"]["memory"] = bench_distill(model, bank, plan["memory"], device, 1, memory_only=True)
+        result["parts"]["memory"] = bench_distill(model, bank, plan["memory"], device, 1, memory_only=True,
+                                                 graph_step=True)
         save()
     if "eval" in parts:
         result["parts"]["eval"] = bench_eval(model, bank, plan["eval"], device, max(1, args.reps // 2))
@@ -500,7 +597,7 @@ def main() -> None:
     print(f"\n{result['device']}  {result['dtype']}  ({args.size} size)")
     for part, rows in result["parts"].items():
         for row in rows:
-            keys = [k for k in row if k.endswith(("ratio", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense"))
+            keys = [k for k in row if k.endswith(("ratio", "ratio_eager", "ratio_graph", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense"))
                     or k in ("T", "k", "batch", "row_fraction", "peak_bytes", "error")]
             print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
 
