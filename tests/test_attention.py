@@ -162,5 +162,6 @@ def test_plain_causal_prefill_masks_are_none_only_for_full_causal_windows():
         padded[0, :2] = False
         assert _mask(**base, attention_mask=padded) is not None
         assert _mask(**base, local_size=3, allow_is_causal_skip=False) is not None
+        assert _mask(**base, local_size=8, allow_is_causal_skip=False) is None  # a window longer than the keys
         assert _mask(**(base | {"kv_length": 8}), kv_offset=0, allow_is_causal_skip=False) is not None
     assert _mask(**base, allow_is_causal_skip=False) is not None

@@ -127,3 +127,27 @@ def test_distillation_on_gpu_replays_cuda_graphs(assets, tmp_path):
     assert runs[True].loss_last < runs[True].loss_first
     assert abs(runs[True].loss_last - runs[False].loss_last) < 0.05 * runs[False].loss_last
     assert abs(runs[True].recall - runs[False].recall) < 0.05
+
+
+def test_a_failed_micro_batch_leaves_no_records_behind(monkeypatch):
+    """_micro_batch clears the recording policy even when its losses fail part-way (a refused CUDA-graph capture
+    must not leave a half-filled stack for the eager run that follows)."""
+    from posthoc_sparse.attention.interface import SparseAttention
+    from posthoc_sparse.attention.policies import RecordPolicy
+    from posthoc_sparse.distill import loop
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    from .tiny import random_ids, tiny_model
+
+    model = tiny_model("qwen3", layers=2)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    policy = RecordPolicy(stack_layers=2)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(loop, "layer_loss_backward", refuse)
+    with SparseAttention(model, policy), pytest.raises(RuntimeError, match="refused"):
+        loop._micro_batch(model, policy, bank, random_ids(1, 40), "kl", 4, 1.0, None, lambda *a: None)
+    assert policy.records == {} and policy.stack is None

@@ -67,10 +67,13 @@ def plain_causal_prefill():
 
 
 def _mask(*args, **kwargs):
-    """SDPA's mask builder; inside ``plain_causal_prefill()``, None for full causal attention over as many
-    queries as keys (no padding mask, no local window, no offset), as SDPA's builder returns eagerly."""
+    """SDPA's mask builder; inside ``plain_causal_prefill()``, None for causal attention over as many queries as
+    keys (no padding mask, no offset, no local window shorter than the keys), as SDPA's builder returns eagerly
+    for such windows. (Models that add to the mask, ALiBi say, get a mask eagerly too: ``StepGraphs`` captures
+    only steps whose eager run took the maskless path, and checks that the capture took it again.)"""
+    local = kwargs.get("local_size")
     if not args and _PLAIN_CAUSAL["depth"]:
-        if (kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+        if (kwargs.get("attention_mask") is None and (local is None or kwargs.get("kv_length", local) < local)
                 and kwargs.get("q_length") is not None and kwargs.get("q_length") == kwargs.get("kv_length")
                 and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
                 and isinstance(kwargs.get("kv_offset", 0), int) and kwargs.get("kv_offset", 0) == 0):

@@ -303,7 +303,7 @@ def accumulate_gradients(model, policy: RecordPolicy, bank: GateBank, micro_batc
         if out is None:
             out, whole = body()
             if graphs is not None and fast:
-                graphs.ran_eagerly(ids, rows, 1.0 / n, whole)
+                graphs.ran_eagerly(ids, rows, 1.0 / n, bank, whole)
         layer_losses += out / n
     return layer_losses
 
@@ -313,6 +313,23 @@ def _micro_batch(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor,
     """One micro-batch of ``accumulate_gradients``: the per-layer mean losses (L,) on ``ids``'s device, their
     gradients times ``scale`` added to the gates; and whether every layer went through the one stack of the
     policy (so that the micro-batch can be captured as a CUDA graph)."""
+
+    def rows_for(layers: list[int], device) -> torch.Tensor | None:
+        if rows is None:
+            return sampled(len(layers), ids.shape[1], device)
+        if layers == list(range(layers[0], layers[-1] + 1)):  # a view: no index tensor (CUDA-graph safe)
+            return rows[layers[0]:layers[-1] + 1].to(device)
+        return rows[layers].to(device)
+
+    try:
+        return _micro_batch_losses(model, policy, bank, ids, loss, k, scale, rows_for)
+    finally:
+        policy.clear()  # also when a capture fails part-way: the next forward starts a fresh stack
+
+
+def _micro_batch_losses(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor, loss: str, k: int,
+                        scale: float, rows_for: Callable) -> tuple[torch.Tensor, bool]:
+    """``_micro_batch``'s forward and losses (``rows_for(layers, device)``: their sampled row blocks)."""
     from ..kernels.kl_distill import fused_available
 
     n_layers = bank.spec.num_layers
@@ -325,13 +342,6 @@ def _micro_batch(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor,
         else:
             for j, i in enumerate(layers):
                 out[i] += losses[j]
-
-    def rows_for(layers: list[int], device) -> torch.Tensor | None:
-        if rows is None:
-            return sampled(len(layers), ids.shape[1], device)
-        if layers == list(range(layers[0], layers[-1] + 1)):  # a view: no index tensor (CUDA-graph safe)
-            return rows[layers[0]:layers[-1] + 1].to(device)
-        return rows[layers].to(device)
 
     with torch.no_grad():
         decoder_of(model)(input_ids=ids, use_cache=False)
@@ -355,7 +365,6 @@ def _micro_batch(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor,
             add(layers, fused_stacked_losses(policy.stack, recs, gates, scale, mine))
         else:
             add(layers, fused_hidden_losses(list(zip(recs, gates)), scale, mine))
-    policy.clear()
     return out, whole
 
 
@@ -378,11 +387,14 @@ class StepGraphs:
         self.retried: list[str] = []  # captures that failed once, then took (without cuDNN attention)
 
     @staticmethod
-    def _key(ids: torch.Tensor, rows: torch.Tensor | None, scale: float) -> tuple:
-        return tuple(ids.shape), ids.device, scale, None if rows is None else tuple(rows.shape)
+    def _key(ids: torch.Tensor, rows: torch.Tensor | None, scale: float, bank: GateBank) -> tuple:
+        # the gates' storage too: a graph reads the weights and adds the gradients where they lived at capture
+        return (tuple(ids.shape), ids.device, scale, None if rows is None else tuple(rows.shape),
+                tuple(p.data_ptr() for p in bank.parameters()))
 
-    def ran_eagerly(self, ids: torch.Tensor, rows: torch.Tensor | None, scale: float, whole: bool) -> None:
-        key = self._key(ids, rows, scale)
+    def ran_eagerly(self, ids: torch.Tensor, rows: torch.Tensor | None, scale: float, bank: GateBank,
+                    whole: bool) -> None:
+        key = self._key(ids, rows, scale, bank)
         if not whole:
             self.graphs[key] = None
         self.seen.add(key)
@@ -391,7 +403,7 @@ class StepGraphs:
                body: Callable) -> torch.Tensor | None:
         """The micro-batch's per-layer losses through this shape's graph (captured now if due), its gradients
         added to the gates; None where the caller must run it eagerly."""
-        key = self._key(ids, rows, scale)
+        key = self._key(ids, rows, scale, bank)
         if key not in self.seen or (key in self.graphs and self.graphs[key] is None):
             return None
         graph = self.graphs.get(key)
@@ -399,20 +411,21 @@ class StepGraphs:
             from ..kernels import kl_distill as kd
 
             graph, errors = None, []
-            # cuDNN attention (the recording forward's, as SDPA's) may refuse capture where this torch build
-            # cannot capture it: then the capture is tried once more with the flash-attention op
-            for cudnn in ((None, False) if kd.CUDNN_IN_CAPTURE is None else (kd.CUDNN_IN_CAPTURE,)):
+            # cuDNN attention (the recording forward's, as SDPA's) may refuse capture in some torch builds:
+            # then the capture is tried once more with the flash-attention op
+            for cudnn in (True, False):
                 kd.CUDNN_IN_CAPTURE = cudnn
                 try:
                     graph = _Graph(ids, rows, list(bank.parameters()))
                     graph.capture(body)
-                    kd.CUDNN_IN_CAPTURE = cudnn is not False
                     break
                 except Exception as e:  # noqa: BLE001 - any capture failure: this shape stays eager
                     torch.cuda.synchronize(ids.device)
                     graph = None
-                    errors.append(f"{tuple(ids.shape)}{' (flash attention)' if cudnn is False else ''}: "
+                    errors.append(f"{tuple(ids.shape)}{'' if cudnn else ' (flash attention)'}: "
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                finally:
+                    kd.CUDNN_IN_CAPTURE = True
             self.graphs[key] = graph
             if graph is None:
                 self.failures += errors
@@ -436,7 +449,9 @@ class _Graph:
 
     def _run(self, body: Callable) -> torch.Tensor:
         self.flat.zero_()
-        losses, _ = body(ids=self.ids, rows=self.rows)
+        losses, whole = body(ids=self.ids, rows=self.rows)
+        if not whole:  # the captured forward left the path the eager one took (a mask, a layer off the stack)
+            raise RuntimeError("under capture the step left the stacked fused path")
         return losses
 
     def capture(self, body: Callable) -> None:

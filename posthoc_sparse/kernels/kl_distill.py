@@ -399,14 +399,14 @@ def flash_attention_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Te
     key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
     capturing = torch.cuda.is_current_stream_capturing()
     if (_CUDNN_OK.get(key, True) and torch.backends.cuda.cudnn_sdp_enabled()
-            and not (capturing and CUDNN_IN_CAPTURE is False)):
+            and not (capturing and not CUDNN_IN_CAPTURE)):
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
                                                                           scale=scaling)[:2]
             _CUDNN_OK[key] = True
             return out.transpose(1, 2).contiguous(), lse.reshape(q.shape[:3])
         except RuntimeError:  # cuDNN (or this build) does not take the shape: flash attention does
-            if capturing:  # the capture is spoiled: the caller retries it with CUDNN_IN_CAPTURE = False
+            if capturing:  # the capture is spoiled: StepGraphs retries it with CUDNN_IN_CAPTURE = False
                 raise
             _CUDNN_OK[key] = False
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scaling)[:2]
@@ -414,8 +414,8 @@ def flash_attention_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Te
 
 
 _CUDNN_OK: dict = {}  # (device, dtype, heads, kv heads, head dim) -> whether cuDNN attention took the call
-CUDNN_IN_CAPTURE: bool | None = None  # whether cuDNN attention is captured into CUDA graphs (None: not tried yet;
-# False: while a stream captures, the flash-attention op serves; distill.loop.StepGraphs finds it out)
+CUDNN_IN_CAPTURE = True  # whether a CUDA-graph capture may use cuDNN attention (False: the flash-attention op
+# serves while a stream captures; distill.loop.StepGraphs retries a failed capture so)
 
 
 def gate_rope(a: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, freq_idx: torch.Tensor,
