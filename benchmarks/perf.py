@@ -35,7 +35,9 @@ from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
 from posthoc_sparse.attention.policies import (  # noqa: E402
     DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
 )
-from posthoc_sparse.distill.loop import StepGraphs, accumulate_gradients, decoder_of, gate_optimizer  # noqa: E402
+from posthoc_sparse.distill.loop import (  # noqa: E402
+    StepGraphs, accumulate_gradients, captured, decoder_of, gate_optimizer,
+)
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
 
@@ -63,16 +65,7 @@ def sync(device):
 
 def timed(fn, device, reps: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved({"fn_s": fn}, device, reps, warmup)["fn_s"]
 
 
 def interleaved(fns: dict, device, reps: int, warmup: int = 1, contexts: dict | None = None,
@@ -107,20 +100,12 @@ def interleaved(fns: dict, device, reps: int, warmup: int = 1, contexts: dict | 
 
 
 def cuda_graphed(fn, device):
-    """``fn`` (static inputs) replayed as a CUDA graph: captured at the first call, after a warm-up on a side
-    stream."""
+    """``fn`` (static inputs) replayed as a CUDA graph, captured at the first call (``loop.captured``)."""
     state = {}
 
     def run():
         if "graph" not in state:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream(device).wait_stream(side)
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                fn()
+            state["graph"], _ = captured(fn, device)
         state["graph"].replay()
 
     return run

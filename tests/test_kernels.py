@@ -409,8 +409,10 @@ def test_kernel_dims_send_other_shapes_to_the_reference_path():
     gate of d_g = 8 (or a head dim of 80) takes the reference path instead of failing to compile."""
     from posthoc_sparse.distill.loop import _fused_eligible
 
-    assert kl_distill.kernel_dims_ok(128, 32) and kl_distill.kernel_dims_ok(64, 16)
-    assert not kl_distill.kernel_dims_ok(128, 8) and not kl_distill.kernel_dims_ok(80, 32)
+    from posthoc_sparse.kernels import tile_dims_ok
+
+    assert tile_dims_ok(128, 32) and tile_dims_ok(64, 16)
+    assert not tile_dims_ok(128, 8) and not tile_dims_ok(80, 32)
     model = tiny_model("llama", layers=1)
     policy = RecordPolicy()
     with SparseAttention(model, policy), torch.no_grad():

@@ -25,7 +25,7 @@ from ..config import DistillConfig
 from ..errors import UserError
 from ..attention.routing import RoutingStats
 from ..gates.io import gate_spec_for_model, save_gates
-from ..gates.modules import GateBank, LayerGate
+from ..gates.modules import GateBank, LayerGate, hidden_weights
 from ..io import atomic_write_json, check_output_dir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import loss_rows
@@ -128,11 +128,11 @@ def _row_spans(t: int, step: int, row_blocks: torch.Tensor | None) -> list[tuple
 
 def _fused_eligible(rec: LayerRecord, kind: str, d_g: int) -> bool:
     """Whether the fused kernels compute this layer's loss: the KL on a plain causal window, no soft-capping,
-    head and gate dimensions the kernels take (``kernel_dims_ok``)."""
-    from ..kernels.kl_distill import kernel_dims_ok
+    head and gate dimensions the kernels take (``kernels.tile_dims_ok``)."""
+    from ..kernels import tile_dims_ok
 
     return (kind == "kl" and rec.mask is None and not rec.softcap and rec.query.shape[2] == rec.key.shape[2]
-            and kernel_dims_ok(rec.query.shape[-1], d_g))
+            and tile_dims_ok(rec.query.shape[-1], d_g))
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def _hidden_run(q, k, x, lse, rec: LayerRecord, gates: list[LayerGate], scale: f
     h, _, d = gates[0].wq.shape
     rows = b * h * t * _sampled_share(row_blocks, t)  # the mean's denominator
     x = x.reshape(n, b * t, c)
-    y = torch.bmm(x, _hidden_weights(gates, x.dtype)).view(n * b, t, 2 * h, d)  # (n B, T, 2H, d)
+    y = torch.bmm(x, hidden_weights(gates, x.dtype)).view(n * b, t, 2 * h, d)  # (n B, T, 2H, d)
     freq = torch.stack([gate.freq_idx for gate in gates]) if gates[0].freq_idx.numel() else gates[0].freq_idx
     g = gate_rope(y, rec.cos, rec.sin, freq)  # (2, n B, H, T, d): [0] queries, [1] keys
     kl, dg = kl_grad_fused(q.view(n * b, hq, t, dq), k.view(n * b, k.shape[2], t, dq), g[0], g[1], rec.scaling,
@@ -227,15 +227,8 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-def _hidden_weights(gates: list[LayerGate], dtype: torch.dtype) -> torch.Tensor:
-    """(L, C, 2 H d): ``LayerGate.hidden_weight`` of every gate, laid out in one go, in ``dtype``."""
-    h, c, d = gates[0].wq.shape
-    w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(len(gates), 2 * h, c, d)
-    return (w * gates[0].spec.d_g**-0.25).to(dtype).permute(0, 2, 1, 3).reshape(len(gates), c, 2 * h * d)
-
-
 def _add_weight_grads(gates: list[LayerGate], dw: torch.Tensor) -> None:
-    """Add (L, C, 2 H d) weight gradients (of ``_hidden_weights``'s layout) to the gates' wq and wk, in one call."""
+    """Add (L, C, 2 H d) weight gradients (of ``hidden_weights``'s layout) to the gates' wq and wk, in one call."""
     n, c, _ = dw.shape
     h, _, d = gates[0].wq.shape
     grads = dw.view(n, c, 2 * h, d).permute(0, 2, 1, 3).to(gates[0].wq.dtype, memory_format=torch.contiguous_format)
@@ -317,9 +310,7 @@ def _micro_batch(model, policy: RecordPolicy, bank: GateBank, ids: torch.Tensor,
     def rows_for(layers: list[int], device) -> torch.Tensor | None:
         if rows is None:
             return sampled(len(layers), ids.shape[1], device)
-        if layers == list(range(layers[0], layers[-1] + 1)):  # a view: no index tensor (CUDA-graph safe)
-            return rows[layers[0]:layers[-1] + 1].to(device)
-        return rows[layers].to(device)
+        return rows[_index(layers)].to(device)
 
     try:
         return _micro_batch_losses(model, policy, bank, ids, loss, k, scale, rows_for)
@@ -336,12 +327,7 @@ def _micro_batch_losses(model, policy: RecordPolicy, bank: GateBank, ids: torch.
     out = torch.zeros(n_layers, device=ids.device)
 
     def add(layers: list[int], losses: torch.Tensor) -> None:
-        losses = losses.to(out.device)
-        if layers == list(range(layers[0], layers[-1] + 1)):
-            out[layers[0]:layers[-1] + 1] += losses
-        else:
-            for j, i in enumerate(layers):
-                out[i] += losses[j]
+        out[_index(layers)] += losses.to(out.device)
 
     with torch.no_grad():
         decoder_of(model)(input_ids=ids, use_cache=False)
@@ -366,6 +352,11 @@ def _micro_batch_losses(model, policy: RecordPolicy, bank: GateBank, ids: torch.
         else:
             add(layers, fused_hidden_losses(list(zip(recs, gates)), scale, mine))
     return out, whole
+
+
+def _index(layers: list[int]) -> slice | list[int]:
+    """An index of ``layers``: a slice where they are consecutive (a view, no index tensor: CUDA-graph safe)."""
+    return slice(layers[0], layers[-1] + 1) if layers == list(range(layers[0], layers[-1] + 1)) else layers
 
 
 class StepGraphs:
@@ -404,34 +395,50 @@ class StepGraphs:
         """The micro-batch's per-layer losses through this shape's graph (captured now if due), its gradients
         added to the gates; None where the caller must run it eagerly."""
         key = self._key(ids, rows, scale, bank)
-        if key not in self.seen or (key in self.graphs and self.graphs[key] is None):
+        if key not in self.seen:
             return None
-        graph = self.graphs.get(key)
-        if graph is None:
-            from ..kernels import kl_distill as kd
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ids, rows, bank, body)
+        graph = self.graphs[key]
+        return None if graph is None else graph.replay(ids, rows)
 
-            graph, errors = None, []
-            # cuDNN attention (the recording forward's, as SDPA's) may refuse capture in some torch builds:
-            # then the capture is tried once more with the flash-attention op
-            for cudnn in (True, False):
-                kd.CUDNN_IN_CAPTURE = cudnn
-                try:
-                    graph = _Graph(ids, rows, list(bank.parameters()))
-                    graph.capture(body)
-                    break
-                except Exception as e:  # noqa: BLE001 - any capture failure: this shape stays eager
-                    torch.cuda.synchronize(ids.device)
-                    graph = None
-                    errors.append(f"{tuple(ids.shape)}{'' if cudnn else ' (flash attention)'}: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                finally:
-                    kd.CUDNN_IN_CAPTURE = True
-            self.graphs[key] = graph
-            if graph is None:
-                self.failures += errors
-                return None
-            self.retried += errors
-        return graph.replay(ids, rows)
+    def _capture(self, ids: torch.Tensor, rows: torch.Tensor | None, bank: GateBank, body: Callable
+                 ) -> _Graph | None:
+        """A captured graph of ``body``, or None (the reasons in ``failures``). cuDNN attention (the recording
+        forward's, as SDPA's) may refuse capture in some torch builds: then the capture is tried once more with
+        the flash-attention op."""
+        from ..kernels import kl_distill as kd
+
+        errors = []
+        for cudnn in (True, False):
+            kd.CUDNN_IN_CAPTURE = cudnn
+            try:
+                graph = _Graph(ids, rows, list(bank.parameters()))
+                graph.capture(body)
+                self.retried += errors
+                return graph
+            except Exception as e:  # noqa: BLE001 - any capture failure: this shape stays eager
+                torch.cuda.synchronize(ids.device)
+                errors.append(f"{tuple(ids.shape)}{'' if cudnn else ' (flash attention)'}: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            finally:
+                kd.CUDNN_IN_CAPTURE = True
+        self.failures += errors
+        return None
+
+
+def captured(fn: Callable, device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``fn()`` captured as a CUDA graph after one warm-up call on a side stream (as capture wants: lazy
+    initialisations happen outside it), and what the captured call returned (static outputs)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a private memory pool
+        out = fn()
+    return graph, out
 
 
 class _Graph:
@@ -444,7 +451,7 @@ class _Graph:
         self.params = params
         self.flat = torch.zeros(sum(p.numel() for p in params), device=ids.device, dtype=params[0].dtype)
         self.bufs = [b.view_as(p) for b, p in zip(self.flat.split([p.numel() for p in params]), params)]
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.losses: torch.Tensor | None = None
 
     def _run(self, body: Callable) -> torch.Tensor:
@@ -459,14 +466,8 @@ class _Graph:
         try:
             for p, b in zip(self.params, self.bufs):  # the losses add their gradients here
                 p.grad = b
-            side = torch.cuda.Stream(self.ids.device)  # a warm-up on a side stream, as capture wants
-            side.wait_stream(torch.cuda.current_stream(self.ids.device))
             with plain_causal_prefill():  # distillation windows: whole, unpadded, unpacked
-                with torch.cuda.stream(side):
-                    self._run(body)
-                torch.cuda.current_stream(self.ids.device).wait_stream(side)
-                with torch.cuda.graph(self.graph):  # a private memory pool
-                    self.losses = self._run(body)
+                self.graph, self.losses = captured(lambda: self._run(body), self.ids.device)
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g

@@ -107,8 +107,7 @@ class LayerGate(nn.Module):
 
     def hidden_weight(self) -> torch.Tensor:
         """``hidden_projection``'s weight: (C, 2 H d), wq's heads then wk's, scaled by d**-0.25."""
-        h, c, d = self.wq.shape
-        return (torch.cat((self.wq, self.wk), 0) * self.spec.d_g**-0.25).permute(1, 0, 2).reshape(c, 2 * h * d)
+        return hidden_weights([self])[0]
 
     def project(
         self,
@@ -198,3 +197,12 @@ def _norm_gain(attn: nn.Module, name: str, spec: GateSpec) -> torch.Tensor:
     if "gemma" in type(norm).__name__.lower():
         w = 1.0 + w
     return w.view(1, -1, 1)
+
+
+def hidden_weights(gates: list[LayerGate], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(L, C, 2 H d): ``LayerGate.hidden_weight`` of each of L gates of one shape, laid out in one go (a few
+    launches for all layers: distillation's fused losses), in ``dtype`` (None: the weights')."""
+    h, c, d = gates[0].wq.shape
+    w = torch.stack([p for gate in gates for p in (gate.wq, gate.wk)]).view(len(gates), 2 * h, c, d)
+    w = w * gates[0].spec.d_g**-0.25
+    return (w if dtype is None else w.to(dtype)).permute(0, 2, 1, 3).reshape(len(gates), c, 2 * h * d)

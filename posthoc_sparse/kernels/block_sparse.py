@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from . import tile_dims_ok
+
 try:
     import triton
     import triton.language as tl
@@ -379,16 +381,11 @@ def select(mass: torch.Tensor, n: int, q_offset: int, block: int) -> torch.Tenso
     return select_blocks(mass, n, q_offset, block)
 
 
-def _pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def block_kernels_ok(q: torch.Tensor, k: torch.Tensor, block: int, gate_dim: int | None = None) -> bool:
     """Shapes the kernels take: power-of-two head_dim (and gate dim) of at least 16, a block size of
     ``BLOCK_SIZES``, queries and keys of one length."""
-    ok = triton is not None and block in BLOCK_SIZES and _pow2(q.shape[-1]) and q.shape[-1] >= 16
-    ok = ok and q.shape[2] == k.shape[2]
-    return ok and (gate_dim is None or (_pow2(gate_dim) and gate_dim >= 16))
+    return (triton is not None and block in BLOCK_SIZES and q.shape[2] == k.shape[2]
+            and tile_dims_ok(q.shape[-1], *(() if gate_dim is None else (gate_dim,))))
 
 
 def block_mass_fused(gq: torch.Tensor, gkp: torch.Tensor, block: int) -> torch.Tensor:

@@ -329,12 +329,6 @@ class _FusedKL(torch.autograd.Function):
         return None, None, dg2[0].to(ctx.dtypes[0]), dg2[1].to(ctx.dtypes[1]), None
 
 
-def kernel_dims_ok(head_dim: int, d_g: int) -> bool:
-    """Whether the KL kernels take these dimensions: powers of two (``tl.arange``) of at least 16 (the least
-    inner dimension of ``tl.dot`` on a GPU). Other shapes take the reference path."""
-    return all(n >= 16 and n & (n - 1) == 0 for n in (head_dim, d_g))
-
-
 def fused_available(q: torch.Tensor) -> bool:
     """Whether the fused path is chosen automatically: CUDA tensors with Triton installed. (On the CPU the
     kernels run only when called directly under TRITON_INTERPRET=1, as the tests do.)"""
@@ -397,7 +391,7 @@ def flash_attention_lse(q, k, v, scaling: float) -> tuple[torch.Tensor, torch.Te
     faster than flash attention there at T = 4096), else flash attention. Key/value heads fewer than query heads
     (GQA) are passed as they are, as SDPA's enable_gqa does."""
     key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
-    capturing = torch.cuda.is_current_stream_capturing()
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if (_CUDNN_OK.get(key, True) and torch.backends.cuda.cudnn_sdp_enabled()
             and not (capturing and not CUDNN_IN_CAPTURE)):
         try:
