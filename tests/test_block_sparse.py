@@ -117,9 +117,31 @@ def test_gate_summaries_kernel_equals_projection_rotary_and_pool_bound(rope):
     gq, gk = gate.project(x, None, None, cos, sin)
     want_q, want_kb = bs.pool_bound(gq, gk, 16)
     y = gate.hidden_projection(x)
-    got_q, got_kb, got_k = bs.gate_summaries_fused(y, gate.rope_tables(cos, sin, y.dtype), 16)
+    got_q, got_kb, got_k = bs.gate_summaries_fused(y, (cos, sin, gate.freq_idx) if rope else None, 16)
     for got, want in ((got_q, want_q), (got_kb, want_kb), (got_k, gk)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_summaries_kernel_gathers_the_gates_frequencies_from_per_sequence_tables():
+    """Tables of one row per sequence (not shared), strided in their last dimension, and frequencies that are
+    not the first ones: the kernel's gather against ``LayerGate.rope_tables`` and the reference rotary."""
+    model = tiny_model("qwen3")
+    spec = gate_spec_for_model(model, d_g=8)  # 4 of the model's 8 frequencies
+    gate = GateBank(spec).reset_random(5).layers[0]
+    gate.freq_idx = torch.tensor([1, 3, 4, 7])
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 37, spec.hidden_size, generator=gen)
+    pos = torch.stack((torch.arange(37), torch.arange(37) + 100))  # the second sequence at other positions
+    cos, sin = model.model.rotary_emb(x, pos)
+    wide_c, wide_s = torch.repeat_interleave(cos, 2, -1)[..., ::2], torch.repeat_interleave(sin, 2, -1)[..., ::2]
+    assert cos.shape[0] == 2 and wide_c.stride(-1) == 2 and torch.equal(wide_c, cos)
+    gq, gk = gate.project(x, None, None, cos, sin)
+    want_q, want_kb = bs.pool_bound(gq, gk, 16)
+    got_q, got_kb, got_k = bs.gate_summaries_fused(gate.hidden_projection(x), (wide_c, wide_s, gate.freq_idx), 16)
+    for got, want in ((got_q, want_q), (got_kb, want_kb), (got_k, gk)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rotary frequencies"):
+        bs.gate_summaries_fused(gate.hidden_projection(x), (cos, sin, gate.freq_idx[:2]), 16)
 
 
 def test_block_attention_with_every_block_selected_is_dense_causal_attention():
@@ -262,7 +284,7 @@ def test_gate_summaries_kernel_on_gpu_bf16():
         gq, gk = gate.project(x, None, None, cos, sin)
         y = gate.hidden_projection(x)
     want_q, want_kb = bs.pool_bound(gq, gk, 64)
-    got_q, got_kb, got_k = bs.gate_summaries_fused(y, gate.rope_tables(cos, sin, y.dtype), 64)
+    got_q, got_kb, got_k = bs.gate_summaries_fused(y, (cos, sin, gate.freq_idx), 64)
     for got, want in ((got_q, want_q), (got_kb, want_kb), (got_k, gk)):  # bf16: one rounding against three
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 

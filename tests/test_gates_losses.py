@@ -154,3 +154,30 @@ def test_bad_d_g_is_a_user_error():
     for bad in (0, -2, 7):
         with pytest.raises(UserError, match="d_g"):
             gate_spec_for_model(model, d_g=bad)
+
+
+def test_hidden_projection_keeps_its_weight_until_the_parameters_change():
+    """The laid-out weight is reused between calls, refreshed after an in-place update (an optimizer step) or
+    a load, and never used where the gate's gradient is wanted."""
+    model = tiny_model("qwen3")
+    gate = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).layers[0]
+    x = torch.randn(1, 5, model.config.hidden_size)
+
+    def fresh():
+        return torch.matmul(x, gate.hidden_weight().detach()).view(1, 5, -1, 16)
+
+    with torch.no_grad():
+        first = gate.hidden_projection(x)
+        assert gate.hidden_projection(x).data_ptr() != first.data_ptr()
+        kept = gate.__dict__["_weight_cache"][1]
+        gate.hidden_projection(x)
+        assert gate.__dict__["_weight_cache"][1] is kept
+        torch.testing.assert_close(first, fresh())
+        gate.wq.mul_(2.0)  # in place, as an optimizer step
+        torch.testing.assert_close(gate.hidden_projection(x), fresh())
+        gate.load_state_dict(GateBank(gate.spec).reset_random(1).layers[0].state_dict())
+        torch.testing.assert_close(gate.hidden_projection(x), fresh())
+        assert gate.hidden_projection(x, torch.float64).dtype == torch.float64
+    y = gate.hidden_projection(x)  # with grad: through the parameters
+    y.sum().backward()
+    assert gate.wq.grad is not None and gate.wq.grad.abs().sum() > 0

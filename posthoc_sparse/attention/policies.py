@@ -297,9 +297,10 @@ class GateSelector:
         q, d = call.query, gate.spec.d_g
         if (q.is_cuda and gate.spec.gate_input == "hidden" and call.x is not None
                 and bsp.block_kernels_ok(q, call.key, block, 2 * d)):
-            with _half_autocast(q):
-                y = gate.hidden_projection(call.x)  # (B, T, 2H, d)
-            gq2, gkb, gk = bsp.gate_summaries_fused(y, gate.rope_tables(call.cos, call.sin, y.dtype), block)
+            # (B, T, 2H, d), in the model's dtype for half models (as _half_autocast does), else in the gate's
+            y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
+            rope = (call.cos, call.sin, gate.freq_idx) if call.cos is not None and gate.freq_idx.numel() else None
+            gq2, gkb, gk = bsp.gate_summaries_fused(y, rope, block)
             self.key_cache[call.layer] = gk
             return bsp.block_mass_fused(gq2, gkb, block)
         gq, gk = self.prepare(call)

@@ -95,15 +95,32 @@ class LayerGate(nn.Module):
         s = torch.cat((tables[1], tables[1]), dim=-1).unsqueeze(2)
         return t * c + rotate_half(t) * s
 
-    def hidden_projection(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden_projection(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The "hidden" input's gate queries and keys of every head before the rotary embedding, from one
         (T, C) x (C, 2 H d) product: (B, T, 2H, d), queries in heads 0..H-1, keys in H..2H-1, scaled by
-        d**-0.25. (A per-head einsum broadcasts x to (H, T, C), the largest cost of deployed gating at long T.)"""
+        d**-0.25. (A per-head einsum broadcasts x to (H, T, C), the largest cost of deployed gating at long T.)
+        The product runs in ``dtype``: by default autocast's where it is on, else the weights'."""
         b, t, _ = x.shape
         h, _, d = self.wq.shape
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.wq.dtype)
-        return torch.matmul(x, self.hidden_weight()).view(b, t, 2 * h, d)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.wq.dtype
+        return torch.matmul(x.to(dtype), self._hidden_weight_in(dtype)).view(b, t, 2 * h, d)
+
+    def _hidden_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """``hidden_weight()`` in ``dtype``. Kept between calls while the parameters' storage and version
+        counters are unchanged (an optimizer step or ``load_state_dict`` bumps them), unless their gradient is
+        wanted: deployed gating then pays one matmul per layer instead of re-laying the weight out (four
+        launches per layer and call, the larger part of its host time at short context)."""
+        if torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad):
+            return self.hidden_weight().to(dtype)
+        key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
+        cached = self.__dict__.get("_weight_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():  # the storages are held, so that their addresses are not reused while cached
+                cached = (key, self.hidden_weight().to(dtype), self.wq.detach(), self.wk.detach())
+            self.__dict__["_weight_cache"] = cached
+        return cached[1]
 
     def hidden_weight(self) -> torch.Tensor:
         """``hidden_projection``'s weight: (C, 2 H d), wq's heads then wk's, scaled by d**-0.25."""

@@ -184,11 +184,12 @@ if triton is not None:
             tl.store(MASS + b * smb + h * smh + i * smq + cols, tl.sum(p, 0), mask=ok)
 
     @triton.jit
-    def _gate_summaries(Y, C, S, GQ2, GK, GKB, syb, syt, syh, scb, sct, sgb, sgh, sgt, skb, skh, skt, sbb, sbh, sbn,
-                        H, T, DH: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr):
+    def _gate_summaries(Y, C, S, FIDX, GQ2, GK, GKB, syb, syt, syh, scb, sct, scd, sgb, sgh, sgt, skb, skh, skt,
+                        sbb, sbh, sbn, H, T, DH: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr):
         # One program: one block of positions of one head. From the raw projection Y (B, T, 2H, d): the
         # rotary gate query and key, the query's bound summary [q+, q-] (GQ2), the key (GK, for the decode
-        # cache) and the block's per-channel key max and min (GKB), with d = 2 DH.
+        # cache) and the block's per-channel key max and min (GKB), with d = 2 DH. The rotary tables are the
+        # model's C, S (B|1, T, rotary_dim) at the gate's DH frequencies FIDX, rounded to Y's dtype.
         i = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -203,8 +204,10 @@ if triton is not None:
         k1 = tl.load(yk, mask=ok, other=0.0).to(tl.float32)
         k2 = tl.load(yk + DH, mask=ok, other=0.0).to(tl.float32)
         if ROPE:  # x * [c, c] + [-x2, x1] * [s, s]
-            c = tl.load(C + b * scb + rows[:, None] * sct + half, mask=ok, other=0.0).to(tl.float32)
-            s = tl.load(S + b * scb + rows[:, None] * sct + half, mask=ok, other=0.0).to(tl.float32)
+            cols = tl.load(FIDX + half) * scd
+            yt = Y.dtype.element_ty
+            c = tl.load(C + b * scb + rows[:, None] * sct + cols, mask=ok, other=0.0).to(yt).to(tl.float32)
+            s = tl.load(S + b * scb + rows[:, None] * sct + cols, mask=ok, other=0.0).to(yt).to(tl.float32)
             q1, q2 = q1 * c - q2 * s, q2 * c + q1 * s
             k1, k2 = k1 * c - k2 * s, k2 * c + k1 * s
         gq = GQ2 + b * sgb + h * sgh + rows[:, None] * sgt + half
@@ -400,26 +403,34 @@ def block_mass_fused(gq: torch.Tensor, gkp: torch.Tensor, block: int) -> torch.T
     return mass
 
 
-def gate_summaries_fused(y: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None, block: int
+def gate_summaries_fused(y: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, block: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From a "hidden" gate's raw projection y (B, T, 2H, d) (``LayerGate.hidden_projection``) and its rotary
-    tables (``LayerGate.rope_tables``, or None): the bound summaries ``pool_bound`` makes of the rotary gate
-    queries and keys, (B, H, T, 2d) and (B, H, NB, 2d), and the rotary gate keys (B, H, T, d), in y's dtype,
-    in one pass over y."""
+    """From a "hidden" gate's raw projection y (B, T, 2H, d) (``LayerGate.hidden_projection``) and the rotary
+    embedding ``rope`` = (cos, sin, freq_idx): the model's tables (B|1, T, rotary_dim) and the gate's d/2
+    frequencies (``LayerGate.freq_idx``), or None without one. Returns the bound summaries ``pool_bound`` makes
+    of the rotary gate queries and keys, (B, H, T, 2d) and (B, H, NB, 2d), and the rotary gate keys
+    (B, H, T, d), in y's dtype, in one pass over y. The kernel gathers the gate's frequencies from the model's
+    tables itself (``LayerGate.rope_tables`` would take four launches per layer)."""
     b, t, h2, d = y.shape
     assert y.stride(-1) == 1, "the projection's last dimension must be contiguous"
     h, nb = h2 // 2, -(-t // block)
     gq2 = torch.empty(b, h, t, 2 * d, dtype=y.dtype, device=y.device)
     gk = torch.empty(b, h, t, d, dtype=y.dtype, device=y.device)
     gkb = torch.empty(b, h, nb, 2 * d, dtype=y.dtype, device=y.device)
-    c, s = tables if tables is not None else (y[..., 0, : d // 2], y[..., 0, : d // 2])  # unused without rotary
-    if c.shape[-2] != t or c.shape[0] not in (1, b):
-        raise ValueError(f"rotary tables of shape {tuple(c.shape)} do not fit {b} sequences of {t} positions")
-    c, s = c.contiguous(), s.contiguous()
+    if rope is not None:
+        c, s, fidx = rope
+        if c.shape[-2] != t or c.shape[0] not in (1, b) or s.shape != c.shape or c.stride() != s.stride():
+            raise ValueError(f"rotary tables of shapes {tuple(c.shape)}, {tuple(s.shape)} do not fit {b} sequences "
+                             f"of {t} positions")
+        if fidx.numel() != d // 2:
+            raise ValueError(f"{fidx.numel()} rotary frequencies for a gate of dimension {d}")
+        fidx = fidx.to(y.device)  # int64 as the gate keeps it: a conversion would cost a launch per layer
+    else:  # unused without rotary
+        c = s = fidx = y
     c_batch = c.stride(0) if c.shape[0] > 1 else 0  # transformers passes one table for the whole batch
-    _gate_summaries[(nb, b * h)](y, c, s, gq2, gk, gkb, y.stride(0), y.stride(1), y.stride(2), c_batch, c.stride(1),
-                                 *gq2.stride()[:3], *gk.stride()[:3], *gkb.stride()[:3], h, t, DH=d // 2, BLOCK=block,
-                                 ROPE=tables is not None, num_warps=4)
+    _gate_summaries[(nb, b * h)](y, c, s, fidx, gq2, gk, gkb, y.stride(0), y.stride(1), y.stride(2), c_batch,
+                                 c.stride(-2), c.stride(-1), *gq2.stride()[:3], *gk.stride()[:3], *gkb.stride()[:3],
+                                 h, t, DH=d // 2, BLOCK=block, ROPE=rope is not None, num_warps=4)
     return gq2, gkb, gk
 
 
