@@ -32,6 +32,7 @@ def eval_(
     block_size: Annotated[Optional[int], Opt(help="With --selection block: positions per block, 16, 32, 64 or 128. Default 64.")] = None,
     block_score: Annotated[Optional[str], Opt(help="With --selection block: how the gate scores a block. bound: an upper bound of its largest gate score (fast); exact: the gate's softmax mass on it (closer to per-head quality, O(T^2) like dense attention). Default bound.")] = None,
     no_routing: Annotated[Optional[bool], Opt("--no-routing", help="Skip recall/mass/sink metrics (faster).")] = None,
+    cuda_graph: Annotated[Optional[bool], Opt("--cuda-graph/--no-cuda-graph", help="With --no-routing on one GPU, replay each batch shape's forward as a CUDA graph after its first batch (every mode alike). Default on.")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto, float32, bfloat16, float16.")] = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
     device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,
@@ -63,6 +64,8 @@ def eval_(
             bar.update(state["task"], advance=1, info=f"{label}: ppl {info['perplexity']:.3f}")
             if not console.is_terminal:  # logs redirected to a file get a line per result
                 console.print(f"{label}: perplexity {info['perplexity']:.3f} ({info['seconds']:.0f} s)")
+        elif kind == "note":
+            console.print(f"[yellow]note[/]: {info['message']}")
 
     try:
         report = evaluate_perplexity(cfg, on_event=on_event)

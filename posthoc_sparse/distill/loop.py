@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..attention.graphs import captured
 from ..attention.interface import SparseAttention, attention_modules, plain_causal_prefill
 from ..attention.policies import LayerRecord, RecordPolicy, query_chunk_size
 from ..attention.reference import scores, topk_keep
@@ -425,20 +426,6 @@ class StepGraphs:
                 kd.CUDNN_IN_CAPTURE = True
         self.failures += errors
         return None
-
-
-def captured(fn: Callable, device) -> tuple[torch.cuda.CUDAGraph, object]:
-    """``fn()`` captured as a CUDA graph after one warm-up call on a side stream (as capture wants: lazy
-    initialisations happen outside it), and what the captured call returned (static outputs)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # a private memory pool
-        out = fn()
-    return graph, out
 
 
 class _Graph:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .._version import __version__
+from ..attention.graphs import ForwardGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, DensePolicy, GateSelector, OracleSelector, TopKPolicy, check_selection
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
@@ -55,6 +56,7 @@ class EvalConfig:
     block_size: int = DEFAULT_BLOCK  # with selection "block": positions per key / query block
     block_score: str = "bound"  # with selection "block": how the gate scores a block, "bound" or "exact"
     routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
+    cuda_graph: bool = True  # without routing metrics on one GPU: replay each batch shape's forward as a CUDA graph
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None  # auto, balanced, sequential: spread one model over this process's GPUs
@@ -92,6 +94,7 @@ class ModeResult:
     seconds: float
     routing: dict = field(default_factory=dict)
     per_layer: list[dict] = field(default_factory=list)
+    cuda_graph: dict = field(default_factory=dict)  # replayed_shapes, replays, failures; empty when not used
 
 
 @dataclass
@@ -104,21 +107,31 @@ class EvalReport:
         return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
 
 
+def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token negative log-likelihoods of one batch of windows (B, T): a 0-dim fp32 tensor on
+    the logits' device."""
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    targets = ids[:, 1:].to(logits.device)  # a device map may leave the logits on another device
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
 @torch.no_grad()
-def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None
-                ) -> tuple[float, int]:
+def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None,
+                graphs: ForwardGraphs | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (fp32 per batch, fp64 sums) over all windows, and the token
     count. With ``procs`` (several processes), this process scores only its share of the windows and the
-    two sums are added across processes: every window counts once, and every process gets the totals."""
+    two sums are added across processes: every window counts once, and every process gets the totals.
+    The sum stays on the device until the end (one wait for the GPU, not one per batch). With ``graphs``
+    (``ForwardGraphs``, one GPU, nothing observed per call) each batch shape's forward replays as a CUDA graph."""
     if procs is not None:
         windows = procs.shard(windows)
-    nll, count = 0.0, 0
+    total, count = None, 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i : i + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-        targets = ids[:, 1:].to(logits.device)  # a device map may leave the logits on another device
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum"))
-        count += targets.numel()
+        nll = batch_nll(model, ids) if graphs is None else graphs(lambda x: batch_nll(model, x), ids)
+        total = nll.double() if total is None else total + nll.double().to(total.device)
+        count += ids.numel() - ids.shape[0]
+    nll = 0.0 if total is None else float(total)
     if procs is not None and procs.world > 1:
         nll, count = procs.sum_floats([nll, float(count)])
         count = int(count)
@@ -199,6 +212,9 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     emit("loaded", {"model": loaded.source, "device": device_summary(model), "processes": procs.world,
                     "dtype": loaded.dtype, "data": data_info,
                     "runs": sum(1 if m == "dense" else len(ks) for m in modes)})
+    # CUDA graphs where the whole model sits on one GPU (no device map) and no routing observer sees each call
+    use_graphs = (cfg.cuda_graph and not cfg.routing and device.type == "cuda"
+                  and not getattr(model, "hf_device_map", None))
     results = []
     for mode in modes:
         for k in [None] if mode == "dense" else ks:
@@ -211,11 +227,19 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
                             "gate": lambda: GateSelector(gate_bank, block_score=cfg.block_score),
                             "random": lambda: GateSelector(random_bank, block_score=cfg.block_score)}[mode]()
                 policy = TopKPolicy(selector, k, observer, selection=cfg.selection, block=cfg.block_size)
+            graphs = ForwardGraphs() if use_graphs else None
             t0 = time.perf_counter()
             with SparseAttention(model, policy):
-                nll, count = windows_nll(model, windows, cfg.batch_size, device, procs)
+                nll, count = windows_nll(model, windows, cfg.batch_size, device, procs, graphs)
             res = ModeResult(mode=mode, k=k, perplexity=math.exp(nll / count), nll=nll / count, tokens=count,
                              seconds=time.perf_counter() - t0)
+            if graphs is not None:
+                res.cuda_graph = {"replayed_shapes": graphs.replayed_shapes, "replays": graphs.replays,
+                                  "failures": graphs.failures}
+                if graphs.failures:
+                    emit("note", {"message": f"{mode}: CUDA graph capture failed, those batches ran eagerly: "
+                                          f"{graphs.failures[0]}"})
+                del graphs  # its memory pool
             if stats is not None:
                 stats.sums = procs.sum_tables(stats.sums)  # this process saw only its windows
                 res.routing, res.per_layer = stats.overall(), stats.per_layer()
@@ -232,6 +256,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         "selection": cfg.selection, "block_size": cfg.block_size if cfg.selection == "block" else None,
         "block_score": cfg.block_score if cfg.selection == "block" else None,
         "device": device_summary(model), "processes": procs.world, "dtype": loaded.dtype, "closed_loop": True,
+        "cuda_graph": use_graphs,
         "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
