@@ -11,7 +11,9 @@ Parts (``--parts``, comma list):
   eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
   attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768),
              per-head selection (reference) and block selection (Triton), with the kernels' agreement
-  model      the whole decoder forward, block-gated top-k in every layer / dense SDPA (T = 4096..32768)
+  host       where the host's time goes in one layer's block-gated attention call and in SDPA's (cProfile)
+  model      the whole decoder forward, block-gated top-k in every layer / dense SDPA (T = 4096..32768), and
+             the attention of all layers alone (a forward's GPU time less that of one that skips attention)
   sweep      peak memory of unfreeze-sweep training with 29% of layers' attention unfrozen (T = 512)
 Prints a table and writes JSON with ratios, absolute times, peak memory, device and versions.
 """
@@ -129,6 +131,23 @@ def gpu_busy(fn) -> float:
             busy += b - max(a, end)
             end = b
     return busy * 1e-6
+
+
+def back_to_back(fn, device, reps: int, n: int = 8) -> float:
+    """Median seconds per call of ``n`` calls of ``fn()`` issued back to back between two waits for the GPU,
+    as the layers of a model forward issue theirs: the host's launches overlap the GPU's earlier work."""
+    return timed(lambda: [fn() for _ in range(n)], device, reps) / n
+
+
+class NoAttention:
+    """A policy that skips attention (it returns an uninitialised output of the right shape): the GPU time of a
+    forward under it is the time of everything but attention."""
+
+    needs_inputs = False
+
+    def __call__(self, call):
+        b, h, t, _ = call.query.shape
+        return call.query.new_empty(b, t, h, call.value.shape[-1])
 
 
 def peak(fn, device) -> int | None:
@@ -294,9 +313,12 @@ def bench_kernel(ts, device, reps):
 
 
 def bench_eval(model, bank, ts, device, reps, block_sizes=(16, 64)):
-    """Whole-model eval (windows_nll) throughput of each sparse mode against dense, k = 64: per-head selection
-    (the method's, the chunked reference) and block selection (Triton kernels on a GPU) per block size.
+    """Whole-model eval (windows_nll, ``--no-routing``) throughput of each sparse mode against dense, k = 64:
+    per-head selection (the method's, the chunked reference) and block selection (Triton kernels on a GPU)
+    per block size. Eager, and with each forward replayed as a CUDA graph (``sparsify eval``'s default on one
+    GPU): every function is timed in interleaved rounds, so that the host's noise falls on all alike.
     ``ts``: window lengths, or (length, windows per batch) pairs."""
+    from posthoc_sparse.attention.graphs import ForwardGraphs
     from posthoc_sparse.evaluate.perplexity import windows_nll
 
     rows = []
@@ -314,14 +336,20 @@ def bench_eval(model, bank, ts, device, reps, block_sizes=(16, 64)):
                 policies[f"{name}_block{blk}"] = TopKPolicy(make(), 64, selection="block", block=blk)
         policies["gate_block64exact"] = TopKPolicy(GateSelector(bank, block_score="exact"), 64, selection="block",
                                                    block=64)
+        fns, contexts = {}, {}
         for name, pol in policies.items():
-            def run(pol=pol):
-                with SparseAttention(model, pol):
-                    windows_nll(model, windows, batch, device)
-            row[f"{name}_s"] = timed(run, device, reps)
+            for suffix, graphs in (("", None), ("_graph", ForwardGraphs() if device.type == "cuda" else None)):
+                if suffix and graphs is None:
+                    continue
+                fns[f"{name}{suffix}_s"] = lambda graphs=graphs: windows_nll(model, windows, batch, device,
+                                                                             graphs=graphs)
+                contexts[f"{name}{suffix}_s"] = lambda pol=pol: SparseAttention(model, pol)
+        # two warm-up calls: a graph's shape runs eagerly once, then is captured
+        row |= interleaved(fns, device, reps, warmup=2, contexts=contexts)
         for name in policies:
-            if name != "dense":
-                row[f"{name}_throughput_ratio"] = row["dense_s"] / row[f"{name}_s"]
+            for suffix in ("", "_graph"):
+                if name != "dense" and f"{name}{suffix}_s" in row:
+                    row[f"{name}{suffix}_throughput_ratio"] = row[f"dense{suffix}_s"] / row[f"{name}{suffix}_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -390,9 +418,15 @@ def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 6
         q, k, v, x, cos, sin = _layer_inputs(model, spec, t, device, dtype)
         call = LayerCall(module=attn, layer=0, query=q, key=k, value=v, attention_mask=None,
                          scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin)
-        sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), device, reps)
+        def flash():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        sdpa = timed(flash, device, reps)
+        timings = {}
+        if device.type == "cuda":  # GPU work alone, and calls issued back to back as a model's layers issue them
+            timings = {"sdpa_gpu_busy_s": gpu_busy(flash), "sdpa_back_to_back_s": back_to_back(flash, device, reps)}
         for kk in ks:
-            row = {"T": t, "k": kk, "sdpa_s": sdpa}
+            row = {"T": t, "k": kk, "sdpa_s": sdpa, **timings}
             if t <= head_max_t:
                 pol = TopKPolicy(GateSelector(bank), kk)
                 with torch.no_grad():
@@ -415,6 +449,12 @@ def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 6
                             row[f"{key}_attention_s"] = timed(
                                 lambda: bsp.block_attention_fused(q, k, v, idx, blk, call.scaling), device, reps)
                             row[f"{key}_agreement"] = _agreement(pol, call)
+                            if blk == 64:
+                                row[f"{key}_gpu_busy_s"] = gpu_busy(lambda: pol(call))
+                                row[f"{key}_back_to_back_s"] = back_to_back(lambda: pol(call), device, reps)
+                                row[f"{key}_speedup_gpu_busy"] = timings["sdpa_gpu_busy_s"] / row[f"{key}_gpu_busy_s"]
+                                row[f"{key}_speedup_back_to_back"] = (timings["sdpa_back_to_back_s"]
+                                                                      / row[f"{key}_back_to_back_s"])
                     row[f"{key}_speedup_vs_sdpa"] = sdpa / row[f"{key}_s"]
                     row[f"{key}_keys_per_query"] = n * blk
                 except torch.OutOfMemoryError:
@@ -426,6 +466,49 @@ def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 6
             row["block64exact_speedup_vs_sdpa"] = sdpa / row["block64exact_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_host(model, bank, ts, device, calls: int = 200, top: int = 15):
+    """Where the host's time goes in one layer's block-gated attention call (k = 64, block 64) and in SDPA's:
+    ``calls`` calls issued back to back under cProfile; microseconds per call, and the functions with the most
+    own time."""
+    import cProfile
+    import pstats
+
+    import torch.nn.functional as F
+
+    spec = bank.spec
+    attn = [m for m in model.modules() if type(m).__name__.endswith("Attention")][0]
+    rows = []
+    for t in ts:
+        q, k, v, x, cos, sin = _layer_inputs(model, spec, t, device, next(model.parameters()).dtype)
+        call = LayerCall(module=attn, layer=0, query=q, key=k, value=v, attention_mask=None,
+                         scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin)
+        pol = TopKPolicy(GateSelector(bank), 64, selection="block", block=64)
+        fns = {"block64": lambda: pol(call),
+               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+        row = {"T": t}
+        for name, fn in fns.items():
+            with torch.no_grad():
+                for _ in range(5):
+                    fn()
+                sync(device)
+                prof = cProfile.Profile()
+                t0 = time.perf_counter()
+                prof.enable()
+                for _ in range(calls):
+                    fn()
+                prof.disable()
+                row[f"{name}_host_us"] = (time.perf_counter() - t0) / calls * 1e6
+                sync(device)
+            stats = pstats.Stats(prof)
+            entries = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
+            row[f"{name}_top"] = [{"function": f"{Path(f).name}:{line}:{fn_name}", "calls_per_call": nc / calls,
+                                   "own_us": tt / calls * 1e6, "cumulative_us": ct / calls * 1e6}
+                                  for (f, line, fn_name), (_, nc, tt, ct, _) in entries]
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
     return rows
 
 
@@ -472,12 +555,22 @@ def bench_model(model, bank, ts, ks, device, reps, block_sizes=(16, 64)):
                         decoder_of(model)(input_ids=ids, use_cache=False)
 
         dense = timed(forward, device, reps)
+        gpu = device.type == "cuda"
+        if gpu:  # the attention of every layer alone: a whole forward's GPU time less that of one without attention
+            rest = gpu_busy(lambda: forward(NoAttention()))
+            dense_attention = gpu_busy(lambda: forward(DensePolicy())) - rest
         for kk in ks:
             row = {"T": t, "k": kk, "dense_decoder_s": dense}
+            if gpu:
+                row |= {"no_attention_gpu_s": rest, "dense_attention_gpu_s": dense_attention}
             for blk in block_sizes:
                 pol = TopKPolicy(GateSelector(bank), kk, selection="block", block=blk)
                 row[f"block{blk}_s"] = timed(lambda: forward(pol), device, reps)
                 row[f"block{blk}_speedup_vs_dense"] = dense / row[f"block{blk}_s"]
+                if gpu:
+                    row[f"block{blk}_attention_gpu_s"] = gpu_busy(lambda: forward(pol)) - rest
+                    row[f"block{blk}_attention_speedup_whole_model"] = (dense_attention
+                                                                        / row[f"block{blk}_attention_gpu_s"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -560,11 +653,14 @@ def main() -> None:
                                                  graph_step=True)
         save()
     if "eval" in parts:
-        result["parts"]["eval"] = bench_eval(model, bank, plan["eval"], device, max(1, args.reps // 2))
+        result["parts"]["eval"] = bench_eval(model, bank, plan["eval"], device, args.reps)
         save()
     if "attention" in parts:
         result["parts"]["attention"] = bench_attention(model, bank, plan["attention"], plan["attention_k"], device,
                                                        dtype, args.reps)
+        save()
+    if "host" in parts:
+        result["parts"]["host"] = bench_host(model, bank, plan["eval"][:1] + plan["attention"][:1], device)
         save()
     if "attention_tuning" in parts:
         result["parts"]["attention_tuning"] = bench_attention_tuning(model, bank, plan["attention"][-1], 2048, device,
@@ -582,7 +678,8 @@ def main() -> None:
     print(f"\n{result['device']}  {result['dtype']}  ({args.size} size)")
     for part, rows in result["parts"].items():
         for row in rows:
-            keys = [k for k in row if k.endswith(("ratio", "ratio_eager", "ratio_graph", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense"))
+            keys = [k for k in row if k.endswith(("ratio", "ratio_eager", "ratio_graph", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense",
+                                          "speedup_gpu_busy", "speedup_back_to_back", "speedup_whole_model"))
                     or k in ("T", "k", "batch", "row_fraction", "peak_bytes", "error")]
             print(part, {k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
 
