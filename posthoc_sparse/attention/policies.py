@@ -17,6 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import UserError
 from ..gates.modules import GateBank
 from ..kernels import block_sparse as bsp
+from ..kernels import head_topk as ht
 from ..kernels.kl_distill import flash_attention_lse, flash_lse_ok
 from .reference import allowed_keys, attend, group_scores, masked_softmax, scores, soft_topk_bias, topk_keep
 
@@ -351,6 +352,8 @@ class TopKPolicy:
     def __call__(self, call: LayerCall) -> torch.Tensor:
         if self.selection == "block":
             return self._blocks(call)
+        if self.selection == "head" and self._head_kernels(call):
+            return self._heads(call)
         prepared = self.selector.prepare(call)
         n_rep = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
 
@@ -362,14 +365,41 @@ class TopKPolicy:
 
         return chunked_attention(call, probs, self.query_chunk)
 
-    def fast_path(self, call: LayerCall) -> bool:
-        """The Triton kernel serves CUDA prefill with plain causal masking when nothing needs gradients or
-        per-chunk scores (an observer); everything else takes the chunked reference."""
+    def _plain_prefill(self, call: LayerCall) -> bool:
+        """CUDA prefill with plain causal masking where nothing needs gradients or per-chunk scores (an
+        observer): what the Triton kernels serve. Everything else takes the chunked reference."""
         q = call.query
         return (q.is_cuda and self.observer is None and call.attention_mask is None and not call.dropout
                 and not (torch.is_grad_enabled() and (q.requires_grad or call.key.requires_grad
                                                       or call.value.requires_grad))
-                and call.value.shape[-1] == q.shape[-1] and bsp.block_kernels_ok(q, call.key, self.block))
+                and call.value.shape[-1] == q.shape[-1])
+
+    def fast_path(self, call: LayerCall) -> bool:
+        """Whether block selection's attention runs as the Triton kernel (``_plain_prefill``, kernel shapes)."""
+        return self._plain_prefill(call) and bsp.block_kernels_ok(call.query, call.key, self.block)
+
+    def _head_kernels(self, call: LayerCall) -> bool:
+        """Per-head selection by the gate (hidden input) or the oracle through the Triton kernels
+        (``kernels.head_topk``): plain prefill, k <= ht.MAX_K, kernel shapes."""
+        sel = self.selector
+        if type(sel) is OracleSelector:
+            dim = call.query.shape[-1]
+        elif type(sel) is GateSelector:
+            dim = sel.bank.spec.d_g
+        else:
+            return False
+        return self._plain_prefill(call) and ht.kernels_ok(call.query, call.key, self.k, dim)
+
+    def _heads(self, call: LayerCall) -> torch.Tensor:
+        """Per-head top-k through the kernels: the k causal keys of largest selection score per row and head
+        (exactly min(k, causal keys), as ``topk_keep``), then attention over those keys."""
+        if type(self.selector) is OracleSelector:  # the true scores (softcap keeps their order)
+            a, b, scale = call.query, call.key, call.scaling
+        else:
+            (a, b), scale = self.selector.prepare(call), 1.0
+        a, b = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, b))
+        idx = ht.head_topk(a, b, self.k, scale)
+        return ht.index_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
 
     def _blocks(self, call: LayerCall) -> torch.Tensor:
         q, key = call.query, call.key

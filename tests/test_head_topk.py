@@ -1,0 +1,134 @@
+"""Per-head top-k kernels (kernels.head_topk) against their naive twins (on the CPU through TRITON_INTERPRET=1,
+on the GPU in fp32 and bf16), and the policy's per-head kernel path against the chunked reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posthoc_sparse.attention.interface import SparseAttention
+from posthoc_sparse.attention.policies import GateSelector, OracleSelector, TopKPolicy
+from posthoc_sparse.gates.io import gate_spec_for_model
+from posthoc_sparse.gates.modules import GateBank
+from posthoc_sparse.kernels import head_topk as ht
+
+from .tiny import random_ids, tiny_model
+
+pytestmark = pytest.mark.skipif(ht.triton is None, reason="triton is not installed")
+
+
+def _sets(idx: torch.Tensor) -> torch.Tensor:
+    return idx.sort(-1).values
+
+
+@pytest.mark.parametrize("b, h, g, t, d, k", [(1, 2, 1, 45, 16, 8), (2, 4, 2, 37, 16, 12), (1, 2, 2, 40, 32, 33)])
+def test_head_topk_kernel_keeps_the_k_largest_causal_scores(b, h, g, t, d, k):
+    """Odd lengths, GQA keys (G < H, as the oracle passes them), k not a power of two and k above the early
+    rows' key counts (their missing keys are -1)."""
+    gen = torch.Generator().manual_seed(t)
+    a, keys = torch.randn(b, h, t, d, generator=gen), torch.randn(b, g, t, d, generator=gen)
+    got = ht.head_topk(a, keys, k, 0.5)
+    want = ht.head_topk_reference(a, keys, k, 0.5)
+    assert got.shape == (b, h, t, k) and got.dtype == torch.int32
+    assert torch.equal(_sets(got), _sets(want))
+    assert ((got >= 0).sum(-1) == torch.arange(1, t + 1).clamp(max=k)).all()  # exactly min(k, causal keys)
+    assert (got <= torch.arange(t)[:, None]).all()  # causal
+
+
+def test_head_topk_kernel_breaks_ties_by_the_lower_index_and_orders_by_score():
+    a = torch.zeros(1, 1, 20, 16)
+    a[0, 0, :, 0] = 1.0
+    keys = torch.zeros(1, 1, 20, 16)
+    keys[0, 0, [3, 11], 0] = torch.tensor([2.0, -1.0])  # key 3 scores highest, key 11 lowest, the rest tie at 0
+    got = ht.head_topk(a, keys, 4)[0, 0]
+    assert got[19].tolist() == [3, 0, 1, 2] and got[12].tolist() == [3, 0, 1, 2]
+    assert got[2].tolist() == [0, 1, 2, -1]
+
+
+def test_head_topk_kernel_is_exact_where_candidates_overflow():
+    """Equal scores everywhere make every key a candidate (more than the 2 * 16 slots of k = 4): those blocks
+    take the exact fallback (bisection over all keys), which keeps the lowest indices of equal scores. Rows
+    with one distinct high score keep it."""
+    t = 70
+    a = torch.zeros(1, 2, t, 16)
+    a[..., 0] = 1.0
+    keys = torch.zeros(1, 1, t, 16)
+    keys[0, 0, 50, 0] = 1.0  # head rows from 50 on see one key above the rest
+    got = ht.head_topk(a, keys, 4)
+    want = torch.tensor([0, 1, 2, 3])
+    assert (got[0, :, 3:50].sort(-1).values == want).all()
+    assert (got[0, :, 50:].sort(-1).values == torch.tensor([0, 1, 2, 50])).all()
+    assert got[0, 0, 1].tolist() == [0, 1, -1, -1]
+    gen = torch.Generator().manual_seed(1)  # scores on a coarse grid: many ties at the k-th score
+    a = torch.randint(0, 3, (1, 2, t, 16), generator=gen).float()
+    keys = torch.randint(0, 3, (1, 2, t, 16), generator=gen).float()
+    got = ht.head_topk(a, keys, 12)
+    want = ht.head_topk_reference(a, keys, 12)
+    s = torch.matmul(a, keys.transpose(-1, -2))
+    mass = [s.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, 0).sum(-1) for i in (got, want)]
+    assert torch.equal(mass[0], mass[1])  # ties broken otherwise than torch.topk, the same scores kept
+    assert ((got >= 0).sum(-1) == torch.arange(1, t + 1).clamp(max=12)).all()
+    assert all(len(set(r.tolist()) - {-1}) == min(12, i + 1) for i, r in enumerate(got[0, 0]))  # distinct keys
+
+
+def test_index_attention_kernel_equals_the_reference_with_gqa_missing_keys_and_softcap():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=gen), torch.randn(2, 2, 37, 16, generator=gen),
+               torch.randn(2, 2, 37, 16, generator=gen))
+    idx = ht.head_topk_reference(torch.randn(2, 4, 37, 16, generator=gen), torch.randn(2, 4, 37, 16, generator=gen), 8)
+    assert (idx < 0).any()  # rows 0..6 keep fewer than 8 keys
+    for softcap in (None, 5.0):
+        out = ht.index_attention(q, k, v, idx, 0.25, softcap).transpose(1, 2)
+        torch.testing.assert_close(out, ht.index_attention_reference(q, k, v, idx, 0.25, softcap), atol=1e-5, rtol=1e-5)
+
+
+def test_policy_takes_the_head_kernels_only_for_plain_cuda_prefill():
+    from .test_block_sparse import _layer_call
+
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    call = _layer_call(model, bank, random_ids(1, 20))
+    assert not TopKPolicy(GateSelector(bank), 8)._head_kernels(call)  # a CPU tensor: the reference
+    assert not ht.kernels_ok(call.query, call.key, ht.MAX_K + 1, 16)
+    assert not ht.kernels_ok(call.query, call.key, 8, 8)  # gate dim below tl.dot's 16
+    assert ht.kernels_ok(call.query, call.key, 8, 16) == (ht.triton is not None)
+
+
+def _run(model, policy, ids):
+    with torch.no_grad(), SparseAttention(model, policy):
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, k", [(300, 64), (1000, 100), (517, 16)])
+def test_head_topk_kernels_on_gpu(dtype, t, k):
+    gen = torch.Generator().manual_seed(t)
+    a = torch.randn(2, 4, t, 32, generator=gen).cuda().to(dtype)
+    keys = torch.randn(2, 2, t, 32, generator=gen).cuda().to(dtype)
+    got = ht.head_topk(a, keys, k, 0.7)
+    want = ht.head_topk_reference(a, keys, k, 0.7)
+    # fp32 sums in another order than cuBLAS's: sets differ only where scores tie within rounding, so they are
+    # compared by the score they carry
+    same = (_sets(got) == _sets(want)).all(-1).float().mean()
+    assert same > (0.99 if dtype == torch.float32 else 0.97)
+    s = torch.matmul(a.float(), keys.float().repeat_interleave(2, 1).transpose(-1, -2)) * 0.7
+    mass = [s.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, 0).sum(-1) for i in (got, want)]
+    torch.testing.assert_close(mass[0], mass[1], atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-3)
+    q = torch.randn(2, 4, t, 128, generator=gen).cuda().to(dtype)
+    k_, v = (torch.randn(2, 2, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
+    out = ht.index_attention(q, k_, v, got, 128**-0.5).transpose(1, 2).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ht.index_attention_reference(q, k_, v, got, 128**-0.5), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selector", ["oracle", "gate"])
+def test_head_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selector):
+    model = tiny_model("qwen3").cuda()  # fp32: the kernels' products are exact fp32 (ieee)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    make = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank)}[selector]
+    ids = random_ids(2, 200).cuda()
+    fast = _run(model, TopKPolicy(make(), 24), ids)
+    slow = _run(model, TopKPolicy(make(), 24, observer=lambda *a: None), ids)  # an observer forces the reference
+    torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)
