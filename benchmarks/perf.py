@@ -11,6 +11,7 @@ Parts (``--parts``, comma list):
   eval       eval throughput of oracle, gate and random modes / dense (T = 512, 4096)
   attention  one layer's deployed gated top-k attention / SDPA flash attention, forward (T = 4096..32768),
              per-head selection (reference) and block selection (Triton), with the kernels' agreement
+  head_tuning  launch settings of the per-head top-k and index-attention kernels (T = 4096, k = 64)
   host       where the host's time goes in one layer's block-gated attention call and in SDPA's (cProfile)
   model      the whole decoder forward, block-gated top-k in every layer / dense SDPA (T = 4096..32768), and
              the attention of all layers alone (a forward's GPU time less that of one that skips attention)
@@ -427,11 +428,24 @@ def bench_attention(model, bank, ts, ks, device, dtype, reps, block_sizes=(16, 6
             timings = {"sdpa_gpu_busy_s": gpu_busy(flash), "sdpa_back_to_back_s": back_to_back(flash, device, reps)}
         for kk in ks:
             row = {"T": t, "k": kk, "sdpa_s": sdpa, **timings}
-            if t <= head_max_t:
-                pol = TopKPolicy(GateSelector(bank), kk)
+            pol = TopKPolicy(GateSelector(bank), kk)
+            head_kernels = pol._head_kernels(call)  # per-head selection through kernels.head_topk (k <= MAX_K)
+            if t <= head_max_t or head_kernels:
                 with torch.no_grad():
                     row["head_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
                 row["head_speedup_vs_sdpa"] = sdpa / row["head_s"]
+                row["head_path"] = "kernels" if head_kernels else "reference"
+                if head_kernels and device.type == "cuda":
+                    from posthoc_sparse.kernels import head_topk as ht
+
+                    gq, gk = pol.selector.prepare(call)
+                    row["head_prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
+                    row["head_topk_s"] = timed(lambda: ht.head_topk(gq, gk, kk), device, reps)
+                    idx = ht.head_topk(gq, gk, kk)
+                    row["head_attention_s"] = timed(lambda: ht.index_attention(q, k, v, idx, call.scaling), device,
+                                                    reps)
+                    oracle = TopKPolicy(OracleSelector(), kk)
+                    row["head_oracle_s"] = timed(lambda: oracle(call), device, reps)
             for blk in block_sizes:
                 pol = TopKPolicy(GateSelector(bank), kk, selection="block", block=blk)
                 key = f"block{blk}"
@@ -509,6 +523,41 @@ def bench_host(model, bank, ts, device, calls: int = 200, top: int = 15):
                                   for (f, line, fn_name), (_, nc, tt, ct, _) in entries]
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
+    return rows
+
+
+def bench_head_tuning(device, reps, t: int = 4096, k: int = 64):
+    """Launch settings of the per-head kernels (rows per program, warps) at one T and k: the top-k on gate-sized
+    inputs (16 heads, d = 32, bf16) and the attention over the kept keys (head_dim 128, 8 KV heads)."""
+    from posthoc_sparse.kernels import head_topk as ht
+
+    if device.type != "cuda":  # the kernels run on a GPU (the CPU interpreter is for the tests)
+        return []
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+    key, v = (torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    default = dict(ht.TUNING)
+    want = ht.head_topk(a, b, k)
+    rows = []
+    for part, settings in (("topk", [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]),
+                           ("attn", [(32, 4), (16, 4), (64, 4), (64, 8)])):
+        for n_rows, warps in settings:
+            ht.TUNING.update({f"{part}_rows": n_rows, f"{part}_warps": warps})
+            try:
+                if part == "topk":
+                    same = bool(torch.equal(ht.head_topk(a, b, k), want))
+                    sec = timed(lambda: ht.head_topk(a, b, k), device, reps)
+                else:
+                    same = True
+                    sec = timed(lambda: ht.index_attention(q, key, v, want, 128**-0.5), device, reps)
+            except Exception as e:  # a setting the compiler rejects (shared memory, registers)
+                sec, same = None, None
+                print("config failed", part, n_rows, warps, type(e).__name__)
+            rows.append({"T": t, "k": k, "kernel": part, "rows": n_rows, "num_warps": warps, "seconds": sec,
+                         "same_as_default": same})
+            print(json.dumps(rows[-1]), flush=True)
+            ht.TUNING.update(default)
     return rows
 
 
@@ -661,6 +710,9 @@ def main() -> None:
         save()
     if "host" in parts:
         result["parts"]["host"] = bench_host(model, bank, plan["eval"][:1] + plan["attention"][:1], device)
+        save()
+    if "head_tuning" in parts:
+        result["parts"]["head_tuning"] = bench_head_tuning(device, args.reps)
         save()
     if "attention_tuning" in parts:
         result["parts"]["attention_tuning"] = bench_attention_tuning(model, bank, plan["attention"][-1], 2048, device,
