@@ -34,12 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from posthoc_sparse.attention.graphs import captured  # noqa: E402
 from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
 from posthoc_sparse.attention.policies import (  # noqa: E402
     DensePolicy, GateSelector, LayerCall, OracleSelector, RecordPolicy, TopKPolicy,
 )
 from posthoc_sparse.distill.loop import (  # noqa: E402
-    StepGraphs, accumulate_gradients, captured, decoder_of, gate_optimizer,
+    StepGraphs, accumulate_gradients, decoder_of, gate_optimizer,
 )
 from posthoc_sparse.gates.io import gate_spec_for_model  # noqa: E402
 from posthoc_sparse.gates.modules import GateBank  # noqa: E402
@@ -103,7 +104,7 @@ def interleaved(fns: dict, device, reps: int, warmup: int = 1, contexts: dict | 
 
 
 def cuda_graphed(fn, device):
-    """``fn`` (static inputs) replayed as a CUDA graph, captured at the first call (``loop.captured``)."""
+    """``fn`` (static inputs) replayed as a CUDA graph, captured at the first call (``graphs.captured``)."""
     state = {}
 
     def run():

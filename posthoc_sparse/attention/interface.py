@@ -56,8 +56,8 @@ _PLAIN_CAUSAL = {"depth": 0}
 def plain_causal_prefill():
     """Within: the caller promises that every forward is plain causal prefill of whole windows (input ids only:
     no padding mask, no packed sequences, no cache), so ``_mask`` returns None (SDPA's causal kernels) for full
-    attention layers without looking at the inputs. ``distill.loop.StepGraphs`` captures its CUDA graphs inside
-    it: while a stream captures, transformers cannot read the position ids to rule out packed sequences and
+    attention layers without looking at the inputs. ``distill.loop.StepGraphs`` and ``graphs.ForwardGraphs``
+    capture their CUDA graphs inside it: while a stream captures, transformers cannot read the position ids to rule out packed sequences and
     would build an explicit (B, 1, T, T) mask instead."""
     _PLAIN_CAUSAL["depth"] += 1
     try:

@@ -378,6 +378,10 @@ class StepGraphs:
         self.failures: list[str] = []  # why shapes stayed eager
         self.retried: list[str] = []  # captures that failed once, then took (without cuDNN attention)
 
+    @property
+    def replayed_shapes(self) -> list[list[int]]:
+        return [list(key[0]) for key, graph in self.graphs.items() if graph is not None]
+
     @staticmethod
     def _key(ids: torch.Tensor, rows: torch.Tensor | None, scale: float, bank: GateBank) -> tuple:
         # the gates' storage too: a graph reads the weights and adds the gradients where they lived at capture
@@ -672,7 +676,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     assert_frozen(model)
     elapsed = time.perf_counter() - t_start
     graph_info = None if graphs is None else {  # which step shapes replayed as CUDA graphs, and why others did not
-        "replayed_shapes": [list(key[0]) for key, g in graphs.graphs.items() if g is not None],
+        "replayed_shapes": graphs.replayed_shapes,
         "failures": graphs.failures, "retried": graphs.retried}
     if procs.is_main:
         save_gates(out, bank.cpu(), meta | {"steps": step})

@@ -113,12 +113,12 @@ class LayerGate(nn.Module):
         wanted: deployed gating then pays one matmul per layer instead of re-laying the weight out (four
         launches per layer and call, the larger part of its host time at short context)."""
         if torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad):
-            return self.hidden_weight().to(dtype)
+            return hidden_weights([self], dtype)[0]
         key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
         cached = self.__dict__.get("_weight_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():  # the storages are held, so that their addresses are not reused while cached
-                cached = (key, self.hidden_weight().to(dtype), self.wq.detach(), self.wk.detach())
+                cached = (key, hidden_weights([self], dtype)[0], self.wq.detach(), self.wk.detach())
             self.__dict__["_weight_cache"] = cached
         return cached[1]
 
