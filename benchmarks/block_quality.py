@@ -20,25 +20,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from posthoc_sparse.attention.interface import SparseAttention  # noqa: E402
-from posthoc_sparse.attention.policies import DensePolicy, GateSelector, OracleSelector, TopKPolicy  # noqa: E402
+from posthoc_sparse.attention.policies import policy_for  # noqa: E402
 from posthoc_sparse.data import build_windows  # noqa: E402
 from posthoc_sparse.evaluate.perplexity import windows_nll  # noqa: E402
 from posthoc_sparse.gates.io import load_gates, read_gate_config  # noqa: E402
-from posthoc_sparse.gates.modules import GateBank  # noqa: E402
-from posthoc_sparse.loading import input_device, load_model  # noqa: E402
+from posthoc_sparse.gates.modules import GateBank, random_control  # noqa: E402
+from posthoc_sparse.devices import input_device  # noqa: E402
+from posthoc_sparse.loading import load_model  # noqa: E402
 
 
-def policy_for(run: str, bank: GateBank, random_bank: GateBank):
+def run_policy(run: str, bank: GateBank, random_bank: GateBank):
+    """The policy of one run label: "dense", or "MODE,head|group,K", or "MODE,block,B,K[,exact]"."""
     parts = run.split(",")
     if parts[0] == "dense":
-        return DensePolicy()
+        return policy_for("dense")
     mode, selection = parts[0], parts[1]
     block = int(parts[2]) if selection == "block" else 64
     score = "exact" if parts[-1] == "exact" else "bound"
     k = int(parts[3] if selection == "block" else parts[2])
-    selector = {"oracle": OracleSelector(), "gate": GateSelector(bank, block_score=score),
-                "random": GateSelector(random_bank, block_score=score)}[mode]
-    return TopKPolicy(selector, k, selection=selection, block=block)
+    return policy_for(mode, k, {"gate": bank, "random": random_bank}.get(mode), selection=selection, block_size=block,
+                      block_score=score)
 
 
 def main() -> None:
@@ -55,13 +56,13 @@ def main() -> None:
     model = loaded.model
     bank, _ = load_gates(args.gates)
     bank.to(input_device(model))
-    random_bank = GateBank(bank.spec).reset_random(cfg.get("random_seed", 1)).to(input_device(model))
+    random_bank = random_control(bank.spec, cfg.get("random_seed", 1)).to(input_device(model))
     windows, info = build_windows(loaded.tokenizer, cfg["dataset"], "heldout", args.seq_len, max_windows=args.windows)
     out = {"model": loaded.source, "gates": args.gates, "seq_len": args.seq_len, "windows": len(windows), "data": info,
            "results": {}}
     for run in args.runs.split(";"):
         t0 = time.perf_counter()
-        with SparseAttention(model, policy_for(run, bank, random_bank)):
+        with SparseAttention(model, run_policy(run, bank, random_bank)):
             nll, n = windows_nll(model, windows, 1, input_device(model))
         out["results"][run] = {"perplexity": math.exp(nll / n), "tokens": n, "seconds": time.perf_counter() - t0}
         print(run, round(out["results"][run]["perplexity"], 3), flush=True)

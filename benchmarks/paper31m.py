@@ -42,7 +42,7 @@ def _steps(a) -> dict:
 
 def prepare(a) -> None:
     from posthoc_sparse.corpus import CorpusConfig, build_corpus
-    from posthoc_sparse.experiments.pretrain import EMBEDDED_TOKENIZER, load_tokenizer
+    from posthoc_sparse.tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
 
     res = build_corpus(CorpusConfig(output=a.corpus, overwrite=True))
     log(f"corpus {res.output}: {res.manifest['totals']}")

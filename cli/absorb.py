@@ -89,7 +89,7 @@ def absorb(
         report = run_absorb(cfg, on_event=on_event)
     finally:
         bar.stop()
-    from posthoc_sparse.experiments.absorb import summary_markdown
+    from posthoc_sparse.experiments.absorb_summary import summary_markdown
 
     out_console.print(Markdown(summary_markdown(report)))
     out_console.print(f"report written to {cfg.output}/{REPORT_NAME} and {SUMMARY_NAME} (+ {len(report['plots'])} PNG)")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .config import EMBEDDED_DATASET
-from .errors import UserError
+from .errors import UserError, first_line
 
 __all__ = ["EMBEDDED_DATASET", "MANIFEST_NAME", "SPLITS", "SUFFIXES", "WindowSampler", "build_windows",
            "is_heldout", "load_documents"]
@@ -48,11 +48,6 @@ _TOKENIZE_BATCH = 512
 def is_heldout(text: str, heldout_per_mille: int = 50) -> bool:
     """True iff ``text`` belongs to the held-out split: ``int(sha256(text), 16) % 1000 < heldout_per_mille``."""
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 1000 < heldout_per_mille
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:limit]
 
 
 # --- readers: each returns the raw documents of one file, in file order -------------------------------------
@@ -135,7 +130,7 @@ def _read_file(path: Path, text_field: str) -> list[str]:
             return _read_json(path, text_field)
         return _read_parquet(path, text_field)
     except (OSError, ValueError) as e:  # unreadable, bad encoding, corrupt parquet (ArrowInvalid is a ValueError)
-        raise UserError(f"could not read {path} ({type(e).__name__}: {_first_line(e)}); check the file") from None
+        raise UserError(f"could not read {path} ({type(e).__name__}: {first_line(e, 160)}); check the file") from None
 
 
 def _local_documents(path: Path, text_field: str) -> tuple[list[str], int]:
@@ -189,7 +184,7 @@ def _hub_documents(source: str, split: str, text_field: str) -> tuple[list[str],
     except Exception as e:  # offline, not found, bad config, no such split: all for the user to fix
         offline = os.environ.get("HF_HUB_OFFLINE", "unset")
         raise UserError(
-            f"dataset {resolved!r} could not be loaded ({type(e).__name__}: {_first_line(e)}); the machine may be "
+            f"dataset {resolved!r} could not be loaded ({type(e).__name__}: {first_line(e, 160)}); the machine may be "
             f"offline (HF_HUB_OFFLINE={offline}): pass a local .txt/.jsonl/.json/.parquet file or folder instead "
             "(`sparsify corpus --output data/offline-en` builds one from offline packages)"
         ) from None

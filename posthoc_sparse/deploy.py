@@ -12,12 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from .attention.interface import SparseAttention
-from .attention.policies import DEFAULT_BLOCK, DensePolicy, GateSelector, OracleSelector, TopKPolicy, check_selection
+from .attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
 from .errors import UserError
 from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
-from .gates.modules import GateBank
+from .gates.modules import GateBank, random_control
 
-DEPLOY_MODES = ("gate", "random", "oracle", "dense")
 
 
 def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, mode: str = "gate",
@@ -33,12 +32,11 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
     ``GateSelector.block_mass``). Use as a context manager or call
     ``.remove()``; removal restores the model's attention exactly.
     """
-    if mode not in DEPLOY_MODES:
-        raise UserError(f"mode must be one of {', '.join(DEPLOY_MODES)}, got {mode!r}")
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if k <= 0:
         raise UserError(f"k must be a positive number of keys, got {k}")
     check_selection(selection, block_size, block_score)
-    topk = dict(selection=selection, block=block_size)
     bank, config = None, {}
     if isinstance(gates, GateBank):
         bank = gates
@@ -53,14 +51,12 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
             fingerprint = model_fingerprint(model.config)
         check_gate_matches(config, model, fingerprint)
     device = next(model.parameters()).device
-    if mode == "dense":
-        return SparseAttention(model, DensePolicy())
-    if mode == "oracle":
-        return SparseAttention(model, TopKPolicy(OracleSelector(), k, **topk))
     if mode == "random":
         spec = bank.spec if bank is not None else gate_spec_for_model(model, default_d_g(model))
-        seed = random_seed if random_seed is not None else config.get("random_seed", 1)
-        bank = GateBank(spec).reset_random(seed).requires_grad_(False)
-    elif bank is None:
+        bank = random_control(spec, random_seed if random_seed is not None else config.get("random_seed", 1))
+    elif mode == "gate" and bank is None:
         raise UserError("mode 'gate' needs gates: a folder written by `sparsify distill` or a GateBank")
-    return SparseAttention(model, TopKPolicy(GateSelector(bank.to(device), block_score=block_score), k, **topk))
+    if mode in ("gate", "random"):
+        bank = bank.to(device)
+    return SparseAttention(model, policy_for(mode, k, bank, selection=selection, block_size=block_size,
+                                             block_score=block_score))

@@ -9,3 +9,9 @@ class UserError(Exception):
 
 class GateMismatchError(UserError):
     """A gate artifact does not fit the model it is applied to."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), cut at ``limit``."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

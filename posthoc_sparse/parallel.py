@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import UserError
-from .loading import resolve_device
+from .devices import resolve_device
 
 __all__ = ["Processes", "is_main_process"]
 

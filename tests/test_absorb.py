@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from posthoc_sparse.attention.interface import SparseAttention
-from posthoc_sparse.attention.policies import GateSelector, RandomScoreSelector, SoftGatePolicy, TopKPolicy
+from posthoc_sparse.attention.policies import TopKPolicy
+from posthoc_sparse.attention.selectors import GateSelector, RandomScoreSelector
+from posthoc_sparse.attention.soft import SoftGatePolicy
 from posthoc_sparse.attention.reference import allowed_keys, masked_softmax, soft_topk_bias, topk_keep
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.experiments.absorb import AbsorbConfig, run_absorb

@@ -1,4 +1,4 @@
-"""Block-sparse selection (kernels/block_sparse.py): the naive definitions, the Triton kernels against them
+"""Block-sparse selection (ops/block_sparse): the naive definitions, the Triton kernels against them
 (on the CPU through TRITON_INTERPRET=1, on the GPU in bf16), and the policy on tiny models and in eval."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from posthoc_sparse.attention.interface import SparseAttention
-from posthoc_sparse.attention.policies import GateSelector, OracleSelector, RandomScoreSelector, TopKPolicy
+from posthoc_sparse.attention.policies import TopKPolicy
+from posthoc_sparse.attention.selectors import GateSelector, OracleSelector, RandomScoreSelector
 from posthoc_sparse.gates.io import gate_spec_for_model
 from posthoc_sparse.gates.modules import GateBank
-from posthoc_sparse.kernels import block_sparse as bs
+from posthoc_sparse.ops import block_sparse as bs
 
 from .tiny import random_ids, tiny_model
 
@@ -294,7 +295,7 @@ def test_gate_summaries_kernel_on_gpu_bf16():
 def test_gate_block_mass_on_gpu_equals_the_reference_for_a_batch(dtype):
     """GateSelector.block_mass on CUDA (Triton summaries and scores) against projection + rotary + pool_bound
     + the naive scores, for a batch of 3 sharing one rotary table (as transformers passes it)."""
-    from posthoc_sparse.attention.policies import LayerCall
+    from posthoc_sparse.attention.call import LayerCall
 
     model = tiny_model("qwen3").cuda().to(dtype)
     bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()

@@ -133,8 +133,8 @@ def test_a_failed_micro_batch_leaves_no_records_behind(monkeypatch):
     """_micro_batch clears the recording policy even when its losses fail part-way (a refused CUDA-graph capture
     must not leave a half-filled stack for the eager run that follows)."""
     from posthoc_sparse.attention.interface import SparseAttention
-    from posthoc_sparse.attention.policies import RecordPolicy
-    from posthoc_sparse.distill import loop
+    from posthoc_sparse.attention.recording import RecordPolicy
+    from posthoc_sparse.distill import layer_loss, step
     from posthoc_sparse.gates.io import gate_spec_for_model
     from posthoc_sparse.gates.modules import GateBank
 
@@ -147,56 +147,7 @@ def test_a_failed_micro_batch_leaves_no_records_behind(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("refused")
 
-    monkeypatch.setattr(loop, "layer_loss_backward", refuse)
+    monkeypatch.setattr(layer_loss, "layer_loss_backward", refuse)
     with SparseAttention(model, policy), pytest.raises(RuntimeError, match="refused"):
-        loop._micro_batch(model, policy, bank, random_ids(1, 40), "kl", 4, 1.0, None, lambda *a: None)
+        step._micro_batch(model, policy, bank, random_ids(1, 40), "kl", 4, 1.0, None, lambda *a: None)
     assert policy.records == {} and policy.stack is None
-
-
-def test_step_graphs_bookkeeping(monkeypatch):
-    """StepGraphs without a GPU (a stand-in graph): a shape replays only after one eager run that took the whole
-    stacked path; a refused capture is retried once without cuDNN attention (the flag restored after), and a
-    shape whose both captures fail stays eager with both reasons kept."""
-    from posthoc_sparse.distill import loop
-    from posthoc_sparse.kernels import kl_distill
-
-    attempts = []
-
-    class Stand:
-        refusals = 0
-
-        def __init__(self, ids, rows, params):
-            pass
-
-        def capture(self, body):
-            attempts.append(kl_distill.CUDNN_IN_CAPTURE)
-            if Stand.refusals:
-                Stand.refusals -= 1
-                raise RuntimeError("refused")
-
-        def replay(self, ids, rows):
-            return "replayed"
-
-    monkeypatch.setattr(loop, "_Graph", Stand)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    class Bank:
-        params = [torch.zeros(2)]
-
-        def parameters(self):
-            return self.params
-
-    ids = torch.zeros(1, 8, dtype=torch.long)
-    for refusals, expected in ((0, "replayed"), (1, "replayed"), (2, None)):
-        attempts.clear()
-        Stand.refusals = refusals
-        graphs, b = loop.StepGraphs(), Bank()
-        assert graphs.replay(ids, None, 1.0, b, None) is None  # not run eagerly yet
-        graphs.ran_eagerly(ids, None, 1.0, b, True)
-        assert graphs.replay(ids, None, 1.0, b, None) == expected
-        assert graphs.replay(ids, None, 1.0, b, None) == expected  # captured once, not again
-        assert attempts == [True, False][:refusals + 1] and kl_distill.CUDNN_IN_CAPTURE is True
-        assert len(graphs.retried) == (refusals == 1) and len(graphs.failures) == 2 * (refusals == 2)
-    attempts.clear()
-    graphs, b = loop.StepGraphs(), Bank()
-    graphs.ran_eagerly(ids, None, 1.0, b, False)  # some layer left the stacked path: never captured
-    assert graphs.replay(ids, None, 1.0, b, None) is None and attempts == []

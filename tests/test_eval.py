@@ -145,57 +145,13 @@ def test_group_selection_in_eval_costs_recall_and_equals_dense_at_full_k(trained
         _eval(trained, modes="oracle", selection="blocks")
 
 
-class _StandInGraph:
-    """A stand-in for a CUDA graph on the CPU: replay reruns the captured function into its static output."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-
-def _stand_in_capture(fn, device):
-    out = fn()
-    return _StandInGraph(fn, out), out
-
-
-def test_forward_graphs_run_eagerly_then_capture_once_then_replay_new_inputs():
-    from posthoc_sparse.attention.graphs import ForwardGraphs
-
-    calls = []
-
-    def fn(ids):
-        calls.append(ids.data_ptr())
-        return ids.float().sum(-1) * 2
-
-    graphs = ForwardGraphs(capture=_stand_in_capture)
-    a, b, c = (torch.full((2, 3), v) for v in (1, 2, 3))
-    assert torch.equal(graphs(fn, a), fn(a))  # first of its shape: eager
-    assert graphs.graphs == {} and graphs.replays == 0
-    assert torch.equal(graphs(fn, b), torch.tensor([12.0, 12.0]))  # second: captured, then replayed with b
-    assert torch.equal(graphs(fn, c), torch.tensor([18.0, 18.0]))  # later: replayed with c copied in
-    assert graphs.replays == 2 and graphs.replayed_shapes == [[2, 3]]
-    out = graphs(fn, a)
-    graphs(fn, b)
-    assert torch.equal(out, torch.tensor([6.0, 6.0]))  # a clone: the next replay does not overwrite it
-    assert graphs(fn, torch.ones(1, 3)).shape == (1,)  # another shape starts eagerly again
-
-    def refuse(fn, device):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore")
-
-    failing = ForwardGraphs(capture=refuse)
-    for v in (1, 2, 3):
-        assert torch.equal(failing(fn, torch.full((2, 3), v)), torch.full((2,), 6.0 * v))  # eager throughout
-    assert failing.graphs == {((2, 3), torch.int64, torch.device("cpu")): None} and failing.replays == 0
-    assert failing.failures == ["(2, 3): RuntimeError: operation not permitted when stream is capturing"]
-
-
-def test_windows_nll_through_forward_graphs_equals_the_eager_sum(trained):
-    from posthoc_sparse.attention.graphs import ForwardGraphs
+def test_windows_nll_through_shape_graphs_equals_the_eager_sum(trained):
+    from posthoc_sparse.attention.graphs import ShapeGraphs
     from posthoc_sparse.attention.interface import SparseAttention
     from posthoc_sparse.attention.policies import OracleSelector, TopKPolicy
     from posthoc_sparse.evaluate.perplexity import windows_nll
+
+    from .test_graphs import stand_in_capture
 
     model, corpus, _ = trained
     loaded = load_model(str(model))
@@ -203,7 +159,7 @@ def test_windows_nll_through_forward_graphs_equals_the_eager_sum(trained):
     assert len(windows) == 7  # batches of 2, 2, 2 and a last one of 1 (its own shape)
     with SparseAttention(loaded.model, TopKPolicy(OracleSelector(), 4)):
         eager = windows_nll(loaded.model, windows, 2, torch.device("cpu"))
-        graphs = ForwardGraphs(capture=_stand_in_capture)
+        graphs = ShapeGraphs(capture=stand_in_capture)
         replayed = windows_nll(loaded.model, windows, 2, torch.device("cpu"), graphs=graphs)
     assert replayed[1] == eager[1] == 7 * 31
     assert replayed[0] == pytest.approx(eager[0], rel=1e-6)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from posthoc_sparse.attention.interface import SparseAttention, attention_modules
-from posthoc_sparse.attention.policies import RecordPolicy
+from posthoc_sparse.attention.recording import RecordPolicy
 from posthoc_sparse.attention.reference import allowed_keys, scores
-from posthoc_sparse.distill.losses import bce_rows, kl_rows
-from posthoc_sparse.distill.loop import layer_loss_backward
+from posthoc_sparse.distill.layer_loss import bce_rows, kl_rows, layer_loss_backward
 from posthoc_sparse.errors import GateMismatchError, UserError
 from posthoc_sparse.gates.io import (
     GATE_CONFIG_NAME,

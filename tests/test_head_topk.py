@@ -1,4 +1,4 @@
-"""Per-head top-k kernels (kernels.head_topk) against their naive twins (on the CPU through TRITON_INTERPRET=1,
+"""Per-head top-k kernels (ops.head_topk) against their naive twins (on the CPU through TRITON_INTERPRET=1,
 on the GPU in fp32 and bf16), and the policy's per-head kernel path against the chunked reference."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from posthoc_sparse.attention.interface import SparseAttention
 from posthoc_sparse.attention.policies import GateSelector, OracleSelector, TopKPolicy
 from posthoc_sparse.gates.io import gate_spec_for_model
 from posthoc_sparse.gates.modules import GateBank
-from posthoc_sparse.kernels import head_topk as ht
+from posthoc_sparse.ops import HAVE_TRITON
+from posthoc_sparse.ops import head_topk as ht
 
 from .tiny import random_ids, tiny_model
 
-pytestmark = pytest.mark.skipif(ht.triton is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
 
 def _sets(idx: torch.Tensor) -> torch.Tensor:
@@ -89,9 +90,9 @@ def test_policy_takes_the_head_kernels_only_for_plain_cuda_prefill():
     bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
     call = _layer_call(model, bank, random_ids(1, 20))
     assert not TopKPolicy(GateSelector(bank), 8)._head_kernels(call)  # a CPU tensor: the reference
-    assert not ht.kernels_ok(call.query, call.key, ht.MAX_K + 1, 16)
-    assert not ht.kernels_ok(call.query, call.key, 8, 8)  # gate dim below tl.dot's 16
-    assert ht.kernels_ok(call.query, call.key, 8, 16) == (ht.triton is not None)
+    assert not ht.supports(call.query, call.key, ht.MAX_K + 1, 16)
+    assert not ht.supports(call.query, call.key, 8, 8)  # gate dim below tl.dot's 16
+    assert ht.supports(call.query, call.key, 8, 16) and not ht.kernels_ok(call.query, call.key, 8, 16)  # CPU
 
 
 def _run(model, policy, ids):

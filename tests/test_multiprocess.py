@@ -137,7 +137,8 @@ def test_two_processes_pretrain_like_one_with_a_gate_in_the_loop(tmp_path):
 def test_device_map_spreads_the_model_and_changes_no_number(trained_tiny, tmp_path):
     """A 200 KB budget leaves room for the embeddings only: the layers go to disk and run through hooks."""
     from posthoc_sparse.attention.interface import attention_modules
-    from posthoc_sparse.loading import execution_devices, input_device, load_model
+    from posthoc_sparse.devices import execution_devices, input_device
+    from posthoc_sparse.loading import load_model
 
     model, corpus = trained_tiny
     split = dict(device_map="auto", max_memory="cpu=200KB")
@@ -162,7 +163,7 @@ def test_device_map_spreads_the_model_and_changes_no_number(trained_tiny, tmp_pa
 
 
 def test_device_map_settings_are_checked(trained_tiny, tmp_path):
-    from posthoc_sparse.loading import parse_max_memory
+    from posthoc_sparse.devices import parse_max_memory
     from posthoc_sparse.parallel import Processes
 
     model, corpus = trained_tiny

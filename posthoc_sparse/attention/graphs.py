@@ -1,22 +1,28 @@
-"""CUDA graphs of forwards through this project's attention: the capture helper and per-shape forward graphs.
+"""CUDA graphs of work that runs through this project's attention: one helper for the distillation step and the
+eval forward.
 
 At short context a forward is bound by the host: transformers and the policies launch some thousand small
-kernels (about 15 per layer for gated attention) and the GPU waits between them. A CUDA graph replays all of
-them with one launch, so dense and sparse forwards alike run at the GPU's pace.
+kernels and the GPU waits between them. A CUDA graph replays all of them with one launch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import first_line
 from .interface import plain_causal_prefill
+
+# (label, context manager factory): how a capture is tried; the label goes into the failure message
+Attempt = tuple[str, Callable[[], contextlib.AbstractContextManager]]
+PLAIN: tuple[Attempt, ...] = (("", contextlib.nullcontext),)
 
 
 def captured(fn: Callable, device) -> tuple[torch.cuda.CUDAGraph, object]:
-    """``fn()`` captured as a CUDA graph after one warm-up call on a side stream (as capture wants: lazy
-    initialisations happen outside it), and what the captured call returned (static outputs)."""
+    """``fn()`` captured as a CUDA graph after one warm-up call on a side stream (lazy initialisations happen
+    outside the capture), and what the captured call returned (its static outputs)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -28,53 +34,72 @@ def captured(fn: Callable, device) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
-class ForwardGraphs:
-    """``fn(ids)`` (a forward of whole causal windows and what follows it, returning tensors) as CUDA graphs,
-    one per shape of ``ids``. A shape's first call runs eagerly (the warm-up: Triton compiles, cuDNN plans);
-    the second is captured inside ``plain_causal_prefill()``, and every later call copies its ids into the
-    graph's and replays it. A capture that fails leaves that shape eager, with the reason in ``failures``.
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone(t) for t in out)
+    return out
 
-    The caller promises what ``plain_causal_prefill`` asks: no padding, no packed sequences, no cache, and
-    nothing in ``fn`` that must run on the host per call (an observer, a ``.item()``). Each graph's memory
-    (one forward's activations) stays reserved while this object lives."""
 
-    def __init__(self, capture: Callable = captured):
-        self.capture = capture  # captured(fn, device) -> (graph, static outputs); tests pass a stand-in
-        self.graphs: dict = {}  # key -> (static ids, graph, static outputs), or None where the shape stays eager
+class ShapeGraphs:
+    """``fn(*inputs)`` as CUDA graphs, one per key (``key[0]``: the inputs' shape).
+
+    A key's first call runs ``fn`` eagerly (Triton compiles, cuDNN plans); the second captures ``capturable``
+    (default ``fn``) on copies of the inputs inside ``plain_causal_prefill()``, tried under each of ``attempts``
+    in turn; later calls copy their inputs in, replay, and return a clone of the outputs. A key marked
+    ``keep_eager``, or whose capture failed (``failures``), stays eager. ``capture`` is replaceable for tests."""
+
+    def __init__(self, capture: Callable = captured, attempts: Sequence[Attempt] = PLAIN):
+        self.capture = capture  # captured(fn, device) -> (graph, static outputs)
+        self.attempts = tuple(attempts)
+        self.graphs: dict = {}  # key -> (static inputs, graph, static outputs), or None: the key stays eager
         self.seen: set = set()
         self.failures: list[str] = []
+        self.retried: list[str] = []
         self.replays = 0
 
     @property
     def replayed_shapes(self) -> list[list[int]]:
         return [list(key[0]) for key, entry in self.graphs.items() if entry is not None]
 
-    def __call__(self, fn: Callable, ids: torch.Tensor):
-        key = (tuple(ids.shape), ids.dtype, ids.device)
+    def keep_eager(self, key) -> None:
+        """Never capture ``key`` (its eager run left the path a graph can hold)."""
+        self.seen.add(key)
+        self.graphs[key] = None
+
+    def __call__(self, key, fn: Callable, *inputs: torch.Tensor | None, capturable: Callable | None = None):
         if key not in self.seen:
             self.seen.add(key)
-            return fn(ids)
+            return fn(*inputs)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(fn, ids)
+            self.graphs[key] = self._capture(key, capturable or fn, inputs)
         entry = self.graphs[key]
         if entry is None:
-            return fn(ids)
+            return fn(*inputs)
         static, graph, out = entry
-        static.copy_(ids)
+        for s, x in zip(static, inputs):
+            if s is not None:
+                s.copy_(x)
         graph.replay()
         self.replays += 1
-        return out.clone() if isinstance(out, torch.Tensor) else type(out)(t.clone() for t in out)
+        return _clone(out)
 
-    def _capture(self, fn: Callable, ids: torch.Tensor):
-        static = ids.clone()
-        try:
-            if ids.is_cuda:
-                torch.cuda.empty_cache()  # the eager run's blocks, so that the graph's pool takes their place
-            with plain_causal_prefill():
-                graph, out = self.capture(lambda: fn(static), ids.device)
-            return static, graph, out
-        except Exception as e:  # noqa: BLE001 - any capture failure: this shape stays eager
-            if ids.is_cuda:
-                torch.cuda.synchronize(ids.device)
-            self.failures.append(f"{tuple(ids.shape)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            return None
+    def _capture(self, key, fn: Callable, inputs: tuple):
+        static = tuple(None if x is None else x.clone() for x in inputs)
+        device = next(x.device for x in inputs if x is not None)
+        errors = []
+        for label, context in self.attempts:
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the eager run's blocks, so that the graph's pool takes their place
+                with plain_causal_prefill(), context():
+                    graph, out = self.capture(lambda: fn(*static), device)
+                self.retried += errors
+                return static, graph, out
+            except Exception as e:  # noqa: BLE001 - any capture failure: this attempt failed
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                errors.append(f"{tuple(key[0])}{label}: {type(e).__name__}: {first_line(e, 200)}")
+        self.failures += errors
+        return None

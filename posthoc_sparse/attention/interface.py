@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from ..errors import UserError
-from .policies import LayerCall
+from .call import LayerCall
 
 IMPL_NAME = "posthoc_sparse"
 
@@ -56,9 +56,9 @@ _PLAIN_CAUSAL = {"depth": 0}
 def plain_causal_prefill():
     """Within: the caller promises that every forward is plain causal prefill of whole windows (input ids only:
     no padding mask, no packed sequences, no cache), so ``_mask`` returns None (SDPA's causal kernels) for full
-    attention layers without looking at the inputs. ``distill.loop.StepGraphs`` and ``graphs.ForwardGraphs``
-    capture their CUDA graphs inside it: while a stream captures, transformers cannot read the position ids to rule out packed sequences and
-    would build an explicit (B, 1, T, T) mask instead."""
+    attention layers without looking at the inputs. ``graphs.ShapeGraphs`` captures its CUDA graphs inside it:
+    while a stream captures, transformers cannot read the position ids to rule out packed sequences and would
+    build an explicit (B, 1, T, T) mask instead."""
     _PLAIN_CAUSAL["depth"] += 1
     try:
         yield
@@ -164,9 +164,4 @@ class SparseAttention:
         self.remove()
 
 
-def stock_attention_ok(model: nn.Module) -> bool:
-    """True when the model can switch attention implementations through AttentionInterface."""
-    return bool(getattr(model, "_can_set_attn_implementation", lambda: False)())
-
-
-__all__ = ["IMPL_NAME", "SparseAttention", "attention_modules", "register", "stock_attention_ok"]
+__all__ = ["IMPL_NAME", "SparseAttention", "attention_modules", "plain_causal_prefill", "register"]

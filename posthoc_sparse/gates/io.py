@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import GateMismatchError, UserError
+from ..errors import GateMismatchError, UserError, first_line
+from ..loading import text_config
 from ..io import atomic_write_json, write_safetensors
 from .modules import GATE_INPUTS, GateBank, GateSpec
 
@@ -31,10 +32,6 @@ _META_KEYS = {
 }
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def default_d_g(model: nn.Module, preferred: int = 32) -> int:
     """``preferred`` (32), or less when the model has fewer rotary dims (tiny or partial-rotary models)."""
     spec = gate_spec_for_model(model, d_g=2)
@@ -48,7 +45,7 @@ def gate_spec_for_model(model: nn.Module, d_g: int = 32, gate_input: str = "hidd
         raise UserError(f"d_g must be a positive even number, got {d_g}")
     if gate_input not in GATE_INPUTS:
         raise UserError(f"gate input must be one of {', '.join(GATE_INPUTS)}, got {gate_input!r}")
-    cfg = _text_config(model.config)
+    cfg = text_config(model.config)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rotary = any("RotaryEmbedding" in type(m).__name__ for m in model.modules())
@@ -123,7 +120,7 @@ def load_gates(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ga
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}); it is corrupt or truncated") from None
+        raise UserError(f"{weights} is not a readable safetensors file ({first_line(e)}); it is corrupt or truncated") from None
     expected = bank.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:

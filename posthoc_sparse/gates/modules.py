@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..ops.rope import rope_tables, rotate
+
 GATE_INPUTS = ("hidden", "qk")
-GATE_INITS = ("model", "random")
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,6 @@ def default_freq_idx(spec: GateSpec) -> torch.Tensor:
     return torch.linspace(0, half - 1, n).round().long()  # (d/2,)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class LayerGate(nn.Module):
     """The gate of one layer: ``wq``, ``wk`` of shape (H, C, d) and the rotary frequencies it uses."""
 
@@ -79,27 +75,17 @@ class LayerGate(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gate's rotary cos and sin, (B, T, d/2) each in ``dtype``, from the model's (B, T, rotary_dim);
         None when the gate uses no rotary embedding."""
-        if cos is None or self.freq_idx.numel() == 0:
-            return None
-        c = cos.index_select(-1, self.freq_idx.to(cos.device)).to(dtype)
-        s = sin.index_select(-1, self.freq_idx.to(sin.device)).to(dtype)
-        return c, s
+        return rope_tables(cos, sin, self.freq_idx, dtype)
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-        # t: (B, T, X, d) (heads third, so the broadcast over heads runs on contiguous memory);
-        # cos, sin: (B, T, rotary_dim) as the model passes them
-        tables = self.rope_tables(cos, sin, t.dtype)
-        if tables is None:
-            return t
-        c = torch.cat((tables[0], tables[0]), dim=-1).unsqueeze(2)  # (B, T, 1, d)
-        s = torch.cat((tables[1], tables[1]), dim=-1).unsqueeze(2)
-        return t * c + rotate_half(t) * s
+        """t (B, T, X, d) rotated by the gate's frequencies of the model's tables (B, T, rotary_dim)."""
+        return rotate(t, cos, sin, self.freq_idx)
 
     def hidden_projection(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The "hidden" input's gate queries and keys of every head before the rotary embedding, from one
-        (T, C) x (C, 2 H d) product: (B, T, 2H, d), queries in heads 0..H-1, keys in H..2H-1, scaled by
-        d**-0.25. (A per-head einsum broadcasts x to (H, T, C), the largest cost of deployed gating at long T.)
-        The product runs in ``dtype``: by default autocast's where it is on, else the weights'."""
+        """The "hidden" input's gate queries and keys of every head before the rotary embedding: x (B, T, C) ->
+        (B, T, 2H, d), queries in heads 0..H-1, keys in H..2H-1, scaled by d**-0.25. One (T, C) x (C, 2 H d)
+        product (a per-head einsum would broadcast x to (H, T, C)), in ``dtype`` (default: autocast's, else the
+        weights')."""
         b, t, _ = x.shape
         h, _, d = self.wq.shape
         if dtype is None:
@@ -108,10 +94,9 @@ class LayerGate(nn.Module):
         return torch.matmul(x.to(dtype), self._hidden_weight_in(dtype)).view(b, t, 2 * h, d)
 
     def _hidden_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """``hidden_weight()`` in ``dtype``. Kept between calls while the parameters' storage and version
-        counters are unchanged (an optimizer step or ``load_state_dict`` bumps them), unless their gradient is
-        wanted: deployed gating then pays one matmul per layer instead of re-laying the weight out (four
-        launches per layer and call, the larger part of its host time at short context)."""
+        """``hidden_weight()`` in ``dtype``, kept between calls while the parameters' storage and version counters
+        are unchanged (an optimizer step or ``load_state_dict`` bumps them) and no gradient is wanted: deployed
+        gating then skips re-laying the weight out on every call."""
         if torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad):
             return hidden_weights([self], dtype)[0]
         key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
@@ -201,6 +186,11 @@ class GateBank(nn.Module):
                 layer.wq.copy_(wq[:, sel, :].transpose(1, 2) * c)  # (H, C, d)
                 layer.wk.copy_(wk[:, sel, :].transpose(1, 2) * c)
         return self
+
+
+def random_control(spec: GateSpec, seed: int) -> GateBank:
+    """The random control gate: the same architecture, seeded random init, frozen (never trained)."""
+    return GateBank(spec).reset_random(seed).requires_grad_(False)
 
 
 def _norm_gain(attn: nn.Module, name: str, spec: GateSpec) -> torch.Tensor:

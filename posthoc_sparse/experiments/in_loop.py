@@ -1,0 +1,58 @@
+"""A gate in the training loop (the routing-absorption experiments, docs/absorb.md): the policy each gate mode
+trains under, the gate's gradient norm, and the trained gate saved as a gate folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .pretrain import PretrainConfig
+
+
+def training_gate(cfg: PretrainConfig, model):
+    """The gate in the loop and the attention policy that applies it, or (None, None) for dense training.
+
+    The gate is the "hidden" gate of METHOD.md at ``gate_d_g`` dims, seeded random init (``cfg.seed``), so a
+    soft-learned and a soft-random run of one seed start from the same gate; only the learned one trains.
+    """
+    from ..attention.policies import TopKPolicy
+    from ..attention.selectors import GateSelector, RandomScoreSelector
+    from ..attention.soft import SoftGatePolicy
+    from ..gates.io import gate_spec_for_model
+    from ..gates.modules import GateBank
+
+    if cfg.gate_mode == "dense":
+        return None, None
+    if cfg.gate_mode == "stochastic":
+        return None, TopKPolicy(RandomScoreSelector(), cfg.gate_k)
+    bank = GateBank(gate_spec_for_model(model, cfg.gate_d_g, "hidden")).reset_random(cfg.seed)
+    if cfg.gate_mode == "soft-random":
+        bank.requires_grad_(False)
+    if cfg.gate_mode == "hard-topk":
+        return bank, TopKPolicy(GateSelector(bank), cfg.gate_k)
+    return bank, SoftGatePolicy(bank, cfg.gate_k, cfg.gate_tau)
+
+
+def gate_grad_norm(bank) -> float | None:
+    """The L2 norm of the gate's gradient after a backward pass: None when no gradient reached any gate
+    parameter (no path from the loss to the gate), else the norm (which may be exactly 0.0)."""
+    grads = [p.grad for p in bank.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads)))
+
+
+def save_gate(path: Path, bank, model, cfg: PretrainConfig, step: int) -> None:
+    """The gate trained (or carried) in the loop, as a gate folder ``sparsify eval --gates`` accepts."""
+    from ..gates.io import save_gates
+    from ..loading import model_fingerprint
+
+    save_gates(path, bank.cpu(), {
+        "base_model": str(cfg.output), "model_fingerprint": model_fingerprint(model.config),
+        "model_type": model.config.model_type, "architecture": type(model).__name__, "gate_init": "random",
+        "k": cfg.gate_k, "loss": f"lm:{cfg.gate_mode}", "steps": step, "seed": cfg.seed, "random_seed": cfg.seed + 1,
+        "dataset": cfg.dataset, "seq_len": cfg.seq_len})
