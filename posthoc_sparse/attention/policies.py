@@ -20,7 +20,7 @@ from .call import LayerCall, Observer, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
 from .selectors import GateSelector, OracleSelector
 
-# top-k per query head (METHOD.md); one top-k shared by each KV group; key blocks shared by each KV group and
+# top-k per query head (docs/method.md); one top-k shared by each KV group; key blocks shared by each KV group and
 # query block (ops/block_sparse: the fast deployed path)
 SELECTIONS = ("head", "group", "block")
 BLOCK_SCORES = ("bound", "exact")  # how the gate scores a key block (GateSelector.block_mass)

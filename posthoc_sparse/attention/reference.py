@@ -69,7 +69,7 @@ def group_scores(select: torch.Tensor, allowed: torch.Tensor, n_rep: int) -> tor
 
 
 def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float) -> torch.Tensor:
-    """The soft relaxation of gate top-k used for end-to-end training (METHOD.md, soft gating).
+    """The soft relaxation of gate top-k used for end-to-end training (docs/method.md, soft gating).
 
     ``bias[i, j] = log sigmoid((G[i, j] - G_i(k)) / tau)`` where ``G_i(k)`` is the k-th largest allowed gate
     score of row i, held constant in the backward pass; rows with at most k allowed keys get 0 (they keep

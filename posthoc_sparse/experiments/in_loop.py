@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def training_gate(cfg: PretrainConfig, model):
     """The gate in the loop and the attention policy that applies it, or (None, None) for dense training.
 
-    The gate is the "hidden" gate of METHOD.md at ``gate_d_g`` dims, seeded random init (``cfg.seed``), so a
+    The gate is the "hidden" gate of docs/method.md at ``gate_d_g`` dims, seeded random init (``cfg.seed``), so a
     soft-learned and a soft-random run of one seed start from the same gate; only the learned one trains.
     """
     from ..attention.policies import TopKPolicy

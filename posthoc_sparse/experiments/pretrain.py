@@ -181,9 +181,10 @@ def _save_final(out: Path, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler) -> tuple[int, list, list]:
+def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler
+             ) -> tuple[int, list, list, dict | None]:
     """Load the checkpoint into the parameters ``named`` (the model's, and the gate's under "gate."), ``opt``
-    and ``sampler``; returns (step, history, evals)."""
+    and ``sampler``; returns (step, history, evals, gate-gradient statistics or None)."""
     from ..distill.checkpoint import load_checkpoint
 
     params, meta = load_checkpoint(ckpt_dir, opt)

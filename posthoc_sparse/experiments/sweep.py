@@ -1,4 +1,4 @@
-"""The unfreeze sweep: learned vs random gate as more of the model co-adapts to the mask (METHOD.md).
+"""The unfreeze sweep: learned vs random gate as more of the model co-adapts to the mask (docs/unfreeze-sweep.md).
 
 For each fraction f, round(f * L) layers are unfrozen (their attention projections by default) and trained
 with the language-model loss under deployed hard top-k masks, once with the distilled gate (frozen) and

@@ -4,7 +4,7 @@ Letters used in shape comments:
     B batch, T queries, S keys, H query heads, Hkv key/value heads, C gate input width
     (hidden size for the "hidden" input, head_dim for the "qk" input), D head_dim, d gate dim (d_g).
 
-For one layer and query head h (METHOD.md):
+For one layer and query head h (docs/method.md):
     G[i, j] = phi(x_i Wq[h]) . phi(x_j Wk[h]) / sqrt(d)
 where x is the attention block's input ("hidden") or the model's own post-rotary q and k ("qk"), and phi
 applies rotary position embedding on the gate dims for rotary models with the "hidden" input. phi reuses
