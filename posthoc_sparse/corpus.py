@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
-from .data import MANIFEST_NAME, is_heldout
+from .data import is_heldout
+from .sources import MANIFEST_NAME
 from .errors import UserError
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir
 
