@@ -213,6 +213,16 @@ def test_a_bad_flag_value_is_a_usage_error(capsys):
     assert "Invalid value for '--k'" in capsys.readouterr().err
 
 
+def test_help_into_a_pipe_is_plain_text_that_wraps(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    main(["eval", "--help"])
+    shown = capsys.readouterr().out  # captured: not a terminal
+    assert "  --k <str>" in shown and "--routing / --no-routing" in shown
+    assert "[default: dense,oracle,gate,random]" in shown
+    assert "╭" not in shown and "…" not in shown  # no rich panel, nothing cut off
+    assert max(len(line) for line in shown.splitlines()) <= 80
+
+
 DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 COMMAND_LINE = re.compile(r"sparsify (" + "|".join(COMMANDS) + r")\b([^`#|\n]*)")
 
