@@ -153,3 +153,99 @@ def test_gated_decode_on_the_gpu(dtype, s, k, group):
         full = dc.gated_decode(sq, sk, q, k_, v, valid, k, 0.088, group=group)
         torch.testing.assert_close(full.float(), dc.gated_decode_reference(sq, sk, q, k_, v, valid, k, 0.088),
                                    atol=2e-2, rtol=2e-2)
+
+
+# every mode, gate input and selection once (the kernels run through the interpreter: a few seconds a case)
+_POLICY_CASES = [("gate", "hidden", "head"), ("random", "qk", "group"), ("oracle", "hidden", "group")]
+
+
+def _decode_runs(model, bank, mode, selection, fused: bool, monkeypatch, device="cpu"):
+    """Greedy static-cache generation of a left-padded batch under ``apply_gates`` at k = 6 (of up to 13 keys);
+    with ``fused`` the
+    decode steps take ops.decode (on the CPU: its kernels through the interpreter). Returns the tokens, the
+    logits and how many attention calls took the fused path."""
+    from posthoc_sparse.attention import policies
+    from posthoc_sparse.deploy import apply_gates
+
+    from .tiny import random_ids
+
+    calls, original = [], dc.gated_decode
+    if fused:
+        def counted(*args, **kw):
+            calls.append(1)
+            return original(*args, **kw)
+
+        monkeypatch.setattr(policies.dc, "gated_decode", counted)
+        if device == "cpu":
+            monkeypatch.setattr(policies.dc, "kernels_ok", dc.supports)
+    else:
+        monkeypatch.setattr(policies.dc, "kernels_ok", lambda *a: False)
+    ids = random_ids(2, 11, seed=2).to(device)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # row 0: 8 tokens after 3 of padding
+    with torch.no_grad(), apply_gates(model, bank, k=6, mode=mode, selection=selection):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", disable_compile=True, return_dict_in_generate=True,
+                             output_logits=True)
+    monkeypatch.undo()
+    return out.sequences, torch.stack(out.logits, 1), len(calls)
+
+
+@pytest.mark.parametrize("mode, gate_input, selection", _POLICY_CASES)
+def test_policy_decode_path_generates_like_the_reference_path(monkeypatch, mode, gate_input, selection):
+    """The deployed policy's fused decode path (forced on the CPU) against its chunked reference path: a tiny
+    Qwen3 (head dim 16, gate dim 16), static cache, left padding; every mode and input, per head and per group.
+    The qk input's query is folded through the gate (q Wq Wk^T / sqrt(d)), which scores the same bilinear form;
+    random is the random control gate."""
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    from .tiny import tiny_model
+
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16, gate_input=gate_input)).reset_random(0)
+    ref, ref_logits, n_ref = _decode_runs(model, bank, mode, selection, False, monkeypatch)
+    got, got_logits, n_fused = _decode_runs(model, bank, mode, selection, True, monkeypatch)
+    assert n_ref == 0 and n_fused == 2 * 2  # 2 layers x 2 decode steps (the first token comes from the prefill)
+    assert torch.equal(got, ref)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, gate_input, selection",
+                         _POLICY_CASES + [("gate", "qk", "head"), ("gate", "hidden", "group")])
+def test_policy_decode_path_on_the_gpu(monkeypatch, mode, gate_input, selection):
+    """The same comparison on CUDA, where the policy picks the fused path itself (fp32 tiny Qwen3)."""
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    from .tiny import tiny_model
+
+    model = tiny_model("qwen3").cuda()
+    bank = GateBank(gate_spec_for_model(model, d_g=16, gate_input=gate_input)).reset_random(0)
+    ref, ref_logits, _ = _decode_runs(model, bank, mode, selection, False, monkeypatch, device="cuda")
+    got, got_logits, n_fused = _decode_runs(model, bank, mode, selection, True, monkeypatch, device="cuda")
+    assert n_fused == 2 * 2 and torch.equal(got, ref)
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_compiled_static_generate_runs_the_fused_path():
+    """model.generate with a static cache on CUDA compiles its decode step (transformers' default: torch.compile,
+    reduce-overhead); under a hidden gate the compiled steps generate what the eager ones do (fp32; compiled
+    kernels round otherwise, so a near-tie may part them late: at least 7 of 8 tokens agree)."""
+    from posthoc_sparse.deploy import apply_gates
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    from .tiny import random_ids, tiny_model
+
+    model = tiny_model("qwen3").cuda()
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(2, 24, seed=9).cuda()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad(), apply_gates(model, bank, k=6):
+        eager = model.generate(ids, disable_compile=True, **kw)
+        compiled = model.generate(ids, **kw)
+    assert compiled.shape == eager.shape == (2, 32)
+    assert torch.equal(compiled[:, 24], eager[:, 24]) and (compiled[:, 24:] == eager[:, 24:]).float().mean() >= 7 / 8

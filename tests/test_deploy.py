@@ -163,3 +163,18 @@ def test_static_cache_decode_step_reads_nothing_back_and_grows_nothing(gate_inpu
     assert spy.seen == []
     if gate_input == "hidden":
         assert len(storages[0]) == model.config.num_hidden_layers and storages[0] == storages[1] == storages[2]
+
+
+def test_static_cache_decode_step_traces_as_one_graph():
+    """torch.compile's tracer takes a whole static-cache decode step under a hidden gate without a graph break
+    (a break would mark a value read back, data-dependent Python, or untraceable bookkeeping)."""
+    from transformers import StaticCache
+
+    model = tiny_model("qwen3")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids = random_ids(2, 10)
+    with torch.no_grad(), apply_gates(model, _bank(model), k=4, selection="group"):
+        nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        explained = torch._dynamo.explain(model)(nxt, past_key_values=cache, use_cache=True,
+                                                  position_ids=torch.full((2, 1), 10))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

@@ -13,6 +13,7 @@ import torch
 
 from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
+from ..ops.rope import gate_rope
 from .call import LayerCall, query_chunk_size
 from .gate_cache import GateKeyCache
 from .reference import masked_softmax, scores
@@ -84,6 +85,16 @@ class GateSelector:
         if gate.spec.gate_input == "hidden":  # gate keys of the call's T tokens: the cache holds the others
             gk = self.key_cache.keys(call.layer, call.cache, gk, call.key.shape[2])
         return gq, gk
+
+    def decode_inputs(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prepare`` of one decode step for a "hidden" gate, through ``ops.rope``'s kernel (one launch for the
+        rotary embedding, not a dozen): the gate query (B, H, d) and every gate key (B, H, S, d), in the model's
+        dtype for half models. The same numbers as ``prepare`` up to the rounding of the rotation."""
+        gate = self.bank.layers[call.layer]
+        q = call.query
+        y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
+        g = gate_rope(y, call.cos, call.sin, gate.freq_idx)  # (2, B, H, 1, d)
+        return g[0, :, :, 0], self.key_cache.keys(call.layer, call.cache, g[1], call.key.shape[2])
 
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         gq, gk = prepared

@@ -96,8 +96,10 @@ class LayerGate(nn.Module):
     def _hidden_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
         """``hidden_weight()`` in ``dtype``, kept between calls while the parameters' storage and version counters
         are unchanged (an optimizer step or ``load_state_dict`` bumps them) and no gradient is wanted: deployed
-        gating then skips re-laying the weight out on every call."""
-        if torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad):
+        gating then skips re-laying the weight out on every call. Under torch.compile it is laid out in the graph
+        (dynamo cannot trace the comparison of data pointers, and a compiled step replays the layout anyway)."""
+        wanted = torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad)
+        if wanted or torch.compiler.is_compiling():
             return hidden_weights([self], dtype)[0]
         key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
         cached = self.__dict__.get("_weight_cache")
@@ -134,6 +136,14 @@ class LayerGate(nn.Module):
         gq = torch.einsum("bhtc,hcd->bhtd", q.to(wq.dtype), wq)  # (B, H, T, d)
         gk = torch.einsum("bhsc,hcd->bhsd", k.to(wk.dtype), wk)  # (B, H, S, d)
         return gq * scale, gk * scale
+
+
+    def folded_query(self, q: torch.Tensor) -> torch.Tensor:
+        """For the "qk" input: q (B, H, T, D) -> q' (B, H, T, D), fp32, with q'[h] . k = gq[h] . gk[h] for every
+        key k (gq, gk as ``project`` gives them): q' = (q Wq[h]) Wk[h]^T / sqrt(d). A decode step then scores the
+        model's cached keys directly instead of projecting every one of them."""
+        gq = torch.einsum("bhtc,hcd->bhtd", q.float(), self.wq.float())  # (B, H, T, d)
+        return torch.einsum("bhtd,hcd->bhtc", gq, self.wk.float()) * self.spec.d_g**-0.5
 
 
 class GateBank(nn.Module):

@@ -11,7 +11,9 @@ static-cache step can be captured as a CUDA graph:
                   selection also each split's running max and sum of exp (for the heads' log-sum-exp).
     ``_select``   grid (B x R). One program per selection row finds the row's exact k-th largest score by radix
                   select over its fp32 scores read as order-preserving 32-bit keys: four passes of 8-bit digits,
-                  each pass a 256-bin ``tl.histogram`` of the keys still matching the digits found so far. Then
+                  each pass a 256-bin ``tl.histogram`` of the keys still matching the digits found so far (no
+                  reduction per tile: keys off the prefix go to digit 0, corrected once per pass). Scores at or
+                  below -2^127 count as invalid, like -inf (none arise from finite keys). Then
                   one pass writes the kept indices in key order: the keys above the k-th score and the lowest-index
                   keys equal to it, exactly min(k, valid keys), -1 after. Per-group selection first writes the
                   group's mean softmax over its heads (from the scores and the split statistics).
@@ -86,12 +88,6 @@ if triton is not None:
             tl.store(PL + (b * H + rows) * nsp + sp, l, mask=r < R)
 
     @triton.jit
-    def _ukey(s):
-        # fp32 -> int64 in [0, 2^32) of the same order (the bits as int32, negatives' magnitude bits flipped)
-        bits = s.to(tl.int32, bitcast=True)
-        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-
-    @triton.jit
     def _group_rows(SC, PM, PL, GS, b, g, H, G, S, NSP, R: tl.constexpr, RP: tl.constexpr, NSP_P: tl.constexpr,
                     BLOCK: tl.constexpr):
         # GS[b, g] = mean over the group's R heads of softmax(SC[b, h]) over the valid keys, -inf where invalid
@@ -121,9 +117,13 @@ if triton is not None:
             src = GS + row.to(tl.int64) * S
         else:
             src = SC + row.to(tl.int64) * S
+        # Keys of 32 bits, order-preserving: u = the fp32 bits, negatives' magnitude bits flipped, plus 2^31. Invalid
+        # keys (-inf) have top digit 0, which no finite score above -2^127 has: pass 0 drops that digit.
         bins = tl.arange(0, 256)
+        n_read = tl.cdiv(S, BLOCK) * BLOCK  # keys a pass reads, the padding of its last tile included
         prefix = (k * 0).to(tl.int64)  # the digits of the k-th largest key found so far
-        want = k * 0  # how many keys equal to the prefix so far must still be taken
+        total = k * 0  # keys matching the prefix (the valid keys, after pass 0)
+        want = k * 0  # how many of them must still be taken
         kk = k * 0  # min(k, valid keys)
         for p in tl.static_range(4):  # 8-bit digits, most significant first
             shift = 24 - 8 * p
@@ -131,17 +131,21 @@ if triton is not None:
             for start in range(0, S, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-                u = _ukey(s)
-                match = (s > float("-inf")) & ((u >> (shift + 8)) == prefix)
-                digit = tl.where(match, ((u >> shift) & 255).to(tl.int32), 0)
-                hist += tl.histogram(digit, 256)
-                hist -= tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), 0), 0)  # non-matching went to bin 0
+                bits = s.to(tl.int32, bitcast=True)
+                u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+                match = (u >> (shift + 8)) == prefix  # every key in pass 0
+                hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
             if p == 0:
-                kk = tl.minimum(tl.sum(hist, 0), k)
+                hist = tl.where(bins == 0, 0, hist)  # the invalid keys
+                total = tl.sum(hist, 0)
+                kk = tl.minimum(total, k)
                 want = kk
-            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys of digit >= d
-            d = tl.max(tl.where(at_least >= want, bins, 0), 0)
+            else:
+                hist -= tl.where(bins == 0, n_read - total, 0)  # keys off the prefix were counted as digit 0
+            at_least = total - tl.cumsum(hist, 0) + hist  # matching keys of digit >= d
+            d = tl.max(tl.where(at_least >= want, bins, 0), 0)  # the k-th largest key's digit
             want -= tl.sum(tl.where(bins > d, hist, 0), 0)
+            total = tl.sum(tl.where(bins == d, hist, 0), 0)
             prefix = prefix * 256 + d
         kept = k * 0
         equal = k * 0
@@ -149,10 +153,10 @@ if triton is not None:
         for start in range(0, S, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-            u = _ukey(s)
-            fin = s > float("-inf")
-            eq = fin & (u == prefix)
-            keep = (fin & (u > prefix)) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
+            bits = s.to(tl.int32, bitcast=True)
+            u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            eq = u == prefix
+            keep = (u > prefix) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
             pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
             tl.store(out + pos, cols, mask=keep)
             kept += tl.sum(keep.to(tl.int32), 0)
