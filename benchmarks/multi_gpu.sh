@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data-parallel scaling of distill and eval (docs/multi-gpu.md): tokens/s on 1 GPU and on 2 GPUs, each
-# launched with `accelerate launch`, on a random-init model of Qwen3-1.7B's shape (benchmarks/perf.py,
+# launched with `accelerate launch`, on a random-init model of Qwen3-1.7B's shape (benchmarks/harness.py,
 # SIZES["gpu"]; bf16), windows of T=2048 tokens, batch 1 per GPU (weak scaling: each GPU does the same work).
 # Scaling efficiency = tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU). Writes $OUT/multi_gpu.json, one JSON per
 # run and the logs; under 8 minutes (DEADLINE seconds, default 450, bounds every launch).
@@ -37,8 +37,7 @@ import os, random, sys, time
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
-sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-from perf import SIZES
+from benchmarks.harness import SIZES  # PYTHONPATH holds the repository root
 
 work, t0 = sys.argv[1], time.time()
 cfg = Qwen3Config(**SIZES[os.environ["MG_SIZE"]])

@@ -21,7 +21,7 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 
 def make_config(cls, recipe: str | None, sets: list[str] | None, flags: dict[str, Any]):
-    """Recipe values, then --set overrides, then explicit flags (those not None) win."""
+    """Recipe values, then --set overrides, then the flags given (those not None) win."""
     base = load_recipe(recipe) if recipe else {}
     overrides = parse_sets(sets) | {k: v for k, v in flags.items() if v is not None}
     return build_config(cls, base, overrides)

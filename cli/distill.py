@@ -2,59 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
-import typer
 from rich.table import Table
 
 from posthoc_sparse.config import DistillConfig
 
-from .common import fmt, is_main_process, make_config, processes_note, progress_bar
+from .common import fmt, is_main_process, processes_note, progress_bar
 from .app import app, console, out_console
-
-Opt = typer.Option
+from .options import config_command
 
 
 @app.command(no_args_is_help=False)
-def distill(
-    model: Annotated[Optional[str], Opt(help="Hub id, local folder or .gguf file. Default: the embedded SmolLM2-135M.")] = None,
-    dataset: Annotated[Optional[str], Opt(help="Hub dataset (name[:config]) or local .txt/.jsonl/.json/.parquet file or folder. Default: embedded Wikipedia leads.")] = None,
-    k: Annotated[Optional[int], Opt(help="Keys kept per query (top-k). Default 64.")] = None,
-    steps: Annotated[Optional[int], Opt(help="Optimizer steps. Default 1000 (100 for the embedded model).")] = None,
-    seq_len: Annotated[Optional[int], Opt(help="Tokens per window. Default 512.")] = None,
-    output: Annotated[Optional[str], Opt("--output", "-o", help="Gate folder to write. Default gates/default.")] = None,
-    resume: Annotated[Optional[bool], Opt("--resume", help="Continue from the checkpoint in --output.")] = None,
-    seed: Annotated[Optional[int], Opt(help="Seed for data order and gate init. Default 0.")] = None,
-    lr: Annotated[Optional[float], Opt(help="AdamW peak learning rate. Default 2e-3.")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Windows per micro-batch. Default 1.")] = None,
-    grad_accum: Annotated[Optional[int], Opt(help="Micro-batches per step. Default 1.")] = None,
-    warmup: Annotated[Optional[int], Opt(help="Linear warm-up steps before cosine decay. Default 20.")] = None,
-    d_g: Annotated[Optional[int], Opt("--d-g", help="Gate dimension per head. Default 32.")] = None,
-    gate_input: Annotated[Optional[str], Opt(help="hidden (attention input + rotary) or qk (model's q, k). Default hidden.")] = None,
-    gate_init: Annotated[Optional[str], Opt(help="model (model's own q/k rows) or random. Default model.")] = None,
-    loss: Annotated[Optional[str], Opt(help="kl (against dense attention) or bce (against the oracle mask). Default kl.")] = None,
-    row_fraction: Annotated[Optional[float], Opt(help="Estimate each step's loss from a random share of each layer's 128-token query blocks (unbiased; cheaper at long --seq-len). Default 1: every query.")] = None,
-    cuda_graph: Annotated[Optional[bool], Opt("--cuda-graph/--no-cuda-graph", help="On a GPU, replay each step's forward and losses as one CUDA graph after the first step (KL, hidden gates, one GPU). Default on.")] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")] = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU.")] = None,
-    device_map: Annotated[Optional[str], Opt(help="auto, balanced or sequential: spread a model too large for one GPU over this process's GPUs (then CPU, disk). One process only.")] = None,
-    max_memory: Annotated[Optional[str], Opt(help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")] = None,
-    val_every: Annotated[Optional[int], Opt(help="Validate recall@k every N steps. Default 50.")] = None,
-    val_windows: Annotated[Optional[int], Opt(help="Held-out windows for validation. Default 8.")] = None,
-    checkpoint_every: Annotated[Optional[int], Opt(help="Checkpoint every N steps. Default 50.")] = None,
-    save_every: Annotated[Optional[int], Opt(help="Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off). Default 0.")] = None,
-    max_train_windows: Annotated[Optional[int], Opt(help="Use at most N training windows.")] = None,
-    overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing --output folder.")] = None,
-    trust_remote_code: Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code.")] = None,
-    revision: Annotated[Optional[str], Opt(help="Hub revision of --model.")] = None,
-    recipe: Annotated[Optional[str], Opt(help="A recipe name (recipes/) or TOML path.")] = None,
-    set_: Annotated[Optional[list[str]], Opt("--set", help="Override a recipe key: --set key=value (repeatable).")] = None,
-) -> None:
+@config_command(DistillConfig)
+def distill(cfg: DistillConfig) -> None:
     """Distill per-layer top-k gates against the frozen model's own dense attention (KL)."""
     from posthoc_sparse.distill.loop import distill as run_distill
 
-    flags = {k_: v for k_, v in locals().items() if k_ not in ("recipe", "set_", "run_distill")}
-    cfg: DistillConfig = make_config(DistillConfig, recipe, set_, flags)
     bar = progress_bar()
     state = {"task": None, "recall": float("nan"), "recall_random": float("nan")}
 

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     _quiet_libraries()
     debug = os.environ.get("POSTHOC_SPARSE_DEBUG", "") not in ("", "0")
+    if not sys.stdout.isatty():  # help into a pipe or file: click's plain layout, which wraps at 80 columns where
+        app.rich_markup_mode = None  # rich's option table squeezes the help into a narrow column and cuts defaults
     try:
         app(args=argv, standalone_mode=False)
     except SystemExit:

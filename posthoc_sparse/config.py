@@ -1,4 +1,11 @@
-"""Frozen dataclasses, one per workflow. Recipes (TOML) map onto them 1:1; unknown keys are errors."""
+"""What the workflows' configs share, and DistillConfig.
+
+``option`` declares a config field with its help text (the CLI builds each command's options from the fields);
+``build_config`` and ``load_recipe`` make a config from a recipe (TOML, mapping 1:1 onto the config; unknown keys are
+errors) and overrides; ``check_device_map``, ``_positive`` and ``_choice`` check values. Each workflow's frozen config
+dataclass lives beside its code: DistillConfig here, EvalConfig in evaluate/perplexity.py, SweepConfig, PretrainConfig
+and AbsorbConfig in experiments/, CorpusConfig in corpus.py, GenerateConfig in generate.py.
+"""
 
 from __future__ import annotations
 
@@ -14,43 +21,69 @@ EMBEDDED_MODEL = "embedded:smollm2-135m"
 EMBEDDED_DATASET = "embedded:wiki-leads"
 EMBEDDED_STEPS = 100  # distillation steps of the embedded default on 2 CPU cores (a few minutes)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's big-model placements
+# Help of the placement fields that DistillConfig and EvalConfig share
+DEVICE_HELP = "auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto gives each process its own GPU."
+DEVICE_MAP_HELP = (f"{', '.join(DEVICE_MAPS)}: spread a model too large for one GPU over this process's GPUs "
+                   "(then CPU, disk). One process only.")
+MAX_MEMORY_HELP = "With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."
+
+
+def option(default: Any, help: str, *, flags: str | tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A config field that carries its help text in ``metadata["help"]``, as transformers' HfArgumentParser reads it.
+
+    The CLI makes each field the option ``--field-name`` (a bool: ``--name`` if it defaults to False, else
+    ``--name/--no-name``) and shows ``default`` in its help. ``flags`` names that option where it differs, e.g.
+    ``("--output", "-o")``; ``cli=False`` leaves a field to recipes, ``--set`` and Python.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if flags:
+        metadata["flags"] = (flags,) if isinstance(flags, str) else tuple(flags)
+    if not cli:
+        metadata["cli"] = False
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """``sparsify distill``: train per-layer gates against the frozen model's dense attention."""
 
-    model: str = EMBEDDED_MODEL
-    dataset: str = EMBEDDED_DATASET
-    output: str = "gates/default"
-    k: int = 64
-    steps: int | None = None  # None: 1000, or EMBEDDED_STEPS for the embedded model
-    seq_len: int = 512
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 2e-3
-    warmup: int = 20
-    weight_decay: float = 0.0
-    d_g: int = 32
-    gate_input: str = "hidden"  # "hidden" (attention block input) or "qk" (the model's post-rotary q, k)
-    gate_init: str = "model"  # "model" (the model's own q/k rows at the gate's rotary pairs) or "random"
-    loss: str = "kl"  # "kl" or "bce"
-    row_fraction: float = 1.0  # < 1: each step's loss from a random share of each layer's 128-row query blocks
-    cuda_graph: bool = True  # on a GPU, replay each step's forward and losses as a CUDA graph (where it captures)
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None  # one of DEVICE_MAPS: spread one model over this process's GPUs (one process)
-    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
-    val_every: int = 50
-    val_windows: int = 8
-    checkpoint_every: int = 50
-    save_every: int = 0  # also write the gate at step 0 and every N steps to <output>/snapshots/step-N (0: off)
-    max_train_windows: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
+    model: str = option(EMBEDDED_MODEL, "Hub id, local folder or .gguf file (embedded:smollm2-135m: SmolLM2-135M "
+                        "from a Python package).")
+    dataset: str = option(EMBEDDED_DATASET, "Hub dataset (name[:config]) or local .txt/.jsonl/.json/.parquet file or "
+                          "folder (embedded:wiki-leads: Wikipedia lead paragraphs from a Python package).")
+    output: str = option("gates/default", "Gate folder to write.", flags=("--output", "-o"))
+    k: int = option(64, "Keys kept per query (top-k).")
+    steps: int | None = option(None, f"Optimizer steps; if not given, 1000 ({EMBEDDED_STEPS} for the embedded "
+                                     "model).")
+    seq_len: int = option(512, "Tokens per window.")
+    batch_size: int = option(1, "Windows per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per step.")
+    lr: float = option(2e-3, "AdamW peak learning rate.")
+    warmup: int = option(20, "Linear warm-up steps before cosine decay.")
+    weight_decay: float = option(0.0, "AdamW weight decay of the gate weights.")
+    d_g: int = option(32, "Gate dimension per head (even: rotary pairs).")
+    gate_input: str = option("hidden", "hidden (the attention block's input, rotary on the gate dims) or qk (the "
+                                       "model's post-rotary q, k).")
+    gate_init: str = option("model", "model (the model's own q/k rows at the gate's rotary pairs) or random.")
+    loss: str = option("kl", "kl (against dense attention) or bce (against the oracle top-k mask).")
+    row_fraction: float = option(1.0, "Estimate each step's loss from a random share of each layer's 128-token query "
+                                      "blocks (unbiased; cheaper at long --seq-len); 1: every query.")
+    cuda_graph: bool = option(True, "On a GPU, replay each step's forward and losses as one CUDA graph after the "
+                                    "first step, where it captures (KL, hidden gates, one GPU).")
+    seed: int = option(0, "Seed for data order and gate init.")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = option("auto", DEVICE_HELP)
+    device_map: str | None = option(None, DEVICE_MAP_HELP)
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    val_every: int = option(50, "Validate recall@k every N steps.")
+    val_windows: int = option(8, "Held-out windows for validation.")
+    checkpoint_every: int = option(50, "Checkpoint every N steps.")
+    save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).")
+    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
+    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    overwrite: bool = option(False, "Replace an existing --output folder.")
+    trust_remote_code: bool = option(False, "Allow the model's own code.")
+    revision: str | None = option(None, "Hub revision of --model.")
 
     def resolved_steps(self) -> int:
         if self.steps is not None:

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
-from .data import MANIFEST_NAME, is_heldout
+from .config import option
+from .data import is_heldout
+from .sources import MANIFEST_NAME
 from .errors import UserError
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir
 
@@ -80,9 +82,9 @@ CORPUS_SOURCES = {
 class CorpusConfig:
     """``sparsify corpus``."""
 
-    output: str = "data/offline-en"
-    sources: str = "wiki,bbc,shakespeare"
-    overwrite: bool = False
+    output: str = option("data/offline-en", "Corpus folder to write.", flags=("--output", "-o"))
+    sources: str = option(",".join(CORPUS_SOURCES), f"Comma list of {', '.join(CORPUS_SOURCES)}.")
+    overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def source_list(self) -> list[Source]:
         names = [s.strip() for s in self.sources.split(",") if s.strip()]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .attention.interface import SparseAttention
+from .attention.interface import SparseAttention, attention_modules
 from .attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
+from .devices import execution_devices
 from .errors import UserError
 from .gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates
 from .gates.modules import GateBank, random_control
@@ -50,13 +51,13 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
 
             fingerprint = model_fingerprint(model.config)
         check_gate_matches(config, model, fingerprint)
-    device = next(model.parameters()).device
     if mode == "random":
         spec = bank.spec if bank is not None else gate_spec_for_model(model, default_d_g(model))
         bank = random_control(spec, random_seed if random_seed is not None else config.get("random_seed", 1))
     elif mode == "gate" and bank is None:
         raise UserError("mode 'gate' needs gates: a folder written by `sparsify distill` or a GateBank")
-    if mode in ("gate", "random"):
-        bank = bank.to(device)
+    if mode in ("gate", "random"):  # each layer's gate where its attention computes (a device map may offload)
+        for gate, device in zip(bank.layers, execution_devices(model, attention_modules(model)), strict=True):
+            gate.to(device)
     return SparseAttention(model, policy_for(mode, k, bank, selection=selection, block_size=block_size,
                                              block_score=block_score))

@@ -10,29 +10,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import EMBEDDED_MODEL
+from .config import EMBEDDED_MODEL, option
 from .deploy import apply_gates
 from .errors import UserError
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    gates: str | None = None
-    model: str | None = None  # default: the gate's base model
-    prompt: str = "The capital of France is"
-    max_new_tokens: int = 50
-    k: int | None = None  # default: the gate's k
-    mode: str = "gate"
-    selection: str = "head"  # head | group | block (apply_gates)
-    block_size: int = 64  # with selection "block"
-    compare_dense: bool = False
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    gates: str | None = option(None, "Gate folder from `sparsify distill`.")
+    model: str | None = option(None, "Model; if not given, the gate's base model (else the embedded model).")
+    prompt: str = option("The capital of France is", "Text to continue.")
+    max_new_tokens: int = option(50, "Tokens to generate.")
+    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).")
+    mode: str = option("gate", "gate, random, oracle or dense.")
+    selection: str = option("head", "head (top-k per query head), group (per KV group) or block (key blocks per KV "
+                                    "group and query block; Triton on GPUs).")
+    block_size: int = option(64, "With --selection block: 16, 32, 64 or 128.")
+    compare_dense: bool = option(False, "Also generate densely and compare.")
+    do_sample: bool = option(False, "Sample instead of greedy decoding.", flags="--sample")
+    temperature: float = option(1.0, "Sampling temperature (with --sample).")
+    top_p: float = option(1.0, "Nucleus sampling threshold (with --sample).")
+    seed: int = option(0, "Sampling seed.")
+    dtype: str = option("auto", "auto, float32, bfloat16, float16.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = option(False, "Allow the model's own code.")
 
 
 @dataclass

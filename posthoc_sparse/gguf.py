@@ -23,6 +23,7 @@ from .config import EMBEDDED_MODEL
 from .errors import UserError, first_line
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the embedded GGUF quantizes
 GGUF_KEY_BYTES = 16 << 20  # the cache key hashes this much of the file, plus its size
 GGUF_META_FILE = "posthoc_sparse_gguf.json"
 

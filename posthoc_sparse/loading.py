@@ -20,7 +20,7 @@ from torch import nn
 from .config import DEVICE_MAPS, EMBEDDED_MODEL
 from .devices import input_device, parse_max_memory, resolve_device
 from .errors import UserError, first_line
-from .gguf import convert_gguf, embedded_model_path
+from .gguf import EMBEDDED_HUB_ID, convert_gguf, embedded_model_path
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -38,6 +38,7 @@ class LoadedModel:
     revision: str | None
     dtype: str  # "float32", "bfloat16" or "float16"
     device: str  # the device of the model's first parameter, e.g. "cpu" or "cuda:0"
+    hub_id: str | None = None  # the model's hub id: the one loaded, or the embedded GGUF's original; None if local
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -251,7 +252,8 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
     dtype_name = str(torch_dtype).removeprefix("torch.")
     return LoadedModel(model=lm, tokenizer=tokenizer, source=source, resolved=resolved,
                        revision=revision if hub else None,
-                       dtype=dtype_name, device=str(input_device(lm)))
+                       dtype=dtype_name, device=str(input_device(lm)),
+                       hub_id=name if hub else (EMBEDDED_HUB_ID if source == EMBEDDED_MODEL else None))
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -93,7 +93,7 @@ def test_parquet_loads(tmp_path):
     train, held = both_splits(tmp_path / "t.parquet")
     assert sorted(train + held) == sorted(DOCS)
     assert sorted(sum(both_splits(tmp_path / "t.parquet", text_field="body"), [])) == sorted(DOCS)
-    raises_user_error("no column 'missing'", load_documents, str(tmp_path / "t.parquet"), "train",
+    raises_user_error("no field 'missing'.*--text-field", load_documents, str(tmp_path / "t.parquet"), "train",
                       text_field="missing")
 
 
@@ -103,12 +103,12 @@ def test_txt_blank_line_rules(tmp_path):
     docs = sum(both_splits(path, heldout_per_mille=0), [])
     assert docs == ["first doc\nstill first", "second", "third"]
     (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    assert load_documents(str(tmp_path / "latin.txt"), "train", heldout_per_mille=0)[0] == ["café au lait"]
+    raises_user_error("latin.txt is not UTF-8 text", load_documents, str(tmp_path / "latin.txt"), "train")
 
 
 def test_jsonl_text_field_and_empty_documents(tmp_path):
     path = tmp_path / "x.jsonl"
-    rows = [{"body": "one"}, {"body": "   "}, {"body": None}, {"body": "two"}, "three"]
+    rows = [{"body": "one"}, {"body": "   "}, {"body": None}, {"body": "two"}, {"body": "three", "x": 1}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_documents(str(path), "train", text_field="body", heldout_per_mille=0)[0] == ["one", "two", "three"]
 
@@ -118,12 +118,38 @@ def test_folder_is_recursive_and_sorted(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.jsonl").write_text(json.dumps({"text": DOCS[1]}))
     (tmp_path / "b.json").write_text(json.dumps([DOCS[2]]))
-    (tmp_path / "notes.csv").write_text("ignored")
+    (tmp_path / "notes.tsv").write_text("ignored")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "h.txt").write_text("ignored too")
     docs, info = load_documents(str(tmp_path), "train", heldout_per_mille=0)
     assert docs == [DOCS[2], DOCS[1], DOCS[0]]  # b.json, sub/a.jsonl, z.txt
     assert info["n_files"] == 3
+
+
+def test_csv_gzip_and_globs_load_through_datasets(tmp_path):
+    """CSV (column --text-field), a .gz of JSON Lines and of text, and a glob over files in sorted order."""
+    import csv
+    import gzip
+
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows([[i, d] for i, d in enumerate(DOCS[:3])])
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": d}) for d in DOCS[3:5]).encode()))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("\n\n".join(DOCS[5:7]).encode()))
+    docs = load_documents(str(tmp_path), "train", heldout_per_mille=0)[0]
+    assert docs == DOCS[:7]
+    docs, info = load_documents(str(tmp_path / "*.gz"), "train", heldout_per_mille=0)
+    assert docs == DOCS[3:7] and info["n_files"] == 2 and info["resolved"] == str(tmp_path / "*.gz")
+    raises_user_error("matches no file", load_documents, str(tmp_path / "*.parquet"), "train")
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01\xff\xfe" * 64, "UTF-16 text".encode("utf-16")])
+def test_binary_and_utf16_text_is_refused_naming_the_file(tmp_path, content):
+    (tmp_path / "ok.txt").write_text("fine text")
+    (tmp_path / "z.txt").write_bytes(content)
+    raises_user_error("z.txt is not UTF-8 text", load_documents, str(tmp_path / "z.txt"), "train")
+    raises_user_error("z.txt is not UTF-8 text", load_documents, str(tmp_path), "train")  # not ok.txt
 
 
 # --- the hash split ----------------------------------------------------------------------------------------
@@ -232,8 +258,8 @@ def test_user_errors(tmp_path, tok, monkeypatch):
     good.write_text(json.dumps(DOCS))
     raises_user_error("does not exist", build_windows, tok, str(tmp_path / "missing.txt"), "train", 8)
     raises_user_error("does not exist", build_windows, tok, "./missing_folder", "train", 8)
-    (tmp_path / "x.csv").write_text("text\nhello\n")
-    raises_user_error(r"unsupported file extension '\.csv'.*\.jsonl", build_windows, tok, str(tmp_path / "x.csv"),
+    (tmp_path / "x.tsv").write_text("text\nhello\n")
+    raises_user_error(r"unsupported file extension '\.tsv'.*\.jsonl", build_windows, tok, str(tmp_path / "x.tsv"),
                       "train", 8)
     (tmp_path / "blank.txt").write_text("  \n\n \t \n")
     raises_user_error("train split of .*blank.txt has no text", build_windows, tok, str(tmp_path / "blank.txt"),
@@ -244,11 +270,15 @@ def test_user_errors(tmp_path, tok, monkeypatch):
         raises_user_error(f"seq_len={bad}", build_windows, tok, str(good), "train", bad)
     raises_user_error("max_windows=0", build_windows, tok, str(good), "train", 8, max_windows=0)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
-    raises_user_error("line 2 of .*not valid JSON", load_documents, str(tmp_path / "bad.jsonl"), "train")
+    raises_user_error("could not read .*bad.jsonl as JSON", load_documents, str(tmp_path / "bad.jsonl"), "train")
     (tmp_path / "field.jsonl").write_text('{"body": "ok"}\n')
-    raises_user_error("line 1 of .*no field 'text'.*text_field", load_documents, str(tmp_path / "field.jsonl"), "train")
-    (tmp_path / "obj.json").write_text('{"a": 1}')
-    raises_user_error("entry 0 of .*int", load_documents, str(tmp_path / "obj.json"), "train")
+    raises_user_error("field.jsonl has no field 'text' \\(fields: body\\).*--text-field", load_documents,
+                      str(tmp_path / "field.jsonl"), "train")
+    (tmp_path / "obj.json").write_text('[{"text": 1}]')
+    raises_user_error("field 'text' of .*obj.json holds int values, not text", load_documents,
+                      str(tmp_path / "obj.json"), "train")
+    raises_user_error("the dataset is empty", load_documents, "", "train")
+    raises_user_error("the dataset is empty", load_documents, "  ", "train")
     (tmp_path / "empty_dir").mkdir()
     raises_user_error("holds no", load_documents, str(tmp_path / "empty_dir"), "train")
     raises_user_error("heldout_per_mille=1001", load_documents, str(good), "train", heldout_per_mille=1001)

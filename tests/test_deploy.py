@@ -178,3 +178,25 @@ def test_static_cache_decode_step_traces_as_one_graph():
         explained = torch._dynamo.explain(model)(nxt, past_key_values=cache, use_cache=True,
                                                   position_ids=torch.full((2, 1), 10))
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.parametrize("max_memory", ["cpu=200KB", "cpu=1KB"])
+def test_apply_gates_on_a_model_offloaded_by_a_device_map(tmp_path, max_memory):
+    """With Accelerate's device map putting layers (or everything) on disk, each gate layer goes where its
+    attention computes and the gated logits equal those of the plain model (the whole model offloaded once
+    failed with "Cannot copy out of meta tensor")."""
+    from posthoc_sparse.loading import load_model
+
+    from .tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "m", sharpen=3.0)
+    plain = load_model(str(tmp_path / "m")).model
+    save_gates(tmp_path / "g", GateBank(gate_spec_for_model(plain, d_g=8)).reset_random(0), {"k": 4})
+    ids = random_ids(1, 20)
+    offloaded = load_model(str(tmp_path / "m"), device_map="auto", max_memory=max_memory).model
+    assert "disk" in offloaded.hf_device_map.values()
+    for mode in ("gate", "random"):
+        with apply_gates(plain, str(tmp_path / "g"), k=4, mode=mode):
+            ref = plain(ids).logits
+        with apply_gates(offloaded, str(tmp_path / "g"), k=4, mode=mode):
+            torch.testing.assert_close(offloaded(ids).logits, ref)

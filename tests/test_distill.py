@@ -151,3 +151,24 @@ def test_a_failed_micro_batch_leaves_no_records_behind(monkeypatch):
     with SparseAttention(model, policy), pytest.raises(RuntimeError, match="refused"):
         step._micro_batch(model, policy, bank, random_ids(1, 40), "kl", 4, 1.0, None, lambda *a: None)
     assert policy.records == {} and policy.stack is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_loop_recall_is_the_saved_gates_recall(assets, tmp_path, device):
+    """The last validation of the loop scores the trained gate, not its initial weights: its recall equals a
+    fresh open-loop recall of the saved gate on the same held-out windows. (On CUDA the fused AdamW step does
+    not bump the weights' version counters, which a cached weight layout once missed.)"""
+    from posthoc_sparse.data import build_windows
+    from posthoc_sparse.distill.validate import open_loop_recall
+    from posthoc_sparse.loading import load_model
+
+    kw = dict(device=device, steps=12, val_every=12, seq_len=256, k=16, d_g=16) if device == "cuda" else \
+        dict(steps=12, val_every=12)
+    res = distill(_cfg(assets, tmp_path / "g", **kw))
+    loaded = load_model(str(assets[0]), device=device)
+    cfg = _cfg(assets, tmp_path / "g", **kw)
+    windows, _ = build_windows(loaded.tokenizer, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows)
+    bank, _ = load_gates(tmp_path / "g", device=loaded.model.device)
+    fresh = open_loop_recall(loaded.model, windows, {"gate": bank}, cfg.k, cfg.batch_size, loaded.model.device)
+    assert res.recall == pytest.approx(fresh["gate"].overall()["recall"], abs=1e-6)
+    assert res.recall != pytest.approx(res.recall_init, abs=1e-3)

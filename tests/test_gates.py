@@ -106,27 +106,36 @@ def test_bad_d_g_is_a_user_error():
 
 
 def test_hidden_projection_keeps_its_weight_until_the_parameters_change():
-    """The laid-out weight is reused between calls, refreshed after an in-place update (an optimizer step) or
-    a load, and never used where the gate's gradient is wanted."""
+    """A frozen (deployed) gate's laid-out weight is reused between calls and refreshed after an in-place
+    update or a load; a trainable gate's is laid out at every call, so an update that does not bump the
+    parameters' version (CUDA's fused AdamW; here through .data) is seen, and gradients flow."""
     model = tiny_model("qwen3")
-    gate = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).layers[0]
+    gate = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).requires_grad_(False).layers[0]
     x = torch.randn(1, 5, model.config.hidden_size)
 
     def fresh():
         return torch.matmul(x, gate.hidden_weight().detach()).view(1, 5, -1, 16)
 
-    with torch.no_grad():
-        first = gate.hidden_projection(x)
-        assert gate.hidden_projection(x).data_ptr() != first.data_ptr()
-        kept = gate.__dict__["_weight_cache"][1]
+    first = gate.hidden_projection(x)
+    assert gate.hidden_projection(x).data_ptr() != first.data_ptr()
+    kept = gate.__dict__["_weight_cache"][1]
+    gate.hidden_projection(x)
+    assert gate.__dict__["_weight_cache"][1] is kept
+    torch.testing.assert_close(first, fresh())
+    gate.wq.mul_(2.0)  # in place
+    torch.testing.assert_close(gate.hidden_projection(x), fresh())
+    gate.load_state_dict(GateBank(gate.spec).reset_random(1).layers[0].state_dict())
+    torch.testing.assert_close(gate.hidden_projection(x), fresh())
+    assert gate.hidden_projection(x, torch.float64).dtype == torch.float64
+
+    gate.requires_grad_(True)
+    gate.__dict__.pop("_weight_cache")
+    with torch.no_grad():  # as validation during distillation runs
         gate.hidden_projection(x)
-        assert gate.__dict__["_weight_cache"][1] is kept
-        torch.testing.assert_close(first, fresh())
-        gate.wq.mul_(2.0)  # in place, as an optimizer step
+        version = gate.wq._version
+        gate.wq.data.add_(1.0)  # an update the version counter does not see
+        assert gate.wq._version == version and "_weight_cache" not in gate.__dict__
         torch.testing.assert_close(gate.hidden_projection(x), fresh())
-        gate.load_state_dict(GateBank(gate.spec).reset_random(1).layers[0].state_dict())
-        torch.testing.assert_close(gate.hidden_projection(x), fresh())
-        assert gate.hidden_projection(x, torch.float64).dtype == torch.float64
     y = gate.hidden_projection(x)  # with grad: through the parameters
     y.sum().backward()
     assert gate.wq.grad is not None and gate.wq.grad.abs().sum() > 0

@@ -104,20 +104,44 @@ def _run(model, policy, ids):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k", [(300, 64), (1000, 100), (517, 16)])
 def test_head_topk_kernels_on_gpu(dtype, t, k):
-    gen = torch.Generator().manual_seed(t)
-    a = torch.randn(2, 4, t, 32, generator=gen).cuda().to(dtype)
-    keys = torch.randn(2, 2, t, 32, generator=gen).cuda().to(dtype)
-    got = ht.head_topk(a, keys, k, 0.7)
-    want = ht.head_topk_reference(a, keys, k, 0.7)
+    _kernels_agree_with_their_twins((2, 4, 2, t, 32), k, 0.7, dtype, seed=t)
+
+
+# the launch settings (rows per program, warps) that `benchmarks/perf.py --parts head_tuning` times
+LAUNCHES = [("topk", 16, 4), ("topk", 16, 8), ("topk", 32, 4), ("topk", 32, 8), ("topk", 64, 8),
+            ("attn", 32, 4), ("attn", 16, 4), ("attn", 64, 4), ("attn", 64, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, rows, warps", LAUNCHES)
+def test_head_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(kernel, rows, warps,
+                                                                                       monkeypatch):
+    """At the benchmark's shape (T = 4096, k = 64, 16 heads, bf16; the top-k on gate-sized d = 32 with one gate
+    key per head, the attention at head_dim 128 over 8 KV heads)."""
+    monkeypatch.setitem(ht.TUNING, f"{kernel}_rows", rows)
+    monkeypatch.setitem(ht.TUNING, f"{kernel}_warps", warps)
+    _kernels_agree_with_their_twins((1, 16, 16, 4096, 32), 64, 1.0, torch.bfloat16, seed=0, kv_heads=8)
+
+
+def _kernels_agree_with_their_twins(shape, k: int, scale: float, dtype, seed: int, kv_heads: int | None = None):
+    """``head_topk`` and ``index_attention`` against their naive twins on CUDA. shape: (B, H, G, T, d) of the
+    selection inputs a (B, H, T, d) and b (B, G, T, d); the attention takes head_dim 128 and ``kv_heads`` (G if
+    None) key/value heads."""
+    bsz, h, g, t, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
+    keys = torch.randn(bsz, g, t, d, generator=gen).cuda().to(dtype)
+    got = ht.head_topk(a, keys, k, scale)
+    want = ht.head_topk_reference(a, keys, k, scale)
     # fp32 sums in another order than cuBLAS's: sets differ only where scores tie within rounding, so they are
     # compared by the score they carry
     same = (_sets(got) == _sets(want)).all(-1).float().mean()
     assert same > (0.99 if dtype == torch.float32 else 0.97)
-    s = torch.matmul(a.float(), keys.float().repeat_interleave(2, 1).transpose(-1, -2)) * 0.7
+    s = torch.matmul(a.float(), keys.float().repeat_interleave(h // g, 1).transpose(-1, -2)) * scale
     mass = [s.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, 0).sum(-1) for i in (got, want)]
     torch.testing.assert_close(mass[0], mass[1], atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-3)
-    q = torch.randn(2, 4, t, 128, generator=gen).cuda().to(dtype)
-    k_, v = (torch.randn(2, 2, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
+    q = torch.randn(bsz, h, t, 128, generator=gen).cuda().to(dtype)
+    k_, v = (torch.randn(bsz, kv_heads or g, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
     out = ht.index_attention(q, k_, v, got, 128**-0.5).transpose(1, 2).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ht.index_attention_reference(q, k_, v, got, 128**-0.5), atol=tol, rtol=tol)

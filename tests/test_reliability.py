@@ -177,12 +177,15 @@ def test_bad_files_are_user_errors(trained_tiny, tmp_path):
                                                   "num_attention_heads": 2, "intermediate_size": 64}))
     short = tmp_path / "short.txt"
     short.write_text("the city\n\nthe river\n")
-    odd = tmp_path / "data.csv"
-    odd.write_text("a,b\n")
+    odd = tmp_path / "data.tsv"
+    odd.write_text("a\tb\n")
+    header_only = tmp_path / "data.csv"
+    header_only.write_text("a,b\n")
     cases = [
         (dict(model=str(bert)), "not a causal LM"),
         (dict(dataset=str(short)), "fewer than one window"),
         (dict(dataset=str(odd)), "unsupported"),
+        (dict(dataset=str(header_only)), "has no text after loading"),
         (dict(output=str(corpus / "x")), "cannot write"),
     ]
     for override, message in cases:

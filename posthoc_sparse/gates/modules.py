@@ -94,12 +94,12 @@ class LayerGate(nn.Module):
         return torch.matmul(x.to(dtype), self._hidden_weight_in(dtype)).view(b, t, 2 * h, d)
 
     def _hidden_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """``hidden_weight()`` in ``dtype``, kept between calls while the parameters' storage and version counters
-        are unchanged (an optimizer step or ``load_state_dict`` bumps them) and no gradient is wanted: deployed
-        gating then skips re-laying the weight out on every call. Under torch.compile it is laid out in the graph
-        (dynamo cannot trace the comparison of data pointers, and a compiled step replays the layout anyway)."""
-        wanted = torch.is_grad_enabled() and (self.wq.requires_grad or self.wk.requires_grad)
-        if wanted or torch.compiler.is_compiling():
+        """``hidden_weight()`` in ``dtype``. For a frozen gate (deployed: ``load_gates`` and the random control
+        freeze theirs) it is kept between calls while the parameters' storage and version counters are unchanged
+        (``load_state_dict`` bumps them), so deployed gating skips re-laying it out on every call. A trainable
+        gate lays it out every time: CUDA's fused AdamW updates weights without bumping their version. So does
+        torch.compile (dynamo cannot trace the comparison of data pointers; a compiled step replays the layout)."""
+        if self.wq.requires_grad or self.wk.requires_grad or torch.compiler.is_compiling():
             return hidden_weights([self], dtype)[0]
         key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
         cached = self.__dict__.get("_weight_cache")

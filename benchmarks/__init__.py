@@ -1,0 +1,1 @@
+"""Benchmarks and GPU drivers; ``perf.py`` is the entry point of the performance harness (``harness.py``)."""

@@ -1,0 +1,211 @@
+"""Benchmark parts of one layer: deployed gated top-k attention against SDPA (target 4), and the launch settings of
+the kernels (the KL kernels of distillation, the per-head and block attention kernels of deployment).
+
+Speed only: the kernels' agreement with their references at these shapes is tested (GPU-marked tests in
+tests/test_block_sparse.py and tests/test_head_topk.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Bench, back_to_back, gpu_busy, layer_call, part, report, timed, tuning
+from posthoc_sparse.attention.call import LayerCall
+from posthoc_sparse.attention.policies import policy_for
+from posthoc_sparse.errors import first_line
+from posthoc_sparse.gates.modules import GateBank
+from posthoc_sparse.ops import block_sparse as bsp
+from posthoc_sparse.ops import head_topk as ht
+from posthoc_sparse.ops.attention_lse import flash_attention_lse
+from posthoc_sparse.ops.kl import kl_grad_fused
+from posthoc_sparse.ops.kl import triton as kl_triton  # its single passes and TUNING: no public API times them
+
+# launch settings tried: (BLOCK_M, BLOCK_N, warps, stages) of the KL kernels; (rows, warps) of the per-head
+# kernels; (rows per program, warps, stages) of the block attention kernel
+KL_LAUNCHES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
+               (64, 32, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)]
+HEAD_LAUNCHES = {"topk": [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)], "attn": [(32, 4), (16, 4), (64, 4), (64, 8)]}
+BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)]
+
+
+def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
+    """{"seconds": median seconds of ``fn()``}, or seconds None and the error where a launch setting fails (the
+    compiler rejects some for shared memory or registers)."""
+    try:
+        return {"seconds": timed(fn, device, reps, warmup)}
+    except Exception as e:  # noqa: BLE001 - any failure of this setting: recorded in its row, the others run
+        return {"seconds": None, "error": f"{type(e).__name__}: {first_line(e, 160)}"}
+
+
+def _per_head(call: LayerCall, bank: GateBank, kk: int, sdpa: float, head_max_t: int, device, reps: int) -> dict:
+    """Per-head selection by the gate (the method's), and on its kernel path each kernel alone and the oracle."""
+    q, key, v = call.query, call.key, call.value
+    pol = policy_for("gate", kk, bank)
+    kernels = ht.kernels_ok(q, key, kk, bank.spec.d_g)  # where the policy takes ops.head_topk (k <= MAX_K)
+    if q.shape[2] > head_max_t and not kernels:  # the chunked reference: too slow to time at long context
+        return {}
+    row = {"head_s": timed(lambda: pol(call), device, max(1, reps // 2))}
+    row["head_speedup_vs_sdpa"] = sdpa / row["head_s"]
+    row["head_path"] = "kernels" if kernels else "reference"
+    if kernels:
+        gq, gk = pol.selector.prepare(call)
+        row["head_prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
+        row["head_topk_s"] = timed(lambda: ht.head_topk(gq, gk, kk), device, reps)
+        idx = ht.head_topk(gq, gk, kk)
+        row["head_attention_s"] = timed(lambda: ht.index_attention(q, key, v, idx, call.scaling), device, reps)
+        oracle = policy_for("oracle", kk)
+        row["head_oracle_s"] = timed(lambda: oracle(call), device, reps)
+    return row
+
+
+def _block(call: LayerCall, bank: GateBank, kk: int, blk: int, sdpa_times: dict, device, reps: int) -> dict:
+    """Block selection by the gate: the whole call, and its parts (scoring, top-n by the kernel and by
+    torch.topk, the attention kernel); at block 64 on a GPU also GPU work alone and calls back to back."""
+    q, key, v = call.query, call.key, call.value
+    pol = policy_for("gate", kk, bank, selection="block", block_size=blk)
+    name = f"block{blk}"
+    row = {}
+    try:
+        row[f"{name}_s"] = timed(lambda: pol(call), device, reps)
+        # gate projection + block summaries + block scores
+        mass = bsp.group_sum(pol.selector.block_mass(call, blk), key.shape[1])
+        row[f"{name}_scoring_s"] = timed(lambda: pol.selector.block_mass(call, blk), device, reps)
+        n = bsp.n_blocks(kk, blk)
+        row[f"{name}_topk_s"] = timed(lambda: bsp.select(mass, n, 0, blk), device, reps)
+        row[f"{name}_torch_topk_s"] = timed(lambda: bsp.select_blocks(mass, n, 0, blk), device, reps)
+        if device.type == "cuda":  # the kernels alone (on a CPU the policy takes the reference)
+            idx = bsp.select(mass, n, 0, blk)
+            row[f"{name}_attention_s"] = timed(
+                lambda: bsp.block_attention_fused(q, key, v, idx, blk, call.scaling), device, reps)
+            if blk == 64:
+                row[f"{name}_gpu_busy_s"] = gpu_busy(lambda: pol(call))
+                row[f"{name}_back_to_back_s"] = back_to_back(lambda: pol(call), device, reps)
+                row[f"{name}_speedup_gpu_busy"] = sdpa_times["sdpa_gpu_busy_s"] / row[f"{name}_gpu_busy_s"]
+                row[f"{name}_speedup_back_to_back"] = (sdpa_times["sdpa_back_to_back_s"]
+                                                       / row[f"{name}_back_to_back_s"])
+        row[f"{name}_speedup_vs_sdpa"] = sdpa_times["sdpa_s"] / row[f"{name}_s"]
+        row[f"{name}_keys_per_query"] = n * blk
+    except torch.OutOfMemoryError:
+        row[f"{name}_s"] = None
+        torch.cuda.empty_cache()
+    return row
+
+
+@part("attention", gpu={"T": [4096, 16384, 32768], "k": [64, 256, 2048]}, cpu={"T": [128, 256], "k": [16, 64]})
+@torch.no_grad()
+def attention(bench: Bench, plan: dict, block_sizes: tuple[int, ...] = (16, 64, 128), head_max_t: int = 4096
+              ) -> list[dict]:
+    """One layer's deployed gated top-k attention / SDPA flash attention, forward (target 4).
+
+    The gate's projection, scoring, top-k and attention over the kept keys, against SDPA: per-head selection (its
+    kernels where they serve, else the chunked reference up to ``head_max_t``), block selection per block size
+    with its parts timed, and exact block scores at block 64. On a GPU also SDPA's and block 64's GPU work alone
+    and calls issued back to back. Plan: {"T": window lengths, "k": keys kept}."""
+    model, bank, device, reps = bench.model, bench.bank, bench.device, bench.reps
+    rows = []
+    for t in plan["T"]:
+        call = layer_call(model, bank.spec, t, device, bench.dtype)
+        q, key, v = call.query, call.key, call.value
+
+        def flash():
+            return F.scaled_dot_product_attention(q, key, v, is_causal=True, enable_gqa=True)
+
+        sdpa = {"sdpa_s": timed(flash, device, reps)}
+        if device.type == "cuda":  # GPU work alone, and calls issued back to back as a model's layers issue them
+            sdpa |= {"sdpa_gpu_busy_s": gpu_busy(flash), "sdpa_back_to_back_s": back_to_back(flash, device, reps)}
+        for kk in plan["k"]:
+            row = {"T": t, "k": kk, **sdpa, **_per_head(call, bank, kk, sdpa["sdpa_s"], head_max_t, device, reps)}
+            for blk in block_sizes:
+                row |= _block(call, bank, kk, blk, sdpa, device, reps)
+            exact = policy_for("gate", kk, bank, selection="block", block_size=64, block_score="exact")
+            row["block64exact_s"] = timed(lambda: exact(call), device, reps)
+            row["block64exact_speedup_vs_sdpa"] = sdpa["sdpa_s"] / row["block64exact_s"]
+            rows.append(report(row))
+    return rows
+
+
+@part("kernel", gpu=[4096], cpu=[1024], cuda_only=True)
+def kernel(bench: Bench, ts: list[int]) -> list[dict]:
+    """The fused KL kernels alone, one layer, under several launch settings (``ops.kl`` TUNING).
+
+    One layer of Qwen3-1.7B's heads (16 query, 8 KV, head_dim 128; gate d = 32), bf16 teacher and gate as
+    distillation runs them: the teacher's attention forward, the two forward passes and the gradient pass under
+    each launch setting, then the whole per-layer KL (forward + gradient) as distillation calls it, with the
+    teacher's lse from the attention forward and without. Plan: window lengths T."""
+    device, reps = bench.device, bench.reps
+    scaling = 128**-0.5
+    rows = []
+    for t in ts:
+        gen = torch.Generator().manual_seed(t)
+        q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+        k, v = (torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+        gq, gk = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+        _, lse = flash_attention_lse(q, k, v, scaling)
+        _, lse_s, lse_g = kl_triton._forward(q, k, gq, gk, scaling, teacher=True)
+
+        def record(name, fn, settings=None, **extra):
+            with tuning(kl_triton.TUNING, **(settings or {})):
+                rows.append(report({"T": t, "kernel": name, **extra, **launch_time(fn, device, reps, warmup=2)}))
+
+        def gradient():
+            return kl_triton._gradient(q, k, gq, gk, 1.0 / t, lse_s, lse_g, scaling, with_kl=True)
+
+        record("teacher_attention_forward", lambda: flash_attention_lse(q, k, v, scaling))
+        for kind, teacher in (("fwd", True), ("lse", False)):
+            for cfg in KL_LAUNCHES:
+                record(kind, lambda: kl_triton._forward(q, k, gq, gk, scaling, teacher=teacher), {kind: cfg},
+                       config=cfg)
+        for low in (False, True):
+            for cfg in KL_LAUNCHES:
+                record("grad", gradient, {"grad": cfg, "low": low}, config=cfg, low=low)
+        for sem in ("acq_rel", "relaxed"):  # the memory order of the dgk atomics
+            for cfg in ((128, 128, 8, 2), (128, 64, 8, 3)):
+                record("grad", gradient, {"grad": cfg, "sem": sem}, config=cfg, low=kl_triton.TUNING["low"], sem=sem)
+        record("kl_with_flash_lse", lambda: kl_grad_fused(q, k, gq, gk, scaling, 1.0 / t, lse))
+        record("kl_teacher_pass", lambda: kl_grad_fused(q, k, gq, gk, scaling, 1.0 / t))
+    return rows
+
+
+@part("head_tuning", gpu={"T": 4096, "k": 64}, cpu={"T": 512, "k": 16}, cuda_only=True)
+def head_tuning(bench: Bench, plan: dict) -> list[dict]:
+    """Launch settings of the per-head top-k and index-attention kernels (``ops.head_topk`` TUNING).
+
+    Rows per program and warps at one T and k: the top-k on gate-sized inputs (16 heads, d = 32, bf16) and the
+    attention over the kept keys (head_dim 128, 8 KV heads). Plan: {"T": window length, "k": keys kept}."""
+    device, t, k = bench.device, plan["T"], plan["k"]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+    key, v = (torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    idx = ht.head_topk(a, b, k)  # under the default settings
+    fns = {"topk": lambda: ht.head_topk(a, b, k), "attn": lambda: ht.index_attention(q, key, v, idx, 128**-0.5)}
+    rows = []
+    for kind, settings in HEAD_LAUNCHES.items():
+        for n_rows, warps in settings:
+            with tuning(ht.TUNING, **{f"{kind}_rows": n_rows, f"{kind}_warps": warps}):
+                sec = launch_time(fns[kind], device, bench.reps)
+            rows.append(report({"T": t, "k": k, "kernel": kind, "rows": n_rows, "num_warps": warps, **sec}))
+    return rows
+
+
+@part("attention_tuning", gpu={"T": 32768, "k": 2048}, cpu={"T": 1024, "k": 64}, cuda_only=True)
+def attention_tuning(bench: Bench, plan: dict) -> list[dict]:
+    """Launch settings of the block attention kernel (``ops.block_sparse`` TUNING).
+
+    Rows per program, warps and stages at one T and k, blocks of 64 and 128 selected from random masses. Plan:
+    {"T": window length, "k": keys kept}."""
+    spec, device, t, k = bench.bank.spec, bench.device, plan["T"], plan["k"]
+    call = layer_call(bench.model, spec, t, device, bench.dtype)
+    rows = []
+    for blk in (64, 128):
+        nq = -(-t // blk)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        mass = torch.rand(1, spec.num_kv_heads, nq, nq, generator=gen).to(device)  # (B, Hkv, NQ, NB)
+        idx = bsp.select(mass, bsp.n_blocks(k, blk), 0, blk)
+        for max_rows, warps, stages in BLOCK_LAUNCHES:
+            with tuning(bsp.TUNING, max_rows=max_rows, num_warps=warps, num_stages=stages):
+                sec = launch_time(lambda: bsp.block_attention_fused(call.query, call.key, call.value, idx, blk,
+                                                                    call.scaling), device, bench.reps)
+            rows.append(report({"T": t, "k": k, "block": blk, "max_rows": max_rows, "num_warps": warps,
+                                "num_stages": stages, **sec}))
+    return rows

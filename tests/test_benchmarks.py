@@ -1,0 +1,88 @@
+"""The benchmark harness (benchmarks/): its entry point runs two parts at the CPU size and writes the JSON the docs
+read, every part is registered with a plan per size, and ``tuning`` restores launch settings whatever happens."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import parts_attention, parts_distill, parts_eval  # noqa: F401 - importing registers the parts
+from benchmarks.harness import PARTS, tuning
+from benchmarks.perf import main
+from posthoc_sparse.ops import head_topk as ht
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_POLICIES = ["oracle", "gate", "random"] + [f"{mode}_block{b}" for mode in ("oracle", "gate", "random")
+                                                for b in (16, 64)] + ["gate_block64exact"]
+DISTILL_TIMES = ["forward", "decoder_forward", "record_forward", "distill_step_eager"]  # each with its host time
+
+
+def _positive(row: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+
+
+def test_perf_runs_eval_and_distill_at_the_cpu_size(tmp_path):
+    out = tmp_path / "perf.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the test's and the run's threads would stall each other on 2 cores
+    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "eval,distill",
+                          "--reps", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["size"] == "cpu" and result["device"] == "cpu" and result["dtype"] == "torch.float32"
+    assert {"torch", "transformers", "posthoc_sparse"} <= set(result["versions"])
+    assert result["config"]["num_hidden_layers"] == 4 and result["seconds"] > 0
+    assert list(result["parts"]) == ["eval", "distill"]
+
+    evals = result["parts"]["eval"]
+    plan = [t if isinstance(t, tuple) else (t, 1) for t in PARTS["eval"].plans["cpu"]]
+    assert [(row["T"], row["batch"]) for row in evals] == plan
+    for row in evals:
+        assert row["k"] == 64
+        _positive(row, [f"{name}_s" for name in ["dense", *EVAL_POLICIES]])
+        _positive(row, [f"{name}_throughput_ratio" for name in EVAL_POLICIES])
+        assert not any("_graph" in key for key in row)  # CUDA graphs only on a GPU
+
+    distills = result["parts"]["distill"]
+    assert [row["T"] for row in distills] == PARTS["distill"].plans["cpu"]
+    for row in distills:
+        assert row["row_fraction"] == 1.0 and row["cuda_graph"] is False
+        _positive(row, [f"{name}{kind}_s" for name in DISTILL_TIMES for kind in ("", "_host")])
+        assert row["distill_step_s"] == row["distill_step_eager_s"]  # no CUDA graph: the step as the loop runs it
+        _positive(row, ["time_ratio", "time_ratio_eager", "time_ratio_vs_decoder"])
+        assert row["distill_peak_bytes"] is None and "error" not in row  # peak memory is measured on a GPU
+    assert "\neval {'T': 64" in run.stdout and "\ndistill {'T': 64" in run.stdout  # the closing table
+
+
+def test_every_part_is_registered_with_a_plan_per_size():
+    assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
+                          "kernel", "head_tuning", "attention_tuning"}
+    for part in PARTS.values():
+        assert set(part.plans) == {"gpu", "cpu"} and all(part.plans.values()), part.name
+        assert part.summary, f"part {part.name} has no docstring for --help"
+
+
+def test_unknown_parts_are_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--parts", "distill,evaluate", "--out", str(tmp_path / "perf.json")])
+    assert exit_.value.code == 2
+    assert "--parts takes a comma list of" in capsys.readouterr().err
+    assert not (tmp_path / "perf.json").exists()
+
+
+def test_tuning_restores_the_settings_even_when_the_body_raises():
+    before = dict(ht.TUNING)
+    with pytest.raises(RuntimeError, match="compiler"), tuning(ht.TUNING, topk_rows=64, topk_warps=8) as inside:
+        assert inside is ht.TUNING and ht.TUNING == {**before, "topk_rows": 64, "topk_warps": 8}
+        raise RuntimeError("the compiler rejects this setting")
+    assert ht.TUNING == before
+    with pytest.raises(KeyError, match="topk_row"), tuning(ht.TUNING, topk_row=64):
+        pass
+    assert ht.TUNING == before
