@@ -159,7 +159,7 @@ def test_static_cache_decode_step_reads_nothing_back_and_grows_nothing(gate_inpu
         for step in range(3):
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), 10 + step))
-            storages.append([m.keys.data_ptr() for m in policy.selector.key_cache._mirrors.values()])
+            storages.append([m.keys.data_ptr() for m in policy.selector.key_cache.mirrors()])
     assert spy.seen == []
     if gate_input == "hidden":
         assert len(storages[0]) == model.config.num_hidden_layers and storages[0] == storages[1] == storages[2]

@@ -60,6 +60,10 @@ class GateKeyCache:
             raise RuntimeError(f"gate key cache of layer {layer} holds {keys.shape[2]} keys, the KV cache {s}")
         return keys
 
+    def mirrors(self) -> list:
+        """The mirror layers alive (one per KV cache layer seen): their ``keys`` are the gate key cache."""
+        return [m for m in self._mirrors.values() if m is not None]
+
     def _appended(self, layer: int, new: torch.Tensor, s: int) -> torch.Tensor:
         """Cache layers of a class the mirror cannot build: new keys appended, the last S kept (dynamic and
         dynamic sliding-window caches lay their keys out so)."""
