@@ -24,10 +24,17 @@ from posthoc_sparse.attention.interface import SparseAttention, attention_module
 from posthoc_sparse.attention.policies import TopKPolicy
 from posthoc_sparse.attention.selectors import GateSelector
 from posthoc_sparse.errors import first_line
+from posthoc_sparse.gates.modules import GateBank, random_control
 from posthoc_sparse.ops import decode as dc
 
 GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8}
 CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2}
+
+
+def _frozen_gate(bench: Bench) -> GateBank:
+    """The run's gate shapes, random and frozen, as deployed gates are (``load_gates`` and the random control
+    freeze theirs, so the laid-out projection weight is kept between calls)."""
+    return random_control(bench.bank.spec, 0).to(bench.device)
 
 
 def _randomise(cache_layers, length: int) -> None:
@@ -63,7 +70,7 @@ def _layer_decode(bench: Bench, s_len: int, batch: int):
     call = LayerCall(module=attention_modules(model)[0], layer=0, query=q, key=kv.keys, value=kv.values,
                      attention_mask=mask, scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin,
                      cache=kv)
-    selector = GateSelector(bench.bank)
+    selector = GateSelector(_frozen_gate(bench))
     gk = torch.randn(batch, spec.num_heads, s_len + 1, spec.d_g, generator=gen).to(device, dtype)
     selector.key_cache.keys(0, kv, gk, s_len + 1)  # the mirror, then rewound to S tokens
 
@@ -178,7 +185,7 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
     replayed as a CUDA graph, all in interleaved rounds on one StaticCache (rewound before every call)."""
     model, device = bench.model, bench.device
     cache = StaticCache(config=model.config, max_cache_len=s_len + n + 1)
-    selector = GateSelector(bench.bank)  # one gate key cache for every k
+    selector = GateSelector(_frozen_gate(bench))  # one gate key cache for every k
     policies = {f"gate_k{kk}": TopKPolicy(selector, kk) for kk in ks}
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros_like(ids)
