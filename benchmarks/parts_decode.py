@@ -138,7 +138,8 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
                 return policy(call)
 
             row = {**base, "k": kk, "selection": selection,
-                   "path": "fused" if policy._decode_kernels(call) else "reference", "gated_s": timed(gated, device, reps)}
+                   "path": "fused" if policy._decode_kernels(call) else "reference",
+                   "gated_s": timed(gated, device, reps)}
             row["speedup_vs_sdpa"] = base["sdpa_s"] / row["gated_s"]
             if device.type == "cuda":
                 row["gated_graph_s"] = timed(cuda_graphed(gated, device), device, reps)

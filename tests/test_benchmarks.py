@@ -65,9 +65,9 @@ def test_decode_parts_run_at_the_cpu_size(tmp_path):
     """The decode parts (issue 21) on the CPU: the policy's reference path against SDPA for one layer, and the
     whole model's decode loop dense and gated; every time positive, the gate key cache measured."""
     out = tmp_path / "decode.json"
-    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "decode_attention,decode_model",
-                          "--reps", "1", "--out", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts",
+                          "decode_attention,decode_model", "--reps", "1", "--out", str(out)], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]
     plan = PARTS["decode_model"].plans["cpu"]

@@ -255,7 +255,8 @@ def test_decode_step_generates_what_generate_does_under_the_gate():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode, selection", [("gate", "head"), ("gate", "group"), ("oracle", "head"), ("dense", "head")])
+@pytest.mark.parametrize("mode, selection",
+                         [("gate", "head"), ("gate", "group"), ("oracle", "head"), ("dense", "head")])
 def test_decode_step_replays_as_a_cuda_graph(mode, selection):
     """A static-cache decode step under the fused decode path (hidden gate of d 16, tiny Qwen3 of head dim 16)
     captures as a CUDA graph; replaying it generates the eager tokens and logits."""

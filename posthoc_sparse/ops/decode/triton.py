@@ -51,6 +51,18 @@ if triton is not None:
     NEG = tl.constexpr(-1.0e30)
 
     @triton.jit
+    def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        # (RP, D) x (N, D) -> (RP, N) fp32: q . k * scale, tanh-capped at cap with SOFTCAP; exact fp32 products
+        # for fp32 inputs (IEEE), else the tensor cores' (bf16 / fp16 products, fp32 sums)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(kt)) * scale
+        if SOFTCAP:
+            s = cap * (2.0 / (1.0 + tl.exp(-2.0 * s / cap)) - 1.0)  # tanh
+        return s
+
+    @triton.jit
     def _score(SQ, SK, VALID, SC, PM, PL, sqb, sqh, skb, skh, sks, svb, svs, H, HS, S, split, sel_scale, sel_cap,
                R: tl.constexpr, RP: tl.constexpr, DS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
                SOFTCAP: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr):
@@ -70,13 +82,7 @@ if triton is not None:
             if HAS_MASK:
                 ok = ok & (tl.load(VALID + b * svb + cols * svs, mask=ok, other=0) != 0)
             kt = tl.load(SK + b * skb + g * skh + cols[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * sel_scale
-            else:
-                s = tl.dot(q, tl.trans(kt)) * sel_scale
-            if SOFTCAP:
-                s = sel_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / sel_cap)) - 1.0)  # tanh
-            s = tl.where(ok[None, :], s, float("-inf"))
+            s = tl.where(ok[None, :], _logits(q, kt, sel_scale, sel_cap, SOFTCAP, IEEE), float("-inf"))
             tl.store(SC + (b * H + rows[:, None]) * S + cols[None, :], s, mask=(r < R)[:, None] & (cols < S)[None, :])
             if STATS:
                 m_new = tl.maximum(m, tl.max(s, 1))
@@ -191,13 +197,7 @@ if triton is not None:
             pos = tl.where(ok, idx, 0)
             kt = tl.load(K + b * skb + kvh * skh + pos[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
             vt = tl.load(V + b * svb + kvh * svh + pos[:, None] * svs + offs_d[None, :], mask=ok[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scaling
-            else:
-                s = tl.dot(q, tl.trans(kt)) * scaling
-            if SOFTCAP:
-                s = cap * (2.0 / (1.0 + tl.exp(-2.0 * s / cap)) - 1.0)  # tanh
-            s = tl.where(ok[None, :], s, NEG)
+            s = tl.where(ok[None, :], _logits(q, kt, scaling, cap, SOFTCAP, IEEE), NEG)
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
