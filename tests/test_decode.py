@@ -42,11 +42,12 @@ def test_score_kernel_equals_the_reference(hs, cap):
     torch.testing.assert_close(lse, want.logsumexp(-1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("s, k", [(150, 13), (77, 64), (40, 40), (40, 200)])
+@pytest.mark.parametrize("s, k", [(150, 13), (77, 64), (40, 40), (40, 200), (50, 1)])
 @pytest.mark.parametrize("group", [False, True])
 def test_select_kernel_keeps_the_reference_sets(s, k, group):
     """S not a multiple of the tile, k not a power of two, k at and above the valid keys (all of them kept,
-    the rest -1), padding, per head and per KV group (the group's mean softmax, as attention.reference)."""
+    the rest -1), k = 1 (which Triton compiles as a constant), padding, per head and per KV group (the group's
+    mean softmax, as attention.reference)."""
     sq, sk, *_, valid = _data(s=s, seed=s)
     sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
     got = dc.decode_topk(sc, k, 2 if group else None, pm, pl)
@@ -134,7 +135,7 @@ def test_torch_topk_selection_is_the_same_set():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s, k, group", [(4099, 256, False), (33001, 2048, False), (33001, 2048, True),
-                                         (2000, 4096, True)])
+                                         (2000, 4096, True), (4099, 1, True)])
 def test_gated_decode_on_the_gpu(dtype, s, k, group):
     """Qwen3-1.7B's head shapes (16 query heads, 8 KV heads, head dim 128, gate dim 32), batch 3 with padding,
     long contexts: the kept sets carry the reference's score mass, and the output equals the reference's over

@@ -127,10 +127,11 @@ if triton is not None:
         # keys (-inf) have top digit 0, which no finite score above -2^127 has: pass 0 drops that digit.
         bins = tl.arange(0, 256)
         n_read = tl.cdiv(S, BLOCK) * BLOCK  # keys a pass reads, the padding of its last tile included
-        prefix = (k * 0).to(tl.int64)  # the digits of the k-th largest key found so far
-        total = k * 0  # keys matching the prefix (the valid keys, after pass 0)
-        want = k * 0  # how many of them must still be taken
-        kk = k * 0  # min(k, valid keys)
+        zero = row * 0  # an int32 scalar (k may be the constant 1, which Triton specialises)
+        prefix = zero.to(tl.int64)  # the digits of the k-th largest key found so far
+        total = zero  # keys matching the prefix (the valid keys, after pass 0)
+        want = zero  # how many of them must still be taken
+        kk = zero  # min(k, valid keys)
         for p in tl.static_range(4):  # 8-bit digits, most significant first
             shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
@@ -153,8 +154,8 @@ if triton is not None:
             want -= tl.sum(tl.where(bins > d, hist, 0), 0)
             total = tl.sum(tl.where(bins == d, hist, 0), 0)
             prefix = prefix * 256 + d
-        kept = k * 0
-        equal = k * 0
+        kept = zero
+        equal = zero
         out = IDX + row.to(tl.int64) * k
         for start in range(0, S, BLOCK):
             cols = start + tl.arange(0, BLOCK)
