@@ -43,7 +43,7 @@ DEFAULT_PARTS = "distill,memory,eval,attention,model,sweep"
 # the keys of a row that the closing table shows
 TABLE_SUFFIXES = ("ratio", "ratio_eager", "ratio_graph", "ratio_vs_decoder", "speedup_vs_sdpa", "speedup_vs_dense",
                   "speedup_gpu_busy", "speedup_back_to_back", "speedup_whole_model")
-TABLE_KEYS = ("T", "k", "batch", "row_fraction", "peak_bytes", "error")
+TABLE_KEYS = ("T", "S", "k", "batch", "selection", "row_fraction", "peak_bytes", "error")
 
 
 # --- the registry ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 
 The harness (registry, timing, model, JSON) is ``benchmarks/harness.py``; the parts are registered by
 ``parts_distill.py`` (distill, distill_sampled, memory, sweep), ``parts_eval.py`` (eval, model, host) and
-``parts_attention.py`` (attention, kernel, head_tuning, attention_tuning).
+``parts_attention.py`` (attention, kernel, head_tuning, attention_tuning) and ``parts_decode.py`` (decode_attention,
+decode_model).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks import parts_distill, parts_eval, parts_attention  # noqa: F401 - importing registers the parts
+    from benchmarks import parts_attention, parts_decode, parts_distill, parts_eval  # noqa: F401 - registers the parts
     from benchmarks.harness import main as run
 
     return run(argv)

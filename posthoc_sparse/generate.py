@@ -41,24 +41,59 @@ class GenerateResult:
     prompt: str
     text: str
     tokens: list[int]
-    seconds_per_token: float
+    seconds_per_token: float  # the whole generate call (prefill included) per new token
     dense_text: str | None = None
     dense_tokens: list[int] | None = None
     dense_seconds_per_token: float | None = None
+    # decoding speed: new tokens per second after the first (the prefill's), None with a single new token;
+    # and the prefill's seconds (until the first new token's logits)
+    tokens_per_second: float | None = None
+    prefill_seconds: float | None = None
+    dense_tokens_per_second: float | None = None
+    dense_prefill_seconds: float | None = None
     agreement: float | None = None  # share of positions where the two greedy continuations agree
     mean_kl: float | None = None  # mean KL(dense || sparse) of next-token distributions along the sparse text
     per_token_kl: list[float] = field(default_factory=list)
 
 
-def _timed_generate(model, inputs, cfg: GenerateConfig, pad_id: int) -> tuple[torch.Tensor, float]:
+class _StepClock:
+    """A logits processor that changes nothing and notes when each step's logits reach it (waiting for the GPU,
+    which generate's stopping check does at every step anyway): the first marks the end of the prefill."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+@dataclass
+class _Timing:
+    seconds_per_token: float
+    tokens_per_second: float | None
+    prefill_seconds: float
+
+
+def _timed_generate(model, inputs, cfg: GenerateConfig, pad_id: int) -> tuple[torch.Tensor, _Timing]:
+    from transformers import LogitsProcessorList
+
     torch.manual_seed(cfg.seed)
+    clock = _StepClock(model.device)
     t0 = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                          temperature=cfg.temperature if cfg.do_sample else None,
-                         top_p=cfg.top_p if cfg.do_sample else None, pad_token_id=pad_id)
-    dt = time.perf_counter() - t0
+                         top_p=cfg.top_p if cfg.do_sample else None, pad_token_id=pad_id,
+                         logits_processor=LogitsProcessorList([clock]))
+    clock(None, None)  # generate's return
     new = out[0, inputs["input_ids"].shape[1] :]
-    return new, dt / max(1, len(new))
+    first, last, end = clock.times[0], clock.times[-2], clock.times[-1]
+    decoded = len(clock.times) - 2  # tokens whose logits came from a decode step (after the prefill's)
+    return new, _Timing(seconds_per_token=(end - t0) / max(1, len(new)),
+                        tokens_per_second=decoded / (last - first) if decoded > 0 and last > first else None,
+                        prefill_seconds=first - t0)
 
 
 @torch.no_grad()
@@ -79,11 +114,12 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
     inputs = tok(cfg.prompt, return_tensors="pt").to(model.device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
-        new, spt = _timed_generate(model, inputs, cfg, pad_id)
+        new, timing = _timed_generate(model, inputs, cfg, pad_id)
     result = GenerateResult(prompt=cfg.prompt, text=tok.decode(new, skip_special_tokens=True),
-                            tokens=new.tolist(), seconds_per_token=spt)
+                            tokens=new.tolist(), seconds_per_token=timing.seconds_per_token,
+                            tokens_per_second=timing.tokens_per_second, prefill_seconds=timing.prefill_seconds)
     if cfg.compare_dense:
-        dense_new, dense_spt = _timed_generate(model, inputs, cfg, pad_id)
+        dense_new, dense = _timed_generate(model, inputs, cfg, pad_id)
         full = torch.cat([inputs["input_ids"][0], new]).unsqueeze(0)  # (1, prompt + N)
         n_prompt = inputs["input_ids"].shape[1]
         logits_dense = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()  # (N, V)
@@ -94,7 +130,9 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
         n = min(len(new), len(dense_new))
         result.dense_text = tok.decode(dense_new, skip_special_tokens=True)
         result.dense_tokens = dense_new.tolist()
-        result.dense_seconds_per_token = dense_spt
+        result.dense_seconds_per_token = dense.seconds_per_token
+        result.dense_tokens_per_second = dense.tokens_per_second
+        result.dense_prefill_seconds = dense.prefill_seconds
         result.agreement = float((new[:n] == dense_new[:n]).float().mean()) if n else float("nan")
         result.per_token_kl = kl.tolist()
         result.mean_kl = float(kl.mean())

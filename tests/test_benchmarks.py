@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import parts_attention, parts_distill, parts_eval  # noqa: F401 - importing registers the parts
+from benchmarks import parts_attention, parts_decode, parts_distill, parts_eval  # noqa: F401 - registers the parts
 from benchmarks.harness import PARTS, tuning
 from benchmarks.perf import main
 from posthoc_sparse.ops import head_topk as ht
@@ -61,9 +61,30 @@ def test_perf_runs_eval_and_distill_at_the_cpu_size(tmp_path):
     assert "\neval {'T': 64" in run.stdout and "\ndistill {'T': 64" in run.stdout  # the closing table
 
 
+def test_decode_parts_run_at_the_cpu_size(tmp_path):
+    """The decode parts (issue 21) on the CPU: the policy's reference path against SDPA for one layer, and the
+    whole model's decode loop dense and gated; every time positive, the gate key cache measured."""
+    out = tmp_path / "decode.json"
+    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts",
+                          "decode_attention,decode_model", "--reps", "1", "--out", str(out)], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    parts = json.loads(out.read_text())["parts"]
+    plan = PARTS["decode_model"].plans["cpu"]
+    assert [(r["S"], r["batch"]) for r in parts["decode_model"]] == [(s, b) for s in plan["S"] for b in plan["batch"]]
+    assert len(parts["decode_attention"]) == len(plan["S"]) * len(plan["batch"]) * len(plan["k"]) * 2
+    for row in parts["decode_attention"]:
+        assert row["path"] == "reference" and row["selection"] in ("head", "group")  # the kernels need a GPU
+        _positive(row, ["sdpa_s", "gated_s", "speedup_vs_sdpa"])
+    for row in parts["decode_model"]:
+        _positive(row, ["dense_tokens_per_s", "gate_k16_tokens_per_s", "gate_k16_speedup_vs_dense"])
+        # the small model's gate (4 heads x d 32) against its KV cache (2 x 2 heads x 64) per token
+        assert row["gate_cache_over_kv_cache_ratio"] == 0.5 and not any("graph" in key for key in row)
+
+
 def test_every_part_is_registered_with_a_plan_per_size():
     assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
-                          "kernel", "head_tuning", "attention_tuning"}
+                          "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model"}
     for part in PARTS.values():
         assert set(part.plans) == {"gpu", "cpu"} and all(part.plans.values()), part.name
         assert part.summary, f"part {part.name} has no docstring for --help"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from posthoc_sparse.attention.interface import SparseAttention
+from posthoc_sparse.attention.policies import policy_for
 from posthoc_sparse.deploy import apply_gates
 from posthoc_sparse.errors import GateMismatchError, UserError
 from posthoc_sparse.gates.io import gate_spec_for_model, save_gates
@@ -85,6 +88,96 @@ def test_mismatched_gate_and_bad_arguments_are_refused(tmp_path):
         apply_gates(model, _bank(model), k=0)
     with pytest.raises(UserError, match="mode"):
         apply_gates(model, _bank(model), k=4, mode="fancy")
+
+
+def _generated(model, ids, mask, cache, **kw):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         cache_implementation=cache, return_dict_in_generate=True, output_logits=True, **kw)
+    return out.sequences, torch.stack(out.logits, 1)  # (B, T + N), (B, N, V)
+
+
+@pytest.mark.parametrize("gate_input", ["hidden", "qk"])
+def test_static_cache_decodes_like_the_dynamic_cache(gate_input):
+    """A StaticCache hands attention keys of its full length (zeros past the tokens seen, masked): the gate's key
+    cache must follow its positions. Left-padded batch, k = 8 of up to 20 keys, greedy."""
+    model = tiny_model("qwen3")
+    ids = random_ids(2, 12, seed=5)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # row 1: 8 tokens, left-padded
+    with torch.no_grad():
+        dense = {c: _generated(model, ids, mask, c)[0] for c in ("dynamic", "static")}
+        with apply_gates(model, _bank(model, gate_input), k=8):
+            (dyn, dyn_logits), (sta, sta_logits) = (_generated(model, ids, mask, c) for c in ("dynamic", "static"))
+    assert torch.equal(dense["dynamic"], dense["static"])
+    assert torch.equal(dyn, sta)
+    torch.testing.assert_close(sta_logits, dyn_logits, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(dyn, dense["dynamic"])  # the gate does select (k = 8 of up to 20 keys)
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Records ops that make the host wait for the device: a scalar read (.item(), bool(t), int(t)) or an output
+    whose shape depends on values (nonzero, masked_select, unique, indexing by a bool mask)."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func.__name__.startswith("index.") and isinstance(args[1], (list, tuple)) else ()
+        by_mask = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if by_mask or any(n in func.__name__ for n in self.NAMES):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("gate_input", ["hidden", "qk"])
+def test_static_cache_decode_step_reads_nothing_back_and_grows_nothing(gate_input):
+    """What CUDA-graph capture and torch.compile need of a static-cache step: no value read back by the host inside
+    the attention calls, and the gate's key cache written in place (the same storage every step)."""
+    from transformers import StaticCache
+
+    model = tiny_model("qwen3")
+    bank = _bank(model, gate_input)
+    policy = policy_for("gate", 4, bank)
+    spy = _DeviceReads()
+
+    class Spied:
+        needs_inputs = True
+
+        def __call__(self, call):
+            with spy:
+                return policy(call)
+
+    ids = random_ids(2, 10)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad(), SparseAttention(model, Spied()):
+        out = model(ids, past_key_values=cache, use_cache=True)
+        spy.seen.clear()
+        storages = []
+        for step in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), 10 + step))
+            storages.append([m.keys.data_ptr() for m in policy.selector.key_cache.mirrors()])
+    assert spy.seen == []
+    if gate_input == "hidden":
+        assert len(storages[0]) == model.config.num_hidden_layers and storages[0] == storages[1] == storages[2]
+
+
+def test_static_cache_decode_step_traces_as_one_graph():
+    """torch.compile's tracer takes a whole static-cache decode step under a hidden gate without a graph break
+    (a break would mark a value read back, data-dependent Python, or untraceable bookkeeping)."""
+    from transformers import StaticCache
+
+    model = tiny_model("qwen3")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids = random_ids(2, 10)
+    with torch.no_grad(), apply_gates(model, _bank(model), k=4, selection="group"):
+        nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        explained = torch._dynamo.explain(model)(nxt, past_key_values=cache, use_cache=True,
+                                                  position_ids=torch.full((2, 1), 10))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 @pytest.mark.parametrize("max_memory", ["cpu=200KB", "cpu=1KB"])

@@ -24,6 +24,11 @@ def test_generate_with_compare_dense(gates):
                                        compare_dense=True))
     assert len(res.tokens) == 8 and len(res.dense_tokens) == 8
     assert 0.0 <= res.agreement <= 1.0 and res.mean_kl >= 0 and len(res.per_token_kl) == 8
+    for rate, prefill in ((res.tokens_per_second, res.prefill_seconds),
+                          (res.dense_tokens_per_second, res.dense_prefill_seconds)):
+        assert rate > 0 and prefill > 0  # the decode rate and the prefill's time, both measured
+    one = generate_text(GenerateConfig(gates=str(gates), prompt="the city", max_new_tokens=1))
+    assert one.tokens_per_second is None and one.prefill_seconds > 0  # no decode step to time
 
 
 def test_k_above_the_length_agrees_with_dense_exactly(gates):

@@ -215,3 +215,60 @@ def test_step_graph_replays_equal_eager_steps_on_gpu(fraction, fail):
     for a, b in zip(replayed[1], eager[1]):
         err = (a - b).norm() / b.norm()
         assert err < 1e-3, float(err)
+
+
+def _decoded(model, ids, mask, n: int, graph: bool):
+    """``n`` greedy tokens through ``DecodeStep`` after an eager prefill into a StaticCache: (tokens (B, n),
+    logits (B, n, V)). ``mask`` (B, T) is the prompt's padding mask (left padding)."""
+    from transformers import StaticCache
+
+    from posthoc_sparse.attention.graphs import DecodeStep, cache_kwarg
+
+    b, t = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=t + n)
+    full = torch.cat((mask, mask.new_ones(b, n)), 1)  # (B, T + n)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, **{cache_kwarg(model): cache})
+    first = out.logits[:, -1]
+    step = DecodeStep(model, cache, first.argmax(-1, keepdim=True), pos[:, -1:] + 1, full, graph)
+    tokens, logits = [step.ids.clone()], [first]
+    for _ in range(n - 1):
+        logits.append(step().clone())
+        tokens.append(step.ids.clone())
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+def test_decode_step_generates_what_generate_does_under_the_gate():
+    """DecodeStep (static cache, the full-length mask and positions held on the device) reproduces
+    model.generate's greedy tokens for a left-padded batch under a hidden gate."""
+    from posthoc_sparse.deploy import apply_gates
+
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=8)).reset_random(0)
+    ids = random_ids(2, 9, seed=4)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    with torch.no_grad(), apply_gates(model, bank, k=5):
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 9:]
+        got, _ = _decoded(model, ids, mask, 6, graph=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, selection",
+                         [("gate", "head"), ("gate", "group"), ("oracle", "head"), ("dense", "head")])
+def test_decode_step_replays_as_a_cuda_graph(mode, selection):
+    """A static-cache decode step under the fused decode path (hidden gate of d 16, tiny Qwen3 of head dim 16)
+    captures as a CUDA graph; replaying it generates the eager tokens and logits."""
+    from posthoc_sparse.deploy import apply_gates
+
+    model = tiny_model("qwen3").cuda()
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(2, 20, seed=4).cuda()
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    with torch.no_grad(), apply_gates(model, None if mode == "oracle" else bank, k=7, mode=mode, selection=selection):
+        eager = _decoded(model, ids, mask, 8, graph=False)
+        graphed = _decoded(model, ids, mask, 8, graph=True)
+    assert torch.equal(graphed[0], eager[0])
+    torch.testing.assert_close(graphed[1], eager[1], atol=1e-4, rtol=1e-4)

@@ -34,6 +34,7 @@ class LayerCall:
     x: torch.Tensor | None = None  # (B, T, hidden): the attention block's input, if captured
     cos: torch.Tensor | None = None  # (B, T, rotary_dim)
     sin: torch.Tensor | None = None
+    cache: object | None = None  # the layer's transformers cache layer (KV cache), if captured with a cache
 
     @property
     def softcap(self) -> float | None:

@@ -103,3 +103,55 @@ class ShapeGraphs:
                 errors.append(f"{tuple(key[0])}{label}: {type(e).__name__}: {first_line(e, 200)}")
         self.failures += errors
         return None
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: "cache" (transformers >= 5.24) or "past_key_values"."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class DecodeStep:
+    """One greedy decoding step with a transformers StaticCache, every sequence one token: eager, or replayed as a
+    CUDA graph.
+
+    Letters: B batch, L the cache's length, V vocabulary. Static device buffers: ``ids`` (B, 1) the tokens in,
+    ``pos`` (B, 1) their positions, ``mask`` (B, L) the padding mask over the cache's whole length (1 past the
+    tokens written: the causal mask hides them). A call runs the model on them, writes the greedy next tokens
+    into ``ids``, advances ``pos`` and returns the step's logits (B, V) (the graph's static output: copy it to
+    keep it). Nothing is read back by the host, so a whole generation replays without waiting for the device.
+    With ``graph``, the first call runs eagerly on a side stream (Triton compiles, lazy state settles), the
+    second captures and replays, later calls replay.
+    """
+
+    def __init__(self, model, cache, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, graph: bool):
+        self.model, self.cache, self.ids, self.pos, self.mask = model, cache, ids, pos, mask
+        self.use_graph, self.graph, self.logits, self.calls = graph, None, None, 0
+        self._cache_kw = cache_kwarg(model)
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                         **{self._cache_kw: self.cache})
+        logits = out.logits[:, -1]  # (B, V)
+        self.ids.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        return logits
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        if not self.use_graph:
+            return self._step()
+        if self.graph is None and self.calls == 1:
+            side = torch.cuda.Stream(self.ids.device)
+            side.wait_stream(torch.cuda.current_stream(self.ids.device))
+            with torch.cuda.stream(side):
+                logits = self._step()
+            torch.cuda.current_stream(self.ids.device).wait_stream(side)
+            return logits
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        self.graph.replay()
+        return self.logits

@@ -44,6 +44,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     call = LayerCall(
         module=module, layer=binding.layer, query=query, key=key, value=value, attention_mask=attention_mask,
         scaling=float(scaling), dropout=dropout, kwargs=kwargs, x=cap.get("x"), cos=cap.get("cos"), sin=cap.get("sin"),
+        cache=_cache_layer(cap.get("cache"), getattr(module, "layer_idx", None)),
     )
     cap.clear()
     return binding.policy(call), None
@@ -104,10 +105,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [found[i] for i in sorted(found)]
 
 
+def _cache_layer(cache, layer_idx: int | None):
+    """The cache layer of ``layer_idx`` in a transformers ``Cache`` (its ``layers``), or None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not isinstance(layer_idx, int) or layer_idx >= len(layers):
+        return None
+    return layers[layer_idx]
+
+
 def _capture_hook(captured: dict):
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states")
         captured["x"] = x
+        # the KV cache (transformers >= 5.24 names the argument "cache", earlier versions "past_key_values")
+        captured["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))
         pe = kwargs.get("position_embeddings")
         if pe is None and len(args) > 1 and isinstance(args[1], tuple):
             pe = args[1]

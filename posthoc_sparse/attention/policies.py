@@ -15,6 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import UserError
 from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
+from ..ops import decode as dc
 from ..ops import head_topk as ht
 from .call import LayerCall, Observer, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
@@ -65,8 +66,9 @@ class TopKPolicy:
     """Deployed hard top-k: keep the selector's top-k allowed keys per query, softmax the true scores over them.
 
     ``selection``: per query head (the method), per KV group, or key blocks (``ops.block_sparse``). Plain CUDA
-    prefill takes the Triton kernels where they serve; everything else the chunked reference, never more than
-    one (B, H, C, S) chunk of scores at a time.
+    prefill takes the Triton kernels where they serve, and so do CUDA decode steps (one query per sequence,
+    ``ops.decode``) per head or per group; everything else the chunked reference, never more than one
+    (B, H, C, S) chunk of scores at a time.
     """
 
     def __init__(self, selector, k: int, observer: Observer | None = None, query_chunk: int | None = None,
@@ -87,6 +89,8 @@ class TopKPolicy:
     def __call__(self, call: LayerCall) -> torch.Tensor:
         if self.selection == "block":
             return self._blocks(call)
+        if self._decode_kernels(call):
+            return self._decode(call)
         if self.selection == "head" and self._head_kernels(call):
             return self._heads(call)
         prepared = self.selector.prepare(call)
@@ -100,18 +104,58 @@ class TopKPolicy:
 
         return chunked_attention(call, probs, self.query_chunk)
 
-    def _plain_prefill(self, call: LayerCall) -> bool:
-        """CUDA prefill with plain causal masking where nothing needs gradients or per-chunk scores (an
-        observer): what the Triton kernels serve. Everything else takes the chunked reference."""
+    def _inference_call(self, call: LayerCall) -> bool:
+        """Nothing needs gradients or per-chunk scores (an observer), values of the head dim: what the Triton
+        kernels serve (on CUDA)."""
         q = call.query
-        return (q.is_cuda and self.observer is None and call.attention_mask is None and not call.dropout
+        return (self.observer is None and not call.dropout
                 and not (torch.is_grad_enabled() and (q.requires_grad or call.key.requires_grad
                                                       or call.value.requires_grad))
                 and call.value.shape[-1] == q.shape[-1])
 
+    def _plain_prefill(self, call: LayerCall) -> bool:
+        """A CUDA ``_inference_call`` with plain causal masking: what the prefill kernels serve. Everything else
+        takes the chunked reference."""
+        return call.query.is_cuda and self._inference_call(call) and call.attention_mask is None
+
     def fast_path(self, call: LayerCall) -> bool:
         """Whether block selection's attention runs as the Triton kernel (``_plain_prefill``, kernel shapes)."""
         return self._plain_prefill(call) and bsp.kernels_ok(call.query, call.key, self.block)
+
+    def _selection_dim(self, call: LayerCall) -> int | None:
+        """The dimension a decode step selects by: head_dim for the oracle and the "qk" gate (their scores are
+        dot products with the model's cached keys), the gate dim for a "hidden" gate; None for other selectors."""
+        sel = self.selector
+        if type(sel) is OracleSelector:
+            return call.query.shape[-1]
+        if type(sel) is GateSelector:
+            return sel.bank.spec.d_g if sel.bank.spec.gate_input == "hidden" else call.query.shape[-1]
+        return None
+
+    def _decode_kernels(self, call: LayerCall) -> bool:
+        """A CUDA decode step (one query per sequence) per head or per group by the oracle or a gate (hidden or
+        qk input: the learned or the random one), with nothing needing gradients or per-chunk scores, in
+        shapes ``ops.decode`` takes: the fused decode path. Padding and sliding-window masks are allowed."""
+        dim = self._selection_dim(call)
+        return (call.query.shape[2] == 1 and dim is not None and self.selection in ("head", "group")
+                and self._inference_call(call) and dc.kernels_ok(call.query, call.value, dim))
+
+    def _decode(self, call: LayerCall) -> torch.Tensor:
+        """One decode step through ``ops.decode.gated_decode``: the selection query and keys of the selector (the
+        gate's cached keys for the hidden input; the model's keys for the oracle and, with the query folded
+        through the gate, for the qk input), the top k per head or per KV group, attention over them."""
+        q, key = call.query, call.key
+        sel_scale, sel_cap = 1.0, None
+        if type(self.selector) is OracleSelector:
+            sq, sk, sel_scale, sel_cap = q[:, :, 0], key, call.scaling, call.softcap
+        elif self.selector.bank.spec.gate_input == "hidden":
+            sq, sk = self.selector.decode_inputs(call)  # (B, H, d), (B, H, S, d): the gate key cache
+        else:
+            sq, sk = self.selector.bank.layers[call.layer].folded_query(q)[:, :, 0], key
+        valid = None if call.attention_mask is None else call.allowed()[:, 0, 0]  # (B, S)
+        sq, sk, qd, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (sq, sk, q[:, :, 0], key, call.value))
+        return dc.gated_decode(sq, sk, qd, k, v, valid, self.k, call.scaling, call.softcap, sel_scale, sel_cap,
+                               group=self.selection == "group")
 
     def _head_kernels(self, call: LayerCall) -> bool:
         """Per-head selection by the gate (hidden input) or the oracle through the Triton kernels

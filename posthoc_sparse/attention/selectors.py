@@ -13,7 +13,9 @@ import torch
 
 from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
+from ..ops.rope import gate_rope
 from .call import LayerCall, query_chunk_size
+from .gate_cache import GateKeyCache
 from .reference import masked_softmax, scores
 
 def _half_autocast(t: torch.Tensor):
@@ -68,24 +70,31 @@ def _stack_query_blocks(parts: list[tuple[int, torch.Tensor]], block: int) -> to
 
 @dataclass
 class GateSelector:
-    """Select by a gate bank's scores. Caches gate keys per layer for decoding with a KV cache."""
+    """Select by a gate bank's scores. A "hidden" gate keeps its keys beside the model's KV cache
+    (``GateKeyCache``: at the KV cache's own positions, static caches included)."""
 
     bank: GateBank
-    key_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_cache: GateKeyCache = field(default_factory=GateKeyCache)
     block_score: str = "bound"  # with block selection: "bound" (fast) or "exact" (the gate's softmax mass)
 
     def prepare(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate queries (B, H, T, d) and keys (B, H, S, d), aligned with the call's keys."""
         gate = self.bank.layers[call.layer]
         with _half_autocast(call.query):
             gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
-        s = call.key.shape[2]
-        if gk.shape[2] < s:  # decoding: new gate keys extend the cache
-            cached = self.key_cache.get(call.layer)
-            if cached is None or cached.shape[2] + gk.shape[2] < s:
-                raise RuntimeError(f"gate key cache of layer {call.layer} does not match the KV cache length {s}")
-            gk = torch.cat((cached, gk), dim=2)[:, :, -s:]  # (B, H, S, d); sliding-window caches keep the last S
-        self.key_cache[call.layer] = gk.detach()
+        if gate.spec.gate_input == "hidden":  # gate keys of the call's T tokens: the cache holds the others
+            gk = self.key_cache.keys(call.layer, call.cache, gk, call.key.shape[2])
         return gq, gk
+
+    def decode_inputs(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prepare`` of one decode step for a "hidden" gate, through ``ops.rope``'s kernel (one launch for the
+        rotary embedding, not a dozen): the gate query (B, H, d) and every gate key (B, H, S, d), in the model's
+        dtype for half models. The same numbers as ``prepare`` up to the rounding of the rotation."""
+        gate = self.bank.layers[call.layer]
+        q = call.query
+        y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
+        g = gate_rope(y, call.cos, call.sin, gate.freq_idx)  # (2, B, H, 1, d)
+        return g[0, :, :, 0], self.key_cache.keys(call.layer, call.cache, g[1], call.key.shape[2])
 
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         gq, gk = prepared
@@ -107,7 +116,7 @@ class GateSelector:
             y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
             rope = (call.cos, call.sin, gate.freq_idx) if call.cos is not None and gate.freq_idx.numel() else None
             gq2, gkb, gk = bsp.gate_summaries_fused(y, rope, block)
-            self.key_cache[call.layer] = gk
+            self.key_cache.keys(call.layer, call.cache, gk, call.key.shape[2])
             return bsp.block_mass_fused(gq2, gkb, block)
         gq, gk = self.prepare(call)
         gq, gkb = bsp.pool_bound(gq, gk, block)

@@ -97,8 +97,9 @@ class LayerGate(nn.Module):
         """``hidden_weight()`` in ``dtype``. For a frozen gate (deployed: ``load_gates`` and the random control
         freeze theirs) it is kept between calls while the parameters' storage and version counters are unchanged
         (``load_state_dict`` bumps them), so deployed gating skips re-laying it out on every call. A trainable
-        gate lays it out every time: CUDA's fused AdamW updates weights without bumping their version."""
-        if self.wq.requires_grad or self.wk.requires_grad:
+        gate lays it out every time: CUDA's fused AdamW updates weights without bumping their version. So does
+        torch.compile (dynamo cannot trace the comparison of data pointers; a compiled step replays the layout)."""
+        if self.wq.requires_grad or self.wk.requires_grad or torch.compiler.is_compiling():
             return hidden_weights([self], dtype)[0]
         key = (dtype, self.wq.device, self.wq.data_ptr(), self.wk.data_ptr(), self.wq._version, self.wk._version)
         cached = self.__dict__.get("_weight_cache")
@@ -135,6 +136,14 @@ class LayerGate(nn.Module):
         gq = torch.einsum("bhtc,hcd->bhtd", q.to(wq.dtype), wq)  # (B, H, T, d)
         gk = torch.einsum("bhsc,hcd->bhsd", k.to(wk.dtype), wk)  # (B, H, S, d)
         return gq * scale, gk * scale
+
+
+    def folded_query(self, q: torch.Tensor) -> torch.Tensor:
+        """For the "qk" input: q (B, H, T, D) -> q' (B, H, T, D), fp32, with q'[h] . k = gq[h] . gk[h] for every
+        key k (gq, gk as ``project`` gives them): q' = (q Wq[h]) Wk[h]^T / sqrt(d). A decode step then scores the
+        model's cached keys directly instead of projecting every one of them."""
+        gq = torch.einsum("bhtc,hcd->bhtd", q.float(), self.wq.float())  # (B, H, T, d)
+        return torch.einsum("bhtd,hcd->bhtc", gq, self.wk.float()) * self.spec.d_g**-0.5
 
 
 class GateBank(nn.Module):

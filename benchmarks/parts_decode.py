@@ -1,0 +1,242 @@
+"""Benchmark parts of gated decoding (issue 21): one layer's decode attention, and the whole model's decode
+tokens/s, dense against gated, side by side; the gate key cache's memory against the KV cache's.
+
+Letters: B batch, H query heads, Hkv key/value heads, S tokens in the cache (the context), L the cache's length,
+D head_dim, d gate dim, N decode steps timed.
+
+The caches are filled with random keys and values rather than by a prefill (a gated prefill at these lengths
+takes the chunked reference, minutes at 32k): a decode step's work depends on the lengths, not on the values.
+Speed only: the fused path's agreement with the reference is tested (tests/test_decode.py, GPU-marked there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from benchmarks.harness import Bench, cuda_graphed, interleaved, part, report, timed
+from posthoc_sparse.attention.call import LayerCall
+from posthoc_sparse.attention.graphs import DecodeStep
+from posthoc_sparse.attention.interface import SparseAttention, attention_modules
+from posthoc_sparse.attention.policies import TopKPolicy
+from posthoc_sparse.attention.selectors import GateSelector
+from posthoc_sparse.errors import first_line
+from posthoc_sparse.gates.modules import GateBank, random_control
+from posthoc_sparse.ops import decode as dc
+
+GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8}
+CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2}
+
+
+def _frozen_gate(bench: Bench) -> GateBank:
+    """The run's gate shapes, random and frozen, as deployed gates are (``load_gates`` and the random control
+    freeze theirs, so the laid-out projection weight is kept between calls)."""
+    return random_control(bench.bank.spec, 0).to(bench.device)
+
+
+def _randomise(cache_layers, length: int) -> None:
+    """Random keys (and values) in the first ``length`` positions of static cache layers, which then hold
+    ``length`` tokens: the next update writes at position ``length``."""
+    for layer in cache_layers:
+        layer.keys[:, :, :length].normal_()
+        if layer.values.numel():
+            layer.values[:, :, :length].normal_()
+        layer.cumulative_length.fill_(length)
+
+
+def _bytes(layers) -> int:
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+
+
+def _layer_decode(bench: Bench, s_len: int, batch: int):
+    """Layer 0's attention call at a static-cache decode step: the new token is the S-th of a cache of
+    L = S + 1 positions (random K, V), with the hidden state, rotary tables and padding mask the model hands
+    it, and a gate selector whose key cache holds S random gate keys. Returns (call, selector, reset), where
+    ``reset()`` rewinds the gate key cache by the token a gated call writes."""
+    model, spec, device, dtype = bench.model, bench.bank.spec, bench.device, bench.dtype
+    cache = StaticCache(config=model.config, max_cache_len=s_len + 1)
+    kv = cache.layers[0]
+    kv.lazy_initialization(torch.empty(batch, spec.num_kv_heads, 1, spec.head_dim, device=device, dtype=dtype),
+                           torch.empty(batch, spec.num_kv_heads, 1, spec.head_dim, device=device, dtype=dtype))
+    _randomise([kv], s_len)
+    gen = torch.Generator(device="cpu").manual_seed(s_len)
+    q = torch.randn(batch, spec.num_heads, 1, spec.head_dim, generator=gen).to(device, dtype)
+    x = torch.randn(batch, 1, spec.hidden_size, generator=gen).to(device, dtype)
+    cos, sin = model.model.rotary_emb(x, torch.full((batch, 1), s_len - 1, device=device))
+    mask = (torch.arange(s_len + 1, device=device) < s_len).expand(batch, 1, 1, s_len + 1)  # (B, 1, 1, L)
+    call = LayerCall(module=attention_modules(model)[0], layer=0, query=q, key=kv.keys, value=kv.values,
+                     attention_mask=mask, scaling=spec.head_dim**-0.5, dropout=0.0, kwargs={}, x=x, cos=cos, sin=sin,
+                     cache=kv)
+    selector = GateSelector(_frozen_gate(bench))
+    gk = torch.randn(batch, spec.num_heads, s_len + 1, spec.d_g, generator=gen).to(device, dtype)
+    selector.key_cache.keys(0, kv, gk, s_len + 1)  # the mirror, then rewound to S tokens
+
+    def reset():
+        for mirror in selector.key_cache.mirrors():
+            mirror.cumulative_length.fill_(s_len - 1)
+
+    reset()
+    return call, selector, reset
+
+
+def _pieces(call: LayerCall, selector: GateSelector, reset, kk: int, group: bool, device, reps: int) -> dict:
+    """The fused path's parts alone: the gate's query and key-cache write, scoring, selection (radix kernel and
+    torch.topk), attention over the kept keys."""
+
+    def inputs():
+        reset()
+        return selector.decode_inputs(call)
+
+    sq, sk = inputs()
+    q, key, v = call.query[:, :, 0], call.key, call.value
+    valid = call.allowed()[:, 0, 0]
+    groups = key.shape[1] if group else None
+    sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
+    idx = dc.decode_topk(sc, kk, groups, pm, pl)
+    row = {"gate_inputs_s": timed(inputs, device, reps),
+           "scores_s": timed(lambda: dc.decode_scores(sq, sk, valid, stats=group), device, reps),
+           "select_s": timed(lambda: dc.decode_topk(sc, kk, groups, pm, pl), device, reps),
+           "attend_s": timed(lambda: dc.decode_attention(q, key, v, idx, call.scaling), device, reps)}
+    if not group:
+        with _torch_topk():
+            row["select_torch_topk_s"] = timed(lambda: dc.decode_topk(sc, kk), device, reps)
+    return row
+
+
+@contextlib.contextmanager
+def _torch_topk():
+    saved = dc.TUNING["select"]
+    dc.TUNING["select"] = "torch"
+    try:
+        yield
+    finally:
+        dc.TUNING["select"] = saved
+
+
+def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list[dict]:
+    """The rows of one context and batch: SDPA, then the policy per k and selection."""
+    device, reps = bench.device, bench.reps
+    call, selector, reset = _layer_decode(bench, s_len, batch)
+
+    def sdpa():
+        return sdpa_attention_forward(call.module, call.query, call.key, call.value, call.attention_mask,
+                                      scaling=call.scaling)[0]
+
+    base = {"S": s_len, "batch": batch, "sdpa_s": timed(sdpa, device, reps)}
+    if device.type == "cuda":
+        base["sdpa_graph_s"] = timed(cuda_graphed(sdpa, device), device, reps)
+    rows = []
+    for kk in ks:
+        for selection in ("head", "group"):
+            policy = TopKPolicy(selector, kk, selection=selection)
+
+            def gated(policy=policy):
+                reset()
+                return policy(call)
+
+            row = {**base, "k": kk, "selection": selection,
+                   "path": "fused" if policy._decode_kernels(call) else "reference",
+                   "gated_s": timed(gated, device, reps)}
+            row["speedup_vs_sdpa"] = base["sdpa_s"] / row["gated_s"]
+            if device.type == "cuda":
+                row["gated_graph_s"] = timed(cuda_graphed(gated, device), device, reps)
+                row["graph_speedup_vs_sdpa"] = base["sdpa_graph_s"] / row["gated_graph_s"]
+                row |= _pieces(call, selector, reset, kk, selection == "group", device, reps)
+            rows.append(report(row))
+    return rows
+
+
+@part("decode_attention", gpu=GPU_PLAN, cpu=CPU_PLAN)
+@torch.no_grad()
+def decode_attention(bench: Bench, plan: dict) -> list[dict]:
+    """One layer's decode attention at a static-cache step, gated (per head and per KV group) / SDPA.
+
+    Per context S, batch B and k: SDPA as the stock model calls it (the padding mask over the cache's length)
+    and the deployed policy's call (gate projection and rotary, the gate key cache's write, scoring, top-k,
+    attention), each call waited for, and on a GPU also replayed as a CUDA graph (no host launches), with the
+    fused path's parts alone. On a CPU the policy takes the reference path. Plan: {"S", "batch", "k", "steps"}."""
+    rows = []
+    for s_len in plan["S"]:
+        for batch in plan["batch"]:
+            try:
+                rows += _attention_rows(bench, s_len, batch, plan["k"])
+            except torch.OutOfMemoryError as e:
+                rows.append(report({"S": s_len, "batch": batch, "error": first_line(e, 160)}))
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+@contextlib.contextmanager
+def _bound(model, policy, rewind):
+    """Around one timed call: the cache rewound, and the policy attached (none: the model's own SDPA)."""
+    rewind()
+    if policy is None:
+        yield
+    else:
+        with SparseAttention(model, policy):
+            yield
+
+
+def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> dict:
+    """Tokens/s of N greedy decode steps after S tokens, dense and gated at each k, eager and (on a GPU) each step
+    replayed as a CUDA graph, all in interleaved rounds on one StaticCache (rewound before every call)."""
+    model, device = bench.model, bench.device
+    cache = StaticCache(config=model.config, max_cache_len=s_len + n + 1)
+    selector = GateSelector(_frozen_gate(bench))  # one gate key cache for every k
+    policies = {f"gate_k{kk}": TopKPolicy(selector, kk) for kk in ks}
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.zeros_like(ids)
+    mask = torch.ones(batch, s_len + n + 1, dtype=torch.long, device=device)  # (B, L): no padding
+    with SparseAttention(model, next(iter(policies.values()))):  # allocates the KV and gate key caches
+        DecodeStep(model, cache, ids, pos, mask, graph=False)()
+    mirrors = selector.key_cache.mirrors()
+    _randomise([*cache.layers, *mirrors], s_len)
+
+    def rewind():
+        for layer in (*cache.layers, *mirrors):
+            layer.cumulative_length.fill_(s_len)
+        pos.fill_(s_len)
+
+    variants = {"dense": None, **policies}
+    modes = ("", "_graph") if device.type == "cuda" else ("",)
+    steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol)
+             for mode in modes for name, pol in variants.items()}
+    times = interleaved({key: (lambda st=st: [st() for _ in range(n)]) for key, (st, _) in steps.items()}, device,
+                        bench.reps, contexts={key: (lambda pol=pol: _bound(model, pol, rewind))
+                                              for key, (_, pol) in steps.items()})
+    row = {"S": s_len, "batch": batch, "steps": n, "kv_cache_bytes": _bytes(cache.layers),
+           "gate_cache_bytes": _bytes(mirrors)}
+    row["gate_cache_over_kv_cache_ratio"] = row["gate_cache_bytes"] / row["kv_cache_bytes"]
+    for key, t in times.items():
+        name = key[:-2]
+        row[f"{name}_s_per_token"] = t / n
+        row[f"{name}_tokens_per_s"] = batch * n / t
+    for mode in modes:
+        for name in policies:
+            row[f"{name}{mode}_speedup_vs_dense"] = times[f"dense{mode}_s"] / times[f"{name}{mode}_s"]
+    return row
+
+
+@part("decode_model", gpu=GPU_PLAN, cpu=CPU_PLAN)
+@torch.no_grad()
+def decode_model(bench: Bench, plan: dict) -> list[dict]:
+    """The whole model's decode tokens/s with a StaticCache of S tokens, gated (per head) / dense.
+
+    Every step is one token per sequence through all layers and the LM head (``attention.graphs.DecodeStep``, the
+    loop of greedy ``generate`` without its host bookkeeping), N steps per timed call; eager (both as transformers
+    runs them) and each step replayed as a CUDA graph (both captured the same way). Also the bytes of the gate key
+    cache against the KV cache's. Plan: {"S", "batch", "k", "steps"}."""
+    rows = []
+    for s_len in plan["S"]:
+        for batch in plan["batch"]:
+            try:
+                rows.append(report(_model_row(bench, s_len, batch, plan["k"], plan["steps"])))
+            except torch.OutOfMemoryError as e:
+                rows.append(report({"S": s_len, "batch": batch, "error": first_line(e, 160)}))
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows

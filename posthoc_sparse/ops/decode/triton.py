@@ -1,0 +1,318 @@
+"""Triton kernels of gated top-k decoding: one new query per sequence scores the cached selection keys, keeps
+the top k per row, and attends over the kept K/V rows. Letters and definitions as in ``naive.py``.
+
+Four launches per layer, every one free of host synchronisation (fixed grids, no value read back), so a
+static-cache step can be captured as a CUDA graph:
+
+    ``_score``    grid (splits of S, B x Hs). Flash-decoding style: each program reads one contiguous split of
+                  one selection-key head's cached keys (tiles of BLOCK_S rows, skipping invalid keys: masked
+                  loads fetch nothing) and scores the H / Hs query rows that use that head (one ``tl.dot``, the
+                  rows padded to 16). Writes the fp32 scores (B, H, S), -inf where invalid; for per-group
+                  selection also each split's running max and sum of exp (for the heads' log-sum-exp).
+    ``_select``   grid (B x R). One program per selection row finds the row's exact k-th largest score by radix
+                  select over its fp32 scores read as order-preserving 32-bit keys: four passes of 8-bit digits,
+                  each pass a 256-bin ``tl.histogram`` of the keys still matching the digits found so far (no
+                  reduction per tile: keys off the prefix go to digit 0, corrected once per pass). Scores at or
+                  below -2^127 count as invalid, like -inf (none arise from finite keys). Then
+                  one pass writes the kept indices in key order: the keys above the k-th score and the lowest-index
+                  keys equal to it, exactly min(k, valid keys), -1 after. Per-group selection first writes the
+                  group's mean softmax over its heads (from the scores and the split statistics).
+    ``_attend``   grid (splits of the k slots, B x H or B x G). Each program gathers its slots' K and V rows (one
+                  256-byte row per key and head_dim 128 in bf16), online softmax, and writes an unnormalised
+                  partial output with its max and sum (flash-decoding). Per-group selection puts the group's heads
+                  in one program, so each kept K/V row is read once per group.
+    ``_combine``  grid (B x H): merges the splits into the output (B, 1, H, D) in the model's dtype.
+
+Why radix select rather than ``torch.topk``: for k = 2048 of S = 32768 keys, ``torch.topk`` runs its multi-block
+radix select as about ten launches (a histogram and a digit kernel per 8-bit pass, a gather, and a segmented
+sort unless unsorted), each a few microseconds on a GPU at these sizes, which is the order of the whole
+dense decode step of a layer at batch 1 (about 35 us to read 134 MB of KV at 32k). ``_select`` is one launch:
+4 histogram passes and one output pass over a row's S scores (128 KB at 32k, L2-resident after ``_score``
+wrote them), with warp ballots for the histogram instead of a sort. It is exact: ties at the k-th score keep
+the lower indices. (``TUNING["select"] = "torch"`` switches to ``torch.topk``, also capturable; the benchmark
+times both.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the naive path serves
+    triton = None
+
+# Launch settings. "programs": about how many programs the split kernels aim for (a few per SM of an H100/H200).
+TUNING = {"block_s": 64, "block_n": 32, "select_block": 1024, "programs": 512, "score_warps": 4,
+          "select_warps": 8, "attn_warps": 4, "select": "radix"}
+
+if triton is not None:
+    NEG = tl.constexpr(-1.0e30)
+
+    @triton.jit
+    def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        # (RP, D) x (N, D) -> (RP, N) fp32: q . k * scale, tanh-capped at cap with SOFTCAP; exact fp32 products
+        # for fp32 inputs (IEEE), else the tensor cores' (bf16 / fp16 products, fp32 sums)
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(kt)) * scale
+        if SOFTCAP:
+            s = cap * (2.0 / (1.0 + tl.exp(-2.0 * s / cap)) - 1.0)  # tanh
+        return s
+
+    @triton.jit
+    def _score(SQ, SK, VALID, SC, PM, PL, sqb, sqh, skb, skh, sks, svb, svs, H, HS, S, split, sel_scale, sel_cap,
+               R: tl.constexpr, RP: tl.constexpr, DS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+               SOFTCAP: tl.constexpr, STATS: tl.constexpr, IEEE: tl.constexpr):
+        sp = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // HS).to(tl.int64)
+        g = bg % HS
+        r = tl.arange(0, RP)
+        rows = g * R + r  # the query heads using selection-key head g
+        offs_d = tl.arange(0, DS)
+        q = tl.load(SQ + b * sqb + rows[:, None] * sqh + offs_d[None, :], mask=(r < R)[:, None], other=0.0)
+        m = tl.full([RP], NEG, tl.float32)
+        l = tl.zeros([RP], tl.float32)
+        for start in range(sp * split, sp * split + split, BLOCK_S):  # split: a multiple of BLOCK_S
+            cols = start + tl.arange(0, BLOCK_S)
+            ok = cols < S
+            if HAS_MASK:
+                ok = ok & (tl.load(VALID + b * svb + cols * svs, mask=ok, other=0) != 0)
+            kt = tl.load(SK + b * skb + g * skh + cols[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.where(ok[None, :], _logits(q, kt, sel_scale, sel_cap, SOFTCAP, IEEE), float("-inf"))
+            tl.store(SC + (b * H + rows[:, None]) * S + cols[None, :], s, mask=(r < R)[:, None] & (cols < S)[None, :])
+            if STATS:
+                m_new = tl.maximum(m, tl.max(s, 1))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+                m = m_new
+        if STATS:
+            nsp = tl.num_programs(0)
+            tl.store(PM + (b * H + rows) * nsp + sp, m, mask=r < R)
+            tl.store(PL + (b * H + rows) * nsp + sp, l, mask=r < R)
+
+    @triton.jit
+    def _group_rows(SC, PM, PL, GS, b, g, H, G, S, NSP, R: tl.constexpr, RP: tl.constexpr, NSP_P: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        # GS[b, g] = mean over the group's R heads of softmax(SC[b, h]) over the valid keys, -inf where invalid
+        r = tl.arange(0, RP)
+        heads = (b * H + g * R + r).to(tl.int64)
+        offs = tl.arange(0, NSP_P)
+        part = (r < R)[:, None] & (offs < NSP)[None, :]
+        pm = tl.load(PM + heads[:, None] * NSP + offs[None, :], mask=part, other=NEG)  # (RP, NSP_P)
+        mx = tl.max(pm, 1)
+        lse = mx + tl.log(tl.sum(tl.load(PL + heads[:, None] * NSP + offs[None, :], mask=part, other=0.0)
+                                 * tl.exp(pm - mx[:, None]), 1))
+        for start in range(0, S, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            s = tl.load(SC + heads[:, None] * S + cols[None, :], mask=(r < R)[:, None] & (cols < S)[None, :],
+                        other=float("-inf"))  # (RP, BLOCK)
+            mean = tl.sum(tl.exp(s - lse[:, None]), 0) / R
+            tl.store(GS + (b * G + g) * S + cols, tl.where(tl.max(s, 0) > float("-inf"), mean, float("-inf")),
+                     mask=cols < S)
+
+    @triton.jit
+    def _select(SC, PM, PL, GS, IDX, H, G, S, NSP, k, R: tl.constexpr, RP: tl.constexpr, NSP_P: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+        row = tl.program_id(0)  # b * H + h per head; b * G + g per group
+        if GROUP:
+            _group_rows(SC, PM, PL, GS, row // G, row % G, H, G, S, NSP, R, RP, NSP_P, BLOCK)
+            tl.debug_barrier()  # the group scores other threads stored
+            src = GS + row.to(tl.int64) * S
+        else:
+            src = SC + row.to(tl.int64) * S
+        # Keys of 32 bits, order-preserving: u = the fp32 bits, negatives' magnitude bits flipped, plus 2^31. Invalid
+        # keys (-inf) have top digit 0, which no finite score above -2^127 has: pass 0 drops that digit.
+        bins = tl.arange(0, 256)
+        n_read = tl.cdiv(S, BLOCK) * BLOCK  # keys a pass reads, the padding of its last tile included
+        zero = row * 0  # an int32 scalar (k may be the constant 1, which Triton specialises)
+        prefix = zero.to(tl.int64)  # the digits of the k-th largest key found so far
+        total = zero  # keys matching the prefix (the valid keys, after pass 0)
+        want = zero  # how many of them must still be taken
+        kk = zero  # min(k, valid keys)
+        for p in tl.static_range(4):  # 8-bit digits, most significant first
+            shift = 24 - 8 * p
+            hist = tl.zeros([256], tl.int32)
+            for start in range(0, S, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
+                bits = s.to(tl.int32, bitcast=True)
+                u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+                match = (u >> (shift + 8)) == prefix  # every key in pass 0
+                hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
+            if p == 0:
+                hist = tl.where(bins == 0, 0, hist)  # the invalid keys
+                total = tl.sum(hist, 0)
+                kk = tl.minimum(total, k)
+                want = kk
+            else:
+                hist -= tl.where(bins == 0, n_read - total, 0)  # keys off the prefix were counted as digit 0
+            at_least = total - tl.cumsum(hist, 0) + hist  # matching keys of digit >= d
+            d = tl.max(tl.where(at_least >= want, bins, 0), 0)  # the k-th largest key's digit
+            want -= tl.sum(tl.where(bins > d, hist, 0), 0)
+            total = tl.sum(tl.where(bins == d, hist, 0), 0)
+            prefix = prefix * 256 + d
+        kept = zero
+        equal = zero
+        out = IDX + row.to(tl.int64) * k
+        for start in range(0, S, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
+            bits = s.to(tl.int32, bitcast=True)
+            u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            eq = u == prefix
+            keep = (u > prefix) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
+            pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(out + pos, cols, mask=keep)
+            kept += tl.sum(keep.to(tl.int32), 0)
+            equal += tl.sum(eq.to(tl.int32), 0)
+        for start in range(0, k, KP):
+            slot = start + tl.arange(0, KP)
+            tl.store(out + slot, tl.full([KP], -1, tl.int32), mask=(slot >= kk) & (slot < k))
+
+    @triton.jit
+    def _attend(Q, K, V, IDX, PO, PM, PL, sqb, sqh, skb, skh, sks, svb, svh, svs, H, NR, k, chunk, scaling, cap,
+                R: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        # ROWS query heads per program: a KV group's R heads (one kept set per group), or 1 (one per head)
+        sp = tl.program_id(0)
+        br = tl.program_id(1)
+        b = (br // NR).to(tl.int64)
+        i = br % NR  # the selection row: a query head, or a KV group
+        r = tl.arange(0, RP)
+        first = i * ROWS  # the program's first query head
+        kvh = first // R
+        rows = first + r
+        row_ok = r < ROWS
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + rows[:, None] * sqh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m = tl.full([RP], NEG, tl.float32)
+        l = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D], tl.float32)
+        for start in range(sp * chunk, sp * chunk + chunk, BLOCK_N):  # chunk: a multiple of BLOCK_N
+            slots = start + tl.arange(0, BLOCK_N)
+            idx = tl.load(IDX + br.to(tl.int64) * k + slots, mask=slots < k, other=-1)
+            ok = idx >= 0
+            pos = tl.where(ok, idx, 0)
+            kt = tl.load(K + b * skb + kvh * skh + pos[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(V + b * svb + kvh * svh + pos[:, None] * svs + offs_d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.where(ok[None, :], _logits(q, kt, scaling, cap, SOFTCAP, IEEE), NEG)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m = m_new
+        nsp = tl.num_programs(0)
+        part = (b * H + rows) * nsp + sp
+        tl.store(PO + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(PM + part, m, mask=row_ok)
+        tl.store(PL + part, l, mask=row_ok)
+
+    @triton.jit
+    def _combine(PO, PM, PL, O, sob, soh, H, NSP, D: tl.constexpr, NSP_P: tl.constexpr):
+        bh = tl.program_id(0)
+        offs = tl.arange(0, NSP_P)
+        offs_d = tl.arange(0, D)
+        ok = offs < NSP
+        m = tl.load(PM + bh * NSP + offs, mask=ok, other=NEG)
+        w = tl.where(ok, tl.exp(m - tl.max(m, 0)), 0.0)
+        l = tl.sum(w * tl.load(PL + bh * NSP + offs, mask=ok, other=0.0), 0)
+        o = tl.load(PO + (bh * NSP + offs)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.maximum(l, 1e-30)
+        tl.store(O + (bh // H) * sob + (bh % H) * soh + offs_d, out.to(O.dtype.element_ty))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _splits(n: int, rows: int, block: int) -> tuple[int, int]:
+    """(splits, items per split): about TUNING["programs"] programs over ``rows`` rows of ``n`` items, each split a
+    multiple of ``block`` items."""
+    want = max(1, min(_cdiv(TUNING["programs"], max(rows, 1)), _cdiv(n, block)))
+    chunk = _cdiv(_cdiv(n, want), block) * block
+    return _cdiv(n, chunk), chunk
+
+
+def _rows(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot takes at least 16 rows
+
+
+def decode_scores(sq: torch.Tensor, sk: torch.Tensor, valid: torch.Tensor | None, sel_scale: float = 1.0,
+                  sel_softcap: float | None = None, stats: bool = False):
+    """``_score``: the selection scores (B, H, S) fp32 (-inf where invalid) and, with ``stats``, each split's
+    max and sum of exp (B, H, splits) for the heads' log-sum-exp. sq (B, H, ds), sk (B, Hs, S, ds) in one
+    dtype, last dims contiguous; valid (B, S) bool or None."""
+    bsz, h, ds = sq.shape
+    hs, s_len = sk.shape[1], sk.shape[2]
+    nsp, split = _splits(s_len, bsz * hs, TUNING["block_s"])
+    sc = torch.empty(bsz, h, s_len, dtype=torch.float32, device=sq.device)
+    pm = torch.empty(bsz, h, nsp if stats else 1, dtype=torch.float32, device=sq.device)
+    pl = torch.empty_like(pm)
+    mask = sc if valid is None else valid.view(torch.uint8)
+    _score[(nsp, bsz * hs)](
+        sq, sk, mask, sc, pm, pl, sq.stride(0), sq.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
+        mask.stride(0), mask.stride(-1), h, hs, s_len, split, float(sel_scale), float(sel_softcap or 1.0),
+        R=h // hs, RP=_rows(h // hs), DS=ds, BLOCK_S=TUNING["block_s"], HAS_MASK=valid is not None,
+        SOFTCAP=bool(sel_softcap), STATS=stats, IEEE=sq.dtype == torch.float32, num_warps=TUNING["score_warps"])
+    return sc, pm, pl
+
+
+def decode_topk(sc: torch.Tensor, k: int, groups: int | None = None, pm: torch.Tensor | None = None,
+                pl: torch.Tensor | None = None) -> torch.Tensor:
+    """``_select``: the k keys of largest score per row, (B, R, k) int32 in key order, -1 past a row's valid keys.
+    sc (B, H, S) from ``decode_scores``; per KV group (R = ``groups``) it needs that call's ``stats`` (pm, pl)."""
+    bsz, h, s_len = sc.shape
+    rows = h if groups is None else groups
+    if TUNING["select"] == "torch" and groups is None:
+        val, idx = sc.topk(min(k, s_len), dim=-1, sorted=False)
+        idx = idx.masked_fill(val == float("-inf"), -1).to(torch.int32)
+        return torch.cat((idx, idx.new_full((bsz, rows, k - idx.shape[-1]), -1)), dim=-1)
+    idx = torch.empty(bsz, rows, k, dtype=torch.int32, device=sc.device)
+    gs = sc if groups is None else torch.empty(bsz, groups, s_len, dtype=torch.float32, device=sc.device)
+    pm = sc if pm is None else pm
+    pl = sc if pl is None else pl
+    nsp = pm.shape[-1]
+    _select[(bsz * rows,)](sc, pm, pl, gs, idx, h, rows, s_len, nsp, k, R=h // rows,
+                           RP=triton.next_power_of_2(h // rows), NSP_P=triton.next_power_of_2(nsp),
+                           GROUP=groups is not None, BLOCK=TUNING["select_block"],
+                           KP=min(1024, triton.next_power_of_2(k)), num_warps=TUNING["select_warps"])
+    return idx
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scaling: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """``_attend`` + ``_combine``: q (B, H, D) over the keys ``idx`` (B, R, n) names (R = H, or G: one set per KV
+    group); k, v (B, G, S, D), last dims contiguous. Returns (B, 1, H, D) in q's dtype."""
+    bsz, h, d = q.shape
+    g = k.shape[1]
+    rows, n = idx.shape[1], idx.shape[2]
+    group = rows != h
+    nsp, chunk = _splits(n, bsz * rows, TUNING["block_n"])
+    po = torch.empty(bsz, h, nsp, d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(bsz, h, nsp, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    r = h // g
+    _attend[(nsp, bsz * rows)](
+        q, k, v, idx, po, pm, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), h, rows, n, chunk, float(scaling), float(softcap or 1.0), R=r,
+        ROWS=r if group else 1, RP=_rows(r if group else 1), D=d, BLOCK_N=TUNING["block_n"], SOFTCAP=bool(softcap),
+        IEEE=q.dtype == torch.float32, num_warps=TUNING["attn_warps"])
+    out = torch.empty(bsz, 1, h, d, dtype=q.dtype, device=q.device)
+    _combine[(bsz * h,)](po, pm, pl, out, out.stride(0), out.stride(2), h, nsp, D=d,
+                         NSP_P=triton.next_power_of_2(nsp), num_warps=4)
+    return out
+
+
+def gated_decode(sq, sk, q, k, v, valid, top_k: int, scaling: float, softcap: float | None = None,
+                 sel_scale: float = 1.0, sel_softcap: float | None = None, group: bool = False) -> torch.Tensor:
+    """``gated_decode_reference`` through the kernels: (B, 1, H, D) in q's dtype. sq is cast to sk's dtype."""
+    sc, pm, pl = decode_scores(sq.to(sk.dtype), sk, valid, sel_scale, sel_softcap, stats=group)
+    idx = decode_topk(sc, top_k, k.shape[1] if group else None, pm, pl)
+    return decode_attention(q, k, v, idx, scaling, softcap)
