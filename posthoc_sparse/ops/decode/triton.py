@@ -255,7 +255,8 @@ def decode_scores(sq: torch.Tensor, sk: torch.Tensor, valid: torch.Tensor | None
     sc = torch.empty(bsz, h, s_len, dtype=torch.float32, device=sq.device)
     pm = torch.empty(bsz, h, nsp if stats else 1, dtype=torch.float32, device=sq.device)
     pl = torch.empty_like(pm)
-    mask = sc if valid is None else valid.view(torch.uint8)
+    # a bool mask read as bytes: a view eagerly (no copy); torch.compile's inductor cannot lower that view
+    mask = sc if valid is None else valid.to(torch.uint8) if torch.compiler.is_compiling() else valid.view(torch.uint8)
     _score[(nsp, bsz * hs)](
         sq, sk, mask, sc, pm, pl, sq.stride(0), sq.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
         mask.stride(0), mask.stride(-1), h, hs, s_len, split, float(sel_scale), float(sel_softcap or 1.0),
