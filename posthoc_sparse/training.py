@@ -13,6 +13,7 @@ import torch
 
 from ._version import __version__
 from .errors import UserError
+from .io import fault_point
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -113,6 +114,17 @@ class DivergenceGuard:
     def healthy(self) -> bool:
         """Whether the last loss is within ``ratio`` times the start: a checkpoint now is worth resuming."""
         return not self.ratio or not self.recent or self.recent[-1] <= self.ratio * (self.start or 0)
+
+
+def after_step(step: int, total: int, every: int, guard: DivergenceGuard, run, checkpoint) -> None:
+    """The end of a training step (1-based ``step`` of ``total``): the periodic ``checkpoint(step)`` every
+    ``every`` steps, and after a Ctrl-C (``run.stop_requested``, see ``runs.OutputRun``) a checkpoint of this step
+    and the stop. Only while ``guard`` finds the loss healthy: the last checkpoint stays the last good one."""
+    fault_point("step")
+    if (step % every == 0 and step < total or run.stop_requested) and guard.healthy():
+        checkpoint(step)
+    if run.stop_requested:
+        raise KeyboardInterrupt
 
 
 def versions() -> dict:

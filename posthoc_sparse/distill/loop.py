@@ -24,9 +24,9 @@ from ..config import DistillConfig
 from ..errors import UserError
 from ..gates.io import gate_spec_for_model, save_gates
 from ..gates.modules import GateBank, random_control
-from ..io import atomic_write_json, fault_point
+from ..io import atomic_write_json
 from ..runs import OutputRun, output_run
-from ..training import STATE_JSON, DivergenceGuard, lr_at, resume_settings
+from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings
 from .checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from .step import accumulate_gradients, gate_optimizer, step_graphs
 from .validate import open_loop_recall
@@ -224,11 +224,7 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
             history.append(entry)
             snapshot(step)
             emit("step", entry | {"total": total_steps})
-            fault_point("step")
-            if (step % cfg.checkpoint_every == 0 and step < total_steps or run.stop_requested) and guard.healthy():
-                checkpoint(step)  # not while the loss is blowing up: the last checkpoint stays the last good one
-            if run.stop_requested:
-                raise KeyboardInterrupt
+            after_step(step, total_steps, cfg.checkpoint_every, guard, run, checkpoint)
     run.defer_interrupts(False)
 
     if before is not None:

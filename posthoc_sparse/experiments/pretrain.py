@@ -28,7 +28,7 @@ from ..config import LOSS_RATIO_HELP, SEED_MAX, check_fields, option
 from ..errors import UserError
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
-from ..training import STATE_JSON, DivergenceGuard, lr_at, resume_settings, versions
+from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings, versions
 from .in_loop import gate_grad_norm, save_gate, training_gate
 from .lm import build_model, count_parameters, describe_model
 
@@ -213,7 +213,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
 
     from ..data import WindowSampler, build_windows
     from ..distill.checkpoint import save_checkpoint
-    from ..io import atomic_write_json, fault_point
+    from ..io import atomic_write_json
     from ..devices import resolve_device
     from ..parallel import Processes
 
@@ -342,11 +342,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
         if step % cfg.eval_every == 0 or step == total:
             evaluate(step)
         emit("step", entry | {"total": total})
-        fault_point("step")
-        if (step % cfg.checkpoint_every == 0 and step < total or run.stop_requested) and guard.healthy():
-            checkpoint(step)  # not while the loss is blowing up: the last checkpoint stays the last good one
-        if run.stop_requested:
-            raise KeyboardInterrupt
+        after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint)
     run.defer_interrupts(False)
     elapsed = time.perf_counter() - t_start
     if gated is not None:
