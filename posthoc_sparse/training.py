@@ -108,7 +108,7 @@ class DivergenceGuard:
         mean = sum(self.recent) / len(self.recent)
         if self.ratio and self.start > 0 and len(self.recent) == self.WINDOW and mean > self.ratio * self.start:
             raise UserError(f"{what} diverged by step {step + 1}: {mean:.4g} over the last {self.WINDOW} steps, "
-                            f"{mean / self.start:.0f} times its start ({self.start:.4g}); "
+                            f"{mean / self.start:.3g} times its start ({self.start:.4g}); "
                             f"{stop_advice(self.checkpoint)}")
 
     def healthy(self) -> bool:
