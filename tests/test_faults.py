@@ -168,10 +168,10 @@ def same_distill(ref: Path, out: Path) -> bool:
 
 def same_pretrain(ref: Path, out: Path) -> bool:
     log = lambda p: json.loads((p / "pretrain_log.json").read_text())  # noqa: E731
+    evals = lambda p: {e["step"]: round(e["heldout_loss"], 5) for e in log(p)["evals"]}  # noqa: E731
     return (_same_tensors(ref / "model.safetensors", out / "model.safetensors") and (out / "config.json").is_file()
-            and _losses(log(ref)) == _losses(log(out))
-            and [round(e["heldout_loss"], 5) for e in log(ref)["evals"]] == [round(e["heldout_loss"], 5)
-                                                                            for e in log(out)["evals"]])
+            and _losses(log(ref)) == _losses(log(out))  # a resumed run also measures where it resumed:
+            and all(evals(out).get(step) == loss for step, loss in evals(ref).items()))  # the others must agree
 
 
 def same_sweep(ref: Path, out: Path) -> bool:
