@@ -169,7 +169,26 @@ def clean_stale(folder: Path) -> list[str]:
             if _IN_FLIGHT.match(f) or f.startswith(_PROBE):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(here / f)
+            elif f.startswith(".") and f.endswith(".lock"):
+                _remove_stale_lock(here / f)
     return notes
+
+
+def _remove_stale_lock(path: Path) -> None:
+    """Remove the lock file of a nested output (``runs.OutputLock``) that a killed run left, if no one holds it."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR)
+    except (ImportError, OSError):
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)  # while holding it: a run that opened it meanwhile sees another inode and retries
+    except OSError:
+        pass  # held: a live run's
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
