@@ -21,10 +21,11 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 
 def make_config(cls, recipe: str | None, sets: list[str] | None, flags: dict[str, Any]):
-    """Recipe values, then --set overrides, then the flags given (those not None) win."""
+    """Recipe values, then --set overrides, then the flags given (those not None) win; each value is checked where
+    it comes from, so that an error names the flag, the --set pair or the recipe."""
     base = load_recipe(recipe) if recipe else {}
-    overrides = parse_sets(sets) | {k: v for k, v in flags.items() if v is not None}
-    return build_config(cls, base, overrides)
+    return build_config(cls, base, parse_sets(sets), flags={k: v for k, v in flags.items() if v is not None},
+                        recipe=recipe)
 
 
 def progress_bar() -> Progress:

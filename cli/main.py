@@ -1,7 +1,7 @@
 """`sparsify`: the Typer front end. Each command parses, calls one library function, and renders with rich.
 
-Errors a user can cause print one line and exit with code 2; anything else exits 1. Set
-POSTHOC_SPARSE_DEBUG=1 for full tracebacks.
+Errors a user can cause print one line and exit with code 2; Ctrl-C prints where the resumable state is and exits
+with code 130; anything else exits 1. Set POSTHOC_SPARSE_DEBUG=1 for full tracebacks.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import errno
 import os
 import sys
 
-from posthoc_sparse.errors import UserError
-
-from .app import app, console
+from posthoc_sparse.errors import Interrupted, UserError
 
 
 def _register_commands() -> None:
@@ -36,27 +34,41 @@ def _quiet_libraries() -> None:
         pass
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT)
+# A write refused by the system, and what to do about it.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "free space", errno.EDQUOT: "free space (disk quota)",
+    errno.EFBIG: "the file is larger than this file system or the file-size limit (ulimit -f) allows",
+    errno.EACCES: "fix the permissions", errno.EPERM: "fix the permissions",
+    errno.EROFS: "the file system is read-only: choose another --output",
+}
+INTERRUPTED_HINT = "interrupted (Ctrl-C); nothing was written"
 
 
 def _fail(message: str, code: int) -> None:
+    from .app import console
+
     console.print(message, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: exit 0 on success, 2 on a user error (one line), 1 on an internal error."""
-    _register_commands()
-    _quiet_libraries()
+    """Console-script entry point: exit 0 on success, 2 on a user error (one line), 130 on Ctrl-C, 1 on an internal
+    error."""
     debug = os.environ.get("POSTHOC_SPARSE_DEBUG", "") not in ("", "0")
-    if not sys.stdout.isatty():  # help into a pipe or file: click's plain layout, which wraps at 80 columns where
-        app.rich_markup_mode = None  # rich's option table squeezes the help into a narrow column and cuts defaults
     try:
-        app(args=argv, standalone_mode=False)
+        from .app import app
+
+        _register_commands()
+        _quiet_libraries()
+        if not sys.stdout.isatty():  # help into a pipe or file: click's plain layout, which wraps at 80 columns where
+            app.rich_markup_mode = None  # rich's option table squeezes the help into a narrow column and cuts defaults
+        code = app(args=argv, standalone_mode=False)  # Typer returns 130 for a KeyboardInterrupt it caught
     except SystemExit:
         raise
+    except Interrupted as e:  # a run stopped at a safe point: it says what it kept
+        _fail(f"[bold yellow]interrupted:[/] {e}", 130)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun with --resume to continue from the last checkpoint", 130)
+        _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's (or Typer's vendored click's) usage errors
             e.show()
@@ -68,9 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, UserError):
             _fail(f"[bold red]error:[/] {e}", 2)
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-            _fail(f"[bold red]error:[/] cannot write {e.filename or 'the output'}: {e.strerror}; free space or fix "
-                  "the permissions, then rerun with --resume", 2)
+            _fail(f"[bold red]error:[/] cannot write {e.filename or 'the output'}: {e.strerror}; "
+                  f"{_WRITE_ERRNOS[e.errno]}, then rerun (with --resume where the command has it)", 2)
         _fail(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
+    else:
+        if code == 130:
+            _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def pretrain(cfg: PretrainConfig) -> None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
                 f"{info['tokens_per_second']:,.0f} tok/s"))
+        elif kind == "note":
+            console.print(f"[yellow]note[/]: {info['message']}")
         elif kind == "done":
             bar.stop()
 

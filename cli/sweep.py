@@ -21,7 +21,9 @@ def unfreeze_sweep(cfg: SweepConfig) -> None:
     state = {"task": None}
 
     def on_event(kind: str, info: dict) -> None:
-        if kind == "distill":
+        if kind in ("note", "distill.note"):
+            console.print(f"[yellow]note[/]: {info['message']}")
+        elif kind == "distill":
             console.print(f"no --gates given: distilling a gate first ({info['steps']} steps) into {info['output']}")
         elif kind == "loaded":
             console.print(f"model [bold]{info['model']}[/] on {info['device']}{processes_note(info)}; "

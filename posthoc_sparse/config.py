@@ -1,8 +1,15 @@
 """What the workflows' configs share, and DistillConfig.
 
-``option`` declares a config field with its help text (the CLI builds each command's options from the fields);
-``build_config`` and ``load_recipe`` make a config from a recipe (TOML, mapping 1:1 onto the config; unknown keys are
-errors) and overrides; ``check_device_map``, ``_positive`` and ``_choice`` check values. Each workflow's frozen config
+``option`` declares a config field with its help text and the range of its values (the CLI builds each command's
+options from the fields); ``build_config`` and ``load_recipe`` make a config from a recipe (TOML, mapping 1:1 onto
+the config; unknown keys are errors), ``--set`` overrides and flags.
+
+One validation layer for every value from any source: ``Rule`` (a type, finiteness, a range or choices) comes from
+a field's annotation and ``option``; ``check_value`` checks one value against it and names the value's field and
+source in its one-line UserError (``--lr``, ``--set lr``, ``lr in recipe X``, ``k in gate_config.json``).
+``build_config`` checks each value where it comes from, ``check_fields`` a whole config (one made in Python);
+gate files and checkpoints check their fields with the same rules. ``check_device_map``, ``_positive`` and
+``_choice`` are older single checks. Each workflow's frozen config
 dataclass lives beside its code: DistillConfig here, EvalConfig in evaluate/perplexity.py, SweepConfig, PretrainConfig
 and AbsorbConfig in experiments/, CorpusConfig in corpus.py, GenerateConfig in generate.py.
 """
@@ -10,6 +17,7 @@ and AbsorbConfig in experiments/, CorpusConfig in corpus.py, GenerateConfig in g
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +34,84 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto
 DEVICE_MAP_HELP = (f"{', '.join(DEVICE_MAPS)}: spread a model too large for one GPU over this process's GPUs "
                    "(then CPU, disk). One process only.")
 MAX_MEMORY_HELP = "With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."
+LOSS_RATIO_HELP = ("Divergence guard: stop (exit 2, nothing final written) when the loss averaged over 10 steps exceeds "
+                   "this many times the loss of the first step (0: off; a NaN or inf loss always stops).")
+SEED_MAX = 2**32 - 1  # seeds are combined with step numbers into torch seeds (< 2**64)
 
 
-def option(default: Any, help: str, *, flags: str | tuple[str, ...] = (), cli: bool = True) -> Any:
-    """A config field that carries its help text in ``metadata["help"]``, as transformers' HfArgumentParser reads it.
+@dataclass(frozen=True)
+class Rule:
+    """What one value must be: ``kind`` (int, float, bool or str; a float must be finite), whether None is
+    allowed, bounds (``gt``, ``ge``, ``lt``, ``le``) and ``choices``."""
+
+    kind: str
+    optional: bool = False
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple = ()
+
+    def in_range(self, value) -> bool:
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def describe_range(self) -> str:
+        low = ("(", self.gt) if self.gt is not None else ("[", self.ge) if self.ge is not None else None
+        high = (")", self.lt) if self.lt is not None else ("]", self.le) if self.le is not None else None
+        if low and high:
+            return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        if low:
+            return {("(", 0): "a positive number", ("[", 0): "0 or more"}.get(
+                low, f"{'greater than' if low[0] == '(' else 'at least'} {low[1]}")
+        return f"{'less than' if high[0] == ')' else 'at most'} {high[1]}"
+
+
+_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a finite number"), "bool": (bool, "true or false"),
+          "str": (str, "text")}
+
+
+def check_value(value: Any, rule: Rule, where: str) -> Any:
+    """``value`` as ``rule``'s type (a string is parsed, as from ``--set``), or a one-line UserError naming
+    ``where`` the value comes from: ``WHERE must be <what>, got <value>``."""
+    types, what = _KINDS[rule.kind]
+    if isinstance(value, str) and rule.kind != "str":
+        value = _parse(value, rule)
+    if value is None:
+        if rule.optional:
+            return None
+    elif isinstance(value, types) and (rule.kind == "bool" or not isinstance(value, bool)):
+        if rule.kind == "float":
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be {what}, got {value}")
+        if rule.choices and value not in rule.choices:
+            raise UserError(f"{where} must be one of {', '.join(map(str, rule.choices))}, got {value!r}")
+        if rule.kind in ("int", "float") and not rule.in_range(value):
+            raise UserError(f"{where} must be {rule.describe_range()}, got {value!r}")
+        return value
+    shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+    raise UserError(f"{where} must be {what}{' or none' if rule.optional else ''}, got {shown}")
+
+
+def _parse(raw: str, rule: Rule) -> Any:
+    """A string as typed after ``--set key=`` (or in a recipe where a number was meant); unparsable: unchanged."""
+    text = raw.strip().lower()
+    if rule.optional and text in ("none", "null"):
+        return None
+    if rule.kind == "bool":
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text, raw)
+    try:
+        return int(text) if rule.kind == "int" else float(text)
+    except ValueError:
+        return raw
+
+
+def option(default: Any, help: str, *, flags: str | tuple[str, ...] = (), cli: bool = True,
+           gt: float | None = None, ge: float | None = None, lt: float | None = None, le: float | None = None,
+           choices: tuple = ()) -> Any:
+    """A config field that carries its help text in ``metadata["help"]``, as transformers' HfArgumentParser reads it,
+    and the range of its values (``gt``, ``ge``, ``lt``, ``le``, ``choices``; see ``Rule``).
 
     The CLI makes each field the option ``--field-name`` (a bool: ``--name`` if it defaults to False, else
     ``--name/--no-name``) and shows ``default`` in its help. ``flags`` names that option where it differs, e.g.
@@ -40,7 +122,33 @@ def option(default: Any, help: str, *, flags: str | tuple[str, ...] = (), cli: b
         metadata["flags"] = (flags,) if isinstance(flags, str) else tuple(flags)
     if not cli:
         metadata["cli"] = False
+    bounds: dict[str, Any] = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    if choices:
+        bounds["choices"] = tuple(choices)
+    if bounds:
+        metadata["rule"] = bounds
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def rule_of(field: dataclasses.Field) -> Rule:
+    """A config field's Rule: its annotation (``int | None`` under ``from __future__ import annotations``) and the
+    bounds ``option`` recorded."""
+    names = [t.strip() for t in str(field.type).split("|")]
+    kind = next((t for t in names if t != "None"), "str")
+    return Rule(kind if kind in _KINDS else "str", "None" in names, **field.metadata.get("rule", {}))
+
+
+def _where(field: dataclasses.Field, source: str) -> str:
+    """How a message names a field's value: its flag, ``--set key``, or ``key in recipe X``."""
+    if source == "flag":
+        return field.metadata.get("flags", ("--" + field.name.replace("_", "-"),))[0].split("/")[0]
+    return f"--set {field.name}" if source == "--set" else f"{field.name} in {source}"
+
+
+def check_fields(cfg) -> None:
+    """Check every field of the config ``cfg`` against its Rule (a config made in Python or by ``build_config``)."""
+    for f in dataclasses.fields(cfg):
+        check_value(getattr(cfg, f.name), rule_of(f), _where(f, "flag"))
 
 
 @dataclass(frozen=True)
@@ -52,34 +160,38 @@ class DistillConfig:
     dataset: str = option(EMBEDDED_DATASET, "Hub dataset (name[:config]) or local .txt/.jsonl/.json/.parquet file or "
                           "folder (embedded:wiki-leads: Wikipedia lead paragraphs from a Python package).")
     output: str = option("gates/default", "Gate folder to write.", flags=("--output", "-o"))
-    k: int = option(64, "Keys kept per query (top-k).")
+    k: int = option(64, "Keys kept per query (top-k).", gt=0)
     steps: int | None = option(None, f"Optimizer steps; if not given, 1000 ({EMBEDDED_STEPS} for the embedded "
-                                     "model).")
-    seq_len: int = option(512, "Tokens per window.")
-    batch_size: int = option(1, "Windows per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per step.")
-    lr: float = option(2e-3, "AdamW peak learning rate.")
-    warmup: int = option(20, "Linear warm-up steps before cosine decay.")
-    weight_decay: float = option(0.0, "AdamW weight decay of the gate weights.")
-    d_g: int = option(32, "Gate dimension per head (even: rotary pairs).")
+                                     "model).", gt=0)
+    seq_len: int = option(512, "Tokens per window.", ge=2)
+    batch_size: int = option(1, "Windows per micro-batch.", gt=0)
+    grad_accum: int = option(1, "Micro-batches per step.", gt=0)
+    lr: float = option(2e-3, "AdamW peak learning rate (may change on --resume: recorded in the log).", gt=0)
+    warmup: int = option(20, "Linear warm-up steps before cosine decay.", ge=0)
+    weight_decay: float = option(0.0, "AdamW weight decay of the gate weights.", ge=0)
+    d_g: int = option(32, "Gate dimension per head (even: rotary pairs).", gt=0)
     gate_input: str = option("hidden", "hidden (the attention block's input, rotary on the gate dims) or qk (the "
-                                       "model's post-rotary q, k).")
-    gate_init: str = option("model", "model (the model's own q/k rows at the gate's rotary pairs) or random.")
-    loss: str = option("kl", "kl (against dense attention) or bce (against the oracle top-k mask).")
+                                       "model's post-rotary q, k).", choices=("hidden", "qk"))
+    gate_init: str = option("model", "model (the model's own q/k rows at the gate's rotary pairs) or random.",
+                            choices=("model", "random"))
+    loss: str = option("kl", "kl (against dense attention) or bce (against the oracle top-k mask).",
+                       choices=("kl", "bce"))
     row_fraction: float = option(1.0, "Estimate each step's loss from a random share of each layer's 128-token query "
-                                      "blocks (unbiased; cheaper at long --seq-len); 1: every query.")
+                                      "blocks (unbiased; cheaper at long --seq-len); 1: every query.", gt=0, le=1)
     cuda_graph: bool = option(True, "On a GPU, replay each step's forward and losses as one CUDA graph after the "
                                     "first step, where it captures (KL, hidden gates, one GPU).")
-    seed: int = option(0, "Seed for data order and gate init.")
+    seed: int = option(0, "Seed for data order and gate init.", ge=0, le=SEED_MAX)
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
     device: str = option("auto", DEVICE_HELP)
     device_map: str | None = option(None, DEVICE_MAP_HELP)
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
-    val_every: int = option(50, "Validate recall@k every N steps.")
-    val_windows: int = option(8, "Held-out windows for validation.")
-    checkpoint_every: int = option(50, "Checkpoint every N steps.")
-    save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).")
-    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
+    val_every: int = option(50, "Validate recall@k every N steps.", gt=0)
+    val_windows: int = option(8, "Held-out windows for validation.", gt=0)
+    checkpoint_every: int = option(50, "Checkpoint every N steps.", gt=0)
+    save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).",
+                             ge=0)
+    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).", gt=0)
+    max_loss_ratio: float = option(10.0, LOSS_RATIO_HELP, ge=0)
     resume: bool = option(False, "Continue from the checkpoint in --output.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
     trust_remote_code: bool = option(False, "Allow the model's own code.")
@@ -91,22 +203,13 @@ class DistillConfig:
         return EMBEDDED_STEPS if self.model == EMBEDDED_MODEL else 1000
 
     def validate(self) -> None:
-        _positive(self, "k", "steps", "seq_len", "batch_size", "grad_accum", "d_g", "val_every", "checkpoint_every")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if not 0 < self.row_fraction <= 1:
-            raise UserError(f"--row-fraction must be in (0, 1], got {self.row_fraction}")
-        if self.save_every < 0:
-            raise UserError(f"--save-every must be 0 (off) or positive, got {self.save_every}")
+        check_fields(self)
         if self.k >= self.seq_len:
             raise UserError(
                 f"--k {self.k} keeps every key of a {self.seq_len}-token window; choose k < --seq-len"
             )
         if self.d_g % 2:
             raise UserError(f"--d-g must be even (rotary pairs), got {self.d_g}")
-        _choice("gate-input", self.gate_input, ("hidden", "qk"))
-        _choice("gate-init", self.gate_init, ("model", "random"))
-        _choice("loss", self.loss, ("kl", "bce"))
         check_device_map(self.device_map, self.max_memory)
 
 
@@ -130,38 +233,20 @@ def _choice(flag: str, value: str, options: tuple[str, ...]) -> None:
         raise UserError(f"--{flag} must be one of {', '.join(options)}, got {value!r}")
 
 
-def _coerce(field: dataclasses.Field, raw: Any) -> Any:
-    kind = str(field.type)
-    if not isinstance(raw, str):
-        return raw
-    if "bool" in kind:
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
-        raise UserError(f"{field.name} must be true or false, got {raw!r}")
-    if raw.lower() in ("none", "null") and "None" in kind:
-        return None
-    try:
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-    except ValueError:
-        raise UserError(f"{field.name} must be a {kind.split(' ')[0]}, got {raw!r}") from None
-    return raw
-
-
-def build_config(cls, base: dict | None = None, overrides: dict | None = None):
-    """Make ``cls`` from recipe values and overrides; unknown keys are errors naming the key."""
+def build_config(cls, base: dict | None = None, overrides: dict | None = None, *, flags: dict | None = None,
+                 recipe: str | None = None):
+    """Make ``cls`` from recipe values (``base``, read from ``recipe``), ``--set`` overrides and the ``flags`` a user
+    typed, later ones winning. Unknown keys are errors naming the key; each value is checked (``check_value``)
+    where it comes from, so that a bad one is named with its source."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for source in (base or {}, overrides or {}):
-        for key, raw in source.items():
+    for source, layer in ((f"recipe {recipe}" if recipe else "the recipe", base), ("--set", overrides),
+                          ("flag", flags)):
+        for key, raw in (layer or {}).items():
             key = key.replace("-", "_")
             if key not in known:
                 raise UserError(f"unknown {cls.__name__} key {key!r}; known keys: {', '.join(sorted(known))}")
-            values[key] = _coerce(known[key], raw)
+            values[key] = check_value(raw, rule_of(known[key]), _where(known[key], source))
     return cls(**values)
 
 
@@ -175,6 +260,8 @@ def load_recipe(name_or_path: str) -> dict:
     if not path.is_file():
         raise UserError(f"recipe {name_or_path!r} not found (looked for {path})")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not UTF-8 text (a binary file?); pass a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None

@@ -45,7 +45,8 @@ from .config import option
 from .data import is_heldout
 from .sources import MANIFEST_NAME
 from .errors import UserError
-from .io import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir
+from .io import atomic_write_bytes, atomic_write_json
+from .runs import output_run
 
 __all__ = ["CORPUS_SOURCES", "CorpusConfig", "CorpusResult", "build_corpus", "clean_text", "shakespeare_scenes"]
 
@@ -258,9 +259,11 @@ def build_corpus(cfg: CorpusConfig, on_event: Callable[[str, dict], None] | None
     sources = cfg.source_list()
     for src in sources:  # every package present before anything is read or written
         _package_dir(src)
-    out = Path(cfg.output)
-    check_output_dir(out, cfg.overwrite)
+    with output_run(cfg.output, overwrite=cfg.overwrite, stage=True) as run:  # written whole, or not at all
+        return _build_corpus(sources, emit, run.work, Path(cfg.output))
 
+
+def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path) -> CorpusResult:
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     source_infos = []
@@ -288,27 +291,26 @@ def build_corpus(cfg: CorpusConfig, on_event: Callable[[str, dict], None] | None
         emit("source", info)
 
     files = {}
-    with atomic_dir(out) as tmp:
-        for split, name in (("train", TRAIN_NAME), ("heldout", HELDOUT_NAME)):
-            docs = sorted(splits[split], key=lambda d: (hashlib.sha256(d["text"].encode()).hexdigest(), d["id"]))
-            payload = _jsonl(docs)
-            atomic_write_bytes(tmp / name, payload)
-            files[name] = {"split": split, "documents": len(docs), "characters": sum(len(d["text"]) for d in docs),
-                           "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-        manifest = {
-            "format": "posthoc-sparse corpus", "format_version": FORMAT_VERSION, "library_version": __version__,
-            "sources": source_infos, "files": files,
-            "split": {"rule": f"held out iff int(sha256(utf8 text), 16) % 1000 < {SPLIT_PER_MILLE}",
-                      "heldout_per_mille": SPLIT_PER_MILLE,
-                      "note": "posthoc_sparse.data applies the same rule when it reads this folder"},
-            "cleaning": "NFC; space characters -> ' '; zero-width and control characters removed; runs of spaces "
-                        "collapsed; lines right-stripped; 3+ newlines -> 2; empty and exact-duplicate documents "
-                        "dropped (first kept)",
-            "order": "each file sorted by sha256 of the text (sources interleaved)",
-            "record": {"id": "source:item", "source": "source name", "text": "the document"},
-            "totals": {"documents": sum(f["documents"] for f in files.values()),
-                       "characters": sum(f["characters"] for f in files.values()),
-                       "bytes": sum(f["bytes"] for f in files.values())},
-        }
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    for split, name in (("train", TRAIN_NAME), ("heldout", HELDOUT_NAME)):
+        docs = sorted(splits[split], key=lambda d: (hashlib.sha256(d["text"].encode()).hexdigest(), d["id"]))
+        payload = _jsonl(docs)
+        atomic_write_bytes(tmp / name, payload)
+        files[name] = {"split": split, "documents": len(docs), "characters": sum(len(d["text"]) for d in docs),
+                       "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    manifest = {
+        "format": "posthoc-sparse corpus", "format_version": FORMAT_VERSION, "library_version": __version__,
+        "sources": source_infos, "files": files,
+        "split": {"rule": f"held out iff int(sha256(utf8 text), 16) % 1000 < {SPLIT_PER_MILLE}",
+                  "heldout_per_mille": SPLIT_PER_MILLE,
+                  "note": "posthoc_sparse.data applies the same rule when it reads this folder"},
+        "cleaning": "NFC; space characters -> ' '; zero-width and control characters removed; runs of spaces "
+                    "collapsed; lines right-stripped; 3+ newlines -> 2; empty and exact-duplicate documents "
+                    "dropped (first kept)",
+        "order": "each file sorted by sha256 of the text (sources interleaved)",
+        "record": {"id": "source:item", "source": "source name", "text": "the document"},
+        "totals": {"documents": sum(f["documents"] for f in files.values()),
+                   "characters": sum(f["characters"] for f in files.values()),
+                   "bytes": sum(f["bytes"] for f in files.values())},
+    }
+    atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return CorpusResult(output=out, manifest=manifest)

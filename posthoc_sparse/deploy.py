@@ -42,15 +42,9 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
     if isinstance(gates, GateBank):
         bank = gates
         config = {**bank.spec.to_dict()}
+        check_gate_matches(config, model)
     elif gates is not None:
-        bank, config = load_gates(gates)
-    if bank is not None:
-        fingerprint = None
-        if "model_fingerprint" in config:
-            from .loading import model_fingerprint
-
-            fingerprint = model_fingerprint(model.config)
-        check_gate_matches(config, model, fingerprint)
+        bank, config = load_gates(gates, model=model)  # checked against the model before it is built
     if mode == "random":
         spec = bank.spec if bank is not None else gate_spec_for_model(model, default_d_g(model))
         bank = random_control(spec, random_seed if random_seed is not None else config.get("random_seed", 1))

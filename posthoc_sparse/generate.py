@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import EMBEDDED_MODEL, option
+from .config import EMBEDDED_MODEL, SEED_MAX, check_fields, option
 from .deploy import apply_gates
 from .errors import UserError
 
@@ -20,17 +20,17 @@ class GenerateConfig:
     gates: str | None = option(None, "Gate folder from `sparsify distill`.")
     model: str | None = option(None, "Model; if not given, the gate's base model (else the embedded model).")
     prompt: str = option("The capital of France is", "Text to continue.")
-    max_new_tokens: int = option(50, "Tokens to generate.")
-    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).")
+    max_new_tokens: int = option(50, "Tokens to generate.", gt=0)
+    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).", gt=0)
     mode: str = option("gate", "gate, random, oracle or dense.")
     selection: str = option("head", "head (top-k per query head), group (per KV group) or block (key blocks per KV "
                                     "group and query block; Triton on GPUs).")
     block_size: int = option(64, "With --selection block: 16, 32, 64 or 128.")
     compare_dense: bool = option(False, "Also generate densely and compare.")
     do_sample: bool = option(False, "Sample instead of greedy decoding.", flags="--sample")
-    temperature: float = option(1.0, "Sampling temperature (with --sample).")
-    top_p: float = option(1.0, "Nucleus sampling threshold (with --sample).")
-    seed: int = option(0, "Sampling seed.")
+    temperature: float = option(1.0, "Sampling temperature (with --sample).", gt=0)
+    top_p: float = option(1.0, "Nucleus sampling threshold (with --sample).", gt=0, le=1)
+    seed: int = option(0, "Sampling seed.", ge=0, le=SEED_MAX)
     dtype: str = option("auto", "auto, float32, bfloat16, float16.")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = option(False, "Allow the model's own code.")
@@ -102,8 +102,7 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
     from .gates.io import read_gate_config
     from .loading import load_model
 
-    if cfg.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {cfg.max_new_tokens}")
+    check_fields(cfg)
     if not cfg.prompt.strip():
         raise UserError("--prompt is empty; give the text to continue")
     gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,7 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
             checkpoint = str(convert_gguf(path, cache_dir))
         elif path.is_dir() and (path / "config.json").is_file():
             checkpoint = resolved
+            _check_weights_format(path, source, trust_remote_code)
         else:
             raise UserError(f"model path {name} is neither a folder with a config.json nor a .gguf file")
 
@@ -227,6 +229,8 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
         if hub:
             raise _hub_error(source, e) from None
         raise UserError(f"could not load the weights of model {source}: {first_line(e)}") from None
+    except pickle.UnpicklingError as e:  # pickle weights (only with --trust-remote-code) that weights_only refuses
+        raise UserError(f"could not load the pickle weights of model {source}: {first_line(e)}") from None
     except ValueError as e:
         if "attn_implementation" in str(e):
             raise UserError(f"model {source} does not support attn_implementation={attn_implementation!r}: "
@@ -254,6 +258,28 @@ def load_model(model: str, *, dtype: str = "auto", device: str = "auto", trust_r
                        revision=revision if hub else None,
                        dtype=dtype_name, device=str(input_device(lm)),
                        hub_id=name if hub else (EMBEDDED_HUB_ID if source == EMBEDDED_MODEL else None))
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weights_format(path: Path, source: str, trust_remote_code: bool) -> None:
+    """Refuse a local model folder whose weights are only pickles (``pytorch_model.bin``), which can run code
+    when loaded, unless the user opts in with ``--trust-remote-code``."""
+    names = [p.name for p in path.iterdir()]
+    pickles = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+    if pickles and not trust_remote_code and not any(n.endswith((".safetensors", ".safetensors.index.json"))
+                                                     for n in names):
+        raise UserError(f"model {source} has only pickle weights ({pickles[0]}), which can run code when loaded; "
+                        "convert them to safetensors, or pass --trust-remote-code to load them")
+
+
+def check_positions(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model has positions (``max_position_embeddings``)."""
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"{flag} {seq_len} exceeds the model's {limit} positions (max_position_embeddings); use "
+                        f"{flag} {limit} or less")
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -313,5 +339,5 @@ def describe_attention(model) -> dict:
     return info
 
 
-__all__ = ["DEVICE_MAPS", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "describe_attention", "load_model",
-           "model_fingerprint", "decoder_of", "resolve_dtype", "text_config", "uses_attention_interface"]
+__all__ = ["DEVICE_MAPS", "EMBEDDED_MODEL", "LoadedModel", "assert_frozen", "check_positions", "describe_attention",
+           "load_model", "model_fingerprint", "decoder_of", "resolve_dtype", "text_config", "uses_attention_interface"]

@@ -1,15 +1,19 @@
 """What every training loop here shares (distill, pretrain, the unfreeze sweep): the learning-rate schedule, the
-check that a resumed run has the checkpoint's settings, the finite-loss check, and the versions record."""
+check that a resumed run has the checkpoint's settings (the learning rate and its schedule may change: a recorded
+override), the divergence guard, and the versions record."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections import deque
 from pathlib import Path
 
 import torch
 
 from ._version import __version__
 from .errors import UserError
+from .io import fault_point
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
@@ -21,17 +25,52 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_lr: float = 0.0) ->
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resume_settings(cfg, keys: tuple[str, ...]) -> dict:
-    """The settings of ``cfg`` a checkpoint records, so that a resumed run can be checked against them."""
-    return {key: getattr(cfg, key) for key in keys}
+def resume_settings(cfg, keys: tuple[str, ...], **resolved) -> dict:
+    """The settings of ``cfg`` a checkpoint records, so that a resumed run can be checked against them; ``resolved``
+    adds values fixed at run time (e.g. the dtype that ``auto`` became)."""
+    return {key: getattr(cfg, key) for key in keys} | resolved
 
 
-def check_resume(saved: dict, cfg, keys: tuple[str, ...], checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` when a setting in ``keys`` differs between it (``saved``) and ``cfg``."""
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {getattr(cfg, key)!r}" for key in keys
-             if saved.get(key) != getattr(cfg, key)]
+def check_resume(saved: dict, cfg, keys: tuple[str, ...], checkpoint: Path, *, resolved: dict | None = None,
+                 overridable: tuple[str, ...] = ()) -> dict:
+    """Refuse to resume ``checkpoint`` when a setting in ``keys`` (or ``resolved``) differs between it (``saved``)
+    and this run, listing them. Those in ``overridable`` (the learning rate and its schedule) may change: returns
+    the ones that did, ``{key: [checkpoint's, now]}``, for the run to report and record."""
+    now = {key: getattr(cfg, key) for key in keys} | (resolved or {})
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in now.items()
+             if key not in overridable and saved.get(key) != value]
     if diffs:
-        raise UserError(f"cannot resume {checkpoint}: settings differ ({'; '.join(diffs)})")
+        raise UserError(f"cannot resume {checkpoint}: settings differ ({'; '.join(diffs)}); rerun with the "
+                        "checkpoint's settings, or without --resume to start over")
+    return {key: [saved.get(key), value] for key, value in now.items() if key in overridable and saved.get(key) != value}
+
+
+STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"  # a training checkpoint (distill/checkpoint.py)
+
+
+def checkpoint_status(folder: Path) -> tuple[int, bool] | None:
+    """(step, whether every parameter is finite) of the training checkpoint in ``folder``; None without one."""
+    from safetensors.torch import load_file
+
+    try:
+        step = json.loads((Path(folder) / STATE_JSON).read_text())["meta"]["step"]
+        tensors = load_file(str(Path(folder) / STATE_TENSORS))
+    except Exception:  # missing, or not a readable checkpoint
+        return None
+    finite = all(bool(torch.isfinite(t).all()) for k, t in tensors.items() if k.startswith("params."))
+    return step, finite
+
+
+def stop_advice(checkpoint: Path | None) -> str:
+    """What to do after a run blew up: resume the last checkpoint when it exists and is finite, else start over."""
+    if checkpoint is None:
+        return "lower --lr"
+    status = checkpoint_status(checkpoint)
+    if status is None:
+        return "no checkpoint was saved before that; rerun with a lower --lr"
+    if not status[1]:
+        return f"the checkpoint in {checkpoint} holds non-finite weights; rerun with a lower --lr and --overwrite"
+    return f"the last good checkpoint (step {status[0]}) is in {checkpoint}: rerun with --resume and a lower --lr"
 
 
 def check_finite(losses: torch.Tensor | float, step: int, what: str = "the loss",
@@ -42,9 +81,50 @@ def check_finite(losses: torch.Tensor | float, step: int, what: str = "the loss"
     if not bad.any():
         return
     where = f" in layer {int(bad.flatten().nonzero()[0])}" if values.dim() else ""
-    advice = (f"the last good checkpoint is in {checkpoint} (lower --lr and rerun with --resume)"
-              if checkpoint is not None else "lower --lr")
-    raise UserError(f"{what} became non-finite at step {step + 1}{where}; {advice}")
+    raise UserError(f"{what} became non-finite at step {step + 1}{where}; {stop_advice(checkpoint)}")
+
+
+class DivergenceGuard:
+    """Stops a run whose loss has clearly blown up, before it writes anything final: a non-finite loss, or a mean
+    loss over the last ``WINDOW`` steps above ``ratio`` times the loss of the run's first step (taken before any
+    update, so a learning rate that blows up at once is still measured against a sane start; ``ratio`` 0: the
+    non-finite check only). The error names the last good checkpoint (one that exists and is finite, see
+    ``stop_advice``); the loops write a checkpoint only while ``healthy()``, so that one predates the blow-up and
+    resuming it with a lower --lr works. ``start`` survives a resume in the checkpoint."""
+
+    WINDOW = 10
+
+    def __init__(self, ratio: float, checkpoint: Path | None = None, start: float | None = None):
+        self.ratio, self.checkpoint, self.start = ratio, checkpoint, start
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
+
+    def check(self, losses: torch.Tensor | float, step: int, what: str = "the loss") -> None:
+        """Check the loss (one number, or one per layer) of 0-based ``step``."""
+        check_finite(losses, step, what, self.checkpoint)
+        loss = float(torch.as_tensor(losses).double().mean())
+        if self.start is None:
+            self.start = loss
+        self.recent.append(loss)
+        mean = sum(self.recent) / len(self.recent)
+        if self.ratio and self.start > 0 and len(self.recent) == self.WINDOW and mean > self.ratio * self.start:
+            raise UserError(f"{what} diverged by step {step + 1}: {mean:.4g} over the last {self.WINDOW} steps, "
+                            f"{mean / self.start:.3g} times its start ({self.start:.4g}); "
+                            f"{stop_advice(self.checkpoint)}")
+
+    def healthy(self) -> bool:
+        """Whether the last loss is within ``ratio`` times the start: a checkpoint now is worth resuming."""
+        return not self.ratio or not self.recent or self.recent[-1] <= self.ratio * (self.start or 0)
+
+
+def after_step(step: int, total: int, every: int, guard: DivergenceGuard, run, checkpoint) -> None:
+    """The end of a training step (1-based ``step`` of ``total``): the periodic ``checkpoint(step)`` every
+    ``every`` steps, and after a Ctrl-C (``run.stop_requested``, see ``runs.OutputRun``) a checkpoint of this step
+    and the stop. Only while ``guard`` finds the loss healthy: the last checkpoint stays the last good one."""
+    fault_point("step")
+    if (step % every == 0 and step < total or run.stop_requested) and guard.healthy():
+        checkpoint(step)
+    if run.stop_requested:
+        raise KeyboardInterrupt
 
 
 def versions() -> dict:

@@ -15,7 +15,7 @@ import typer
 import typer.main
 from typer.testing import CliRunner
 
-from posthoc_sparse.config import DistillConfig, option
+from posthoc_sparse.config import DistillConfig, option, rule_of
 from posthoc_sparse.corpus import CorpusConfig
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 from posthoc_sparse.experiments.absorb import AbsorbConfig
@@ -137,14 +137,18 @@ def test_the_builder_shows_the_dataclass_default_and_passes_only_the_flags_given
 
 
 def _other_value(field: dataclasses.Field, kind, param) -> tuple[object, list[str]]:
-    """A value unlike the field's default (of type ``kind``), and the arguments that give it."""
+    """A value unlike the field's default (of type ``kind``) that its rule allows (values are checked when the
+    config is built), and the arguments that give it."""
     flag = next(o for o in param.opts if o.startswith("--"))
+    rule = rule_of(field)
     if kind is bool:
         return not field.default, [flag if not field.default else param.secondary_opts[0]]
-    if kind in (int, int | None):
-        value = (field.default or 0) + 3
+    if rule.choices:
+        value = next(c for c in rule.choices if c != field.default)
+    elif kind in (int, int | None):
+        value = next(v for v in ((field.default or 0) + 3, (field.default or 0) - 1) if rule.in_range(v))
     elif kind is float:
-        value = field.default + 0.25
+        value = next(v for v in (field.default + 0.25, field.default / 2) if rule.in_range(v))
     else:
         value = f"{field.default or ''}-other"
     return value, [flag, str(value)]

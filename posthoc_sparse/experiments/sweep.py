@@ -23,18 +23,24 @@ import torch.nn.functional as F
 
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import policy_for
-from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig, option
+from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, SEED_MAX, DistillConfig, check_fields, option
+from ..distill.checkpoint import describe_checkpoint
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
-from ..gates.io import check_gate_matches, load_gates, read_gate_config
+from ..gates.io import GATE_CONFIG_NAME, check_gate_matches, load_gates, read_gate_config
 from ..gates.modules import random_control
-from ..io import atomic_write_json, check_output_dir
+from ..io import atomic_write_json
 from ..parallel import Processes
-from ..training import check_finite, lr_at, versions
+from ..runs import output_run
+from ..training import DivergenceGuard, check_resume, lr_at, resume_settings, versions
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
 PLOT_NAME = "sweep.png"
+MAX_LOSS_RATIO = 10.0  # the divergence guard of each point's training (training.DivergenceGuard)
+# What a saved point must share with the run resuming it (with the model, data, k and seq_len it resolved).
+_POINT_KEYS = ("gates", "which", "params", "steps", "batch_size", "grad_accum", "lr", "warmup", "eval_windows", "seed",
+               "dtype")
 
 
 @dataclass(frozen=True)
@@ -49,20 +55,20 @@ class SweepConfig:
     which: str = option("spread", "Which layers: spread, first, last, or a list of layer indices like 0,5,9.")
     params: str = option("attention", "attention (the attention module's parameters) or layer (the whole decoder "
                                       "layer).")
-    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).")
-    steps: int = option(200, "LM training steps per point.")
-    seq_len: int | None = option(None, "Window length; if not given, the gate's (else 512).")
-    batch_size: int = option(1, "Windows per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per step.")
-    lr: float = option(1e-4, "AdamW learning rate.")
-    warmup: int = option(10, "Linear warm-up steps of the learning rate.")
-    eval_windows: int = option(16, "Held-out windows per evaluation.")
+    k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).", gt=0)
+    steps: int = option(200, "LM training steps per point.", ge=0)
+    seq_len: int | None = option(None, "Window length; if not given, the gate's (else 512).", ge=2)
+    batch_size: int = option(1, "Windows per micro-batch.", gt=0)
+    grad_accum: int = option(1, "Micro-batches per step.", gt=0)
+    lr: float = option(1e-4, "AdamW learning rate.", gt=0)
+    warmup: int = option(10, "Linear warm-up steps of the learning rate.", ge=0)
+    eval_windows: int = option(16, "Held-out windows per evaluation.", gt=0)
     distill_steps: int | None = option(None, "Distillation steps when no --gates is given; if not given, those of "
-                                             "`sparsify distill`.")
+                                             "`sparsify distill`.", gt=0)
     gradient_checkpointing: bool = option(False, "Trade compute for memory.")
-    seed: int = option(0, "Seed for the data order.")
+    seed: int = option(0, "Seed for the data order.", ge=0, le=SEED_MAX)
     output: str = option("sweeps/default", "Folder for sweep.json, sweep.png, points/.", flags=("--output", "-o"))
-    resume: bool = option(False, "Skip the points already saved in --output.")
+    resume: bool = option(False, "Skip the points already saved in --output (made with the same settings).")
     overwrite: bool = option(False, "Replace an existing --output folder.")
     dtype: str = option("auto", "Weights dtype: auto (fp32 weights, bf16 autocast on GPU).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
@@ -70,6 +76,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Check every setting that needs no model, before any model is loaded or gate distilled."""
+        check_fields(self)
         self.fractions()
         if self.which not in ("spread", "first", "last"):
             try:
@@ -78,13 +85,6 @@ class SweepConfig:
                 raise UserError(f"--which must be spread, first, last or a list like 0,5,9, got {self.which!r}") from None
         if self.params not in ("attention", "layer"):
             raise UserError(f"--params must be attention or layer, got {self.params!r}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_windows"):
-            if getattr(self, name) < (0 if name == "steps" else 1):
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.k is not None and self.k <= 0:
-            raise UserError(f"--k must be positive, got {self.k}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
 
     def fractions(self) -> list[float]:
         try:
@@ -143,6 +143,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     use_amp = device.type == "cuda"
     losses = []
+    guard = DivergenceGuard(MAX_LOSS_RATIO)
     model.train()
     with SparseAttention(model, policy):
         for step in range(cfg.steps):
@@ -162,7 +163,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
                 (mean,) = procs.average_gradients(params, torch.tensor([total], dtype=torch.float64,
                                                                         device=procs.state.device))
                 total = float(mean)
-            check_finite(total, step, "the language-model loss")
+            guard.check(total, step, "the language-model loss")
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(total)
@@ -172,30 +173,41 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     return losses
 
 
-def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = None) -> dict:
-    """Run every (fraction, gate) point; returns the report dict also written to ``sweep.json``."""
-    from ..data import build_windows
-    from ..loading import load_model, model_fingerprint
+def _saved_state(work: Path) -> str | None:
+    """What an interrupted sweep keeps for --resume: finished points and the gate it distilled (or its checkpoint)."""
+    n = len(list((work / POINTS_DIR).glob("*.json")))
+    gate = ("the distilled gate" if (work / "gates" / GATE_CONFIG_NAME).is_file()
+            else describe_checkpoint(work / "gates" / "checkpoint"))
+    return " and ".join(([f"{n} finished points"] if n else []) + ([gate] if gate else [])) or None
 
+
+def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = None) -> dict:
+    """Run every (fraction, gate) point; returns the report dict also written to ``sweep.json``. The output folder
+    is locked for the run; a failed run keeps only finished points and the distilled gate (``runs.output_run``)."""
     cfg.validate()
     procs = Processes(cfg.device)
+    with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=procs.is_main, barrier=procs.barrier,
+                    resumable=_saved_state) as run:
+        return _sweep(cfg, procs, on_event, run.work)
+
+
+def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
+    from ..data import build_windows
+    from ..loading import check_positions, load_model, model_fingerprint
+
     emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
     fractions = cfg.fractions()
-    out = Path(cfg.output)
-    if procs.is_main:
-        check_output_dir(out, cfg.overwrite, cfg.resume)
-    procs.barrier()
     points_dir = out / POINTS_DIR
 
     gate_path = cfg.gates
     if gate_path is None:
         gate_path = str(out / "gates")
-        if not (cfg.resume and (Path(gate_path) / "gate_config.json").exists()):
+        if not (Path(gate_path) / GATE_CONFIG_NAME).exists():  # a resumed sweep resumes its distillation too
             from ..distill.loop import distill
 
             dcfg = DistillConfig(model=cfg.model or EMBEDDED_MODEL, dataset=cfg.dataset or EMBEDDED_DATASET,
                                  output=gate_path, k=cfg.k or 64, seq_len=cfg.seq_len or 512, seed=cfg.seed,
-                                 steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, overwrite=True,
+                                 steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, resume=cfg.resume,
                                  trust_remote_code=cfg.trust_remote_code)
             emit("distill", {"output": gate_path, "steps": dcfg.resolved_steps()})
             distill(dcfg, on_event=lambda kind, info: emit(f"distill.{kind}", info))
@@ -207,6 +219,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
                         if cfg.dtype == "auto" else cfg.dtype, device=procs.model_device(),
                         trust_remote_code=cfg.trust_remote_code)
     model, device = loaded.model, loaded.model.device
+    check_positions(model, seq_len)
     check_gate_matches(gate_cfg, model, model_fingerprint(model.config))
     learned, _ = load_gates(gate_path, device=device)
     random = random_control(learned.spec, gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
@@ -218,6 +231,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     num_layers = learned.spec.num_layers
     emit("loaded", {"model": loaded.source, "device": str(device), "processes": procs.world,
                     "fractions": fractions, "k": k, "points": 2 * len(fractions)})
+    settings = resume_settings(cfg, _POINT_KEYS, model=loaded.source, dataset=dataset, k=k, seq_len=seq_len)
 
     points = []
     for f in fractions:
@@ -225,7 +239,8 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
         for gate_name, bank in banks.items():
             path = points_dir / f"f{f:.4f}-{gate_name}.json"
             if cfg.resume and path.exists():
-                point = json.loads(path.read_text())
+                point = _read_point(path)
+                check_resume(point.get("settings", {}), cfg, (), path, resolved=settings)
                 emit("point", point | {"skipped": True})
                 points.append(point)
                 continue
@@ -250,6 +265,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
                 "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
                 "seconds": time.perf_counter() - t0,
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "settings": settings,
             }
             with torch.no_grad():  # back to the frozen base model for the next point
                 for p, s in zip(params, saved):
@@ -272,15 +288,26 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
                       "dense_ppl_random_run": by["random"]["dense_ppl_after"]})
     report = {
         "table": table, "points": points,
-        "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset, "gates": gate_path},
+        "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset,
+                                   "gates": cfg.gates or str(Path(cfg.output) / "gates")},
         "model": loaded.source, "model_fingerprint": model_fingerprint(model.config), "gate_config": gate_cfg,
         "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
         "versions": versions(),
     }
-    if procs.is_main:
-        atomic_write_json(out / REPORT_NAME, report)
+    if procs.is_main:  # the plot first: a sweep.json is always complete with its plot
         from .plots import plot_sweep
 
         plot_sweep(report, out / PLOT_NAME)
+        atomic_write_json(out / REPORT_NAME, report)
     procs.barrier()
     return report
+
+
+def _read_point(path: Path) -> dict:
+    try:
+        point = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot resume: {path} is not readable JSON ({e}); remove it to recompute that point") from None
+    if not isinstance(point, dict) or not all(key in point for key in ("fraction", "gate", "ppl")):
+        raise UserError(f"cannot resume: {path} is not a sweep point; remove it to recompute that point")
+    return point

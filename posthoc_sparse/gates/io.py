@@ -1,8 +1,10 @@
 """Gate artifacts, PEFT-style: a folder with ``gate_config.json`` and ``gates.safetensors``.
 
 The config records the base model (id or path, revision, a fingerprint of its config), the gate's shapes and
-how it was trained; keys are sorted. Loading is strict: unknown or missing keys, missing or unexpected
-tensors and wrong shapes are errors, and ``check_gate_matches`` refuses a gate made for another model.
+how it was trained; keys are sorted. Loading is strict: unknown or missing keys, a value of the wrong type or
+range (checked with the config's rules), missing or unexpected tensors and wrong shapes are errors, and
+``check_gate_matches`` refuses a gate made for another model. Nothing is allocated from a gate file before its
+shapes are checked: against the model when one is given, and against the weights file's header.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..config import Rule, check_value
 from ..errors import GateMismatchError, UserError, first_line
 from ..loading import text_config
 from ..io import atomic_write_json, write_safetensors
@@ -30,6 +33,19 @@ _META_KEYS = {
     "format_version", "library_version", "base_model", "base_model_revision", "base_model_hub_id",
     "model_fingerprint", "model_type",
     "architecture", "gate_init", "k", "loss", "steps", "seed", "dataset", "seq_len", "random_seed",
+}
+
+
+_POSITIVE, _NAME = Rule("int", gt=0), Rule("str", optional=True)
+# The type and range of every gate_config.json key (a spec key is required, the others optional).
+_CONFIG_RULES = {
+    "num_layers": _POSITIVE, "num_heads": _POSITIVE, "num_kv_heads": _POSITIVE, "head_dim": _POSITIVE,
+    "hidden_size": _POSITIVE, "d_g": _POSITIVE, "gate_input": Rule("str", choices=GATE_INPUTS), "rotary": Rule("bool"),
+    "rotary_dim": Rule("int", ge=0), "format_version": Rule("int"), "library_version": _NAME, "base_model": _NAME,
+    "base_model_revision": _NAME, "base_model_hub_id": _NAME, "model_fingerprint": _NAME, "model_type": _NAME,
+    "architecture": _NAME, "gate_init": _NAME, "k": _POSITIVE, "loss": _NAME, "steps": Rule("int", ge=0),
+    "seed": Rule("int", ge=0), "dataset": _NAME, "seq_len": Rule("int", ge=2, optional=True),
+    "random_seed": Rule("int", ge=0),
 }
 
 
@@ -103,32 +119,45 @@ def read_gate_config(path: str | Path) -> dict:
     missing = {f.name for f in fields(GateSpec)} - set(config)
     if missing:
         raise UserError(f"{cfg_path} lacks {', '.join(sorted(missing))}; the gate folder is corrupt")
-    return config
+    return {key: check_value(value, _CONFIG_RULES[key], f"{key} in {cfg_path}") for key, value in config.items()}
 
 
-def load_gates(path: str | Path, device: str | torch.device = "cpu") -> tuple[GateBank, dict]:
+def load_gates(path: str | Path, device: str | torch.device = "cpu", model: nn.Module | None = None
+               ) -> tuple[GateBank, dict]:
     """Load a gate folder (or a hub repository ``user/repo[@rev]``) strictly; returns the bank (frozen, eval
-    mode) and its config dict."""
-    from safetensors import SafetensorError
+    mode) and its config dict. With ``model``, the gate is checked against it (``check_gate_matches``) first.
+    Nothing is allocated before the shapes are checked, against the model and the weights file's header."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from .hub import resolve_gates
 
     path = resolve_gates(path)
     config = read_gate_config(path)
-    try:
-        spec = GateSpec(**{k: config[k] for k in _SPEC_KEYS})
-        bank = GateBank(spec)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{Path(path) / GATE_CONFIG_NAME} describes impossible gate shapes ({e})") from None
+    if model is not None:
+        from ..loading import model_fingerprint
+
+        check_gate_matches(config, model, model_fingerprint(model.config) if "model_fingerprint" in config else None)
     weights = Path(path) / GATE_WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{weights} is missing; the gate folder is incomplete")
     try:
+        with safe_open(str(weights), "pt") as f:  # the header only: its tensor count bounds what may be built
+            names = list(f.keys())
+        if len(names) != 3 * config["num_layers"]:  # wq, wk and freq_idx per layer
+            raise UserError(f"{weights} holds {len(names)} tensors, but {GATE_CONFIG_NAME} describes "
+                            f"{config['num_layers']} layers; the gate folder is corrupt")
+        spec = GateSpec(**{k: config[k] for k in _SPEC_KEYS})
+        with torch.device("meta"):  # the expected names and shapes, without allocating them
+            expected = GateBank(spec).state_dict()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{Path(path) / GATE_CONFIG_NAME} describes impossible gate shapes ({e})") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({first_line(e)}); it is corrupt or truncated") from None
+    try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{weights} is not a readable safetensors file ({first_line(e)}); it is corrupt or truncated") from None
-    expected = bank.state_dict()
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     if missing or unexpected:
         raise UserError(
@@ -142,6 +171,7 @@ def load_gates(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ga
             )
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{weights}: tensor {name} holds NaN or inf; the gate is corrupt")
+    bank = GateBank(spec)
     bank.load_state_dict(state, strict=True)
     bank.requires_grad_(False).eval()
     return bank.to(device), config
