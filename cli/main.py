@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
 from posthoc_sparse.errors import Interrupted, UserError
@@ -44,17 +45,37 @@ _WRITE_ERRNOS = {
 INTERRUPTED_HINT = "interrupted (Ctrl-C); nothing was written"
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, hard: bool = False) -> None:
     from .app import console
 
     console.print(message, highlight=False, soft_wrap=True)
+    if hard:  # a SIGINT that landed inside an import run through PyRun_* leaves CPython's "unhandled Ctrl-C" flag set,
+        sys.stdout.flush()  # and the interpreter then ends itself by SIGINT (status -2) whatever sys.exit said
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+class _CtrlC:
+    """SIGINT as Python's default handler treats it (KeyboardInterrupt), remembering that it came: a Ctrl-C inside an
+    import can surface later as an ImportError or ModuleNotFoundError (transformers' lazy modules, numpy's re-import
+    guard), which is still the user's Ctrl-C, not an internal error."""
+
+    seen = False
+
+    def __call__(self, signum, frame):
+        _CtrlC.seen = True
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: exit 0 on success, 2 on a user error (one line), 130 on Ctrl-C, 1 on an internal
     error."""
     debug = os.environ.get("POSTHOC_SPARSE_DEBUG", "") not in ("", "0")
+    own_process = argv is None  # the console script: exits hard on Ctrl-C; a caller passing argv gets SystemExit
+    if own_process:
+        _CtrlC.seen = False
+        signal.signal(signal.SIGINT, _CtrlC())
     try:
         from .app import app
 
@@ -66,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Interrupted as e:  # a run stopped at a safe point: it says what it kept
-        _fail(f"[bold yellow]interrupted:[/] {e}", 130)
+        _fail(f"[bold yellow]interrupted:[/] {e}", 130, own_process)
     except KeyboardInterrupt:
-        _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130)
+        _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
     except Exception as e:
+        if _CtrlC.seen:
+            _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's (or Typer's vendored click's) usage errors
             e.show()
             sys.exit(e.exit_code)
@@ -85,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
     else:
         if code == 130:
-            _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130)
+            _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
         if isinstance(code, int) and code:
             sys.exit(code)
 
