@@ -1,9 +1,11 @@
-"""Shared CLI helpers: recipe + --set + flags -> a frozen config; rich progress rendering."""
+"""Shared CLI helpers: recipe + --set + flags -> a frozen config; rich progress rendering; user text escaped for
+rich; tables that keep every number whole at any width."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from posthoc_sparse.config import build_config, load_recipe
@@ -53,3 +55,74 @@ def fmt(x: float | None, spec: str = ".4f") -> str:
     if x is None or x != x:
         return "-"
     return format(x, spec)
+
+
+def esc(value: Any) -> str:
+    """``value`` as text that rich prints literally: a prompt, path or name with ``[red]`` or ``[/x]`` in it is the
+    user's text, not markup."""
+    return escape(str(value))
+
+
+def print_table(console, title: str, headers: list[str], rows: list[list[str]], key_columns: int = 1) -> None:
+    """Print a table whose cells stay whole at the console's width: when the columns do not fit side by side (a
+    pipe or CI log is 80 columns), they are split over several tables, each repeating the first ``key_columns``.
+    Cells and title are plain text (escaped), never markup."""
+    from rich.table import Table
+
+    def need(i: int) -> int:  # a column's width: its widest cell, or its header's longest word; + padding, border
+        words = [len(w) for w in headers[i].split()] or [0]
+        return max([len(r[i]) for r in rows] + [max(words)]) + 3
+
+    width = max(20, console.width - 1)
+    keys, rest = list(range(key_columns)), list(range(key_columns, len(headers)))
+    groups, current = [], []
+    for i in rest:
+        if current and sum(need(j) for j in keys + current + [i]) > width:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    for n, group in enumerate(groups):
+        cols = keys + group
+        part = f" ({n + 1}/{len(groups)})" if len(groups) > 1 else ""
+        table = Table(title=esc(title + part))
+        for i in cols:
+            table.add_column(esc(headers[i]), justify="left" if i in keys and i == 0 else "right",
+                             min_width=max(len(r[i]) for r in rows) if rows else None, overflow="fold")
+        for r in rows:
+            table.add_row(*(esc(r[i]) for i in cols))
+        console.print(table)
+
+
+def print_report(table: tuple[str, list[str], list[list[str]]], files: list[str], key_columns: int = 1) -> None:
+    """A report's table (``(title, headers, rows)`` from the library) on stdout, then the files it wrote, if any:
+    only what is on disk is named."""
+    from .app import out_console
+
+    print_table(out_console, *table, key_columns=key_columns)
+    if files:
+        out_console.print(f"written: {esc(', '.join(files))}")
+
+
+class RunProgress:
+    """A progress bar over a command's runs (mode and k), and, when stderr is not a terminal (a log), one plain
+    line per finished run instead of the bar's redraws."""
+
+    def __init__(self, name: str):
+        self.name, self.bar, self.task = name, progress_bar(), None
+
+    def start(self, total: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task(self.name, total=total, info="")
+
+    def done(self, line: str) -> None:
+        """One run finished; ``line`` (plain text) says what it gave."""
+        from .app import console
+
+        if self.task is not None:
+            self.bar.update(self.task, advance=1, info=esc(line))
+        if not console.is_terminal:
+            console.print(esc(line), highlight=False)
+
+    def stop(self) -> None:
+        self.bar.stop()

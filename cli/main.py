@@ -13,6 +13,7 @@ import sys
 from posthoc_sparse.errors import UserError
 
 from .app import app, console
+from .common import esc
 
 
 def _register_commands() -> None:
@@ -65,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         if debug:
             raise
-        if isinstance(e, UserError):
-            _fail(f"[bold red]error:[/] {e}", 2)
+        if isinstance(e, UserError):  # the messages hold user paths and values: escaped, never read as markup
+            _fail(f"[bold red]error:[/] {esc(e)}", 2)
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-            _fail(f"[bold red]error:[/] cannot write {e.filename or 'the output'}: {e.strerror}; free space or fix "
-                  "the permissions, then rerun with --resume", 2)
-        _fail(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
+            _fail(f"[bold red]error:[/] cannot write {esc(e.filename or 'the output')}: {esc(e.strerror)}; free "
+                  "space or fix the permissions, then rerun with --resume", 2)
+        _fail(f"[bold red]internal error:[/] {type(e).__name__}: {esc(e)} (set POSTHOC_SPARSE_DEBUG=1 for the "
+              "traceback)", 1)
 
 
 if __name__ == "__main__":

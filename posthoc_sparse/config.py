@@ -76,6 +76,8 @@ class DistillConfig:
     device_map: str | None = option(None, DEVICE_MAP_HELP)
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     val_every: int = option(50, "Validate recall@k every N steps.")
+    log_every: int = option(10, "When the output is not a terminal (a log file, CI, nohup): print a loss line every "
+                                "N steps.")
     val_windows: int = option(8, "Held-out windows for validation.")
     checkpoint_every: int = option(50, "Checkpoint every N steps.")
     save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).")
@@ -91,7 +93,8 @@ class DistillConfig:
         return EMBEDDED_STEPS if self.model == EMBEDDED_MODEL else 1000
 
     def validate(self) -> None:
-        _positive(self, "k", "steps", "seq_len", "batch_size", "grad_accum", "d_g", "val_every", "checkpoint_every")
+        _positive(self, "k", "steps", "seq_len", "batch_size", "grad_accum", "d_g", "val_every", "checkpoint_every",
+                  "log_every")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.row_fraction <= 1:

@@ -81,3 +81,23 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def markdown_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> str:
+    """A report's table as GitHub markdown (the copy written beside its JSON, whole at any terminal width)."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"## {title}", ""] if title else []
+    lines += [line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, json_name: str, doc: dict, table_name: str,
+                 table: tuple[str, list[str], list[list[str]]]) -> list[str]:
+    """Write a report's JSON and its table (``(title, headers, rows)``) as markdown beside it; return the paths."""
+    folder = Path(folder)
+    atomic_write_json(folder / json_name, doc)
+    title, headers, rows = table
+    atomic_write_bytes(folder / table_name, markdown_table(headers, rows, title).encode())
+    return [str(folder / json_name), str(folder / table_name)]

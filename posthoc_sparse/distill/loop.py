@@ -154,12 +154,21 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     if step == 0:
         snapshot(0)
 
+    def write_log(done: int, graph_info: dict | None = None) -> None:
+        """distill_log.json: the history so far (at every checkpoint, so a log survives a crash) or the whole run."""
+        atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
+                                               "heldout": held_info, "library_version": __version__,
+                                               "processes": procs.world, "cuda_graph": graph_info,
+                                               "steps_done": done, "finished": done == total_steps})
+
     def checkpoint(done: int) -> None:
         if procs.is_main:
             save_checkpoint(ckpt_dir, bank.state_dict(), opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history,
                 "config": resume_settings(cfg, _RESUME_KEYS),
             })
+            if done < total_steps:
+                write_log(done)
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * procs.world  # all processes together
@@ -214,9 +223,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     if procs.is_main:
         save_gates(out, bank.cpu(), meta | {"steps": step})
         checkpoint(step)
-        atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
-                                               "heldout": held_info, "library_version": __version__,
-                                               "processes": procs.world, "cuda_graph": graph_info})
+        write_log(step, graph_info)
     procs.barrier()  # the gate folder is complete before any process returns (and, say, loads it)
     losses = [h["loss"] for h in history]
     result = DistillResult(

@@ -30,6 +30,7 @@ from ..parallel import Processes
 from ..training import versions
 
 REPORT_NAME = "eval.json"
+TABLE_NAME = "eval.md"  # the summary table as markdown, whole at any terminal width
 PLOT_NAME = "eval.png"
 
 
@@ -113,9 +114,31 @@ class EvalReport:
     results: list[ModeResult]
     summary: list[dict]
     setup: dict
+    files: list[str] = field(default_factory=list)  # the files written (eval.json, eval.md, eval.png if plotted)
 
     def to_json(self) -> dict:
         return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def summary_table(report: EvalReport) -> tuple[str, list[str], list[list[str]]]:
+    """(title, headers, rows) of the summary: one row per k (dense alone when no sparse mode ran). The CLI prints
+    it and eval.md holds it, so both show the same numbers."""
+    headers = ["k", "dense", "oracle", "gate", "random", "gate/oracle", "gap closed", "gate recall", "gate mass",
+               "random recall", "sparsity (all / causal)"]
+    rows = [[str(row["k"]), *(_fmt(row.get(m), ".3f") for m in ("dense", "oracle", "gate", "random",
+                                                                  "gate_over_oracle")),
+             _fmt(row.get("gap_closed"), ".1%"), *(_fmt(row.get(m), ".3f") for m in ("gate_recall", "gate_mass",
+                                                                                     "random_recall")),
+             f"{_fmt(row.get('sparsity_all_keys'), '.1%')} / {_fmt(row.get('sparsity_causal'), '.1%')}"]
+            for row in report.summary]
+    if not report.summary and report.results:
+        rows.append(["-", _fmt(report.results[0].perplexity, ".3f"), *["-"] * (len(headers) - 2)])
+    title = f"closed-loop perplexity, T={report.setup['seq_len']}, {report.setup['tokens_scored']} tokens"
+    return title, headers, rows
 
 
 def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
@@ -176,7 +199,7 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     from ..attention.interface import attention_modules
     from ..config import check_device_map
     from ..data import build_windows
-    from ..io import atomic_write_json, check_output_dir
+    from ..io import check_output_dir, write_report
     from ..devices import device_summary, execution_devices, input_device
     from ..loading import load_model, model_fingerprint
 
@@ -269,10 +292,11 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
     if out is not None and procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / REPORT_NAME, report.to_json())
+        written = write_report(out, REPORT_NAME, report.to_json(), TABLE_NAME, summary_table(report))
         from .plots import plot_eval
 
         plotted = plot_eval(report, out / PLOT_NAME)
-        emit("written", {"json": str(out / REPORT_NAME), "plot": str(plotted) if plotted else None})
+        report.files = written + ([str(plotted)] if plotted else [])
+        emit("written", {"files": report.files})
     procs.barrier()  # the report is on disk before any process returns
     return report

@@ -28,12 +28,13 @@ from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
 from ..gates.io import check_gate_matches, load_gates, read_gate_config
 from ..gates.modules import random_control
-from ..io import atomic_write_json, check_output_dir
+from ..io import atomic_write_json, check_output_dir, write_report
 from ..parallel import Processes
 from ..training import check_finite, lr_at, versions
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
+TABLE_NAME = "sweep.md"  # the table as markdown, whole at any terminal width
 PLOT_NAME = "sweep.png"
 
 
@@ -277,10 +278,25 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
         "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
         "versions": versions(),
     }
+    written = []
     if procs.is_main:
-        atomic_write_json(out / REPORT_NAME, report)
+        written = write_report(out, REPORT_NAME, report, TABLE_NAME, sweep_table(report))
         from .plots import plot_sweep
 
-        plot_sweep(report, out / PLOT_NAME)
+        plotted = plot_sweep(report, out / PLOT_NAME)
+        written += [str(plotted)] if plotted else []
+    report["files"] = written  # what was written (not in sweep.json)
     procs.barrier()
     return report
+
+
+def sweep_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
+    """(title, headers, rows) of the sweep: one row per fraction (the CLI prints it, sweep.md holds it)."""
+    def fmt(x: float | None) -> str:
+        return "-" if x is None or x != x else f"{x:.3f}"
+
+    headers = ["fraction", "layers unfrozen", "ppl learned", "ppl random", "gap (random - learned)",
+               "dense ppl after (learned run)", "dense ppl after (random run)"]
+    rows = [[f"{r['fraction']:.2f}", str(r["n_layers_unfrozen"]), fmt(r["ppl_learned"]), fmt(r["ppl_random"]),
+             fmt(r["gap"]), fmt(r["dense_ppl_learned_run"]), fmt(r["dense_ppl_random_run"])] for r in report["table"]]
+    return f"unfreeze sweep, top-{report['settings']['k']}, {report['model']}", headers, rows
