@@ -21,6 +21,7 @@ from posthoc_sparse.evaluate.perplexity import EvalConfig
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 from posthoc_sparse.experiments.sweep import SweepConfig
+from posthoc_sparse.gates.hub import PushConfig
 from posthoc_sparse.generate import GenerateConfig
 from sparsify_cli.main import main
 from sparsify_cli.options import config_command
@@ -35,10 +36,11 @@ COMMANDS = {
     "pretrain": (PretrainConfig, "posthoc_sparse.experiments.pretrain", "pretrain"),
     "corpus": (CorpusConfig, "posthoc_sparse.corpus", "build_corpus"),
     "absorb": (AbsorbConfig, "posthoc_sparse.experiments.absorb", "run_absorb"),
+    "push": (PushConfig, "posthoc_sparse.gates.hub", "push"),
 }
 # The fields that are no CLI option (declared with option(..., cli=False)); recipes and --set still reach them.
 EXCLUDED: dict[str, set[str]] = {}
-NO_RECIPES = {"generate"}  # the commands without --recipe and --set
+NO_RECIPES = {"generate", "push"}  # the commands without --recipe and --set
 
 
 def _command(name: str):
