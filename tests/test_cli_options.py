@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from posthoc_sparse.config import DistillConfig, option
 from posthoc_sparse.corpus import CorpusConfig
+from posthoc_sparse.evaluate.passkey import PasskeyConfig
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.pretrain import PretrainConfig
@@ -36,6 +37,7 @@ COMMANDS = {
     "pretrain": (PretrainConfig, "posthoc_sparse.experiments.pretrain", "pretrain"),
     "corpus": (CorpusConfig, "posthoc_sparse.corpus", "build_corpus"),
     "absorb": (AbsorbConfig, "posthoc_sparse.experiments.absorb", "run_absorb"),
+    "passkey": (PasskeyConfig, "posthoc_sparse.evaluate.passkey", "run_passkey"),
     "push": (PushConfig, "posthoc_sparse.gates.hub", "push"),
 }
 # The fields that are no CLI option (declared with option(..., cli=False)); recipes and --set still reach them.
