@@ -24,6 +24,7 @@ def _register_commands() -> None:
     from . import pretrain as _pretrain  # noqa: F401
     from . import corpus as _corpus  # noqa: F401
     from . import absorb as _absorb  # noqa: F401
+    from . import harness as _harness  # noqa: F401
     from . import passkey as _passkey  # noqa: F401
     from . import push as _push  # noqa: F401
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from posthoc_sparse.config import DistillConfig, option
 from posthoc_sparse.corpus import CorpusConfig
+from posthoc_sparse.evaluate.harness import TasksConfig
 from posthoc_sparse.evaluate.passkey import PasskeyConfig
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 from posthoc_sparse.experiments.absorb import AbsorbConfig
@@ -38,6 +39,7 @@ COMMANDS = {
     "corpus": (CorpusConfig, "posthoc_sparse.corpus", "build_corpus"),
     "absorb": (AbsorbConfig, "posthoc_sparse.experiments.absorb", "run_absorb"),
     "passkey": (PasskeyConfig, "posthoc_sparse.evaluate.passkey", "run_passkey"),
+    "lm-eval": (TasksConfig, "posthoc_sparse.evaluate.harness", "evaluate_tasks"),
     "push": (PushConfig, "posthoc_sparse.gates.hub", "push"),
 }
 # The fields that are no CLI option (declared with option(..., cli=False)); recipes and --set still reach them.
@@ -147,8 +149,8 @@ def _other_value(field: dataclasses.Field, kind, param) -> tuple[object, list[st
         return not field.default, [flag if not field.default else param.secondary_opts[0]]
     if kind in (int, int | None):
         value = (field.default or 0) + 3
-    elif kind is float:
-        value = field.default + 0.25
+    elif kind in (float, float | None):
+        value = (field.default or 0) + 0.25
     else:
         value = f"{field.default or ''}-other"
     return value, [flag, str(value)]
