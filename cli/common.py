@@ -64,34 +64,50 @@ def esc(value: Any) -> str:
 
 
 def print_table(console, title: str, headers: list[str], rows: list[list[str]], key_columns: int = 1) -> None:
-    """Print a table whose cells stay whole at the console's width: when the columns do not fit side by side (a
-    pipe or CI log is 80 columns), they are split over several tables, each repeating the first ``key_columns``.
-    Cells and title are plain text (escaped), never markup."""
+    """Print a table whose cells stay whole at the console's width (80 in a pipe or CI log). If it does not fit
+    with its headers on one line, the headers wrap at spaces; if it still does not fit, a one-row table is printed
+    transposed (a name and a value per line) and a longer one is split over several tables, each repeating the
+    first ``key_columns`` columns. Cells and titles are plain text (escaped), never markup."""
+    import textwrap
+
     from rich.table import Table
 
-    def need(i: int) -> int:  # a column's width: its widest cell, or its header's longest word; + padding, border
-        words = [len(w) for w in headers[i].split()] or [0]
-        return max([len(r[i]) for r in rows] + [max(words)]) + 3
+    width = max(20, console.width - 1)  # - 1: the table's last border
 
-    width = max(20, console.width - 1)
-    keys, rest = list(range(key_columns)), list(range(key_columns, len(headers)))
-    groups, current = [], []
-    for i in rest:
-        if current and sum(need(j) for j in keys + current + [i]) > width:
+    def need(i: int, wrap: bool) -> int:  # a column's width (its widest cell, or header) + padding and border
+        header = max(len(w) for w in headers[i].split()) if wrap and headers[i].strip() else len(headers[i])
+        return max([len(r[i]) for r in rows] + [header]) + 3
+
+    def show(cols: list[int], part: str, wrap: bool) -> None:
+        table = Table(title=esc(title + part))
+        for i in cols:
+            header = "\n".join(textwrap.wrap(headers[i], need(i, wrap) - 3)) if wrap else headers[i]
+            table.add_column(esc(header), justify="left" if i == 0 and i < key_columns else "right",
+                             min_width=need(i, wrap) - 3, overflow="fold")
+        for r in rows:
+            table.add_row(*(esc(r[i]) for i in cols))
+        console.print(table)
+
+    every = list(range(len(headers)))
+    for wrap in (False, True):
+        if sum(need(i, wrap) for i in every) <= width:
+            return show(every, "", wrap)
+    if len(rows) == 1:  # transposed: one line per column
+        table = Table(title=esc(title), show_header=False)
+        table.add_column(justify="left")
+        table.add_column(justify="right", overflow="fold")
+        for name, value in zip(headers, rows[0]):
+            table.add_row(esc(name), esc(value))
+        return console.print(table)
+    keys, groups, current = every[:key_columns], [], []
+    for i in every[key_columns:]:
+        if current and sum(need(j, True) for j in keys + current + [i]) > width:
             groups.append(current)
             current = []
         current.append(i)
     groups.append(current)
     for n, group in enumerate(groups):
-        cols = keys + group
-        part = f" ({n + 1}/{len(groups)})" if len(groups) > 1 else ""
-        table = Table(title=esc(title + part))
-        for i in cols:
-            table.add_column(esc(headers[i]), justify="left" if i in keys and i == 0 else "right",
-                             min_width=max(len(r[i]) for r in rows) if rows else None, overflow="fold")
-        for r in rows:
-            table.add_row(*(esc(r[i]) for i in cols))
-        console.print(table)
+        show(keys + group, f" ({n + 1}/{len(groups)})", True)
 
 
 def print_report(table: tuple[str, list[str], list[list[str]]], files: list[str], key_columns: int = 1) -> None:
