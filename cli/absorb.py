@@ -7,7 +7,7 @@ from rich.markdown import Markdown
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 
 from .app import app, console, out_console
-from .common import progress_bar
+from .common import esc, progress_bar
 from .options import config_command
 
 
@@ -54,4 +54,5 @@ def absorb(cfg: AbsorbConfig) -> None:
     from posthoc_sparse.experiments.absorb_summary import summary_markdown
 
     out_console.print(Markdown(summary_markdown(report)))
-    out_console.print(f"report written to {cfg.output}/{REPORT_NAME} and {SUMMARY_NAME} (+ {len(report['plots'])} PNG)")
+    out_console.print(f"report written to {esc(cfg.output)}/{REPORT_NAME} and {SUMMARY_NAME} "
+                      f"(+ {len(report['plots'])} PNG)")

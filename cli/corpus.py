@@ -7,6 +7,7 @@ from rich.table import Table
 from posthoc_sparse.corpus import CorpusConfig
 
 from .app import app, console, out_console
+from .common import esc
 from .options import config_command
 
 
@@ -22,7 +23,7 @@ def corpus(cfg: CorpusConfig) -> None:
 
     result = build_corpus(cfg, on_event=on_event)
     manifest = result.manifest
-    table = Table(title=f"corpus -> {result.output}")
+    table = Table(title=f"corpus -> {esc(result.output)}")
     for col in ("source", "package", "documents", "characters", "train / held-out docs", "duplicates dropped",
                 "license"):
         table.add_column(col, justify="left" if col in ("source", "package", "license") else "right")
@@ -33,4 +34,4 @@ def corpus(cfg: CorpusConfig) -> None:
     out_console.print(table)
     for name, f in manifest["files"].items():
         out_console.print(f"{name}: {f['documents']:,} documents, {f['bytes']:,} bytes, sha256 {f['sha256']}")
-    out_console.print(f"split: {manifest['split']['rule']}; pass the folder as --dataset {result.output}")
+    out_console.print(f"split: {manifest['split']['rule']}; pass the folder as --dataset {esc(result.output)}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from posthoc_sparse.config import DistillConfig
 
-from .common import fmt, is_main_process, processes_note, progress_bar
+from .common import esc, fmt, is_main_process, print_table, processes_note, progress_bar
 from .app import app, console, out_console
 from .options import config_command
 
@@ -23,9 +21,9 @@ def distill(cfg: DistillConfig) -> None:
     def on_event(kind: str, info: dict) -> None:
         if kind == "loaded":
             tr, ho = info["train"], info["heldout"]
-            console.print(f"model [bold]{info['model']}[/] ({info['resolved']}) on {info['device']}, {info['dtype']}"
-                          f"{processes_note(info)}")
-            console.print(f"text  [bold]{tr['source']}[/]: {tr['n_windows']} train windows, "
+            console.print(f"model [bold]{esc(info['model'])}[/] ({esc(info['resolved'])}) on {info['device']}, "
+                          f"{info['dtype']}{processes_note(info)}")
+            console.print(f"text  [bold]{esc(tr['source'])}[/]: {tr['n_windows']} train windows, "
                           f"{ho['n_windows']} held-out windows of {cfg.seq_len} tokens")
             spec = info["spec"]
             console.print(f"gate  {spec['num_layers']} layers x {spec['num_heads']} heads, d_g={spec['d_g']}, "
@@ -43,8 +41,13 @@ def distill(cfg: DistillConfig) -> None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  recall@{cfg.k} {fmt(state['recall'], '.3f')} "
                 f"(random {fmt(state['recall_random'], '.3f')})  {info['tokens_per_second']:.0f} tok/s"))
+            if not console.is_terminal and (info["step"] % cfg.log_every == 0 or info["step"] == info["total"]):
+                console.print(f"step {info['step']}/{info['total']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
+                              f"{info['tokens_per_second']:.0f} tok/s", highlight=False)
+        elif kind == "checkpoint" and not console.is_terminal:
+            console.print(f"step {info['step']}: checkpoint written to {esc(info['path'])}", highlight=False)
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {info['message']}")
+            console.print(f"[yellow]note[/]: {esc(info['message'])}")
         elif kind == "done":
             bar.stop()
 
@@ -54,11 +57,10 @@ def distill(cfg: DistillConfig) -> None:
         bar.stop()
     if not is_main_process():  # the other processes of a launched group stay quiet
         return
-    table = Table(title=f"distilled gates -> {result.output}")
-    for col in ("steps", "loss first", "loss last", f"recall@{cfg.k} gate", "gate at init", "random gate", "s/step", "tok/s"):
-        table.add_column(col, justify="right")
-    table.add_row(str(result.steps), fmt(result.loss_first), fmt(result.loss_last), fmt(result.recall, ".3f"),
-                  fmt(result.recall_init, ".3f"), fmt(result.recall_random, ".3f"),
-                  fmt(result.seconds_per_step, ".2f"), fmt(result.tokens_per_second, ".0f"))
-    out_console.print(table)
-    out_console.print(f"gates written to {result.output} (gate_config.json, gates.safetensors, distill_log.json)")
+    headers = ["steps", "loss first", "loss last", f"recall@{cfg.k} gate", "gate at init", "random gate", "s/step",
+               "tok/s"]
+    row = [str(result.steps), fmt(result.loss_first), fmt(result.loss_last), fmt(result.recall, ".3f"),
+           fmt(result.recall_init, ".3f"), fmt(result.recall_random, ".3f"), fmt(result.seconds_per_step, ".2f"),
+           fmt(result.tokens_per_second, ".0f")]
+    print_table(out_console, f"distilled gates -> {result.output}", headers, [row])
+    out_console.print(f"gates written to {esc(result.output)} (gate_config.json, gates.safetensors, distill_log.json)")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from posthoc_sparse.generate import GenerateConfig
 
-from .common import fmt
-from .app import app, out_console
+from .common import esc, fmt, print_table
+from .app import app, console, out_console
 from .options import config_command
 
 
@@ -18,12 +16,22 @@ def generate(cfg: GenerateConfig) -> None:
     from posthoc_sparse.generate import generate_text
 
     res = generate_text(cfg)
-    out_console.print(f"[bold]{res.prompt}[/]{res.text}", highlight=False)
+    label = "dense" if res.mode == "dense" else f"{res.mode}@{res.k}"
+    width = max(len(label), len("dense")) + 1
+    # soft-wrapped (app.py): the text is one line however long, for logs and pipes
+    out_console.print(f"{label + ':':<{width}} [bold]{esc(res.prompt)}[/]{esc(res.text)}", highlight=False)
     if res.dense_text is not None:
-        out_console.print(f"[dim]dense:[/] [bold]{res.prompt}[/]{res.dense_text}", highlight=False)
-        table = Table(title="gated vs dense")
-        for c in ("token agreement", "mean KL(dense || gated)", "s/token gated", "s/token dense"):
-            table.add_column(c, justify="right")
-        table.add_row(fmt(res.agreement, ".1%"), fmt(res.mean_kl, ".4f"), fmt(res.seconds_per_token, ".4f"),
-                      fmt(res.dense_seconds_per_token, ".4f"))
-        out_console.print(table)
+        out_console.print(f"{'dense:':<{width}} [bold]{esc(res.prompt)}[/]{esc(res.dense_text)}", highlight=False)
+    if res.dense_equivalent and res.mode != "dense":
+        console.print(f"[yellow]note[/]: k={res.k} >= the {res.context}-token context, so every query kept all its "
+                      "keys: attention was dense. Use a longer prompt or a smaller --k to see the gate at work.")
+    if res.dense_text is None:
+        console.print(f"{label}: prefill {fmt(res.prefill_seconds, '.3f')} s, decode "
+                      f"{fmt(res.tokens_per_second, ',.1f')} tokens/s", highlight=False)
+    else:
+        headers = ["token agreement", "mean KL(dense || gated)", f"decode tok/s {label}", "decode tok/s dense",
+                   f"prefill s {label}", "prefill s dense"]
+        row = [fmt(res.agreement, ".1%"), fmt(res.mean_kl, ".4f"), fmt(res.tokens_per_second, ",.1f"),
+               fmt(res.dense_tokens_per_second, ",.1f"), fmt(res.prefill_seconds, ".3f"),
+               fmt(res.dense_prefill_seconds, ".3f")]
+        print_table(out_console, f"{label} vs dense", headers, [row], key_columns=0)

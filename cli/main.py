@@ -22,6 +22,9 @@ def _register_commands() -> None:
     from . import pretrain as _pretrain  # noqa: F401
     from . import corpus as _corpus  # noqa: F401
     from . import absorb as _absorb  # noqa: F401
+    from . import harness as _harness  # noqa: F401
+    from . import passkey as _passkey  # noqa: F401
+    from . import push as _push  # noqa: F401
 
 
 def _quiet_libraries() -> None:
@@ -43,6 +46,12 @@ _WRITE_ERRNOS = {
     errno.EROFS: "the file system is read-only: choose another --output",
 }
 INTERRUPTED_HINT = "interrupted (Ctrl-C); nothing was written"
+
+
+def _esc(value) -> str:
+    from rich.markup import escape
+
+    return escape(str(value))
 
 
 def _fail(message: str, code: int, hard: bool = False) -> None:
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Interrupted as e:  # a run stopped at a safe point: it says what it kept
-        _fail(f"[bold yellow]interrupted:[/] {e}", 130, own_process)
+        _fail(f"[bold yellow]interrupted:[/] {_esc(e)}", 130, own_process)
     except KeyboardInterrupt:
         _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
     except Exception as e:
@@ -101,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if isinstance(e, UserError):
-            _fail(f"[bold red]error:[/] {e}", 2)
+            _fail(f"[bold red]error:[/] {_esc(e)}", 2)  # user paths and values: never read as markup
         if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-            _fail(f"[bold red]error:[/] cannot write {e.filename or 'the output'}: {e.strerror}; "
+            _fail(f"[bold red]error:[/] cannot write {_esc(e.filename or 'the output')}: {_esc(e.strerror)}; "
                   f"{_WRITE_ERRNOS[e.errno]}, then rerun (with --resume where the command has it)", 2)
-        _fail(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
+        _fail(f"[bold red]internal error:[/] {type(e).__name__}: {_esc(e)} (set POSTHOC_SPARSE_DEBUG=1 for the traceback)", 1)
     else:
         if code == 130:
             _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)

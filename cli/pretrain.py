@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 
 from .app import app, console, out_console
-from .common import fmt, progress_bar
+from .common import esc, fmt, print_table, progress_bar
 from .options import config_command
 
 
@@ -23,10 +21,10 @@ def pretrain(cfg: PretrainConfig) -> None:
     def on_event(kind: str, info: dict) -> None:
         if kind == "loaded":
             tr, ho = info["train"], info["heldout"]
-            console.print(f"model [bold]{info['description']}[/]")
+            console.print(f"model [bold]{esc(info['description'])}[/]")
             console.print(f"      on {info['device']} x {info['processes']}, mixed precision {info['mixed_precision']}, "
-                          f"tokenizer {info['tokenizer']}")
-            console.print(f"text  [bold]{tr['source']}[/]: {tr['n_windows']} train windows "
+                          f"tokenizer {esc(info['tokenizer'])}")
+            console.print(f"text  [bold]{esc(tr['source'])}[/]: {tr['n_windows']} train windows "
                           f"({tr['n_tokens']:,} tokens), {ho['n_windows']} held-out windows of {cfg.seq_len} tokens")
             if info["resumed_from"]:
                 console.print(f"resuming at step {info['resumed_from']}")
@@ -41,8 +39,11 @@ def pretrain(cfg: PretrainConfig) -> None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
                 f"{info['tokens_per_second']:,.0f} tok/s"))
+            if not console.is_terminal and (info["step"] % cfg.log_every == 0 or info["step"] == info["total"]):
+                console.print(f"step {info['step']}/{info['total']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
+                              f"{info['tokens_per_second']:,.0f} tok/s", highlight=False)
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {info['message']}")
+            console.print(f"[yellow]note[/]: {esc(info['message'])}")
         elif kind == "done":
             bar.stop()
 
@@ -54,13 +55,11 @@ def pretrain(cfg: PretrainConfig) -> None:
 
     if not PartialState().is_main_process:  # the other processes of a launched group stay quiet
         return
-    table = Table(title=f"pretrained -> {result.output}")
-    for col in ("steps", "parameters", "loss first", "loss last", "held-out ppl start", "held-out ppl end", "tok/s",
-                "seconds"):
-        table.add_column(col, justify="right")
-    table.add_row(str(result.steps), f"{result.parameters:,}", fmt(result.loss_first), fmt(result.loss_last),
-                  fmt(result.heldout_ppl_first, ".2f"), fmt(result.heldout_ppl, ".2f"),
-                  fmt(result.tokens_per_second, ",.0f"), fmt(result.seconds, ".0f"))
-    out_console.print(table)
-    out_console.print(f"checkpoint written to {result.output} (config.json, model.safetensors, tokenizer, "
+    headers = ["steps", "parameters", "loss first", "loss last", "held-out ppl start", "held-out ppl end", "tok/s",
+               "seconds"]
+    row = [str(result.steps), f"{result.parameters:,}", fmt(result.loss_first), fmt(result.loss_last),
+           fmt(result.heldout_ppl_first, ".2f"), fmt(result.heldout_ppl, ".2f"), fmt(result.tokens_per_second, ",.0f"),
+           fmt(result.seconds, ".0f")]
+    print_table(out_console, f"pretrained -> {result.output}", headers, [row])
+    out_console.print(f"checkpoint written to {esc(result.output)} (config.json, model.safetensors, tokenizer, "
                       "pretrain_log.json); load it with AutoModelForCausalLM.from_pretrained")

@@ -37,6 +37,11 @@ MAX_MEMORY_HELP = "With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cp
 LOSS_RATIO_HELP = ("Divergence guard: stop (exit 2, nothing final written) when the loss averaged over 10 steps exceeds "
                    "this many times the loss of the first step (0: off; a NaN or inf loss always stops).")
 SEED_MAX = 2**32 - 1  # seeds are combined with step numbers into torch seeds (< 2**64)
+# Help of the fields every command that reads text or trains shares
+TEXT_FIELD_HELP = "The field (JSON) or column (parquet, CSV, hub dataset) that holds the text."
+REPORT_TO = ("none", "tensorboard", "wandb")
+REPORT_TO_HELP = ("Track loss, recall and lr per step through Accelerate's trackers: none, tensorboard (event files "
+                  "in OUTPUT/tensorboard) or wandb (needs the wandb package).")
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,7 @@ class DistillConfig:
                         "from a Python package).")
     dataset: str = option(EMBEDDED_DATASET, "Hub dataset (name[:config]) or local .txt/.jsonl/.json/.parquet file or "
                           "folder (embedded:wiki-leads: Wikipedia lead paragraphs from a Python package).")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     output: str = option("gates/default", "Gate folder to write.", flags=("--output", "-o"))
     k: int = option(64, "Keys kept per query (top-k).", gt=0)
     steps: int | None = option(None, f"Optimizer steps; if not given, 1000 ({EMBEDDED_STEPS} for the embedded "
@@ -186,6 +192,9 @@ class DistillConfig:
     device_map: str | None = option(None, DEVICE_MAP_HELP)
     max_memory: str | None = option(None, MAX_MEMORY_HELP)
     val_every: int = option(50, "Validate recall@k every N steps.", gt=0)
+    log_every: int = option(10, "When the output is not a terminal (a log file, CI, nohup): print a loss line every "
+                                "N steps.", gt=0)
+    report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     val_windows: int = option(8, "Held-out windows for validation.", gt=0)
     checkpoint_every: int = option(50, "Checkpoint every N steps.", gt=0)
     save_every: int = option(0, "Also write the gate at step 0 and every N steps to OUTPUT/snapshots/step-N (0: off).",

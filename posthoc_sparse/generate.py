@@ -42,6 +42,10 @@ class GenerateResult:
     text: str
     tokens: list[int]
     seconds_per_token: float  # the whole generate call (prefill included) per new token
+    k: int = 0  # keys kept per query
+    mode: str = "gate"
+    context: int = 0  # keys the last query saw: prompt tokens + new tokens - 1
+    dense_equivalent: bool = False  # every query kept all its keys (k >= context, or mode dense): nothing was sparse
     dense_text: str | None = None
     dense_tokens: list[int] | None = None
     dense_seconds_per_token: float | None = None
@@ -114,9 +118,12 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
         new, timing = _timed_generate(model, inputs, cfg, pad_id)
+    context = inputs["input_ids"].shape[1] + len(new) - 1
+    kept = -(-k // cfg.block_size) * cfg.block_size if cfg.selection == "block" else k  # block: whole blocks
     result = GenerateResult(prompt=cfg.prompt, text=tok.decode(new, skip_special_tokens=True),
                             tokens=new.tolist(), seconds_per_token=timing.seconds_per_token,
-                            tokens_per_second=timing.tokens_per_second, prefill_seconds=timing.prefill_seconds)
+                            tokens_per_second=timing.tokens_per_second, prefill_seconds=timing.prefill_seconds,
+                            k=k, mode=cfg.mode, context=context, dense_equivalent=cfg.mode == "dense" or kept >= context)
     if cfg.compare_dense:
         dense_new, dense = _timed_generate(model, inputs, cfg, pad_id)
         full = torch.cat([inputs["input_ids"][0], new]).unsqueeze(0)  # (1, prompt + N)

@@ -75,17 +75,6 @@ def _umask() -> int:
     return mask
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse an existing non-empty output folder unless ``overwrite`` (or ``resume``) is given; create it and
-    check that it is writable. (``runs.output_run`` does this for the workflows, under a lock.)"""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output {path} exists and is not a folder; choose another --output")
-    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
-        raise UserError(f"output folder {path} already exists; pass --overwrite to replace it or --resume to continue")
-    make_dirs(path)
-    check_writable(path)
-
-
 def make_dirs(path: Path) -> None:
     """``mkdir -p path``; a UserError naming the folder when that is refused."""
     try:
@@ -245,3 +234,25 @@ def move_files_in(tmp: Path, out: Path, last: str) -> None:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> str:
+    """A report's table as GitHub markdown (the copy written beside its JSON, whole at any terminal width)."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"## {title}", ""] if title else []
+    lines += [line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, json_name: str, doc: dict, table_name: str,
+                 table: tuple[str, list[str], list[list[str]]], final: Path | None = None) -> list[str]:
+    """Write a report's JSON and its table (``(title, headers, rows)``) as markdown beside it; return the paths, in
+    ``final`` if given (the folder that ``folder`` becomes when a staged run is swapped in)."""
+    folder = Path(folder)
+    atomic_write_json(folder / json_name, doc)
+    title, headers, rows = table
+    atomic_write_bytes(folder / table_name, markdown_table(headers, rows, title).encode())
+    shown = Path(final) if final is not None else folder
+    return [str(shown / json_name), str(shown / table_name)]

@@ -239,3 +239,15 @@ def _clean_up(path: Path, work: Path | None, staged: bool, existed: bool, before
         if entry.name not in before:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return f"nothing resumable was saved yet; {path} was left as it was"
+
+
+@contextlib.contextmanager
+def report_folder(output: str | Path | None, overwrite: bool = False, main: bool = True,
+                  barrier: Callable[[], None] = lambda: None) -> Iterator[Path | None]:
+    """The folder a report command writes into: None without ``output``; else a new folder beside ``output``,
+    swapped in whole when the block ends without an error (``output_run`` with ``stage``)."""
+    if not output:
+        yield None
+        return
+    with output_run(output, overwrite=overwrite, stage=True, main=main, barrier=barrier) as run:
+        yield run.work

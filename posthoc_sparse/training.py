@@ -132,3 +132,56 @@ def versions() -> dict:
     import transformers
 
     return {"posthoc_sparse": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+TENSORBOARD_DIR = "tensorboard"  # OUTPUT/tensorboard: `tensorboard --logdir OUTPUT`
+
+
+def check_report_to(report_to: str) -> None:
+    """One clear UserError for an unknown tracker, or one whose package is not installed."""
+    from .config import REPORT_TO
+
+    if report_to not in REPORT_TO:
+        raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    if report_to == "wandb" and not is_wandb_available():
+        raise UserError("--report-to wandb needs the wandb package: pip install wandb (or use --report-to "
+                        "tensorboard)")
+
+
+class Tracker:
+    """Accelerate's tracker for ``report_to`` (``accelerate.tracking``), on the main process only: the run's
+    settings once, then numbers per step (``log``). ``report_to="none"`` or ``enabled=False``: does nothing."""
+
+    def __init__(self, report_to: str, output: Path, run_name: str, config: dict, enabled: bool = True):
+        self.tracker = None
+        if report_to == "none" or not enabled:
+            return
+        check_report_to(report_to)
+        from accelerate import tracking
+
+        if report_to == "tensorboard":
+            tracker = tracking.TensorBoardTracker(TENSORBOARD_DIR, str(output))
+        else:
+            tracker = tracking.WandBTracker(run_name, dir=str(output))
+        tracker.start()
+        tracker.store_init_configuration({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                          for k, v in config.items()})
+        self.tracker = tracker
+
+    def log(self, values: dict, step: int) -> None:
+        """Log the finite numbers of ``values`` at ``step`` (None and NaN are left out)."""
+        if self.tracker is None:
+            return
+        numbers = {k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if numbers:
+            self.tracker.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None

@@ -17,10 +17,13 @@ from typer.testing import CliRunner
 
 from posthoc_sparse.config import DistillConfig, option, rule_of
 from posthoc_sparse.corpus import CorpusConfig
+from posthoc_sparse.evaluate.harness import TasksConfig
+from posthoc_sparse.evaluate.passkey import PasskeyConfig
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 from posthoc_sparse.experiments.sweep import SweepConfig
+from posthoc_sparse.gates.hub import PushConfig
 from posthoc_sparse.generate import GenerateConfig
 from sparsify_cli.main import main
 from sparsify_cli.options import config_command
@@ -35,10 +38,13 @@ COMMANDS = {
     "pretrain": (PretrainConfig, "posthoc_sparse.experiments.pretrain", "pretrain"),
     "corpus": (CorpusConfig, "posthoc_sparse.corpus", "build_corpus"),
     "absorb": (AbsorbConfig, "posthoc_sparse.experiments.absorb", "run_absorb"),
+    "passkey": (PasskeyConfig, "posthoc_sparse.evaluate.passkey", "run_passkey"),
+    "lm-eval": (TasksConfig, "posthoc_sparse.evaluate.harness", "evaluate_tasks"),
+    "push": (PushConfig, "posthoc_sparse.gates.hub", "push"),
 }
 # The fields that are no CLI option (declared with option(..., cli=False)); recipes and --set still reach them.
 EXCLUDED: dict[str, set[str]] = {}
-NO_RECIPES = {"generate"}  # the commands without --recipe and --set
+NO_RECIPES = {"generate", "push"}  # the commands without --recipe and --set
 
 
 def _command(name: str):
@@ -147,8 +153,8 @@ def _other_value(field: dataclasses.Field, kind, param) -> tuple[object, list[st
         value = next(c for c in rule.choices if c != field.default)
     elif kind in (int, int | None):
         value = next(v for v in ((field.default or 0) + 3, (field.default or 0) - 1) if rule.in_range(v))
-    elif kind is float:
-        value = next(v for v in (field.default + 0.25, field.default / 2) if rule.in_range(v))
+    elif kind in (float, float | None):
+        value = next(v for v in ((field.default or 0) + 0.25, (field.default or 1) / 2) if rule.in_range(v))
     else:
         value = f"{field.default or ''}-other"
     return value, [flag, str(value)]

@@ -114,3 +114,47 @@ def test_model_card_without_a_report_has_the_settings_only():
     card = model_card({"base_model": "./ckpt", "k": 64, "d_g": 32, "num_layers": 2, "num_heads": 4})
     assert card.startswith("---\nlibrary_name: posthoc-sparse") and "base_model:" not in card.split("---")[1]
     assert "| k (keys kept per query) | 64 |" in card and "Closed-loop" not in card
+
+
+def test_cli_push_uploads_the_gate_files_with_the_eval_given(gate_folder, tmp_path, monkeypatch, capsys):
+    from sparsify_cli.main import main
+
+    _, _, folder = gate_folder
+    report = tmp_path / "elsewhere" / "eval.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"summary": [{"k": 4, "dense": 10.0, "oracle": 11.0, "gate": 11.5, "random": 90.0,
+                                               "gate_over_oracle": 11.5 / 11.0}], "setup": {"seq_len": 32}}))
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create"] = (repo_id, private)
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).rglob("*") if p.is_file())
+            calls["revision"], calls["message"] = revision, commit_message
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/2"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    main(["push", "--gates", str(folder), "--repo", "user/tiny-gates", "--private", "--eval", str(report)])
+    assert calls["create"] == ("user/tiny-gates", True)
+    assert calls["files"] == ["README.md", "eval.json", "gate_config.json", "gates.safetensors"]
+    assert calls["message"] == "Upload top-k gates (k=4)" and calls["revision"] is None
+    assert "https://huggingface.co/user/tiny-gates/commit/2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--gates is required"),
+    (["--gates", "GATES"], "--repo must be a hub repository user/name"),
+    (["--gates", "GATES", "--repo", "user/x@v1"], "--repo must be a hub repository user/name"),
+    (["--gates", "/no/such/folder", "--repo", "user/x"], "is not a folder"),
+])
+def test_cli_push_refuses_bad_arguments_in_one_line(gate_folder, args, message, capsys):
+    from sparsify_cli.main import main
+
+    args = [str(gate_folder[2]) if a == "GATES" else a for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main(["push", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -26,7 +26,7 @@ from ..gates.io import gate_spec_for_model, save_gates
 from ..gates.modules import GateBank, random_control
 from ..io import atomic_write_json
 from ..runs import OutputRun, output_run
-from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings
+from ..training import STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings
 from .checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from .step import accumulate_gradients, gate_optimizer, step_graphs
 from .validate import open_loop_recall
@@ -91,6 +91,7 @@ def distill(cfg: DistillConfig, on_event: Callable[[str, dict], None] | None = N
     from ..parallel import Processes
 
     cfg.validate()
+    check_report_to(cfg.report_to)  # the tracker's package is installed
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
     with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=procs.is_main, barrier=procs.barrier,
@@ -117,8 +118,10 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
     device = input_device(model)
     attns = attention_modules(model)
     layer_devices = execution_devices(model, attns)  # one device per layer: several with a device map
-    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
-    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows)
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows,
+                                      text_field=cfg.text_field)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.val_windows,
+                                       text_field=cfg.text_field)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.device.type != "meta"} \
         if total_steps <= 10_000 and sum(p.numel() for p in model.parameters()) < 5e8 else None
 
@@ -164,11 +167,15 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
     recall_init, recall_random = val["init"].overall()["recall"], val["random"].overall()["recall"]
     recall = next((h["recall"] for h in reversed(history) if "recall" in h), recall_init)  # resumed: the last one
     emit("validate", {"step": step, "recall": recall_init, "recall_random": recall_random})
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-distill", asdict(cfg), enabled=procs.is_main)
+    tracker.log({"recall": recall_init, "recall_random": recall_random}, step)
 
     meta = {"base_model": loaded.source, "base_model_revision": loaded.revision, "base_model_hub_id": loaded.hub_id,
             "model_fingerprint": model_fingerprint(model.config), "model_type": model.config.model_type,
             "architecture": type(model).__name__, "gate_init": cfg.gate_init, "k": cfg.k, "loss": cfg.loss,
             "seed": cfg.seed, "random_seed": cfg.seed + 1, "dataset": cfg.dataset, "seq_len": cfg.seq_len}
+    if cfg.text_field != "text":  # recorded only where it matters, so that gate configs stay readable by older versions
+        meta["text_field"] = cfg.text_field
 
     def snapshot(done: int) -> None:
         if procs.is_main and cfg.save_every and done % cfg.save_every == 0:
@@ -177,12 +184,22 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
     if step == 0:
         snapshot(0)
 
+    def write_log(done: int, graph_info: dict | None = None) -> None:
+        """distill_log.json: the history so far (at every checkpoint, so a log survives a crash) or the whole run."""
+        atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
+                                               "heldout": held_info, "library_version": __version__,
+                                               "processes": procs.world, "cuda_graph": graph_info,
+                                               "overrides": overrides, "steps_done": done,
+                                               "finished": done == total_steps})
+
     def checkpoint(done: int) -> None:
         if procs.is_main:
             save_checkpoint(ckpt_dir, bank.state_dict(), opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history, "config": settings,
                 "overrides": overrides, "loss_start": guard.start,
             })
+            if done < total_steps:
+                write_log(done)
         emit("checkpoint", {"step": done, "path": str(ckpt_dir)})
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * procs.world  # all processes together
@@ -222,6 +239,7 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
                 entry["recall"] = recall
                 emit("validate", {"step": step, "recall": recall, "recall_random": recall_random})
             history.append(entry)
+            tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
             snapshot(step)
             emit("step", entry | {"total": total_steps})
             after_step(step, total_steps, cfg.checkpoint_every, guard, run, checkpoint)
@@ -235,13 +253,11 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
     graph_info = None if graphs is None else {  # which step shapes replayed as CUDA graphs, and why others did not
         "replayed_shapes": graphs.replayed_shapes,
         "failures": graphs.failures, "retried": graphs.retried}
+    tracker.close()
     if procs.is_main:
         save_gates(out, bank.cpu(), meta | {"steps": step})
         checkpoint(step)
-        atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
-                                               "heldout": held_info, "library_version": __version__,
-                                               "processes": procs.world, "cuda_graph": graph_info,
-                                               "overrides": overrides})
+        write_log(step, graph_info)
     procs.barrier()  # the gate folder is complete before any process returns (and, say, loads it)
     losses = [h["loss"] for h in history]
     result = DistillResult(

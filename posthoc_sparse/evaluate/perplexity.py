@@ -22,7 +22,7 @@ from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
 from ..config import (DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, SEED_MAX,
-                      check_fields, option)
+                      TEXT_FIELD_HELP, check_fields, option)
 from ..errors import UserError
 from ..gates.io import default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import random_control
@@ -31,6 +31,7 @@ from ..parallel import Processes
 from ..training import versions
 
 REPORT_NAME = "eval.json"
+TABLE_NAME = "eval.md"  # the summary table as markdown, whole at any terminal width
 PLOT_NAME = "eval.png"
 
 
@@ -43,6 +44,7 @@ class EvalConfig:
                                      "the embedded model).")
     dataset: str | None = option(None, "Held-out text (the held-out split is used); if not given, the gate's "
                                        "dataset (else the embedded one).")
+    text_field: str | None = option(None, f"{TEXT_FIELD_HELP} If not given, the gate's (else text).")
     k: str = option("64", "Keys kept per query; several as a comma list: 16,32,64.")
     modes: str = option(",".join(MODES), f"Comma list of {', '.join(MODES)}.")
     seq_len: int | None = option(None, "Window length; if not given, the gate's, else 512.", ge=2)
@@ -114,9 +116,31 @@ class EvalReport:
     results: list[ModeResult]
     summary: list[dict]
     setup: dict
+    files: list[str] = field(default_factory=list)  # the files written (eval.json, eval.md, eval.png if plotted)
 
     def to_json(self) -> dict:
         return {"results": [asdict(r) for r in self.results], "summary": self.summary, "setup": self.setup}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def summary_table(report: EvalReport) -> tuple[str, list[str], list[list[str]]]:
+    """(title, headers, rows) of the summary: one row per k (dense alone when no sparse mode ran). The CLI prints
+    it and eval.md holds it, so both show the same numbers."""
+    headers = ["k", "dense", "oracle", "gate", "random", "gate/oracle", "gap closed", "gate recall", "gate mass",
+               "random recall", "sparsity (all / causal)"]
+    rows = [[str(row["k"]), *(_fmt(row.get(m), ".3f") for m in ("dense", "oracle", "gate", "random",
+                                                                  "gate_over_oracle")),
+             _fmt(row.get("gap_closed"), ".1%"), *(_fmt(row.get(m), ".3f") for m in ("gate_recall", "gate_mass",
+                                                                                     "random_recall")),
+             f"{_fmt(row.get('sparsity_all_keys'), '.1%')} / {_fmt(row.get('sparsity_causal'), '.1%')}"]
+            for row in report.summary]
+    if not report.summary and report.results:
+        rows.append(["-", _fmt(report.results[0].perplexity, ".3f"), *["-"] * (len(headers) - 2)])
+    title = f"closed-loop perplexity, T={report.setup['seq_len']}, {report.setup['tokens_scored']} tokens"
+    return title, headers, rows
 
 
 def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
@@ -173,12 +197,12 @@ def summarize(results: list[ModeResult], seq_len: int) -> list[dict]:
 
 
 def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] | None = None) -> EvalReport:
-    """Run every requested mode and k on the same held-out windows; write eval.json (+ PNG) if ``output``.
+    """Run every requested mode and k on the same held-out windows; write eval.json, eval.md (+ PNG) if ``output``.
 
     The output folder is written whole or not at all: the report is built in a new folder beside it and swapped
     in at the end (``runs.output_run`` with ``stage``), so a failed or interrupted eval leaves it as it was."""
     from ..config import check_device_map
-    from ..runs import output_run
+    from ..runs import report_folder
 
     check_fields(cfg)
     ks, modes = cfg.k_list(), cfg.mode_list()
@@ -187,10 +211,8 @@ def evaluate_perplexity(cfg: EvalConfig, on_event: Callable[[str, dict], None] |
     procs = Processes(cfg.device)
     procs.check_device_map(cfg.device_map)
     emit = on_event if on_event is not None and procs.is_main else (lambda kind, info: None)
-    if not cfg.output:
-        return _evaluate(cfg, ks, modes, procs, emit, None)
-    with output_run(cfg.output, overwrite=cfg.overwrite, stage=True, main=procs.is_main, barrier=procs.barrier) as run:
-        return _evaluate(cfg, ks, modes, procs, emit, run.work)
+    with report_folder(cfg.output, cfg.overwrite, main=procs.is_main, barrier=procs.barrier) as out:
+        return _evaluate(cfg, ks, modes, procs, emit, out)
 
 
 def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes, emit, out: Path | None
@@ -198,7 +220,7 @@ def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes
     from ..attention.interface import attention_modules
     from ..data import build_windows
     from ..devices import device_summary, execution_devices, input_device
-    from ..io import atomic_write_json
+    from ..io import write_report
     from ..loading import check_positions, load_model, model_fingerprint
 
     gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
@@ -215,7 +237,9 @@ def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes
     max_windows = cfg.max_windows
     if cfg.max_tokens:
         max_windows = max(1, min(max_windows, cfg.max_tokens // seq_len))
-    windows, data_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=max_windows)
+    text_field = cfg.text_field or gate_cfg.get("text_field") or "text"
+    windows, data_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=max_windows,
+                                       text_field=text_field)
     fingerprint = model_fingerprint(model.config)
 
     gate_bank = None
@@ -276,11 +300,12 @@ def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes
     }
     report = EvalReport(results=results, summary=summarize(results, seq_len), setup=setup)
     if out is not None and procs.is_main:
-        atomic_write_json(out / REPORT_NAME, report.to_json())
+        final = Path(cfg.output)  # where the folder ``out`` is swapped in when this returns
+        report.files = write_report(out, REPORT_NAME, report.to_json(), TABLE_NAME, summary_table(report), final)
         from .plots import plot_eval
 
-        plotted = plot_eval(report, out / PLOT_NAME)
-        final = Path(cfg.output)  # where the folder ``out`` is swapped in when this returns
-        emit("written", {"json": str(final / REPORT_NAME), "plot": str(final / PLOT_NAME) if plotted else None})
+        if plot_eval(report, out / PLOT_NAME):
+            report.files.append(str(final / PLOT_NAME))
+        emit("written", {"files": report.files})
     procs.barrier()  # the report is on disk before any process returns
     return report

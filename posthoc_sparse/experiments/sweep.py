@@ -23,19 +23,21 @@ import torch.nn.functional as F
 
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import policy_for
-from ..config import EMBEDDED_DATASET, EMBEDDED_MODEL, SEED_MAX, DistillConfig, check_fields, option
+from ..config import (EMBEDDED_DATASET, EMBEDDED_MODEL, REPORT_TO, REPORT_TO_HELP, SEED_MAX, TEXT_FIELD_HELP,
+                      DistillConfig, check_fields, option)
 from ..distill.checkpoint import describe_checkpoint
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
 from ..gates.io import GATE_CONFIG_NAME, check_gate_matches, load_gates, read_gate_config
 from ..gates.modules import random_control
-from ..io import atomic_write_json
+from ..io import atomic_write_json, write_report
 from ..parallel import Processes
 from ..runs import output_run
-from ..training import DivergenceGuard, check_resume, lr_at, resume_settings, versions
+from ..training import DivergenceGuard, Tracker, check_report_to, check_resume, lr_at, resume_settings, versions
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
+TABLE_NAME = "sweep.md"  # the table as markdown, whole at any terminal width
 PLOT_NAME = "sweep.png"
 MAX_LOSS_RATIO = 10.0  # the divergence guard of each point's training (training.DivergenceGuard)
 # What a saved point must share with the run resuming it (with the model, data, k and seq_len it resolved).
@@ -51,6 +53,7 @@ class SweepConfig:
     gates: str | None = option(None, "Distilled gate folder; without it one is distilled first (same k), into "
                                      "OUTPUT/gates.")
     dataset: str | None = option(None, "Text; if not given, the gate's dataset (else the embedded one).")
+    text_field: str | None = option(None, f"{TEXT_FIELD_HELP} If not given, the gate's (else text).")
     layers: str = option("0,0.1,0.2,0.29", "Fractions of layers to unfreeze, e.g. 0.29 or 0,0.1,0.2,0.29.")
     which: str = option("spread", "Which layers: spread, first, last, or a list of layer indices like 0,5,9.")
     params: str = option("attention", "attention (the attention module's parameters) or layer (the whole decoder "
@@ -67,6 +70,7 @@ class SweepConfig:
                                              "`sparsify distill`.", gt=0)
     gradient_checkpointing: bool = option(False, "Trade compute for memory.")
     seed: int = option(0, "Seed for the data order.", ge=0, le=SEED_MAX)
+    report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     output: str = option("sweeps/default", "Folder for sweep.json, sweep.png, points/.", flags=("--output", "-o"))
     resume: bool = option(False, "Skip the points already saved in --output (made with the same settings).")
     overwrite: bool = option(False, "Replace an existing --output folder.")
@@ -77,6 +81,7 @@ class SweepConfig:
     def validate(self) -> None:
         """Check every setting that needs no model, before any model is loaded or gate distilled."""
         check_fields(self)
+        check_report_to(self.report_to)  # the tracker's package is installed
         self.fractions()
         if self.which not in ("spread", "first", "last"):
             try:
@@ -130,7 +135,7 @@ def trainable_parameters(model, layers: list[int], params: str) -> list[torch.nn
 
 
 def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Tensor, cfg: SweepConfig,
-             device, on_step: Callable[[int, float], None] | None = None,
+             device, on_step: Callable[[int, float, float], None] | None = None,
              procs: Processes | None = None) -> list[float]:
     """Train ``params`` with the LM loss under ``policy``; same data order for every call (seeded).
 
@@ -147,8 +152,9 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     model.train()
     with SparseAttention(model, policy):
         for step in range(cfg.steps):
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
+                g["lr"] = lr
             idx = torch.randint(0, len(windows), (per_process * world,), generator=gen)  # the global batch
             idx = idx[rank * per_process : (rank + 1) * per_process]  # this process's slice
             total = 0.0
@@ -168,7 +174,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
             opt.zero_grad(set_to_none=True)
             losses.append(total)
             if on_step:
-                on_step(step + 1, total)
+                on_step(step + 1, total, lr)
     model.eval()
     return losses
 
@@ -206,6 +212,7 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
             from ..distill.loop import distill
 
             dcfg = DistillConfig(model=cfg.model or EMBEDDED_MODEL, dataset=cfg.dataset or EMBEDDED_DATASET,
+                                 text_field=cfg.text_field or "text", report_to=cfg.report_to,
                                  output=gate_path, k=cfg.k or 64, seq_len=cfg.seq_len or 512, seed=cfg.seed,
                                  steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, resume=cfg.resume,
                                  trust_remote_code=cfg.trust_remote_code)
@@ -224,8 +231,10 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
     learned, _ = load_gates(gate_path, device=device)
     random = random_control(learned.spec, gate_cfg.get("random_seed", cfg.seed + 1)).to(device)
     banks = {"learned": learned, "random": random}
-    train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len)
-    heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows)
+    text_field = cfg.text_field or gate_cfg.get("text_field") or "text"
+    train, train_info = build_windows(loaded.tokenizer, dataset, "train", seq_len, text_field=text_field)
+    heldout, held_info = build_windows(loaded.tokenizer, dataset, "heldout", seq_len, max_windows=cfg.eval_windows,
+                                       text_field=text_field)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     num_layers = learned.spec.num_layers
@@ -233,6 +242,7 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
                     "fractions": fractions, "k": k, "points": 2 * len(fractions)})
     settings = resume_settings(cfg, _POINT_KEYS, model=loaded.source, dataset=dataset, k=k, seq_len=seq_len)
 
+    tracker = Tracker(cfg.report_to, out, "posthoc-sparse-sweep", asdict(cfg), enabled=procs.is_main)
     points = []
     for f in fractions:
         layers = choose_layers(num_layers, f, cfg.which)
@@ -252,7 +262,12 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             policy = policy_for("gate", k, bank)
-            losses = lm_train(model, params, policy, train, cfg, device, procs=procs) \
+            tag = f"f{f:.2f}-{gate_name}"  # one curve per point: loss and lr against the point's steps
+
+            def track(step: int, loss: float, lr: float) -> None:
+                tracker.log({f"{tag}/loss": loss, f"{tag}/lr": lr}, step)
+
+            losses = lm_train(model, params, policy, train, cfg, device, on_step=track, procs=procs) \
                 if params and cfg.steps else []
             with SparseAttention(model, policy_for("gate", k, bank)):
                 nll, count = windows_nll(model, heldout, cfg.batch_size, device, procs)
@@ -273,6 +288,8 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
                     p.requires_grad_(False)
             for b in banks.values():
                 assert not any(p.requires_grad for p in b.parameters())
+            tracker.log({f"{tag}/perplexity": point["ppl"], f"{tag}/dense_perplexity": point["dense_ppl_after"]},
+                        point["steps"])
             if procs.is_main:
                 atomic_write_json(path, point)
             points.append(point)
@@ -294,11 +311,15 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
         "data": {"train": train_info, "heldout": held_info}, "device": str(device), "processes": procs.world,
         "versions": versions(),
     }
+    tracker.close()
+    written = []
     if procs.is_main:  # the plot first: a sweep.json is always complete with its plot
         from .plots import plot_sweep
 
-        plot_sweep(report, out / PLOT_NAME)
-        atomic_write_json(out / REPORT_NAME, report)
+        plotted = plot_sweep(report, out / PLOT_NAME)
+        written = write_report(out, REPORT_NAME, report, TABLE_NAME, sweep_table(report), Path(cfg.output))
+        written += [str(Path(cfg.output) / PLOT_NAME)] if plotted else []
+    report["files"] = written  # what was written (not in sweep.json)
     procs.barrier()
     return report
 
@@ -311,3 +332,15 @@ def _read_point(path: Path) -> dict:
     if not isinstance(point, dict) or not all(key in point for key in ("fraction", "gate", "ppl")):
         raise UserError(f"cannot resume: {path} is not a sweep point; remove it to recompute that point")
     return point
+
+
+def sweep_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
+    """(title, headers, rows) of the sweep: one row per fraction (the CLI prints it, sweep.md holds it)."""
+    def fmt(x: float | None) -> str:
+        return "-" if x is None or x != x else f"{x:.3f}"
+
+    headers = ["fraction", "layers unfrozen", "ppl learned", "ppl random", "gap (random - learned)",
+               "dense ppl after (learned run)", "dense ppl after (random run)"]
+    rows = [[f"{r['fraction']:.2f}", str(r["n_layers_unfrozen"]), fmt(r["ppl_learned"]), fmt(r["ppl_random"]),
+             fmt(r["gap"]), fmt(r["dense_ppl_learned_run"]), fmt(r["dense_ppl_random_run"])] for r in report["table"]]
+    return f"unfreeze sweep, top-{report['settings']['k']}, {report['model']}", headers, rows

@@ -8,8 +8,10 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import option
 from ..errors import UserError, first_line
 from .io import GATE_CONFIG_NAME, GATE_WEIGHTS_NAME
 
@@ -108,3 +110,31 @@ def push_gates(gates: str | Path, repo_id: str, *, private: bool = False, revisi
             raise UserError(f"could not push to {repo_id} ({type(e).__name__}: {first_line(e, 200)}); log in with "
                             "`hf auth login` or set HF_TOKEN, and check the repository name") from None
     return str(getattr(info, "commit_url", info))
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """``sparsify push``: upload a gate folder to the hub (the gate files and a model card; never checkpoint/)."""
+
+    gates: str | None = option(None, "Gate folder written by `sparsify distill`.")
+    repo: str | None = option(None, "Hub repository to create or update: user/name (or org/name).")
+    private: bool = option(False, "Create the repository private.")
+    revision: str | None = option(None, "Branch to push to; if not given, main.")
+    eval_report: str | None = option(None, "An eval.json from `sparsify eval --output` to put on the model card; if "
+                                           "not given, the gate folder's own eval.json, if any.", flags="--eval")
+    commit_message: str | None = option(None, "Commit message; if not given, one naming k.")
+
+    def validate(self) -> None:
+        if not self.gates:
+            raise UserError("--gates is required: the gate folder to push")
+        if not self.repo or not _REPO.match(self.repo) or "@" in self.repo:
+            raise UserError(f"--repo must be a hub repository user/name, got {self.repo!r}")
+        if not Path(self.gates).is_dir():
+            raise UserError(f"--gates {self.gates} is not a folder; pass the folder `sparsify distill` wrote")
+
+
+def push(cfg: PushConfig) -> str:
+    """``push_gates`` with the settings of ``cfg``; returns the commit's URL."""
+    cfg.validate()
+    return push_gates(cfg.gates, cfg.repo, private=cfg.private, revision=cfg.revision,
+                      commit_message=cfg.commit_message, eval_report=cfg.eval_report)

@@ -33,6 +33,7 @@ _META_KEYS = {
     "format_version", "library_version", "base_model", "base_model_revision", "base_model_hub_id",
     "model_fingerprint", "model_type",
     "architecture", "gate_init", "k", "loss", "steps", "seed", "dataset", "seq_len", "random_seed",
+    "text_field",  # written only when not "text"
 }
 
 
