@@ -32,7 +32,8 @@ def _pending(report: dict, key: str) -> list[str]:
 def summary_markdown(report: dict) -> str:
     s, f = report["settings"], report["findings"]
     if s is None:
-        return "# Routing absorption (units)\n\nNo unit has run yet.\n"
+        return ("# Routing absorption on the 31M model, from units\n\nNo unit has run yet. Pending GPU units, in order: "
+                + ", ".join(report["plan"]) + ".\n")
     k = s["k"]
     lines = ["# Routing absorption on the 31M model, from units", "",
              f"Model {s['arch']}, {s['n_layer']} layers, d_model {s['d_model']}, {s['n_head']} heads, context "
