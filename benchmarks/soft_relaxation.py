@@ -1,7 +1,7 @@
 """Which soft relaxation really sparsifies: tiny CPU runs of `sparsify pretrain --gate-mode soft-learned|soft-random`
 under each candidate relaxation, logging the attention mass outside the gate's top-k at every step.
 
-    python benchmarks/soft_relaxation.py --out docs/data/soft-relaxation-cpu.json [--steps 200]
+    python benchmarks/soft_relaxation.py --out docs/data/soft-relaxation-cpu.json [--steps 100]
 
 Model: a 2-layer GPT-2 (d_model 64, 2 heads, d_ff 256) on windows of 128 tokens of the embedded Wikipedia leads
 (a byte-level BPE of 2,048 tokens trained here on the training documents, so the output layer does not dominate a
