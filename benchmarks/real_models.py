@@ -130,7 +130,7 @@ def run(a) -> None:
     gates = ROOT / "gates" / "real" / a.name
     t0 = time.perf_counter()
     dcfg = DistillConfig(model=model, output=str(gates), k=64, steps=a.steps, seq_len=a.seq_len, val_every=a.steps,
-                         val_windows=4, checkpoint_every=a.steps, overwrite=True, device="cpu")
+                         val_windows=4, checkpoint_every=a.steps, overwrite=True, device="cpu", gate_init=a.gate_init)
 
     def on_distill(kind, info):
         if kind == "step" and (info["step"] % 10 == 0 or info["step"] == 1):
@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gate-init", default="model", help="model (the model's own q/k rows) or random")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from transformers.utils import logging as hf_logging
