@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CANDIDATES = {  # name -> (gate_scores, gate_tau, gate_tau_end)
-    "raw-tau1": ("raw", 1.0, None),
-    "std-tau0.25": ("standardized", 0.25, None),
+    "raw-tau1": ("raw", 1.0, 0.0),
+    "std-tau0.25": ("standardized", 0.25, 0.0),
     "std-anneal-0.5-0.05": ("standardized", 0.5, 0.05),
 }
 

@@ -56,7 +56,7 @@ class AbsorbConfig:
     steps: int = option(_P.steps, "Training steps of every run.")
     k: int = option(64, "Keys kept per query.")
     tau: float = option(_P.gate_tau, "Temperature of the soft top-k relaxation (its start, when annealed).")
-    tau_end: float | None = option(_P.gate_tau_end, "Anneal tau geometrically to this value (0: constant).")
+    tau_end: float = option(_P.gate_tau_end, "Anneal tau geometrically to this value (0: constant).")
     scores: str = option(_P.gate_scores, "The soft relaxation's gate scores: standardized (per row) or raw.")
     d_g: int = option(_P.gate_d_g, "Gate dimension per head.")
     distill_steps: int = option(1000, "Post-hoc distillation steps.")

@@ -92,8 +92,8 @@ class PretrainConfig:
     gate_k: int = option(64, "Keys kept per query by the gate in the loop: its top-k (hard) or its relaxation's "
                              "threshold (soft).")
     gate_tau: float = option(0.5, "Temperature of the soft top-k relaxation (its start, when annealed).")
-    gate_tau_end: float | None = option(0.05, "Anneal the temperature geometrically to this value at the last "
-                                              "step (0 or not given: constant).")
+    gate_tau_end: float = option(0.05, "Anneal the temperature geometrically to this value at the last step (0: "
+                                       "constant).")
     gate_scores: str = option("standardized", "The soft relaxation's view of the gate scores: standardized per row "
                                               "(scale-free: the gate cannot switch itself off) or raw.")
     gate_d_g: int = option(32, "Gate dimension per head.")
@@ -125,7 +125,7 @@ class PretrainConfig:
             if self.gate_k >= self.seq_len:
                 raise UserError(f"--gate-k {self.gate_k} keeps every key of a {self.seq_len}-token window; "
                                 f"choose gate_k < seq_len")
-            if self.gate_d_g % 2 or not self.gate_tau > 0 or (self.gate_tau_end or 0) < 0:
+            if self.gate_d_g % 2 or not self.gate_tau > 0 or self.gate_tau_end < 0:
                 raise UserError(f"need an even --gate-d-g, --gate-tau > 0 and --gate-tau-end >= 0, got "
                                 f"{self.gate_d_g}, {self.gate_tau}, {self.gate_tau_end}")
             _choice("gate-scores", self.gate_scores, ("standardized", "raw"))
