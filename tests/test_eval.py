@@ -44,6 +44,23 @@ def test_dense_perplexity_equals_the_models_own_loss(trained):
     assert rep.results[0].tokens == windows.shape[0] * 31
 
 
+def test_each_windows_nll_is_reported_in_window_order(trained):
+    """eval.json holds, per mode, every window's NLL sum (for bootstrap intervals over windows): they add up to
+    the mode's NLL, and for dense each equals the model's own loss on that window alone."""
+    model, corpus, _ = trained
+    rep = _eval(trained, modes="dense,oracle", k="4", batch_size=4)  # batches of 4 and 2
+    loaded = load_model(str(model))
+    windows, _ = build_windows(loaded.tokenizer, str(corpus), "heldout", 32, max_windows=6)
+    with torch.no_grad():
+        own = [float(loaded.model(input_ids=w[None], labels=w[None]).loss) * 31 for w in windows]
+    dense, oracle = rep.results
+    assert dense.window_nll == pytest.approx(own, rel=1e-5)
+    for r in (dense, oracle):
+        assert len(r.window_nll) == 6 and sum(r.window_nll) / r.tokens == pytest.approx(r.nll, rel=1e-9)
+    assert oracle.window_nll != pytest.approx(dense.window_nll, rel=1e-6)
+    assert rep.to_json()["results"][1]["window_nll"] == oracle.window_nll
+
+
 def test_oracle_with_k_at_least_t_equals_dense(trained):
     rep = _eval(trained, modes="dense,oracle", k="32")
     dense, oracle = rep.results

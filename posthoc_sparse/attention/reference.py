@@ -68,24 +68,52 @@ def group_scores(select: torch.Tensor, allowed: torch.Tensor, n_rep: int) -> tor
     return mean.expand(b, h // n_rep, n_rep, c, s).reshape(b, h, c, s)
 
 
-def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float) -> torch.Tensor:
-    """The soft relaxation of gate top-k used for end-to-end training (docs/method.md, soft gating).
+def standardize_rows(g: torch.Tensor, allowed: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``(G - mean_i) / std_i`` per query row over its allowed keys (population std; rows with one allowed key,
+    or all-equal scores, get 0). Invariant to ``a * G + b`` for any ``a > 0`` and per-row ``b``: a gate cannot
+    change its selection's strength by scaling or shifting its scores. g: (B, H, C, S); allowed: (B, 1|H, C, S)
+    bool. Returns (B, H, C, S) fp32, 0 at disallowed keys, differentiable in g (mean and std included)."""
+    g = g.float()
+    w = allowed.to(g.dtype)  # (B, 1|H, C, S)
+    n = w.sum(-1, keepdim=True).clamp_min(1.0)  # (B, 1|H, C, 1)
+    mean = (g * w).sum(-1, keepdim=True) / n
+    centred = (g - mean) * w
+    std = (centred.pow(2).sum(-1, keepdim=True) / n + eps * eps).sqrt()
+    return centred / std
 
-    ``bias[i, j] = log sigmoid((G[i, j] - G_i(k)) / tau)`` where ``G_i(k)`` is the k-th largest allowed gate
-    score of row i, held constant in the backward pass; rows with at most k allowed keys get 0 (they keep
+
+def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float, standardize: bool = False
+                   ) -> torch.Tensor:
+    """The soft relaxation of gate top-k used for end-to-end training (docs/absorb.md, "The soft relaxation").
+
+    ``bias[i, j] = log sigmoid((z[i, j] - z_i(k)) / tau)`` where ``z = G`` (raw) or ``z = standardize_rows(G)``
+    (``standardize``: the scores in units of their row's standard deviation, so the bias does not depend on the
+    gate's scale and a gate cannot switch itself off by shrinking its scores), and ``z_i(k)`` is the k-th largest
+    allowed z of row i, held constant in the backward pass; rows with at most k allowed keys get 0 (they keep
     every key under hard top-k too). Added to the attention scores, it leaves keys well above the threshold
-    untouched, halves the weight of a key at the threshold and suppresses keys below it in proportion to
-    their distance; as tau -> 0 it becomes the hard top-k mask. Disallowed keys get -inf.
+    untouched, halves the weight of a key at the threshold and suppresses keys below it in proportion to their
+    distance; as tau -> 0 it becomes the hard top-k mask. Disallowed keys get -inf.
     g: (B, H, C, S) float; allowed: (B, 1|H, C, S) bool. Returns (B, H, C, S) fp32, differentiable in g.
     """
-    g = g.float()
-    kk = min(k, g.shape[-1])
-    masked = g.detach().masked_fill(~allowed, float("-inf"))
+    z = standardize_rows(g, allowed) if standardize else g.float()
+    kk = min(k, z.shape[-1])
+    masked = z.detach().masked_fill(~allowed, float("-inf"))
     kth = masked.topk(kk, dim=-1).values[..., -1:]  # (B, H, C, 1)
     full = allowed.sum(-1, keepdim=True) <= k  # (B, 1|H, C, 1): every allowed key is kept
     full = full | ~torch.isfinite(kth)
-    bias = torch.nn.functional.logsigmoid((g - kth.masked_fill(full, 0.0)) / tau)
+    bias = torch.nn.functional.logsigmoid((z - kth.masked_fill(full, 0.0)) / tau)
     return bias.masked_fill(full, 0.0).masked_fill(~allowed, float("-inf"))
+
+
+def mass_outside_topk(p: torch.Tensor, select: torch.Tensor, allowed: torch.Tensor, k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mass ``p`` puts outside the top-k of ``select``, summed over the rows that have more than k
+    allowed keys (the others keep every key), and the number of such rows: two 0-dim fp32 tensors, so a
+    caller can average over many calls with one device sync. p, select: (B, H, C, S); allowed: (B, 1|H, C, S)."""
+    keep = topk_keep(select.detach(), allowed, k)  # (B, H, C, S)
+    rows = (allowed.sum(-1) > k).expand(p.shape[:-1])  # (B, H, C)
+    outside = p.detach().float().masked_fill(keep, 0.0).sum(-1)  # (B, H, C)
+    return outside[rows].sum(), rows.sum().float()
 
 
 def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

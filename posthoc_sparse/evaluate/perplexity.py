@@ -109,6 +109,9 @@ class ModeResult:
     routing: dict = field(default_factory=dict)
     per_layer: list[dict] = field(default_factory=list)
     cuda_graph: dict = field(default_factory=dict)  # replayed_shapes, replays, failures; empty when not used
+    # each window's NLL summed over its T - 1 predictions, in window order (setup["windows"] of them): the
+    # per-window numbers behind bootstrap intervals over windows
+    window_nll: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -144,34 +147,46 @@ def summary_table(report: EvalReport) -> tuple[str, list[str], list[list[str]]]:
 
 
 def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token negative log-likelihoods of one batch of windows (B, T): a 0-dim fp32 tensor on
-    the logits' device."""
+    """Per window, the sum of the next-token negative log-likelihoods of one batch of windows (B, T): a (B,)
+    fp32 tensor on the logits' device."""
     logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
     targets = ids[:, 1:].to(logits.device)  # a device map may leave the logits on another device
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*(T-1),)
+    return nll.view(ids.shape[0], -1).sum(1)  # (B,)
 
 
 @torch.no_grad()
 def windows_nll(model, windows: torch.Tensor, batch_size: int, device, procs: Processes | None = None,
-                graphs: ShapeGraphs | None = None) -> tuple[float, int]:
+                graphs: ShapeGraphs | None = None, per_window: list[float] | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods (fp32 per batch, fp64 sums) over all windows, and the token
     count. With ``procs`` (several processes), this process scores only its share of the windows and the
     two sums are added across processes: every window counts once, and every process gets the totals.
-    The sum stays on the device until the end (one wait for the GPU, not one per batch). With ``graphs``
-    (``ShapeGraphs``, one GPU, nothing observed per call) each batch shape's forward replays as a CUDA graph."""
+    The sums stay on the device until the end (one wait for the GPU, not one per batch). With ``graphs``
+    (``ShapeGraphs``, one GPU, nothing observed per call) each batch shape's forward replays as a CUDA graph.
+    ``per_window`` (a list) is extended with each window's NLL sum over its T - 1 predictions, in window
+    order, whichever process scored it (for bootstrap intervals over windows)."""
+    n_all = len(windows)
     if procs is not None:
         windows = procs.shard(windows)
-    total, count = None, 0
+    sums, count = [], 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i : i + batch_size].to(device)  # (B, T)
         nll = batch_nll(model, ids) if graphs is None else graphs(
             (tuple(ids.shape), ids.dtype, ids.device), lambda x: batch_nll(model, x), ids)
-        total = nll.double() if total is None else total + nll.double().to(total.device)
+        sums.append(nll.double().to(sums[0].device) if sums else nll.double())  # (B,)
         count += ids.numel() - ids.shape[0]
-    nll = 0.0 if total is None else float(total)
-    if procs is not None and procs.world > 1:
+    mine = torch.cat(sums).tolist() if sums else []  # this process's windows, in its order
+    nll = float(sum(mine))
+    world = procs.world if procs is not None else 1
+    if world > 1:
         nll, count = procs.sum_floats([nll, float(count)])
         count = int(count)
+    if per_window is not None:
+        full = [0.0] * n_all
+        rank = procs.rank if procs is not None else 0
+        for j, value in zip(range(rank, n_all, world), mine):  # procs.shard takes every world-th from rank
+            full[j] = value
+        per_window.extend(procs.sum_floats(full) if world > 1 else full)
     return nll, count
 
 
@@ -270,10 +285,11 @@ def _evaluate(cfg: EvalConfig, ks: list[int], modes: list[str], procs: Processes
                                 observer=observer)
             graphs = ShapeGraphs() if use_graphs else None
             t0 = time.perf_counter()
+            window_nll: list[float] = []
             with SparseAttention(model, policy):
-                nll, count = windows_nll(model, windows, cfg.batch_size, device, procs, graphs)
+                nll, count = windows_nll(model, windows, cfg.batch_size, device, procs, graphs, window_nll)
             res = ModeResult(mode=mode, k=k, perplexity=math.exp(nll / count), nll=nll / count, tokens=count,
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, window_nll=window_nll)
             if graphs is not None:
                 res.cuda_graph = {"replayed_shapes": graphs.replayed_shapes, "replays": graphs.replays,
                                   "failures": graphs.failures}

@@ -56,7 +56,10 @@ class AbsorbConfig:
     seeds: int = option(3, "Seeds of the soft-gating experiment (the other runs use seed 0).")
     steps: int = option(_P.steps, "Training steps of every run.")
     k: int = option(64, "Keys kept per query.")
-    tau: float = option(_P.gate_tau, "Temperature of the soft top-k relaxation.")
+    tau: float = option(_P.gate_tau, "Temperature of the soft top-k relaxation (its start, when annealed).")
+    tau_end: float = option(_P.gate_tau_end, "Anneal tau geometrically to this value (0: constant).", ge=0)
+    scores: str = option(_P.gate_scores, "The soft relaxation's gate scores: standardized (per row) or raw.",
+                         choices=("standardized", "raw"))
     d_g: int = option(_P.gate_d_g, "Gate dimension per head.")
     distill_steps: int = option(1000, "Post-hoc distillation steps.")
     distill_every: int = option(100, "A convergence-curve point every N distillation steps.")
@@ -74,6 +77,9 @@ class AbsorbConfig:
     lr: float = option(_P.lr, "Training peak learning rate.")
     min_lr: float = option(_P.min_lr, "Learning rate at the end of the cosine.")
     warmup: int = option(_P.warmup, "Warm-up steps.")
+    dropout: float = option(_P.dropout, "Dropout of every training run.")
+    weight_decay: float = option(_P.weight_decay, "AdamW weight decay of every training run.")
+    eval_every: int | None = option(None, "Held-out perplexity every N training steps (if not given: at the end).")
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
     mixed_precision: str = option(_P.mixed_precision, "auto (bf16 on GPU), bf16, no.")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
@@ -105,10 +111,11 @@ class AbsorbConfig:
             dataset=self.dataset, output=output, tokenizer=self.tokenizer, arch=self.arch, n_layer=self.n_layer,
             d_model=self.d_model, n_head=self.n_head, d_ff=self.d_ff, seq_len=self.seq_len, steps=self.steps,
             batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr, warmup=min(self.warmup, self.steps),
-            seed=seed, mixed_precision=self.mixed_precision, device=self.device,
-            eval_every=self.steps, eval_windows=self.eval_windows, checkpoint_every=max(1, self.steps // 4),
-            max_train_windows=self.max_train_windows, gate_mode=mode, gate_k=self.k, gate_tau=self.tau,
-            gate_d_g=self.d_g, resume=self.resume, text_field=self.text_field, report_to=self.report_to)
+            seed=seed, mixed_precision=self.mixed_precision, device=self.device, dropout=self.dropout,
+            weight_decay=self.weight_decay, eval_every=self.eval_every or self.steps, eval_windows=self.eval_windows,
+            checkpoint_every=max(1, self.steps // 4), max_train_windows=self.max_train_windows, gate_mode=mode,
+            gate_k=self.k, gate_tau=self.tau, gate_tau_end=self.tau_end, gate_scores=self.scores, gate_d_g=self.d_g,
+            resume=self.resume, text_field=self.text_field, report_to=self.report_to)
 
 
 def _runs_needed(cfg: AbsorbConfig) -> list[tuple[str, str, int]]:
@@ -153,6 +160,7 @@ class _Runner:
         return {"name": name, "mode": mode, "seed": seed, "path": str(run), "ppl_as_trained": last["heldout_ppl"],
                 "loss_as_trained": last["heldout_loss"], "seconds": log["seconds"],
                 "tokens_per_second": log["tokens_per_second"], "gate_grad": log.get("gate_grad"),
+                "mass_outside": log.get("mass_outside"), "evals": log["evals"],
                 "loss_curve": [[h["step"], h["loss_mean"]] for h in log["history"]]}
 
     def distill(self, name: str, model_dir: str) -> dict:
@@ -176,8 +184,10 @@ class _Runner:
         return {"path": str(out), "loss_curve": [[h["step"], h["loss"]] for h in log["history"]],
                 "recall_curve": [[h["step"], h["recall"]] for h in log["history"] if "recall" in h]}
 
-    def evaluate(self, name: str, model_dir: str, modes: str, gates: str | None = None) -> dict:
-        """{mode: {"ppl", "recall", "mass"}} at k, cached in evals/<name>.json."""
+    def evaluate(self, name: str, model_dir: str, modes: str, gates: str | None = None, ks: str | None = None
+                 ) -> dict:
+        """{mode: {"ppl", "recall", "f1", "mass"}} at k (with several ``ks``: {"mode@k": ...}, dense as
+        "dense"), cached in evals/<name>.json."""
         from ..evaluate.perplexity import EvalConfig, evaluate_perplexity
         from ..io import atomic_write_json
 
@@ -188,15 +198,16 @@ class _Runner:
         else:
             self.emit("eval", {"name": name, "modes": modes})
             report = evaluate_perplexity(EvalConfig(
-                gates=gates, model=model_dir, dataset=c.dataset, k=str(c.k), modes=modes, seq_len=c.seq_len,
+                gates=gates, model=model_dir, dataset=c.dataset, k=ks or str(c.k), modes=modes, seq_len=c.seq_len,
                 max_windows=c.eval_windows, batch_size=4, d_g=c.d_g, device=c.device, text_field=c.text_field,
             )).to_json()
             atomic_write_json(path, report)
         out = {}
         for r in report["results"]:
             routing = r.get("routing") or {}
-            out[r["mode"]] = {"ppl": r["perplexity"], "recall": routing.get("recall"), "mass": routing.get("mass"),
-                              "tokens": r["tokens"]}
+            key = r["mode"] if ks is None or r["k"] is None else f"{r['mode']}@{r['k']}"
+            out[key] = {"ppl": r["perplexity"], "recall": routing.get("recall"), "f1": routing.get("f1"),
+                        "mass": routing.get("mass"), "tokens": r["tokens"], "window_nll": r.get("window_nll")}
         return out
 
 
@@ -255,10 +266,11 @@ def _run_absorb(cfg: AbsorbConfig, on_event: Callable[[str, dict], None] | None,
                 row[variant] = {"ppl_as_trained": r["ppl_as_trained"], "ppl_gate_topk": ev["gate"]["ppl"],
                                 "recall": ev["gate"]["recall"], "ppl_dense": ev["dense"]["ppl"],
                                 "gate_grad_mean": gg.get("sum_norm", 0.0) / max(1, gg.get("steps", 0)),
+                                "mass_outside": (r["mass_outside"] or {}).get("last"),
                                 "gate_moved": _gate_moved(r["path"], s)}
             per_seed.append(row)
         stats = {}
-        for key in ("ppl_as_trained", "ppl_gate_topk", "recall", "ppl_dense"):
+        for key in ("ppl_as_trained", "ppl_gate_topk", "recall", "ppl_dense", "mass_outside"):
             stats[key] = {v: _mean_std([row[v][key] for row in per_seed]) for v in ("learned", "random")}
             stats[key]["random_minus_learned"] = _mean_std(
                 [row["random"][key] - row["learned"][key] for row in per_seed

@@ -22,7 +22,8 @@ def summary_markdown(report: dict) -> str:
         "# Routing absorption: end-to-end gating vs post-hoc distillation", "",
         f"Model: {c['arch']}, {c['n_layer']} layers, d_model {c['d_model']}, {c['n_head']} heads, d_ff {c['d_ff']}, "
         f"context {c['seq_len']}; data {c['dataset']}; {c['steps']} training steps per run (batch {c['batch_size']}); "
-        f"k = {c['k']}, d_g {c['d_g']}, tau {c['tau']}; {c['eval_windows']} held-out windows; device "
+        f"k = {c['k']}, d_g {c['d_g']}, tau {c['tau']}"
+        f"{' -> ' + str(c['tau_end']) if c.get('tau_end') else ''} ({c.get('scores', 'raw')} scores); {c['eval_windows']} held-out windows; device "
         f"{report['device']}; {report['seconds']:.0f} s.", "",
     ]
     if "soft" in res:
@@ -33,8 +34,11 @@ def summary_markdown(report: dict) -> str:
         for key, label in (("ppl_as_trained", "perplexity as trained (soft gate)"),
                            ("ppl_gate_topk", f"perplexity, hard top-{c['k']} of the gate"),
                            ("recall", f"gate recall@{c['k']} vs oracle"),
-                           ("ppl_dense", "perplexity, gate removed (dense)")):
-            spec = ".3f" if key == "recall" else ".2f"
+                           ("ppl_dense", "perplexity, gate removed (dense)"),
+                           ("mass_outside", f"attention mass outside the gate's top-{c['k']}, last step")):
+            if key not in st:
+                continue
+            spec = ".3f" if key in ("recall", "mass_outside") else ".2f"
             lines.append(f"| {label} | {_ms(st[key]['learned'], spec)} | {_ms(st[key]['random'], spec)} | "
                          f"{_ms(st[key]['random_minus_learned'], spec)} |")
         lines.append("")

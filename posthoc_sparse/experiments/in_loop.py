@@ -34,7 +34,26 @@ def training_gate(cfg: PretrainConfig, model):
         bank.requires_grad_(False)
     if cfg.gate_mode == "hard-topk":
         return bank, TopKPolicy(GateSelector(bank), cfg.gate_k)
-    return bank, SoftGatePolicy(bank, cfg.gate_k, cfg.gate_tau)
+    return bank, SoftGatePolicy(bank, cfg.gate_k, soft_tau(cfg, 0, cfg.steps), scores=cfg.gate_scores)
+
+
+def soft_tau(cfg: PretrainConfig, step: int, total: int) -> float:
+    """The soft relaxation's temperature at ``step`` of ``total``: ``gate_tau``, annealed geometrically to
+    ``gate_tau_end`` at the last step when that is set (> 0)."""
+    if not cfg.gate_tau_end or total <= 1:
+        return cfg.gate_tau
+    return cfg.gate_tau * (cfg.gate_tau_end / cfg.gate_tau) ** (min(step, total - 1) / (total - 1))
+
+
+def mass_outside_summary(history: list[dict]) -> dict | None:
+    """The soft runs' attention mass outside the gate's top-k, from the logged history: the first and last
+    logged values, the mean over the last 10% of logged steps, and the curve [[step, mass, tau], ...]."""
+    curve = [[h["step"], h["mass_outside"], h["tau"]] for h in history if h.get("mass_outside") is not None]
+    if not curve:
+        return None
+    tail = curve[-max(1, len(curve) // 10):]
+    return {"first": curve[0][1], "last": curve[-1][1], "last_10pct_mean": sum(c[1] for c in tail) / len(tail),
+            "curve": curve}
 
 
 def gate_grad_norm(bank) -> float | None:

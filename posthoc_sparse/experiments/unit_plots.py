@@ -1,0 +1,67 @@
+"""Plots of the unit report (``unit_report.py``): one PNG per finding that has data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..plotting import pyplot, save_png
+
+
+def _m(d: dict | None) -> float | None:
+    return None if not d else d.get("mean")
+
+
+def plot_units(report: dict, out: Path) -> list[Path]:
+    """absorb-plateau.png, absorb-soft.png, absorb-posthoc.png, absorb-sweep.png, where there is data."""
+    plt = pyplot()
+    f = report["findings"]
+    if plt is None or report["settings"] is None:
+        return []
+    k, written = report["settings"]["k"], []
+    if f["reference"]:
+        curve = f["reference"]["plateau"]["curve"]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3)
+        ax.set(xlabel="training step", ylabel="held-out perplexity", yscale="log",
+               title=f"31M reference model (seed {f['reference']['seed']}): held-out curve")
+        fig.tight_layout()
+        written.append(save_png(fig, out / "absorb-plateau.png"))
+    if f["soft"]["seeds"]:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        rows = f["soft"]["per_seed"]
+        for i, (label, get) in enumerate((("dense", lambda r: r["dense"]),
+                                          ("soft learned", lambda r: r["learned"]["ppl_as_trained"]),
+                                          ("soft random", lambda r: r["random"]["ppl_as_trained"]))):
+            ys = [get(r) for r in rows]
+            ax.scatter([i] * len(ys), ys, zorder=3)
+            ax.hlines(sum(ys) / len(ys), i - 0.2, i + 0.2, color="k")
+        ax.set(xticks=[0, 1, 2], xticklabels=["dense", "soft learned", "soft random"], xlim=(-0.6, 2.6),
+               ylabel="held-out perplexity as trained", title=f"finding 1, seeds {f['soft']['seeds']} (bar: mean)")
+        fig.tight_layout()
+        written.append(save_png(fig, out / "absorb-soft.png"))
+    if f["posthoc"]:
+        p = f["posthoc"]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        ax.plot([c["step"] for c in p["curve"]], [_m(c["ppl_gate"]) for c in p["curve"]], marker="o",
+                label="learned gate (distilled, model frozen)")
+        for key, style, label in (("ppl_random", "--", "frozen random gate"), ("ppl_oracle", ":", f"oracle top-{k}"),
+                                  ("ppl_dense", "-.", "dense")):
+            ax.axhline(_m(p[key]), ls=style, color={"ppl_random": "C3", "ppl_oracle": "C2"}.get(key, "gray"),
+                       label=label)
+        ax.set(xlabel="distillation step", ylabel=f"held-out perplexity, top-{k}", yscale="log",
+               title="post hoc: gate perplexity against distillation steps")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(save_png(fig, out / "absorb-posthoc.png"))
+    if f["sweep"]:
+        t = f["sweep"]["table"]
+        fs = [r["fraction"] for r in t]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        ax.plot(fs, [_m(r["ppl_learned"]) for r in t], marker="o", label="distilled gate (frozen)")
+        ax.plot(fs, [_m(r["ppl_random"]) for r in t], marker="s", label="random gate (frozen)")
+        ax.set(xlabel="fraction of layers unfrozen", ylabel=f"held-out perplexity, top-{k}", yscale="log",
+               title=f"absorption gradient, seeds {f['sweep']['seeds']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(save_png(fig, out / "absorb-sweep.png"))
+    return written

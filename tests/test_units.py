@@ -1,0 +1,129 @@
+"""The absorption evidence in units (experiments/units.py, unit_report.py): every kind of unit runs on a tiny model,
+a finished unit is reused (not recomputed), a repeated unit reproduces its numbers under the same seed, and the
+report is the same whatever order the units are read in."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from posthoc_sparse.errors import UserError
+from posthoc_sparse.experiments.absorb import AbsorbConfig
+from posthoc_sparse.experiments.unit_report import build_report, load_units, plateau, write_report
+from posthoc_sparse.experiments.units import SweepSettings, fingerprint, parse_unit, plan, run_unit
+
+from .test_pretrain import phrase_corpus
+from .tiny import tiny_tokenizer
+
+UNITS = ["dense-s0", "soft-learned-s0", "soft-random-s0", "dense-s1", "soft-learned-s1", "soft-random-s1",
+         "hard-topk-s0", "stochastic-s0", "sweep-s0"]
+SWEEP = SweepSettings(fractions="0,0.5", steps=4, batch_size=2, warmup=1, eval_windows=2)
+
+
+def _cfg(root, **kw):
+    base = dict(dataset=str(root / "corpus.txt"), tokenizer=str(root / "tok"), output="unused", steps=12,
+                eval_every=4, k=4, d_g=8, distill_steps=6, distill_every=3, distill_batch_size=4, distill_lr=1e-2,
+                eval_windows=3, n_layer=2, d_model=32, n_head=2, d_ff=64, seq_len=32, batch_size=8, lr=3e-3,
+                min_lr=3e-4, warmup=2, device="cpu")
+    return AbsorbConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """Every kind of unit, run once on a tiny GPT-2 into ``done/``."""
+    root = tmp_path_factory.mktemp("units")
+    tiny_tokenizer().save_pretrained(root / "tok")
+    phrase_corpus(root / "corpus.txt")
+    out = root / "done"
+    out.mkdir()
+    for name in UNITS:
+        run_unit(name, _cfg(root), SWEEP, root / "work" / name, done=out)
+    return root, out
+
+
+def test_unit_names_and_the_plan():
+    assert parse_unit("soft-learned-s2") == ("soft-learned", 2) and parse_unit("sweep-s0") == ("sweep", 0)
+    for bad in ("dense", "dense-2", "softer-s0", "dense-s"):
+        with pytest.raises(UserError, match="unknown unit"):
+            parse_unit(bad)
+    names = plan(3, 2)
+    assert names[:3] == ["dense-s0", "soft-learned-s0", "soft-random-s0"] and len(names) == len(set(names)) == 15
+    assert {"sweep-s0", "sweep-s1", "hard-topk-s0", "stochastic-s0", "hard-topk-s2"} <= set(names)
+
+
+def test_every_unit_writes_its_record(done):
+    root, out = done
+    units = load_units(out)
+    assert sorted(units) == sorted(UNITS)
+    d = units["dense-s0"]
+    assert [e["step"] for e in d["train"]["evals"]] == [0, 4, 8, 12]
+    assert set(d["eval"]) == {"dense", "oracle@4", "random@4"} and 0 < d["eval"]["oracle@4"]["mass"] <= 1
+    assert len(d["eval"]["dense"]["window_nll"]) == 3
+    assert [p["step"] for p in d["distilled"]["posthoc_curve"]] == [0, 3, 6]
+    s = units["soft-learned-s0"]
+    assert s["train"]["mass_outside"]["last"] is not None and s["gate_moved"] > 0 and "distilled" in s
+    assert units["soft-random-s0"]["gate_moved"] == 0 and "distilled" not in units["soft-random-s0"]
+    assert units["hard-topk-s0"]["train"]["gate_grad"]["steps_with_gradient"] == 0
+    assert [r["fraction"] for r in units["sweep-s0"]["sweep"]["table"]] == [0.0, 0.5]
+    assert all(len(json.dumps(u)) < 200_000 for u in units.values())  # small: no weights
+
+
+def test_a_finished_unit_is_reused_not_recomputed(done):
+    root, out = done
+    events = []
+    again = run_unit("dense-s0", _cfg(root), SWEEP, root / "elsewhere", done=out,
+                     on_event=lambda kind, info: events.append(kind))
+    assert [k for k in events] == ["reused"] and not (root / "elsewhere").exists()
+    assert again == json.loads((out / "dense-s0.json").read_text())
+    # other settings: another fingerprint, so the stored record is not taken for it
+    assert fingerprint("dense-s0", _cfg(root, steps=16), SWEEP) != again["fingerprint"]
+    assert fingerprint("dense-s0", _cfg(root, device="cuda"), SWEEP) == again["fingerprint"]  # where it ran: no
+
+
+def test_a_repeated_unit_reproduces_its_numbers_under_the_same_seed(done):
+    root, out = done
+    first = json.loads((out / "soft-learned-s0.json").read_text())
+    redo = run_unit("soft-learned-s0", _cfg(root), SWEEP, root / "redo")  # from scratch, nothing to reuse
+    assert redo["train"]["ppl_as_trained"] == pytest.approx(first["train"]["ppl_as_trained"], rel=1e-5)
+    assert redo["train"]["mass_outside"]["last"] == pytest.approx(first["train"]["mass_outside"]["last"], rel=1e-5)
+    assert redo["eval"]["gate"]["ppl"] == pytest.approx(first["eval"]["gate"]["ppl"], rel=1e-5)
+    assert redo["distilled"]["ppl_gate"] == pytest.approx(first["distilled"]["ppl_gate"], rel=1e-5)
+
+
+def test_the_report_is_the_same_from_units_in_any_order(done, tmp_path):
+    root, out = done
+    units = load_units(out)
+    reports = []
+    for seed in range(3):
+        names = list(units)
+        random.Random(seed).shuffle(names)
+        reports.append(json.dumps(build_report({n: units[n] for n in names}), sort_keys=True))
+    assert reports[0] == reports[1] == reports[2]
+    rep = write_report(units, tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "absorb.json").read_text()) == json.loads(reports[0])
+    f = rep["findings"]
+    assert f["soft"]["seeds"] == [0, 1]  # seed 1 has no hard-topk, but finding 1 needs only dense and soft
+    diffs = [r["random"]["ppl_as_trained"] - r["learned"]["ppl_as_trained"] for r in f["soft"]["per_seed"]]
+    ci = f["soft"]["random_minus_learned"]["ppl_as_trained"]
+    assert ci["mean"] == pytest.approx(sum(diffs) / 2) and ci["low"] < ci["mean"] < ci["high"]
+    assert [r["model"] for r in f["coadapt"]] == ["soft-learned", "hard-topk", "dense"]
+    assert f["coadapt"][0]["seeds"] == [0, 1] and f["coadapt"][1]["seeds"] == [0]
+    assert f["hard"]["steps_with_gradient_total"] == 0 and f["sweep"]["seeds"] == [0]
+    assert f["reference"]["plateau"]["curve"][-1][0] == 12
+    assert rep["pending"]["soft"] == ["dense-s2", "soft-learned-s2", "soft-random-s2"]
+    assert "sweep-s1" in rep["pending"]["sweep"] and "reference" not in rep["pending"]
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "Pending GPU units: dense-s2, soft-learned-s2, soft-random-s2." in summary
+    assert "Learned beats random beyond noise" in summary and "(b) hard top-k" in summary
+    assert build_report({})["settings"] is None
+
+
+def test_plateau_is_the_change_over_the_last_quarter():
+    rec = {"train": {"evals": [{"step": s, "heldout_ppl": p} for s, p in
+                               ((0, 900.0), (250, 120.0), (500, 100.0), (750, 99.0), (1000, 98.5))]}}
+    p = plateau(rec)
+    assert p["from_step"] == 750 and p["change_last_25pct"] == pytest.approx(0.5 / 99.0) and p["plateaued"]
+    rec["train"]["evals"][-1]["heldout_ppl"] = 95.0
+    assert not plateau(rec)["plateaued"]
