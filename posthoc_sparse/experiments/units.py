@@ -141,7 +141,7 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
             emit("reused", {"unit": name, "path": str(done / f"{name}.json")})
             return record
         emit("stale", {"unit": name, "path": str(done / f"{name}.json")})
-    runner = _Runner(replace(cfg, output=str(work), resume=True), emit)
+    runner = _Runner(replace(cfg, output=str(work), resume=True), emit, work)
     t0 = time.perf_counter()
     mode = "dense" if kind == "sweep" else kind
     r = runner.train(f"{mode}-s{seed}", mode, seed)

@@ -46,7 +46,7 @@ _CONFIG_RULES = {
     "base_model_revision": _NAME, "base_model_hub_id": _NAME, "model_fingerprint": _NAME, "model_type": _NAME,
     "architecture": _NAME, "gate_init": _NAME, "k": _POSITIVE, "loss": _NAME, "steps": Rule("int", ge=0),
     "seed": Rule("int", ge=0), "dataset": _NAME, "seq_len": Rule("int", ge=2, optional=True),
-    "random_seed": Rule("int", ge=0),
+    "random_seed": Rule("int", ge=0), "text_field": _NAME,
 }
 
 
