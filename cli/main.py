@@ -65,16 +65,12 @@ def _fail(message: str, code: int, hard: bool = False) -> None:
     sys.exit(code)
 
 
-class _CtrlC:
-    """SIGINT as Python's default handler treats it (KeyboardInterrupt), remembering that it came: a Ctrl-C inside an
-    import can surface later as an ImportError or ModuleNotFoundError (transformers' lazy modules, numpy's re-import
-    guard), which is still the user's Ctrl-C, not an internal error."""
-
-    seen = False
-
-    def __call__(self, signum, frame):
-        _CtrlC.seen = True
-        raise KeyboardInterrupt
+def _ctrl_c_before_a_run(signum, frame) -> None:
+    """SIGINT until a run takes over its output folder (``runs.output_run`` then makes it a KeyboardInterrupt it
+    cleans up after): nothing has been written, so the process ends at once. A KeyboardInterrupt raised here could
+    land inside an import that swallows it or turns it into an ImportError, and a swallowed one let the run go on."""
+    os.write(2, f"{INTERRUPTED_HINT}\n".encode())
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("POSTHOC_SPARSE_DEBUG", "") not in ("", "0")
     own_process = argv is None  # the console script: exits hard on Ctrl-C; a caller passing argv gets SystemExit
     if own_process:
-        _CtrlC.seen = False
-        signal.signal(signal.SIGINT, _CtrlC())
+        signal.signal(signal.SIGINT, _ctrl_c_before_a_run)
     try:
         from .app import app
 
@@ -100,8 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
     except Exception as e:
-        if _CtrlC.seen:
-            _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's (or Typer's vendored click's) usage errors
             e.show()
             sys.exit(e.exit_code)

@@ -169,6 +169,16 @@ def output_run(path: str | Path, *, overwrite: bool = False, resume: bool = Fals
     """Run inside the output folder ``path`` (see the module docstring). ``main``: this is the process that
     writes (the others of a launched group only learn ``run.work``, after ``barrier``). ``resumable(work)``
     describes the resumable state in ``work`` (e.g. "the checkpoint of step 30"), or returns None."""
+    with _sigint(signal.default_int_handler):  # from here a Ctrl-C is a KeyboardInterrupt that this run cleans up after
+        with _output_run(path, overwrite=overwrite, resume=resume, stage=stage, main=main, resumable=resumable,
+                         barrier=barrier) as run:
+            yield run
+
+
+@contextlib.contextmanager
+def _output_run(path: str | Path, *, overwrite: bool = False, resume: bool = False, stage: bool = False,
+               main: bool = True, resumable: Callable[[Path], str | None] | None = None,
+               barrier: Callable[[], None] = lambda: None) -> Iterator[OutputRun]:
     path = Path(path)
     if not main:
         barrier()
