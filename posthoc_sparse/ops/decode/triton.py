@@ -60,7 +60,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(kt)) * scale
         if SOFTCAP:
             s = cap * (2.0 / (1.0 + tl.exp(-2.0 * s / cap)) - 1.0)  # tanh
-        return s
+        return s.to(tl.float32)  # inductor passes Python floats (scale, cap) as fp64 scalars, which would promote s
 
     @triton.jit
     def _score(SQ, SK, VALID, SC, PM, PL, sqb, sqh, skb, skh, sks, svb, svs, H, HS, S, split, sel_scale, sel_cap,
