@@ -121,6 +121,23 @@ def print_report(table: tuple[str, list[str], list[list[str]]], files: list[str]
         out_console.print(f"written: {esc(', '.join(files))}")
 
 
+def log_step(info: dict, every: int) -> None:
+    """When stderr is not a terminal (a log file, CI, nohup): a plain loss line every ``every`` training steps and
+    at the last one (a progress bar's redraws would fill the log)."""
+    from .app import console
+
+    if not console.is_terminal and (info["step"] % every == 0 or info["step"] == info["total"]):
+        console.print(f"step {info['step']}/{info['total']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
+                      f"{info['tokens_per_second']:,.0f} tok/s", highlight=False)
+
+
+def print_note(info: dict) -> None:
+    """A library's "note" event (a warning the run goes on after)."""
+    from .app import console
+
+    console.print(f"[yellow]note[/]: {esc(info['message'])}")
+
+
 class RunProgress:
     """A progress bar over a command's runs (mode and k), and, when stderr is not a terminal (a log), one plain
     line per finished run instead of the bar's redraws."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posthoc_sparse.config import DistillConfig
 
-from .common import esc, fmt, is_main_process, print_table, processes_note, progress_bar
+from .common import esc, fmt, is_main_process, log_step, print_note, print_table, processes_note, progress_bar
 from .app import app, console, out_console
 from .options import config_command
 
@@ -41,13 +41,11 @@ def distill(cfg: DistillConfig) -> None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  recall@{cfg.k} {fmt(state['recall'], '.3f')} "
                 f"(random {fmt(state['recall_random'], '.3f')})  {info['tokens_per_second']:.0f} tok/s"))
-            if not console.is_terminal and (info["step"] % cfg.log_every == 0 or info["step"] == info["total"]):
-                console.print(f"step {info['step']}/{info['total']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
-                              f"{info['tokens_per_second']:.0f} tok/s", highlight=False)
+            log_step(info, cfg.log_every)
         elif kind == "checkpoint" and not console.is_terminal:
             console.print(f"step {info['step']}: checkpoint written to {esc(info['path'])}", highlight=False)
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {esc(info['message'])}")
+            print_note(info)
         elif kind == "done":
             bar.stop()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 
-from .common import esc, is_main_process, print_report, processes_note, progress_bar
+from .common import esc, is_main_process, print_note, print_report, processes_note, progress_bar
 from .app import app, console, out_console
 from .options import config_command
 
@@ -32,7 +32,7 @@ def eval_(cfg: EvalConfig) -> None:
             if not console.is_terminal:  # logs redirected to a file get a line per result
                 console.print(f"{label}: perplexity {info['perplexity']:.3f} ({info['seconds']:.0f} s)")
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {esc(info['message'])}")
+            print_note(info)
 
     try:
         report = evaluate_perplexity(cfg, on_event=on_event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from posthoc_sparse.evaluate.passkey import PasskeyConfig
 
 from .app import app, console
-from .common import RunProgress, esc, print_report
+from .common import RunProgress, esc, print_note, print_report
 from .options import config_command
 
 
@@ -27,7 +27,7 @@ def passkey(cfg: PasskeyConfig) -> None:
             progress.done(f"{label(info['mode'], info['k'])}, {info['length']} tokens: {info['accuracy']:.0%} "
                           f"retrieved ({info['seconds']:.0f} s)")
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {esc(info['message'])}")
+            print_note(info)
 
     try:
         report = run_passkey(cfg, on_event=on_event)

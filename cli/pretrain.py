@@ -5,7 +5,7 @@ from __future__ import annotations
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 
 from .app import app, console, out_console
-from .common import esc, fmt, print_table, progress_bar
+from .common import esc, fmt, log_step, print_note, print_table, progress_bar
 from .options import config_command
 
 
@@ -39,11 +39,9 @@ def pretrain(cfg: PretrainConfig) -> None:
             bar.update(state["task"], completed=info["step"], info=(
                 f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
                 f"{info['tokens_per_second']:,.0f} tok/s"))
-            if not console.is_terminal and (info["step"] % cfg.log_every == 0 or info["step"] == info["total"]):
-                console.print(f"step {info['step']}/{info['total']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
-                              f"{info['tokens_per_second']:,.0f} tok/s", highlight=False)
+            log_step(info, cfg.log_every)
         elif kind == "note":
-            console.print(f"[yellow]note[/]: {esc(info['message'])}")
+            print_note(info)
         elif kind == "done":
             bar.stop()
 

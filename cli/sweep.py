@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posthoc_sparse.experiments.sweep import SweepConfig
 
-from .common import esc, is_main_process, print_report, processes_note, progress_bar
+from .common import esc, is_main_process, print_note, print_report, processes_note, progress_bar
 from .app import app, console
 from .options import config_command
 
@@ -20,7 +20,7 @@ def unfreeze_sweep(cfg: SweepConfig) -> None:
 
     def on_event(kind: str, info: dict) -> None:
         if kind in ("note", "distill.note"):
-            console.print(f"[yellow]note[/]: {esc(info['message'])}")
+            print_note(info)
         elif kind == "distill":
             console.print(f"no --gates given: distilling a gate first ({info['steps']} steps) into "
                           f"{esc(info['output'])}")

@@ -274,3 +274,22 @@ def load_recipe(name_or_path: str) -> dict:
         raise UserError(f"recipe {path} is not UTF-8 text (a binary file?); pass a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """Sorted distinct positive integers of a comma list (``--k 16,32,64``), or one UserError naming ``flag``."""
+    try:
+        values = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"{flag} takes integers separated by commas, got {text!r}") from None
+    if not values or values[0] <= 0:
+        raise UserError(f"{flag} must be positive, got {text!r}")
+    return values
+
+
+def name_list(text: str, choices, flag: str) -> list[str]:
+    """The names of a comma list, in the user's order, each one of ``choices``; or one UserError naming ``flag``."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names or any(n not in choices for n in names):
+        raise UserError(f"{flag} takes a comma list of {', '.join(choices)}, got {text!r}")
+    return names

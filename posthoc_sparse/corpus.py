@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
-from .config import option
+from .config import name_list, option
 from .data import is_heldout
 from .sources import MANIFEST_NAME
 from .errors import UserError
@@ -116,10 +116,7 @@ class CorpusConfig:
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def source_list(self) -> list[Source]:
-        names = [s.strip() for s in self.sources.split(",") if s.strip()]
-        bad = [n for n in names if n not in CORPUS_SOURCES]
-        if bad or not names:
-            raise UserError(f"--sources takes a comma list of {', '.join(CORPUS_SOURCES)}, got {self.sources!r}")
+        names = name_list(self.sources, CORPUS_SOURCES, "--sources")
         if len(set(names)) != len(names):
             raise UserError(f"--sources names a source twice: {self.sources!r}")
         return [CORPUS_SOURCES[n] for n in names]

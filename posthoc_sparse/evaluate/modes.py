@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection
-from ..config import option
+from ..config import int_list, name_list, option
 from ..errors import UserError
 
 
@@ -33,11 +33,7 @@ class ModesConfig:
 
     def mode_list(self) -> list[str]:
         """The modes asked for, in the order of MODES."""
-        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
-        if not modes or any(m not in MODES for m in modes):
-            raise UserError(f"--modes takes a comma list of {', '.join(MODES)}, got {self.modes!r}")
-        if "gate" in modes and not self.gates:
-            raise UserError("mode 'gate' needs --gates FOLDER (a folder written by `sparsify distill`)")
+        modes = mode_names(self.modes, self.gates)
         return [m for m in MODES if m in modes]
 
     def runs(self) -> list[tuple[str, int | None]]:
@@ -55,15 +51,12 @@ class ModesConfig:
         return self.gates if mode in ("gate", "random") else None
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """Sorted distinct positive integers of a comma list, or one clear UserError naming ``flag``."""
-    try:
-        values = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"{flag} takes integers separated by commas, got {text!r}") from None
-    if not values or values[0] <= 0:
-        raise UserError(f"{flag} must be positive, got {text!r}")
-    return values
+def mode_names(text: str, gates: str | None) -> list[str]:
+    """The modes of a ``--modes`` comma list, in the user's order; mode gate needs ``gates``."""
+    modes = name_list(text, MODES, "--modes")
+    if "gate" in modes and not gates:
+        raise UserError("mode 'gate' needs --gates FOLDER (a folder written by `sparsify distill`)")
+    return modes
 
 
 def label(mode: str, k: int | None) -> str:

@@ -24,7 +24,8 @@ import torch
 
 from ..config import EMBEDDED_MODEL, option
 from ..errors import UserError
-from .modes import ModesConfig, int_list
+from ..config import int_list
+from .modes import ModesConfig
 
 REPORT_NAME = "passkey.json"
 TABLE_NAME = "passkey.md"

@@ -22,13 +22,13 @@ from ..attention.graphs import ShapeGraphs
 from ..attention.interface import SparseAttention
 from ..attention.policies import DEFAULT_BLOCK, MODES, check_selection, policy_for
 from ..config import (DEVICE_HELP, DEVICE_MAP_HELP, EMBEDDED_DATASET, EMBEDDED_MODEL, MAX_MEMORY_HELP, SEED_MAX,
-                      TEXT_FIELD_HELP, check_fields, option)
-from ..errors import UserError
+                      TEXT_FIELD_HELP, check_fields, int_list, option)
 from ..gates.io import default_d_g, gate_spec_for_model, load_gates, read_gate_config
 from ..gates.modules import random_control
 from ..attention.routing import RoutingStats
 from ..parallel import Processes
 from ..training import versions
+from .modes import mode_names
 
 REPORT_NAME = "eval.json"
 TABLE_NAME = "eval.md"  # the summary table as markdown, whole at any terminal width
@@ -80,22 +80,10 @@ class EvalConfig:
     revision: str | None = option(None, "Hub revision of --model.")
 
     def k_list(self) -> list[int]:
-        try:
-            ks = sorted({int(x) for x in str(self.k).split(",") if x.strip()})
-        except ValueError:
-            raise UserError(f"--k takes integers separated by commas, got {self.k!r}") from None
-        if not ks or ks[0] <= 0:
-            raise UserError(f"--k must be positive, got {self.k!r}")
-        return ks
+        return int_list(self.k, "--k")
 
     def mode_list(self) -> list[str]:
-        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in MODES]
-        if bad or not modes:
-            raise UserError(f"--modes takes a comma list of {', '.join(MODES)}, got {self.modes!r}")
-        if "gate" in modes and not self.gates:
-            raise UserError("mode 'gate' needs --gates FOLDER (a folder written by `sparsify distill`)")
-        return modes
+        return mode_names(self.modes, self.gates)
 
 
 @dataclass

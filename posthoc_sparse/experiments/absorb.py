@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPORT_TO_HELP, TEXT_FIELD_HELP, _positive, check_fields, option
+from ..config import REPORT_TO_HELP, TEXT_FIELD_HELP, _positive, check_fields, name_list, option
 from ..errors import UserError
 from ..training import check_report_to, versions
 from .absorb_summary import summary_markdown
@@ -88,10 +88,7 @@ class AbsorbConfig:
     overwrite: bool = option(False, "Start over in an existing --output folder.")
 
     def experiment_list(self) -> list[str]:
-        names = [e.strip() for e in self.experiments.split(",") if e.strip()]
-        bad = [e for e in names if e not in EXPERIMENTS]
-        if bad or not names:
-            raise UserError(f"--experiments takes a comma list of {', '.join(EXPERIMENTS)}, got {self.experiments!r}")
+        names = name_list(self.experiments, EXPERIMENTS, "--experiments")
         return [e for e in EXPERIMENTS if e in names]
 
     def validate(self) -> None:
