@@ -7,7 +7,7 @@ from rich.markdown import Markdown
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 
 from .app import app, console, out_console
-from .common import esc, progress_bar
+from .common import esc, progress_bar, run_reporting
 from .options import config_command
 
 
@@ -47,10 +47,7 @@ def absorb(cfg: AbsorbConfig) -> None:
         elif kind == "eval":
             console.print(f"evaluating {info['name']} ({info['modes']})")
 
-    try:
-        report = run_absorb(cfg, on_event=on_event)
-    finally:
-        bar.stop()
+    report = run_reporting(lambda events: run_absorb(cfg, on_event=events), bar, on_event)
     from posthoc_sparse.experiments.absorb_summary import summary_markdown
 
     out_console.print(Markdown(summary_markdown(report)))

@@ -138,6 +138,21 @@ def print_note(info: dict) -> None:
     console.print(f"[yellow]note[/]: {esc(info['message'])}")
 
 
+def run_reporting(call, progress, on_event):
+    """Return ``call(handler)``: the handler prints the library's notes and hands every other event to
+    ``on_event(kind, info)``; the progress display stops however the call ends."""
+    def handler(kind: str, info: dict) -> None:
+        if kind == "note" or kind.endswith(".note"):
+            print_note(info)
+        else:
+            on_event(kind, info)
+
+    try:
+        return call(handler)
+    finally:
+        progress.stop()
+
+
 class RunProgress:
     """A progress bar over a command's runs (mode and k), and, when stderr is not a terminal (a log), one plain
     line per finished run instead of the bar's redraws."""

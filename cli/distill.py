@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from posthoc_sparse.config import DistillConfig
 
-from .common import esc, fmt, is_main_process, log_step, print_note, print_table, processes_note, progress_bar
+from .common import (esc, fmt, is_main_process, log_step, print_table, processes_note, progress_bar,
+                     run_reporting)
 from .app import app, console, out_console
 from .options import config_command
 
@@ -44,15 +45,8 @@ def distill(cfg: DistillConfig) -> None:
             log_step(info, cfg.log_every)
         elif kind == "checkpoint" and not console.is_terminal:
             console.print(f"step {info['step']}: checkpoint written to {esc(info['path'])}", highlight=False)
-        elif kind == "note":
-            print_note(info)
-        elif kind == "done":
-            bar.stop()
 
-    try:
-        result = run_distill(cfg, on_event=on_event)
-    finally:
-        bar.stop()
+    result = run_reporting(lambda events: run_distill(cfg, on_event=events), bar, on_event)
     if not is_main_process():  # the other processes of a launched group stay quiet
         return
     headers = ["steps", "loss first", "loss last", f"recall@{cfg.k} gate", "gate at init", "random gate", "s/step",

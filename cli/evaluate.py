@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posthoc_sparse.evaluate.perplexity import EvalConfig
 
-from .common import esc, is_main_process, print_note, print_report, processes_note, progress_bar
+from .common import RunProgress, esc, is_main_process, print_report, processes_note, run_reporting
 from .app import app, console, out_console
 from .options import config_command
 
@@ -15,8 +15,7 @@ def eval_(cfg: EvalConfig) -> None:
     """Closed-loop perplexity of dense, oracle@k, gate@k and random@k attention, with routing metrics."""
     from posthoc_sparse.evaluate.perplexity import evaluate_perplexity
 
-    bar = progress_bar()
-    state = {"task": None}
+    progress = RunProgress("eval")
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "loaded":
@@ -24,20 +23,12 @@ def eval_(cfg: EvalConfig) -> None:
             console.print(f"model [bold]{esc(info['model'])}[/] on {info['device']}, {info['dtype']}"
                           f"{processes_note(info)}; text {esc(d['source'])} ({d['split']}): {d['n_windows']} windows "
                           f"of {d['seq_len']} tokens")
-            bar.start()
-            state["task"] = bar.add_task("eval", total=info["runs"], info="")
+            progress.start(info["runs"])
         elif kind == "result":
             label = info["mode"] if info["k"] is None else f"{info['mode']}@{info['k']}"
-            bar.update(state["task"], advance=1, info=f"{label}: ppl {info['perplexity']:.3f}")
-            if not console.is_terminal:  # logs redirected to a file get a line per result
-                console.print(f"{label}: perplexity {info['perplexity']:.3f} ({info['seconds']:.0f} s)")
-        elif kind == "note":
-            print_note(info)
+            progress.done(f"{label}: perplexity {info['perplexity']:.3f} ({info['seconds']:.0f} s)")
 
-    try:
-        report = evaluate_perplexity(cfg, on_event=on_event)
-    finally:
-        bar.stop()
+    report = run_reporting(lambda events: evaluate_perplexity(cfg, on_event=events), progress, on_event)
     if not is_main_process():  # the other processes of a launched group stay quiet
         return
     from posthoc_sparse.evaluate.perplexity import summary_table

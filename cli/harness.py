@@ -5,7 +5,7 @@ from __future__ import annotations
 from posthoc_sparse.evaluate.harness import TasksConfig
 
 from .app import app, console
-from .common import RunProgress, esc, print_report
+from .common import RunProgress, esc, print_report, run_reporting
 from .options import config_command
 
 
@@ -30,8 +30,5 @@ def lm_eval(cfg: TasksConfig) -> None:
             scores = "; ".join(f"{t} {m} {v:.4f}" for t, ms in info["metrics"].items() for m, v in ms.items())
             progress.done(f"{info['label']}: {scores} ({info['seconds']:.0f} s)")
 
-    try:
-        report = evaluate_tasks(cfg, on_event=on_event)
-    finally:
-        progress.stop()
+    report = run_reporting(lambda events: evaluate_tasks(cfg, on_event=events), progress, on_event)
     print_report(tasks_table(report), report.files, key_columns=3)

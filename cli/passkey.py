@@ -5,7 +5,7 @@ from __future__ import annotations
 from posthoc_sparse.evaluate.passkey import PasskeyConfig
 
 from .app import app, console
-from .common import RunProgress, esc, print_note, print_report
+from .common import RunProgress, esc, print_report, run_reporting
 from .options import config_command
 
 
@@ -26,11 +26,6 @@ def passkey(cfg: PasskeyConfig) -> None:
         elif kind == "result":
             progress.done(f"{label(info['mode'], info['k'])}, {info['length']} tokens: {info['accuracy']:.0%} "
                           f"retrieved ({info['seconds']:.0f} s)")
-        elif kind == "note":
-            print_note(info)
 
-    try:
-        report = run_passkey(cfg, on_event=on_event)
-    finally:
-        progress.stop()
+    report = run_reporting(lambda events: run_passkey(cfg, on_event=events), progress, on_event)
     print_report(passkey_table(report), report.files, key_columns=2)

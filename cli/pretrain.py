@@ -5,7 +5,7 @@ from __future__ import annotations
 from posthoc_sparse.experiments.pretrain import PretrainConfig
 
 from .app import app, console, out_console
-from .common import esc, fmt, log_step, print_note, print_table, progress_bar
+from .common import esc, fmt, log_step, print_table, progress_bar, run_reporting
 from .options import config_command
 
 
@@ -40,15 +40,8 @@ def pretrain(cfg: PretrainConfig) -> None:
                 f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
                 f"{info['tokens_per_second']:,.0f} tok/s"))
             log_step(info, cfg.log_every)
-        elif kind == "note":
-            print_note(info)
-        elif kind == "done":
-            bar.stop()
 
-    try:
-        result = run_pretrain(cfg, on_event=on_event)
-    finally:
-        bar.stop()
+    result = run_reporting(lambda events: run_pretrain(cfg, on_event=events), bar, on_event)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # the other processes of a launched group stay quiet
