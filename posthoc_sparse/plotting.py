@@ -49,10 +49,13 @@ def plain_ticks(ax, axis: str = "y") -> None:
 
     from matplotlib.ticker import FuncFormatter
 
+    def plain(v: float, _=None) -> str:  # .4g alone writes 50000 as 5e+04
+        return f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+
     def minor(v: float, _) -> str:  # on a log axis: label 2x and 5x of each decade, not all eight minor ticks
         lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
-        return f"{v:.4g}" if lead in (2, 5) else ""
+        return plain(v) if lead in (2, 5) else ""
 
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+    target.set_major_formatter(FuncFormatter(plain))
     target.set_minor_formatter(FuncFormatter(minor))

@@ -85,3 +85,21 @@ def test_sweep_plot_colours_the_gap_by_sign_with_plain_ticks(figures, tmp_path):
     assert tuple(worse.get_facecolor()[0][:3]) == to_rgba("C3")[:3]
     assert not any("times" in t or "^" in t for t in _tick_texts(ax)), _tick_texts(ax)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.00", "0.10", "0.20"]
+
+
+def test_posthoc_plots_of_both_reports_use_plain_ticks_on_a_span_below_and_above_10x(figures, tmp_path):
+    """The post-hoc curve is one function for the absorb report and the GPU units' report; 300 -> 105 is a linear
+    axis (below 10x), a curve from 53332 a log axis, and neither labels a tick 3x10^2 or 5e+04."""
+    import matplotlib.pyplot as plt
+
+    from posthoc_sparse.experiments.plots import plot_posthoc
+
+    for first in (336.4, 53332.6):
+        curve = [{"step": s, "ppl_gate": p} for s, p in ((0, first), (100, 106.7), (200, 106.5))]
+        plot_posthoc(plt, curve, 300.2, 105.8, 99.1, 64, "post hoc", tmp_path / "p.png")
+    linear, log = figures[0].axes[0], figures[1].axes[0]
+    assert linear.get_yscale() == "linear" and log.get_yscale() == "log"
+    for ax in (linear, log):
+        assert not any("times" in t or "^" in t or "e+" in t for t in _tick_texts(ax)), _tick_texts(ax)
+    assert sorted(line.get_label() for line in linear.get_lines()) == [
+        "dense", "frozen random gate", "learned gate (distilled, model frozen)", "oracle top-64"]

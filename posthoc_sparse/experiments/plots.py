@@ -86,7 +86,8 @@ def plot_absorb(report: dict, out: Path) -> list[Path]:
         for i, row in enumerate(rows):
             axes[1].bar([j + i * width for j in range(len(modes))], [row[m] for m in modes], width, label=row["label"])
         axes[1].set_xticks([j + width / 2 for j in range(len(modes))], ["dense", "oracle", "gate", "random"])
-        axes[1].set(yscale="log", ylabel="held-out perplexity", title=f"deployed, top-{k}")
+        axes[1].set(ylabel="held-out perplexity", title=f"deployed, top-{k}")
+        value_axis(axes[1], [row[m] for row in rows for m in modes])
         fig.tight_layout()
         written.append(save_png(fig, out / "absorb-coadapt.png"))
 
@@ -98,22 +99,31 @@ def plot_absorb(report: dict, out: Path) -> list[Path]:
                                           ("stochastic", "trained with random masks"))):
             ax.bar([j + i * 0.38 for j in range(len(modes))], [s[key][m] for m in modes], 0.38, label=label)
         ax.set_xticks([j + 0.19 for j in range(len(modes))], ["deployed dense", f"oracle top-{k}", f"random top-{k}"])
-        ax.set(yscale="log", ylabel="held-out perplexity", title="stochastic mask randomization")
+        ax.set(ylabel="held-out perplexity", title="stochastic mask randomization")
+        value_axis(ax, [s[key][m] for key in ("dense_baseline", "stochastic") for m in modes])
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(save_png(fig, out / "absorb-stochastic.png"))
 
     if "posthoc" in res:
         p = res["posthoc"]
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        ax.plot([c["step"] for c in p["curve"]], [c["ppl_gate"] for c in p["curve"]], marker="o",
-                label="learned gate (distilled)")
-        ax.axhline(p["ppl_random"], color="C3", ls="--", label="random gate")
-        ax.axhline(p["ppl_oracle"], color="C2", ls=":", label=f"oracle top-{k}")
-        ax.axhline(p["ppl_dense"], color="gray", ls="-.", label="dense")
-        ax.set(xlabel="distillation step", ylabel=f"held-out perplexity, top-{k}", yscale="log",
-               title="post hoc: distilling on the frozen dense model")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(save_png(fig, out / "absorb-posthoc.png"))
+        written.append(plot_posthoc(plt, p["curve"], p["ppl_random"], p["ppl_oracle"], p["ppl_dense"], k,
+                                    "post hoc: distilling on the frozen dense model", out / "absorb-posthoc.png"))
     return written
+
+
+def plot_posthoc(plt, curve: list[dict], ppl_random: float, ppl_oracle: float, ppl_dense: float, k: int, title: str,
+                 path: Path) -> Path:
+    """Gate perplexity against distillation steps (``curve``: {"step", "ppl_gate"}) beside the frozen random
+    gate, the oracle top-k and dense; of an absorb report and of the GPU units' report."""
+    gate = [c["ppl_gate"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([c["step"] for c in curve], gate, marker="o", label="learned gate (distilled, model frozen)")
+    ax.axhline(ppl_random, color="C3", ls="--", label="frozen random gate")
+    ax.axhline(ppl_oracle, color="C2", ls=":", label=f"oracle top-{k}")
+    ax.axhline(ppl_dense, color="gray", ls="-.", label="dense")
+    ax.set(xlabel="distillation step", ylabel=f"held-out perplexity, top-{k}", title=title)
+    value_axis(ax, gate + [ppl_random, ppl_oracle, ppl_dense])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)

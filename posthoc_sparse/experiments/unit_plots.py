@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import pyplot, save_png
+from ..plotting import pyplot, save_png, value_axis
+from .plots import plot_posthoc
 
 
 def _m(d: dict | None) -> float | None:
@@ -22,8 +23,9 @@ def plot_units(report: dict, out: Path) -> list[Path]:
         curve = f["reference"]["plateau"]["curve"]
         fig, ax = plt.subplots(figsize=(6, 3.8))
         ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3)
-        ax.set(xlabel="training step", ylabel="held-out perplexity", yscale="log",
+        ax.set(xlabel="training step", ylabel="held-out perplexity",
                title=f"31M reference model (seed {f['reference']['seed']}): held-out curve")
+        value_axis(ax, [c[1] for c in curve])
         fig.tight_layout()
         written.append(save_png(fig, out / "absorb-plateau.png"))
     if f["soft"]["seeds"]:
@@ -41,26 +43,19 @@ def plot_units(report: dict, out: Path) -> list[Path]:
         written.append(save_png(fig, out / "absorb-soft.png"))
     if f["posthoc"]:
         p = f["posthoc"]
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        ax.plot([c["step"] for c in p["curve"]], [_m(c["ppl_gate"]) for c in p["curve"]], marker="o",
-                label="learned gate (distilled, model frozen)")
-        for key, style, label in (("ppl_random", "--", "frozen random gate"), ("ppl_oracle", ":", f"oracle top-{k}"),
-                                  ("ppl_dense", "-.", "dense")):
-            ax.axhline(_m(p[key]), ls=style, color={"ppl_random": "C3", "ppl_oracle": "C2"}.get(key, "gray"),
-                       label=label)
-        ax.set(xlabel="distillation step", ylabel=f"held-out perplexity, top-{k}", yscale="log",
-               title="post hoc: gate perplexity against distillation steps")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(save_png(fig, out / "absorb-posthoc.png"))
+        curve = [{"step": c["step"], "ppl_gate": _m(c["ppl_gate"])} for c in p["curve"]]
+        written.append(plot_posthoc(plt, curve, _m(p["ppl_random"]), _m(p["ppl_oracle"]), _m(p["ppl_dense"]), k,
+                                    "post hoc: gate perplexity against distillation steps", out / "absorb-posthoc.png"))
     if f["sweep"]:
         t = f["sweep"]["table"]
         fs = [r["fraction"] for r in t]
         fig, ax = plt.subplots(figsize=(6, 3.8))
-        ax.plot(fs, [_m(r["ppl_learned"]) for r in t], marker="o", label="distilled gate (frozen)")
-        ax.plot(fs, [_m(r["ppl_random"]) for r in t], marker="s", label="random gate (frozen)")
-        ax.set(xlabel="fraction of layers unfrozen", ylabel=f"held-out perplexity, top-{k}", yscale="log",
+        learned, random = [_m(r["ppl_learned"]) for r in t], [_m(r["ppl_random"]) for r in t]
+        ax.plot(fs, learned, marker="o", label="distilled gate (frozen)")
+        ax.plot(fs, random, marker="s", label="random gate (frozen)")
+        ax.set(xlabel="fraction of layers unfrozen", ylabel=f"held-out perplexity, top-{k}",
                title=f"absorption gradient, seeds {f['sweep']['seeds']}")
+        value_axis(ax, learned + random)
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(save_png(fig, out / "absorb-sweep.png"))
