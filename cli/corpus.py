@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from posthoc_sparse.corpus import CorpusConfig
 
 from .app import app, console, out_console
-from .common import esc
+from .common import esc, print_table
 from .options import config_command
 
 
@@ -23,15 +21,13 @@ def corpus(cfg: CorpusConfig) -> None:
 
     result = build_corpus(cfg, on_event=on_event)
     manifest = result.manifest
-    table = Table(title=f"corpus -> {esc(result.output)}")
-    for col in ("source", "package", "documents", "characters", "train / held-out docs", "duplicates dropped",
-                "license"):
-        table.add_column(col, justify="left" if col in ("source", "package", "license") else "right")
-    for s in manifest["sources"]:
-        table.add_row(s["name"], f"{s['package']} {s['version']}", f"{s['documents']:,}", f"{s['characters']:,}",
-                      f"{s['train_documents']:,} / {s['heldout_documents']:,}", str(s["duplicates_dropped"]),
-                      s["license"])
-    out_console.print(table)
+    headers = ["source", "package", "documents", "characters", "train / held-out docs", "duplicates dropped"]
+    rows = [[s["name"], f"{s['package']} {s['version']}", f"{s['documents']:,}", f"{s['characters']:,}",
+             f"{s['train_documents']:,} / {s['heldout_documents']:,}", str(s["duplicates_dropped"])]
+            for s in manifest["sources"]]
+    print_table(out_console, f"corpus -> {result.output}", headers, rows)  # every cell whole at any width
+    for s in manifest["sources"]:  # licences are sentences: a line each, not a table column
+        out_console.print(f"{esc(s['name'])} licence: {esc(s['license'])}", highlight=False)
     for name, f in manifest["files"].items():
         out_console.print(f"{name}: {f['documents']:,} documents, {f['bytes']:,} bytes, sha256 {f['sha256']}")
     out_console.print(f"split: {manifest['split']['rule']}; pass the folder as --dataset {esc(result.output)}")

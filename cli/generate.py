@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from posthoc_sparse.generate import GenerateConfig
 
-from .common import esc, fmt, print_table
+from .common import esc, fmt, print_note, print_table
 from .app import app, console, out_console
 from .options import config_command
 
@@ -23,8 +23,8 @@ def generate(cfg: GenerateConfig) -> None:
     if res.dense_text is not None:
         out_console.print(f"{'dense:':<{width}} [bold]{esc(res.prompt)}[/]{esc(res.dense_text)}", highlight=False)
     if res.dense_equivalent and res.mode != "dense":
-        console.print(f"[yellow]note[/]: k={res.k} >= the {res.context}-token context, so every query kept all its "
-                      "keys: attention was dense. Use a longer prompt or a smaller --k to see the gate at work.")
+        print_note({"message": f"k={res.k} >= the {res.context}-token context, so every query kept all its keys: "
+                               "attention was dense. Use a longer prompt or a smaller --k to see the gate at work."})
     if res.dense_text is None:
         console.print(f"{label}: prefill {fmt(res.prefill_seconds, '.3f')} s, decode "
                       f"{fmt(res.tokens_per_second, ',.1f')} tokens/s", highlight=False)

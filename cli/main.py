@@ -49,9 +49,9 @@ INTERRUPTED_HINT = "interrupted (Ctrl-C); nothing was written"
 
 
 def _esc(value) -> str:
-    from rich.markup import escape
+    from .common import esc  # late: the handler of an early Ctrl-C is in place before anything heavy is imported
 
-    return escape(str(value))
+    return esc(value)
 
 
 def _fail(message: str, code: int, hard: bool = False) -> None:

