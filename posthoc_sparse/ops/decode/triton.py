@@ -48,6 +48,8 @@ TUNING = {"block_s": 64, "block_n": 32, "select_block": 1024, "programs": 512, "
           "select_warps": 8, "attn_warps": 4, "select": "radix"}
 
 if triton is not None:
+    from ..head_topk.triton import _mono  # fp32 -> int64 of the same order
+
     NEG = tl.constexpr(-1.0e30)
 
     @triton.jit
@@ -138,8 +140,7 @@ if triton is not None:
             for start in range(0, S, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-                bits = s.to(tl.int32, bitcast=True)
-                u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+                u = _mono(s) + 2147483648  # 0 .. 2**32 - 1
                 match = (u >> (shift + 8)) == prefix  # every key in pass 0
                 hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
             if p == 0:
@@ -160,8 +161,7 @@ if triton is not None:
         for start in range(0, S, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-            bits = s.to(tl.int32, bitcast=True)
-            u = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+            u = _mono(s) + 2147483648
             eq = u == prefix
             keep = (u > prefix) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
             pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
