@@ -5,6 +5,7 @@
     python benchmarks/gpu_units.py aggregate                        # absorb.json, summary.md, PNGs from the units
     python benchmarks/gpu_units.py plan                             # the ordered units with GPU-time estimates
     python benchmarks/gpu_units.py probe --out $OUT                 # GPU machine: time each mode, re-estimate
+    python benchmarks/gpu_units.py speed --out $OUT                 # GPU machine: where a step's time goes
 
 Every unit runs with the settings of recipes/paper-31m-units.toml (``--set KEY=VALUE`` overrides, for smoke tests)
 and the sweep settings of ``SweepSettings``. A unit whose JSON in docs/data/units has the same fingerprint is reused.
@@ -197,15 +198,70 @@ def probe(a) -> None:
     _print_plan(estimates)
 
 
+def speed(a) -> None:
+    """Where a training step's time goes on this machine: 30 steps of each (mode, batch size) of ``--speed`` (first
+    5 dropped; median ms/step, tokens/s) and a torch.profiler trace of 5 steps: the GPU's kernel time per step
+    against the wall time per step (a low ratio: the host, not the GPU, bounds the step), and the top kernels.
+    Writes $OUT/speed.json."""
+    from dataclasses import replace
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from posthoc_sparse.experiments.pretrain import pretrain
+
+    cfg = settings(a.set)
+    rows = []
+    for item in a.speed.split(","):
+        mode, batch = item.rsplit(":", 1)
+        times, prof = [], profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+        def on_event(kind, info, times=times, prof=prof):
+            if kind != "step":
+                return
+            times.append(info["seconds"])
+            if info["step"] == 20:
+                prof.start()
+            elif info["step"] == 25:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                prof.stop()
+
+        pcfg = replace(cfg.pretrain_config(mode, 0, str(Path(a.work) / f"speed-{mode}-{batch}")), steps=30,
+                       batch_size=int(batch), eval_every=1000, eval_windows=1, checkpoint_every=1000, warmup=1,
+                       max_train_windows=2048, overwrite=True, resume=False)
+        pretrain(pcfg, on_event=on_event)
+        t = sorted(times[5:])
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_s = sum(e.self_device_time_total for e in kernels) / 1e6 / 5
+        wall = sum(times[20:25])  # the profiled steps
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+        row = {"mode": mode, "batch_size": int(batch), "ms_per_step": t[len(t) // 2] * 1000,
+               "tokens_per_second": int(batch) * cfg.seq_len / t[len(t) // 2],
+               "profiled_wall_ms_per_step": wall / 5 * 1000, "gpu_kernel_ms_per_step": gpu_s * 1000,
+               "gpu_busy": gpu_s * 5 / wall if wall else None, "kernels_per_step": sum(e.count for e in kernels) / 5,
+               "top_kernels": [[e.key[:90], e.self_device_time_total / 5 / 1000, e.count // 5] for e in top]}
+        rows.append(row)
+        log(f"speed {mode} b{batch}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_second']:,.0f} tok/s; "
+            f"GPU kernels {row['gpu_kernel_ms_per_step']:.1f} ms/step ({row['kernels_per_step']:.0f} launches), "
+            f"busy {row['gpu_busy']:.2f}")
+        for name, ms, n in row["top_kernels"]:
+            log(f"    {ms:7.2f} ms x{n:<4} {name}")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (Path(a.out) / "speed.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["prepare", "run", "aggregate", "plan", "probe"])
+    p.add_argument("stage", choices=["prepare", "run", "aggregate", "plan", "probe", "speed"])
     p.add_argument("units", nargs="*")
     p.add_argument("--out", default="/tmp/out")
     p.add_argument("--work", default="/tmp/units")
     p.add_argument("--done", default=str(DONE))
     p.add_argument("--report", default=str(ROOT / "docs" / "data" / "absorb-31m-units"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--speed", default="dense:16,dense:32,soft-learned:16,soft-learned:32", metavar="MODE:BATCH,...")
     a = p.parse_args()
     if a.stage == "run" and not a.units:
         p.error("run needs at least one unit (see: plan)")
@@ -213,7 +269,8 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    {"prepare": prepare, "run": run, "aggregate": aggregate, "plan": plan, "probe": probe}[a.stage](a)
+    {"prepare": prepare, "run": run, "aggregate": aggregate, "plan": plan, "probe": probe,
+     "speed": speed}[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # On the GPU machine, carrying .whl and data/offline-en-plus (run tool: carry [".whl", "data/offline-en-plus"]):
 #     bash benchmarks/gpu_units.sh dense-s0 [UNIT...]
 #     bash benchmarks/gpu_units.sh --probe [UNIT...]     # first time each mode (~1 min), then the units
+#     bash benchmarks/gpu_units.sh --speed [UNIT...]     # where a step's time goes (profiler, ~2 min), then units
 # Back here: copy $OUT/<unit>.json into docs/data/units/, commit it, and rebuild the report:
 #     python benchmarks/gpu_units.py aggregate   # docs/data/absorb-31m-units/{absorb.json,summary.md,*.png}
 # Environment: OUT (/tmp/out), WORK (/tmp/units: models and gates, never brought back), PYTHON (python3),
@@ -22,6 +23,7 @@ case "${1:-}" in
     --prepare) exec "$PY" "$DRIVER" prepare ;;
     --plan) exec "$PY" "$DRIVER" plan ;;
     --probe) shift; set -- __probe__ "$@" ;;
+    --speed) shift; set -- __speed__ "$@" ;;
     "") echo "usage: bash benchmarks/gpu_units.sh UNIT... | --prepare | --plan" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/out}
@@ -39,6 +41,11 @@ for kv in ${SET:-}; do sets+=(--set "$kv"); done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: a repeated unit reproduces its numbers
 set -o pipefail
+if [[ "$1" == __speed__ ]]; then  # where a training step's time goes, before the units
+    shift
+    "$PY" "$DRIVER" speed --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/speed.log"
+    [[ $# -eq 0 ]] && exit 0
+fi
 if [[ "$1" == __probe__ ]]; then  # time each mode here and re-estimate the plan (before the long units)
     shift
     "$PY" "$DRIVER" probe --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/probe.log"

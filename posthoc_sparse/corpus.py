@@ -286,12 +286,22 @@ def _source_documents(src: Source, packages: str) -> tuple[list[dict], dict]:
             corpus_readers.package_version(src.kind, src.dist, root)
     except importlib.metadata.PackageNotFoundError:
         version = None
-    docs = [{"id": doc_id, "source": src.name, "text": clean_text(raw)} for doc_id, raw in _read(src, root, files)]
+    docs = [{"id": doc_id, "source": src.name, "text": clean_text(raw)}
+            for doc_id, raw in _unique_ids(_read(src, root, files))]
     info = {"name": src.name, "package": src.dist, "registry": src.kind, "version": version,
             "expected_version": src.version,
             "files": src.pattern, "n_files": len(files), "input_bytes": n_bytes, "input_sha256": digest.hexdigest(),
             "license": src.license, "content": src.content, "raw_documents": len(docs)}
     return docs, info
+
+
+def _unique_ids(pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """(doc id, raw text) pairs with every id made unique: a repeated id (a dictionary with two entries under one
+    headword) gets ``#2``, ``#3``, ... in the order read."""
+    seen: dict[str, int] = {}
+    for doc_id, raw in pairs:
+        seen[doc_id] = seen.get(doc_id, 0) + 1
+        yield (doc_id if seen[doc_id] == 1 else f"{doc_id}#{seen[doc_id]}"), raw
 
 
 def _jsonl(docs: list[dict]) -> bytes:

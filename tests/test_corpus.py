@@ -208,7 +208,8 @@ def test_a_debian_source_is_read_from_the_unpacked_package_with_its_version_and_
     root = tmp_path / "pk" / "deb" / "dict-devil"
     _dictd(root / "usr/share/dictd", "devil", [("BORE", "BORE, n.  A person who talks when you wish\nhim to listen.\n"),
                                                ("CYNIC", "CYNIC, n.  A blackguard whose faulty vision sees\nthings as "
-                                                         "they are.\n")])
+                                                         "they are.\n"),
+                                               ("CYNIC", "CYNIC, n.  (A second entry under the same word.)\n")])
     doc = root / "usr/share/doc/dict-devil"
     doc.mkdir(parents=True)
     (doc / "changelog.Debian.gz").write_bytes(gzip.compress(b"dict-devil (1.0-13.1) unstable; urgency=medium\n"))
@@ -217,7 +218,10 @@ def test_a_debian_source_is_read_from_the_unpacked_package_with_its_version_and_
     assert src["version"] == "1.0-13.1" and src["registry"] == "debian" and "public domain" in src["license"]
     texts = sorted(r["text"] for name in ("train.jsonl", "heldout.jsonl") for r in _records(res.output, name))
     assert texts == ["BORE, n. A person who talks when you wish him to listen.",
+                     "CYNIC, n. (A second entry under the same word.)",
                      "CYNIC, n. A blackguard whose faulty vision sees things as they are."]
+    ids = sorted(r["id"] for name in ("train.jsonl", "heldout.jsonl") for r in _records(res.output, name))
+    assert ids == ["devil:BORE", "devil:CYNIC", "devil:CYNIC#2"]  # one id per document
 
 
 def test_a_missing_npm_package_names_the_commands_that_unpack_it(tmp_path):

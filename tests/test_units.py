@@ -82,6 +82,21 @@ def test_a_finished_unit_is_reused_not_recomputed(done):
     assert fingerprint("dense-s0", _cfg(root, device="cuda"), SWEEP) == again["fingerprint"]  # where it ran: no
 
 
+def test_a_work_folder_left_by_other_settings_is_not_resumed(done, tmp_path):
+    root, _ = done
+    work, events = tmp_path / "work", []
+    first = run_unit("stochastic-s0", _cfg(root), SWEEP, work)
+    again = run_unit("stochastic-s0", _cfg(root), SWEEP, work, on_event=lambda kind, info: events.append((kind, info)))
+    assert ("run", True) in [(k, i.get("cached")) for k, i in events]  # same settings: the trained model is resumed
+    assert again["train"]["ppl_as_trained"] == first["train"]["ppl_as_trained"]
+    events.clear()
+    other = run_unit("stochastic-s0", _cfg(root, steps=8), SWEEP, work,
+                     on_event=lambda kind, info: events.append((kind, info)))
+    kinds = [(k, i.get("cached")) for k, i in events]
+    assert ("restart", None) in kinds and ("run", False) in kinds  # other settings: trained again, from scratch
+    assert [e["step"] for e in other["train"]["evals"]] == [0, 4, 8]
+
+
 def test_a_repeated_unit_reproduces_its_numbers_under_the_same_seed(done):
     root, out = done
     first = json.loads((out / "soft-learned-s0.json").read_text())

@@ -141,6 +141,7 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
             emit("reused", {"unit": name, "path": str(done / f"{name}.json")})
             return record
         emit("stale", {"unit": name, "path": str(done / f"{name}.json")})
+    _claim_work(work, fp, emit)
     runner = _Runner(replace(cfg, output=str(work), resume=True), emit, work)
     t0 = time.perf_counter()
     mode = "dense" if kind == "sweep" else kind
@@ -171,6 +172,20 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
         atomic_write_json(target / f"{name}.json", record)
     emit("unit", {"unit": name, "seconds": record["seconds"]})
     return record
+
+
+def _claim_work(work: Path, fp: str, emit: Callable[[str, dict], None]) -> None:
+    """Make ``work`` this unit's: what it holds is resumed only when it was made for the same fingerprint (the
+    same settings and data); a folder left by other settings (or by none on record) is emptied first."""
+    import shutil
+
+    stamp = work / "fingerprint.txt"
+    if work.exists() and (not stamp.is_file() or stamp.read_text().strip() != fp):
+        emit("restart", {"path": str(work), "why": "made for other settings or data"})
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        stamp.write_text(fp + "\n")
 
 
 def _device_name(dev: str) -> str:
