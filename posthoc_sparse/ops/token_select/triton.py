@@ -103,7 +103,7 @@ if triton is not None:
         return tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
 
     @triton.jit
-    def _token_select(A, Bk, LSE, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
+    def _token_select(A, Bk, LSE, IDX, WORDS, SWEEPS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
                       H, G, T, n_rep_b, scale, softcap, k,
                       DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_M: tl.constexpr, NC: tl.constexpr, R: tl.constexpr, BAND: tl.constexpr,
@@ -135,7 +135,9 @@ if triton is not None:
         # 2. counting sweeps, R candidates each, until at most BAND keys lie in [lo, hi)
         rr = tl.arange(0, R)
         active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
+        sweeps = 0
         while tl.max(active.to(tl.int32), 0) > 0:
+            sweeps += 1
             cand = lo[:, None] + ((hi - lo)[:, None] * (rr[None, :] + 1)) // (R + 1)  # in [lo, hi), one inside
             cval = _unmono(cand)
             cnt = tl.zeros([BLOCK_M, R], tl.int32)
@@ -154,6 +156,7 @@ if triton is not None:
             hi = tl.where(active, new_hi, hi)
             cnt_hi = tl.where(active, new_cnt_hi, cnt_hi)
             active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
+        tl.store(SWEEPS + tl.program_id(1) * tl.num_programs(0) + rb, sweeps)
         # 3. write: keys >= hi all; band keys [lo, hi) all if they fit, else the lowest indices (they tie: hi is
         # lo + 1) or, where at most BAND, as packed words to rank
         quota = k - cnt_hi
@@ -243,10 +246,11 @@ if triton is not None:
 
 
 def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, sweeps: bool = False):
     """Triton twin of ``token_select_reference``: (B, H // group, T, k) int32, each row's kept keys in key order
     (the same set; -1 past a row's causal keys). a (B, H, T, d) and b (B, H or G, T, d) in one dtype, last
-    dimensions contiguous."""
+    dimensions contiguous. ``sweeps``: also return the counting sweeps each program took, (B, H // group,
+    row blocks) int32 (the selection's cost is about 2 + that many sweeps over the causal keys, 3 + for groups)."""
     bsz, h, t, ds = a.shape
     g = h // group
     ieee = a.dtype == torch.float32
@@ -254,16 +258,17 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     idx = torch.empty(bsz, g, t, k, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
     lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
+    counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
     if group > 1:
         _row_lse[(triton.cdiv(t, rows), bsz * h)](
             a, b, lse, *a.stride()[:3], *b.stride()[:3], h, t, h // b.shape[1], float(scale), float(softcap or 1.0),
             DS=ds, NC=nc, BLOCK_M=rows, SOFTCAP=bool(softcap), IEEE=ieee, num_warps=TUNING["select_warps"])
     _token_select[(triton.cdiv(t, rows), bsz * g)](
-        a, b, lse, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t, h // b.shape[1],
+        a, b, lse, idx, words, counted, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t, h // b.shape[1],
         float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee,
         BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], BAND=TUNING["select_band"], RC=8,
         num_warps=TUNING["select_warps"])
-    return idx
+    return (idx, counted) if sweeps else idx
 
 
 def gather_attention(q, k, v, idx, scaling: float, softcap: float | None = None) -> torch.Tensor:
