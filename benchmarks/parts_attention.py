@@ -29,6 +29,10 @@ KL_LAUNCHES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), 
                (64, 32, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)]
 HEAD_LAUNCHES = {"topk": [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)], "attn": [(32, 4), (16, 4), (64, 4), (64, 8)]}
 BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)]
+# (rows, keys per tile, candidate thresholds, warps) of token_select; (rows, keys per step, warps) of gather_attention
+SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
+                   (32, 32, 16, 8), (16, 64, 8, 4)]
+GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -289,4 +293,35 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                     row["error"] = "out of memory"
                     torch.cuda.empty_cache()
                 rows.append(report(row))
+    return rows
+
+
+@part("prefill_tuning", gpu={"T": 8192, "k": 2048}, cpu={"T": 256, "k": 64}, cuda_only=True)
+def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
+    """Launch settings of the token-level prefill kernels (``ops.token_select`` TUNING).
+
+    At one T and k, per head and per KV group: the selection on gate-sized inputs (16 heads, d = 32, bf16) under
+    each (rows, keys per tile, candidate thresholds, warps), with the counting sweeps it took, and the attention
+    over the kept keys (head_dim 128, 8 KV heads) under each (rows, keys per step, warps). Plan: {"T": window
+    length, "k": keys kept}."""
+    device, t, k = bench.device, plan["T"], plan["k"]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+    key, v = (torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    rows = []
+    for sel, group in (("head", 1), ("group", 2)):
+        for n_rows, keys, cands, warps in SELECT_LAUNCHES:
+            settings = dict(select_rows=n_rows, select_keys=keys, select_cands=cands, select_warps=warps)
+            with tuning(ts.TUNING, **settings):
+                sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
+                if sec["seconds"] is not None:
+                    sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
+        idx = ts.token_select(a, b, k, 1.0, group)  # under the default settings
+        for n_rows, keys, warps in GATHER_LAUNCHES:
+            settings = dict(attn_rows=n_rows, attn_keys=keys, attn_warps=warps)
+            with tuning(ts.TUNING, **settings):
+                sec = launch_time(lambda: ts.gather_attention(q, key, v, idx, 128**-0.5), device, bench.reps)
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "attention", **settings, **sec}))
     return rows

@@ -105,7 +105,7 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
 def test_every_part_is_registered_with_a_plan_per_size():
     assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
                           "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model",
-                          "prefill_topk"}
+                          "prefill_topk", "prefill_tuning"}
     for part in PARTS.values():
         assert set(part.plans) == {"gpu", "cpu"} and all(part.plans.values()), part.name
         assert part.summary, f"part {part.name} has no docstring for --help"

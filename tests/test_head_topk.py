@@ -288,6 +288,25 @@ def test_token_kernels_on_gpu(dtype, t, k, group):
     torch.testing.assert_close(out, ts.gather_attention_reference(q, k_, v, got, 128**-0.5), atol=tol, rtol=tol)
 
 
+# the launch settings that `benchmarks/perf.py --parts prefill_tuning` times
+SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
+                   (32, 32, 16, 8), (16, 64, 8, 4)]
+GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES])
+def test_token_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
+    """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
+    kind, values = launch
+    names = (("select_rows", "select_keys", "select_cands", "select_warps") if kind == "select"
+             else ("attn_rows", "attn_keys", "attn_warps"))
+    for name, value in zip(names, values):
+        monkeypatch.setitem(ts.TUNING, name, value)
+    test_token_kernels_on_gpu(torch.bfloat16, 1500, 600, group)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("selection, selector, k", [("head", "gate", 150), ("group", "gate", 24),
                                                     ("group", "oracle", 150)])

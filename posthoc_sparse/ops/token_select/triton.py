@@ -135,7 +135,7 @@ if triton is not None:
         # 2. counting sweeps, R candidates each, until at most BAND keys lie in [lo, hi)
         rr = tl.arange(0, R)
         active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
-        sweeps = 0
+        sweeps = rb * 0  # an int32 scalar, carried by the loop
         while tl.max(active.to(tl.int32), 0) > 0:
             sweeps += 1
             cand = lo[:, None] + ((hi - lo)[:, None] * (rr[None, :] + 1)) // (R + 1)  # in [lo, hi), one inside
