@@ -6,6 +6,8 @@ tests/test_block_sparse.py and tests/test_head_topk.py)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,7 @@ from posthoc_sparse.errors import first_line
 from posthoc_sparse.gates.modules import GateBank
 from posthoc_sparse.ops import block_sparse as bsp
 from posthoc_sparse.ops import head_topk as ht
+from posthoc_sparse.ops import token_select as ts
 from posthoc_sparse.ops.attention_lse import flash_attention_lse
 from posthoc_sparse.ops.kl import kl_grad_fused
 from posthoc_sparse.ops.kl import triton as kl_triton  # its single passes and TUNING: no public API times them
@@ -26,6 +29,10 @@ KL_LAUNCHES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), 
                (64, 32, 4, 2), (128, 32, 4, 2), (128, 128, 8, 2)]
 HEAD_LAUNCHES = {"topk": [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)], "attn": [(32, 4), (16, 4), (64, 4), (64, 8)]}
 BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)]
+# (rows, keys per tile, candidate thresholds, warps) of token_select; (rows, keys per step, warps) of gather_attention
+SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
+                   (32, 32, 16, 8), (16, 64, 8, 4)]
+GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -208,4 +215,113 @@ def attention_tuning(bench: Bench, plan: dict) -> list[dict]:
                                                                     call.scaling), device, bench.reps)
             rows.append(report({"T": t, "k": k, "block": blk, "max_rows": max_rows, "num_warps": warps,
                                 "num_stages": stages, **sec}))
+    return rows
+
+
+def _prefill_work(t: int, h: int, g: int, d_sel: int, d: int, k: int, group: int, sweeps: float, elem: int) -> dict:
+    """Work of one layer's token-level prefill, counted from the shapes (batch 1): what each kernel must move and
+    compute, so that a time can be read against the GPU's rates. ``sweeps``: the selection's mean counting
+    sweeps per program (measured). Key tiles are reloaded per block of rows, mostly from L2."""
+    pairs = t * (t + 1) / 2  # causal (query, key) pairs per head
+    rows, cands = ts.TUNING["select_rows"], ts.TUNING["select_cands"]
+    n_sel = h // group  # index sets: per head, or per KV group
+    passes = 2 + sweeps + (1 if group > 1 else 0)  # min/max, counting, write (+ the log-sum-exp sweep)
+    kept = sum(min(k, i + 1) for i in range(t)) / t  # mean kept keys per row
+    sdpa_flops = 4 * d * pairs * h
+    return {
+        "select_sweeps_total": passes,
+        "select_flops": passes * pairs * h * 2 * d_sel,  # every sweep rescores every query head's pairs
+        "select_exp": (passes - 1) * pairs * h if group > 1 else 0,  # softmax probabilities, every sweep but the first
+        "select_compares": sweeps * pairs * n_sel * cands,  # one compare and add per candidate threshold
+        "select_key_tile_bytes": passes * h * (t * t / (2 * rows)) * d_sel * elem,
+        "index_bytes": n_sel * t * k * 4,  # (B, H or G, T, k) int32, written once and read once
+        "attention_flops": 4 * d * kept * t * h,  # without tensor cores: each row dots its own gathered keys
+        "attention_gather_bytes": 2 * d * elem * kept * t * h,  # K and V rows as requested, per query head
+        "attention_gather_unique_bytes": 2 * d * elem * kept * t * n_sel,  # one gather per index set
+        "sdpa_flops": sdpa_flops,  # tensor cores
+        "sdpa_min_bytes": (2 * h + 2 * g) * t * d * elem,  # Q, O, K, V once
+    }
+
+
+@part("prefill_topk", gpu={"T": [8192, 32768], "k": [256, 2048]}, cpu={"T": [96], "k": [16, 40]})
+@torch.no_grad()
+def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
+    """Token-level prefill top-k per head and per KV group (``ops.token_select``) / SDPA flash, one layer.
+
+    The gate's (d = 32) selection kernel alone, the attention over the kept keys alone, the whole policy call
+    (with the gate's projection) and its ratio to causal SDPA, with the work each piece does counted from the
+    shapes (bytes, FLOPs, the measured counting sweeps). Targets at T = 32768, k = 2048: group >= 1.0x SDPA,
+    head >= 0.5x. On a CPU the kernels run only under TRITON_INTERPRET=1 (else only SDPA and the policy's
+    reference path are timed). Plan: {"T": window lengths, "k": keys kept}."""
+    model, bank, device, reps = bench.model, bench.bank, bench.device, bench.reps
+    kernels = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    elem = torch.finfo(bench.dtype).bits // 8
+    rows = []
+    for t in plan["T"]:
+        call = layer_call(model, bank.spec, t, device, bench.dtype)
+        q, key, v = call.query, call.key, call.value
+        h, g, d = q.shape[1], key.shape[1], q.shape[-1]
+        sdpa = timed(lambda: F.scaled_dot_product_attention(q, key, v, is_causal=True, enable_gqa=True), device, reps)
+        for kk in plan["k"]:
+            for sel in ("head", "group"):
+                group = h // g if sel == "group" else 1
+                pol = policy_for("gate", kk, bank, selection=sel)
+                row = {"T": t, "k": kk, "selection": sel, "sdpa_s": sdpa,
+                       "path": "kernels" if pol._token_kernels(call) else "reference"}
+                try:
+                    if kernels:
+                        gq, gk = pol.selector.prepare(call)
+                        row["prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
+                        row["select_s"] = timed(lambda: ts.token_select(gq, gk, kk, 1.0, group), device, reps)
+                        idx, sweeps = ts.token_select(gq, gk, kk, 1.0, group, sweeps=True)
+                        row["select_sweeps_mean"] = sweeps.float().mean().item()
+                        row["select_sweeps_max"] = int(sweeps.max())
+                        row["attention_s"] = timed(lambda: ts.gather_attention(q, key, v, idx, call.scaling),
+                                                   device, reps)
+                        del idx
+                        row["select_speedup_vs_sdpa"] = sdpa / row["select_s"]
+                        row["attention_speedup_vs_sdpa"] = sdpa / row["attention_s"]
+                        work = _prefill_work(t, h, g, gq.shape[-1], d, kk, group, row["select_sweeps_mean"], elem)
+                        row |= work
+                        row["select_tflops_per_s"] = work["select_flops"] / row["select_s"] / 1e12
+                        row["attention_gather_tb_per_s"] = work["attention_gather_bytes"] / row["attention_s"] / 1e12
+                        row["sdpa_tflops_per_s"] = work["sdpa_flops"] / sdpa / 1e12
+                    if row["path"] == "kernels" or t <= 4096:  # the chunked reference: too slow at long context
+                        row["total_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
+                        row["speedup_vs_sdpa"] = sdpa / row["total_s"]
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                rows.append(report(row))
+    return rows
+
+
+@part("prefill_tuning", gpu={"T": 8192, "k": 2048}, cpu={"T": 256, "k": 64}, cuda_only=True)
+def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
+    """Launch settings of the token-level prefill kernels (``ops.token_select`` TUNING).
+
+    At one T and k, per head and per KV group: the selection on gate-sized inputs (16 heads, d = 32, bf16) under
+    each (rows, keys per tile, candidate thresholds, warps), with the counting sweeps it took, and the attention
+    over the kept keys (head_dim 128, 8 KV heads) under each (rows, keys per step, warps). Plan: {"T": window
+    length, "k": keys kept}."""
+    device, t, k = bench.device, plan["T"], plan["k"]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 16, t, 128, generator=gen).to(device, torch.bfloat16)
+    key, v = (torch.randn(1, 8, t, 128, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    rows = []
+    for sel, group in (("head", 1), ("group", 2)):
+        for n_rows, keys, cands, warps in SELECT_LAUNCHES:
+            settings = dict(select_rows=n_rows, select_keys=keys, select_cands=cands, select_warps=warps)
+            with tuning(ts.TUNING, **settings):
+                sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
+                if sec["seconds"] is not None:
+                    sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
+        idx = ts.token_select(a, b, k, 1.0, group)  # under the default settings
+        for n_rows, keys, warps in GATHER_LAUNCHES:
+            settings = dict(attn_rows=n_rows, attn_keys=keys, attn_warps=warps)
+            with tuning(ts.TUNING, **settings):
+                sec = launch_time(lambda: ts.gather_attention(q, key, v, idx, 128**-0.5), device, bench.reps)
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "attention", **settings, **sec}))
     return rows

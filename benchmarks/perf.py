@@ -6,7 +6,8 @@
 
 The harness (registry, timing, model, JSON) is ``benchmarks/harness.py``; the parts are registered by
 ``parts_distill.py`` (distill, distill_sampled, memory, sweep), ``parts_eval.py`` (eval, model, host) and
-``parts_attention.py`` (attention, kernel, head_tuning, attention_tuning) and ``parts_decode.py`` (decode_attention,
+``parts_attention.py`` (attention, kernel, head_tuning, attention_tuning,
+prefill_topk, prefill_tuning) and ``parts_decode.py`` (decode_attention,
 decode_model).
 """
 

@@ -82,9 +82,30 @@ def test_decode_parts_run_at_the_cpu_size(tmp_path):
         assert row["gate_cache_over_kv_cache_ratio"] == 0.5 and not any("graph" in key for key in row)
 
 
+def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
+    """The token-level prefill part (issue 21) on the CPU: the kernels through TRITON_INTERPRET=1, the policy's
+    reference path against SDPA, and the work counted per piece."""
+    out = tmp_path / "prefill.json"
+    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "prefill_topk", "--reps",
+                          "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["parts"]["prefill_topk"]
+    plan = PARTS["prefill_topk"].plans["cpu"]
+    assert [(r["T"], r["k"], r["selection"]) for r in rows] == [
+        (t, k, sel) for t in plan["T"] for k in plan["k"] for sel in ("head", "group")]
+    for row in rows:
+        assert row["path"] == "reference"  # the policy takes the kernels on CUDA only
+        _positive(row, ["sdpa_s", "select_s", "attention_s", "total_s", "speedup_vs_sdpa", "select_flops",
+                        "attention_gather_bytes", "sdpa_flops"])
+        assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (
+            4 if row["selection"] == "head" else 2)
+
+
 def test_every_part_is_registered_with_a_plan_per_size():
     assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
-                          "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model"}
+                          "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model",
+                          "prefill_topk", "prefill_tuning"}
     for part in PARTS.values():
         assert set(part.plans) == {"gpu", "cpu"} and all(part.plans.values()), part.name
         assert part.summary, f"part {part.name} has no docstring for --help"

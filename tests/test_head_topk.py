@@ -1,5 +1,6 @@
-"""Per-head top-k kernels (ops.head_topk) against their naive twins (on the CPU through TRITON_INTERPRET=1,
-on the GPU in fp32 and bf16), and the policy's per-head kernel path against the chunked reference."""
+"""Prefill top-k kernels against their naive twins (on the CPU through TRITON_INTERPRET=1, on the GPU in fp32 and
+bf16): per head at small k (ops.head_topk), per head or per KV group at any k (ops.token_select); and the
+policy's kernel paths against the chunked reference."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from posthoc_sparse.gates.io import gate_spec_for_model
 from posthoc_sparse.gates.modules import GateBank
 from posthoc_sparse.ops import HAVE_TRITON
 from posthoc_sparse.ops import head_topk as ht
+from posthoc_sparse.ops import token_select as ts
 
 from .tiny import random_ids, tiny_model
 
@@ -157,3 +159,166 @@ def test_head_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selecto
     fast = _run(model, TopKPolicy(make(), 24), ids)
     slow = _run(model, TopKPolicy(make(), 24, observer=lambda *a: None), ids)  # an observer forces the reference
     torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)
+
+
+# --- ops.token_select: any k, per head or per KV group --------------------------------------------------------
+
+SMALL = {"select_rows": 16, "select_keys": 16, "select_cands": 4, "select_band": 8}  # counting sweeps even at T < 100
+
+
+def _inputs(kind: str, b: int, h: int, g: int, t: int, d: int, seed: int):
+    """Selection inputs a (B, H, T, d), b (B, G, T, d): "randn"; "grid" (integer values, so scores tie often);
+    "dup" (keys of 9 distinct vectors: under group selection, too, equal keys score exactly alike)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        return torch.randn(b, h, t, d, generator=gen), torch.randn(b, g, t, d, generator=gen)
+    if kind == "grid":
+        return (torch.randint(0, 3, (b, h, t, d), generator=gen).float(),
+                torch.randint(0, 3, (b, g, t, d), generator=gen).float())
+    keys = torch.zeros(b, g, t, d)
+    keys[..., :2] = torch.randint(0, 3, (b, g, t, 2), generator=gen).float()
+    return torch.randint(-2, 3, (b, h, t, d), generator=gen).float(), keys
+
+
+@pytest.mark.parametrize("kind, b, h, g, t, d, k, group, small", [
+    ("randn", 1, 2, 1, 45, 16, 20, 1, False),  # GQA keys, one tile short of two, k not a power of two
+    ("randn", 2, 4, 2, 100, 16, 9, 1, True),  # counting sweeps and the ranked band
+    ("randn", 2, 4, 2, 77, 32, 12, 2, True),  # per group: two heads' softmax summed
+    ("randn", 1, 4, 4, 40, 16, 33, 2, False),  # per-head keys under group selection; k above most rows' keys
+    ("grid", 1, 2, 1, 90, 16, 10, 1, True),
+    ("grid", 2, 2, 2, 64, 16, 24, 1, True),
+    ("dup", 2, 4, 2, 77, 16, 12, 2, True),
+])
+def test_token_select_kernel_keeps_the_k_largest_causal_scores(kind, b, h, g, t, d, k, group, small, monkeypatch):
+    """Exactly the reference's sets (a stable sort: equal scores by the lower index), -1 past a row's keys."""
+    if small:
+        for key, value in SMALL.items():
+            monkeypatch.setitem(ts.TUNING, key, value)
+    a, keys = _inputs(kind, b, h, g, t, d, seed=t)
+    got = ts.token_select(a, keys, k, 0.5, group)
+    want = ts.token_select_reference(a, keys, k, 0.5, group)
+    assert got.shape == (b, h // group, t, k) and got.dtype == torch.int32
+    assert torch.equal(_sets(got), _sets(want))
+    assert ((got >= 0).sum(-1) == torch.arange(1, t + 1).clamp(max=k)).all()
+    assert (got <= torch.arange(t)[:, None]).all()
+
+
+def test_token_select_kernel_on_equal_scores_keeps_the_lowest_indices(monkeypatch):
+    for key, value in SMALL.items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    t = 60
+    a = torch.zeros(1, 2, t, 16)
+    a[..., 0] = 1.0
+    keys = torch.zeros(1, 1, t, 16)
+    keys[0, 0, 40, 0] = 1.0  # rows from 40 on see one key above the rest
+    got = _sets(ts.token_select(a, keys, 5))
+    assert (got[0, :, 4:40] == torch.tensor([0, 1, 2, 3, 4])).all()
+    assert (got[0, :, 40:] == torch.tensor([0, 1, 2, 3, 40])).all()
+    assert got[0, 0, 1].tolist() == [-1, -1, -1, 0, 1]
+
+
+def test_token_select_kernel_group_selection_with_softcap(monkeypatch):
+    """The oracle's group scores are softmaxes of softcapped scores (the softcap changes them, not only their order)."""
+    for key, value in SMALL.items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    a, keys = _inputs("randn", 1, 4, 2, 50, 16, seed=3)
+    got = ts.token_select(a * 3, keys, 7, 0.5, 2, softcap=2.0)
+    assert torch.equal(_sets(got), _sets(ts.token_select_reference(a * 3, keys, 7, 0.5, 2, softcap=2.0)))
+
+
+@pytest.mark.parametrize("idx_heads", [4, 2])
+def test_gather_attention_kernel_equals_the_reference_per_head_and_shared_by_groups(idx_heads):
+    """Kept sets per head (4) or per KV group (2, each shared by two query heads), rows with missing keys, k not a
+    multiple of the keys gathered per step, softcap."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=gen), torch.randn(2, 2, 37, 16, generator=gen),
+               torch.randn(2, 2, 37, 16, generator=gen))
+    a, b = torch.randn(2, 4, 37, 16, generator=gen), torch.randn(2, 4, 37, 16, generator=gen)
+    idx = ts.token_select_reference(a, b, 13, 1.0, 4 // idx_heads)
+    assert idx.shape[1] == idx_heads and (idx < 0).any()
+    for softcap in (None, 5.0):
+        out = ts.gather_attention(q, k, v, idx, 0.25, softcap).transpose(1, 2)
+        want = ts.gather_attention_reference(q, k, v, idx, 0.25, softcap)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection, selector, k", [("head", "gate", 9), ("group", "gate", 9), ("group", "oracle", 6),
+                                                    ("head", "oracle", 200)])
+def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, selector, k, monkeypatch):
+    """The policy's ops.token_select path (forced on the CPU: the interpreter runs the kernels) against the chunked
+    reference, on a tiny model (4 query heads, 2 KV heads: two heads per group)."""
+    for key, value in SMALL.items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    monkeypatch.setattr(ts, "kernels_ok", ts.supports)
+    monkeypatch.setattr(TopKPolicy, "_plain_prefill", lambda self, call: self._inference_call(call)
+                        and call.attention_mask is None)
+    taken = []
+    monkeypatch.setattr(TopKPolicy, "_tokens", lambda self, call, f=TopKPolicy._tokens: taken.append(1) or f(self, call))
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    make = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank)}[selector]
+    ids = random_ids(2, 40)
+    fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
+    assert taken  # the kernel path ran
+    slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (517, 130, 2), (2100, 2048, 1)])
+def test_token_kernels_on_gpu(dtype, t, k, group):
+    """ops.token_select and gather_attention against their twins on CUDA, at the default launch settings; sets
+    compared by the score they carry (fp32 sums in another order than cuBLAS's)."""
+    bsz, h, g, d = 2, 4, 2, 32
+    gen = torch.Generator().manual_seed(t)
+    a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
+    keys = torch.randn(bsz, g, t, d, generator=gen).cuda().to(dtype)
+    got = ts.token_select(a, keys, k, 0.7, group)
+    want = ts.token_select_reference(a, keys, k, 0.7, group)
+    assert ((got >= 0).sum(-1) == torch.arange(1, t + 1, device="cuda").clamp(max=k)).all()
+    s = ts.selection_scores_reference(a, keys, 0.7, group)
+    s = s.masked_fill(s == float("-inf"), 0.0)
+    mass = [s.gather(-1, i.long().clamp(min=0)).masked_fill(i < 0, 0).sum(-1) for i in (got, want)]
+    torch.testing.assert_close(mass[0], mass[1], atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-3)
+    q = torch.randn(bsz, h, t, 128, generator=gen).cuda().to(dtype)
+    k_, v = (torch.randn(bsz, g, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
+    out = ts.gather_attention(q, k_, v, got, 128**-0.5).transpose(1, 2).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ts.gather_attention_reference(q, k_, v, got, 128**-0.5), atol=tol, rtol=tol)
+
+
+# the launch settings that `benchmarks/perf.py --parts prefill_tuning` times
+SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
+                   (32, 32, 16, 8), (16, 64, 8, 4)]
+GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES])
+def test_token_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
+    """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
+    kind, values = launch
+    names = (("select_rows", "select_keys", "select_cands", "select_warps") if kind == "select"
+             else ("attn_rows", "attn_keys", "attn_warps"))
+    for name, value in zip(names, values):
+        monkeypatch.setitem(ts.TUNING, name, value)
+    test_token_kernels_on_gpu(torch.bfloat16, 1500, 600, group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection, selector, k", [("head", "gate", 150), ("group", "gate", 24),
+                                                    ("group", "oracle", 150)])
+def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selection, selector, k):
+    from .test_block_sparse import _layer_call
+
+    model = tiny_model("qwen3").cuda()  # fp32: the kernels' products are exact fp32 (ieee)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    make = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank)}[selector]
+    ids = random_ids(2, 300).cuda()
+    assert TopKPolicy(make(), k, selection=selection)._token_kernels(_layer_call(model, bank, ids))
+    fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
+    slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
+    torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)
+

@@ -17,6 +17,7 @@ from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
 from ..ops import decode as dc
 from ..ops import head_topk as ht
+from ..ops import token_select as ts
 from .call import LayerCall, Observer, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
 from .selectors import GateSelector, OracleSelector
@@ -66,7 +67,8 @@ class TopKPolicy:
     """Deployed hard top-k: keep the selector's top-k allowed keys per query, softmax the true scores over them.
 
     ``selection``: per query head (the method), per KV group, or key blocks (``ops.block_sparse``). Plain CUDA
-    prefill takes the Triton kernels where they serve, and so do CUDA decode steps (one query per sequence,
+    prefill takes the Triton kernels where they serve (per head: ``ops.head_topk`` at k <= its MAX_K, else
+    ``ops.token_select``; per group: ``ops.token_select``), and so do CUDA decode steps (one query per sequence,
     ``ops.decode``) per head or per group; everything else the chunked reference, never more than one
     (B, H, C, S) chunk of scores at a time.
     """
@@ -93,6 +95,8 @@ class TopKPolicy:
             return self._decode(call)
         if self.selection == "head" and self._head_kernels(call):
             return self._heads(call)
+        if self._token_kernels(call):
+            return self._tokens(call)
         prepared = self.selector.prepare(call)
         n_rep = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
 
@@ -157,28 +161,60 @@ class TopKPolicy:
         return dc.gated_decode(sq, sk, qd, k, v, valid, self.k, call.scaling, call.softcap, sel_scale, sel_cap,
                                group=self.selection == "group")
 
-    def _head_kernels(self, call: LayerCall) -> bool:
-        """Per-head selection by the gate (hidden input) or the oracle through the Triton kernels
-        (``ops.head_topk``): plain prefill, k <= ht.MAX_K, kernel shapes."""
+    def _prefill_dim(self, call: LayerCall) -> int | None:
+        """The selection dimension of prefill's kernels: head_dim for the oracle (the true scores), the gate's d
+        for a gate (what ``prepare`` gives); None for selectors they do not serve."""
         sel = self.selector
         if type(sel) is OracleSelector:
-            dim = call.query.shape[-1]
-        elif type(sel) is GateSelector:
-            dim = sel.bank.spec.d_g
-        else:
+            return call.query.shape[-1]
+        if type(sel) is GateSelector:
+            return sel.bank.spec.d_g
+        return None
+
+    def _head_kernels(self, call: LayerCall) -> bool:
+        """Per-head selection by the gate or the oracle through ``ops.head_topk``: plain prefill, k <= ht.MAX_K,
+        kernel shapes."""
+        dim = self._prefill_dim(call)
+        if dim is None:
             return False
         return self._plain_prefill(call) and ht.kernels_ok(call.query, call.key, self.k, dim)
 
-    def _heads(self, call: LayerCall) -> torch.Tensor:
-        """Per-head top-k through the kernels: the k causal keys of largest selection score per row and head
-        (exactly min(k, causal keys), as ``topk_keep``), then attention over those keys."""
-        if type(self.selector) is OracleSelector:  # the true scores (softcap keeps their order)
+    def _token_kernels(self, call: LayerCall) -> bool:
+        """Selection by the gate or the oracle through ``ops.token_select``: per KV group at any k, per head where
+        ``_head_kernels`` does not serve (k > ht.MAX_K); plain prefill, kernel shapes."""
+        dim = self._prefill_dim(call)
+        if dim is None or self.selection not in ("head", "group"):
+            return False
+        return self._plain_prefill(call) and ts.kernels_ok(call.query, call.key, self.k, dim)
+
+    def _selection_inputs(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The selection query (B, H, T, d), key (B, H or Hkv, T, d) and scale: the model's own with its scaling
+        for the oracle (the true scores), the gate's (``prepare``) with 1 for a gate."""
+        if type(self.selector) is OracleSelector:
             a, b, scale = call.query, call.key, call.scaling
         else:
             (a, b), scale = self.selector.prepare(call), 1.0
         a, b = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, b))
+        return a, b, scale
+
+    def _heads(self, call: LayerCall) -> torch.Tensor:
+        """Per-head top-k through ``ops.head_topk``: the k causal keys of largest selection score per row and
+        head (exactly min(k, causal keys), as ``topk_keep``), then attention over those keys. (The softcap keeps
+        the order of the oracle's scores.)"""
+        a, b, scale = self._selection_inputs(call)
         idx = ht.head_topk(a, b, self.k, scale)
         return ht.index_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
+
+    def _tokens(self, call: LayerCall) -> torch.Tensor:
+        """Top-k per head or per KV group through ``ops.token_select``: the k causal keys of largest selection
+        score per row (per group: of the group's summed softmax of the selection scores, softcapped for the
+        oracle, the order of ``group_scores``' mean), then attention over them, a group's heads sharing theirs."""
+        a, b, scale = self._selection_inputs(call)
+        group = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
+        softcap = call.softcap if type(self.selector) is OracleSelector else None
+        k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
+        idx = ts.token_select(a, b, k, scale, group, softcap)
+        return ts.gather_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
 
     def _blocks(self, call: LayerCall) -> torch.Tensor:
         q, key = call.query, call.key

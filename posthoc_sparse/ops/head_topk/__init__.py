@@ -12,7 +12,9 @@ from .triton import TUNING, head_topk, index_attention
 __all__ = ["MAX_K", "TUNING", "head_topk", "head_topk_reference", "index_attention", "index_attention_reference",
            "kernels_ok", "supports"]
 
-MAX_K = 128  # candidates are ranked in registers: (rows, 2 * next_pow2(k)) int64 words per program
+# candidates are ranked in registers: (rows, 2 * next_pow2(k)) int64 words per program; larger k (and group
+# selection) take ops.token_select
+MAX_K = 128
 
 
 def supports(q: torch.Tensor, key: torch.Tensor, k: int, sel_dim: int) -> bool:
