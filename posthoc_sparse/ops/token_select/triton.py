@@ -39,8 +39,11 @@ except ImportError:  # the naive path serves
 # Launch settings. select: rows per program, keys per tile, candidate thresholds per counting sweep (a power of
 # two), band slots ranked in registers (a power of two), warps. attn: rows per program (all stacked heads
 # together), gathered keys per step, warps.
-TUNING = {"select_rows": 32, "select_keys": 32, "select_cands": 8, "select_band": 64, "select_warps": 4,
-          "attn_rows": 16, "attn_keys": 8, "attn_warps": 4}
+# The fastest of the settings benchmarks/perf.py --parts prefill_tuning timed on an H200 at T = 8192, k = 2048
+# (docs/data/perf-h200-prefill-tuning.json): select 16 rows x 64 keys (21.0 / 11.4 ms per head / group selection,
+# against 36.1 / 17.6 at 32 x 32), attention 8 warps (13.1 / 13.3 ms against 16.0 / 15.2 at 4).
+TUNING = {"select_rows": 16, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
+          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
