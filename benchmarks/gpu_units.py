@@ -199,10 +199,10 @@ def probe(a) -> None:
 
 
 def speed(a) -> None:
-    """Where a training step's time goes on this machine: 30 steps of each (mode, batch size) of ``--speed`` (first
-    5 dropped; median ms/step, tokens/s) and a torch.profiler trace of 5 steps: the GPU's kernel time per step
-    against the wall time per step (a low ratio: the host, not the GPU, bounds the step), and the top kernels.
-    Writes $OUT/speed.json."""
+    """Where a training step's time goes on this machine: 30 steps of each (mode, batch size) of ``--speed``, the
+    loop reading its numbers back every 10 steps as it does in a unit. Steps 11-20 run under torch.profiler: the
+    GPU's kernel time per step against the wall time per step (a low ratio: the host, not the GPU, bounds the step)
+    and the top kernels; steps 21-30 give the time per step. Writes $OUT/speed.json."""
     from dataclasses import replace
 
     import torch
@@ -214,33 +214,32 @@ def speed(a) -> None:
     rows = []
     for item in a.speed.split(","):
         mode, batch = item.rsplit(":", 1)
-        times, prof = [], profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        seen, prof = {}, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
-        def on_event(kind, info, times=times, prof=prof):
+        def on_event(kind, info, seen=seen, prof=prof):
             if kind != "step":
                 return
-            times.append(info["seconds"])
-            if info["step"] == 20:
+            seen[info["step"]] = info["seconds"]  # the mean of the 10 steps read back together
+            if info["step"] == 10:  # the events of steps 1-10 arrive when step 10 has run
                 prof.start()
-            elif info["step"] == 25:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+            elif info["step"] == 20:
                 prof.stop()
 
         pcfg = replace(cfg.pretrain_config(mode, 0, str(Path(a.work) / f"speed-{mode}-{batch}")), steps=30,
                        batch_size=int(batch), eval_every=1000, eval_windows=1, checkpoint_every=1000, warmup=1,
-                       max_train_windows=2048, overwrite=True, resume=False)
+                       max_train_windows=2048, log_every=10, overwrite=True, resume=False)
         pretrain(pcfg, on_event=on_event)
-        t = sorted(times[5:])
-        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_s = sum(e.self_device_time_total for e in kernels) / 1e6 / 5
-        wall = sum(times[20:25])  # the profiled steps
+        per_step = seen[30]
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.key.startswith("Optimizer.")]  # kernels, not the optimizer's annotated range
+        gpu_s = sum(e.self_device_time_total for e in kernels) / 1e6 / 10
+        wall = seen[20]  # per step, profiled
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
-        row = {"mode": mode, "batch_size": int(batch), "ms_per_step": t[len(t) // 2] * 1000,
-               "tokens_per_second": int(batch) * cfg.seq_len / t[len(t) // 2],
-               "profiled_wall_ms_per_step": wall / 5 * 1000, "gpu_kernel_ms_per_step": gpu_s * 1000,
-               "gpu_busy": gpu_s * 5 / wall if wall else None, "kernels_per_step": sum(e.count for e in kernels) / 5,
-               "top_kernels": [[e.key[:90], e.self_device_time_total / 5 / 1000, e.count // 5] for e in top]}
+        row = {"mode": mode, "batch_size": int(batch), "ms_per_step": per_step * 1000,
+               "tokens_per_second": int(batch) * cfg.seq_len / per_step, "profiled_wall_ms_per_step": wall * 1000,
+               "gpu_kernel_ms_per_step": gpu_s * 1000, "gpu_busy": gpu_s / wall if wall else None,
+               "kernels_per_step": sum(e.count for e in kernels) / 10,
+               "top_kernels": [[e.key[:90], e.self_device_time_total / 10 / 1000, e.count // 10] for e in top]}
         rows.append(row)
         log(f"speed {mode} b{batch}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_second']:,.0f} tok/s; "
             f"GPU kernels {row['gpu_kernel_ms_per_step']:.1f} ms/step ({row['kernels_per_step']:.0f} launches), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,25 @@ def test_mass_outside_topk_counts_only_rows_that_drop_keys_and_shrinks_with_tau(
     assert outside[0] > outside[1] > outside[2] and outside[2] < 0.1
 
 
+def test_soft_topk_gives_the_bias_and_the_keep_mask_of_one_topk():
+    from posthoc_sparse.attention.reference import soft_topk, standardize_rows
+
+    torch.manual_seed(4)
+    b, h, t, k = 2, 3, 24, 5
+    g = torch.randn(b, h, t, t)
+    allowed = allowed_keys(None, b, t, t, torch.device("cpu"))
+    for standardize in (False, True):
+        bias, keep = soft_topk(g, allowed, k, 0.2, standardize)
+        assert torch.equal(keep, topk_keep(g, allowed, k))  # the mass outside is measured against these keys
+        z = standardize_rows(g, allowed) if standardize else g
+        kth = z.masked_fill(~allowed, float("-inf")).sort(-1, descending=True).values[..., k - 1:k]
+        full = allowed.sum(-1, keepdim=True) <= k
+        expected = torch.nn.functional.logsigmoid((z - kth) / 0.2).masked_fill(full, 0.0)
+        mask = allowed.expand_as(bias)
+        assert torch.allclose(bias[mask], expected[mask], atol=1e-6)
+        assert torch.isinf(bias[~mask]).all()
+
+
 # --- the training policies ------------------------------------------------------------------------------------
 
 def _bank(model, requires_grad=True):
@@ -231,6 +251,36 @@ def test_pretrain_gate_modes_train_the_model_and_only_the_soft_learned_gate(asse
     else:  # frozen (soft-random) or behind the hard mask (hard-topk): nothing reaches it, it never moves
         assert res.gate_grad["steps_with_gradient"] == 0 and res.gate_grad["max_norm"] == 0.0 and moved == 0.0
     assert cfg["loss"] == f"lm:{mode}" and cfg["k"] == 4
+
+
+def test_reading_the_step_numbers_back_every_few_steps_changes_none_of_them(assets, tmp_path):
+    """The loop reads its per-step numbers back every log_every steps (step_records): every step's loss, gradient
+    norms and mass outside top-k, and their order, are those of a read per step; so are the trained weights."""
+    from safetensors.torch import load_file
+
+    steps = {}
+    for every in (1, 5):
+        events = []
+        pretrain(_pcfg(assets, tmp_path / str(every), "soft-learned", steps=11, log_every=every, checkpoint_every=4),
+                 on_event=lambda kind, info, events=events: events.append(info) if kind == "step" else None)
+        steps[every] = [{k: v for k, v in e.items() if k not in ("seconds", "tokens_per_second")} for e in events]
+    assert [e["step"] for e in steps[5]] == list(range(1, 12))
+    assert steps[5] == steps[1] and all(e["gate_grad_norm"] > 0 and 0 < e["mass_outside"] < 1 for e in steps[5])
+    a, b = (load_file(str(tmp_path / str(every) / "model.safetensors")) for every in (1, 5))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_diverged_loss_read_back_late_is_caught_at_its_own_step_and_saves_nothing(assets, tmp_path):
+    from posthoc_sparse.errors import UserError
+
+    messages = []
+    for every in (1, 7):  # read back at every step, and every 7 steps: the same step is named
+        with pytest.raises(UserError) as err:
+            pretrain(_pcfg(assets, tmp_path / str(every), "dense", lr=500.0, warmup=0, steps=40, log_every=every,
+                           checkpoint_every=40, max_loss_ratio=1.5))
+        messages.append(str(err.value))
+        assert not (tmp_path / str(every) / "model.safetensors").exists()
+    assert messages[0] == messages[1] and re.search(r"(non-finite at|diverged by) step [1-6]\b", messages[1])
 
 
 @pytest.mark.parametrize("mode", ["soft-learned", "soft-random"])

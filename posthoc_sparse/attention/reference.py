@@ -95,14 +95,23 @@ def soft_topk_bias(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float, s
     distance; as tau -> 0 it becomes the hard top-k mask. Disallowed keys get -inf.
     g: (B, H, C, S) float; allowed: (B, 1|H, C, S) bool. Returns (B, H, C, S) fp32, differentiable in g.
     """
+    return soft_topk(g, allowed, k, tau, standardize)[0]
+
+
+def soft_topk(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float, standardize: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``soft_topk_bias`` and the hard top-k keep mask of the same scores (as ``topk_keep(g, allowed, k)``: the
+    standardized scores have the order of ``g``), from one top-k: (bias, keep), both (B, H, C, S)."""
     z = standardize_rows(g, allowed) if standardize else g.float()
     kk = min(k, z.shape[-1])
     masked = z.detach().masked_fill(~allowed, float("-inf"))
-    kth = masked.topk(kk, dim=-1).values[..., -1:]  # (B, H, C, 1)
+    top = masked.topk(kk, dim=-1, sorted=False)  # unsorted: the k-th largest is the least of them
+    kth = top.values.min(-1, keepdim=True).values  # (B, H, C, 1)
+    keep = torch.zeros(masked.shape, dtype=torch.bool, device=g.device).scatter_(-1, top.indices, True) & allowed
     full = allowed.sum(-1, keepdim=True) <= k  # (B, 1|H, C, 1): every allowed key is kept
     full = full | ~torch.isfinite(kth)
     bias = torch.nn.functional.logsigmoid((z - kth.masked_fill(full, 0.0)) / tau)
-    return bias.masked_fill(full, 0.0).masked_fill(~allowed, float("-inf"))
+    return bias.masked_fill(full, 0.0).masked_fill(~allowed, float("-inf")), keep
 
 
 def mass_outside_topk(p: torch.Tensor, select: torch.Tensor, allowed: torch.Tensor, k: int
@@ -110,7 +119,12 @@ def mass_outside_topk(p: torch.Tensor, select: torch.Tensor, allowed: torch.Tens
     """The attention mass ``p`` puts outside the top-k of ``select``, summed over the rows that have more than k
     allowed keys (the others keep every key), and the number of such rows: two 0-dim fp32 tensors, so a
     caller can average over many calls with one device sync. p, select: (B, H, C, S); allowed: (B, 1|H, C, S)."""
-    keep = topk_keep(select.detach(), allowed, k)  # (B, H, C, S)
+    return mass_outside_keep(p, topk_keep(select.detach(), allowed, k), allowed, k)
+
+
+def mass_outside_keep(p: torch.Tensor, keep: torch.Tensor, allowed: torch.Tensor, k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mass_outside_topk`` from the keep mask of the top-k itself (``soft_topk`` gives it with the bias)."""
     rows = (allowed.sum(-1) > k).expand(p.shape[:-1])  # (B, H, C)
     outside = p.detach().float().masked_fill(keep, 0.0).sum(-1)  # (B, H, C)
     return outside[rows].sum(), rows.sum().float()

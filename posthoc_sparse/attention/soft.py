@@ -9,7 +9,7 @@ import torch
 
 from ..gates.modules import GateBank
 from .call import LayerCall, chunked_attention
-from .reference import mass_outside_topk, soft_topk_bias
+from .reference import mass_outside_keep, soft_topk
 from .selectors import GateSelector
 
 SCORES = ("standardized", "raw")
@@ -42,17 +42,26 @@ class SoftGatePolicy:
 
         def probs(a: int, e: int, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
             g = self.selector.select(prepared, a, e, s)  # (B, H, C, S)
-            bias = soft_topk_bias(g, allowed, self.k, self.tau, standardize=self.scores == "standardized")
+            bias, keep = soft_topk(g, allowed, self.k, self.tau, standardize=self.scores == "standardized")
             p = torch.nan_to_num(torch.softmax(s + bias, dim=-1), nan=0.0)  # (B, H, C, S)
-            self._outside.append(torch.stack(mass_outside_topk(p, g, allowed, self.k)))
+            self._outside.append(torch.stack(mass_outside_keep(p, keep, allowed, self.k)))
             return p
 
         return chunked_attention(call, probs, self.query_chunk)
 
-    def pop_mass_outside(self) -> float | None:
-        """Mean attention mass outside the gate's top-k over the rows seen since the last call (None: none)."""
+    def take_mass_outside(self) -> torch.Tensor | None:
+        """The attention mass outside the gate's top-k summed over the rows seen since the last take, and the number
+        of those rows: a (2,) tensor on the device, read by the caller when it likes (None: no rows seen)."""
         if not self._outside:
             return None
-        total, rows = torch.stack(self._outside).sum(0).tolist()
+        sums = torch.stack(self._outside).sum(0)
         self._outside.clear()
+        return sums
+
+    def pop_mass_outside(self) -> float | None:
+        """Mean attention mass outside the gate's top-k over the rows seen since the last call (None: none)."""
+        sums = self.take_mass_outside()
+        if sums is None:
+            return None
+        total, rows = sums.tolist()
         return total / rows if rows else None

@@ -56,13 +56,14 @@ def mass_outside_summary(history: list[dict]) -> dict | None:
             "curve": curve}
 
 
-def gate_grad_norm(bank) -> float | None:
-    """The L2 norm of the gate's gradient after a backward pass: None when no gradient reached any gate
-    parameter (no path from the loss to the gate), else the norm (which may be exactly 0.0)."""
+def gate_grad_norm_tensor(bank) -> torch.Tensor | None:
+    """The L2 norm of the gate's gradient after a backward pass, as a 0-dim tensor on the device (read back later,
+    see ``step_records``): None when no gradient reached any gate parameter (no path from the loss to the gate),
+    else the norm (which may be exactly 0.0)."""
     grads = [p.grad for p in bank.parameters() if p.grad is not None]
     if not grads:
         return None
-    return float(torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads)))
+    return torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads))
 
 
 def save_gate(path: Path, bank, model, cfg: PretrainConfig, step: int) -> None:

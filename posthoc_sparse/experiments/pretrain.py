@@ -29,7 +29,8 @@ from ..errors import UserError
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
 from ..training import STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings, versions
-from .in_loop import gate_grad_norm, mass_outside_summary, save_gate, soft_tau, training_gate
+from .in_loop import gate_grad_norm_tensor, mass_outside_summary, save_gate, soft_tau, training_gate
+from .step_records import StepRecords
 from .lm import build_model, count_parameters, describe_model
 
 CHECKPOINT_DIR = "checkpoint"
@@ -291,6 +292,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
         return entry
 
     def checkpoint(done: int) -> None:
+        records.flush()  # the history and the divergence check up to this step (raises if the loss diverged)
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, named, inner_opt, {
                 "step": done, "sampler": sampler.state_dict(), "history": history, "evals": evals,
@@ -303,69 +305,58 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
 
     gated = SparseAttention(unwrapped, policy) if policy is not None else None  # training and held-out eval
     first_eval = evaluate(step) if not evals or evals[-1]["step"] != step else evals[-1]
-    soft = policy if hasattr(policy, "pop_mass_outside") else None  # soft gating: tau schedule, mass outside
+    soft = policy if hasattr(policy, "take_mass_outside") else None  # soft gating: tau schedule, mass outside
     tokens_per_step = global_batch * cfg.seq_len
     batches = iter(sampler)
     losses: list[float] = []
+    records = StepRecords(cfg.log_every, guard, gate_stats, history, losses, cfg.log_every, total, tokens_per_step,
+                          tracker.log, emit)
+    pinned = device.type == "cuda"  # batches copied from pinned memory: no wait for the GPU
     model.train()
     t_start, steps_timed = time.perf_counter(), 0
     run.defer_interrupts(accelerator.num_processes == 1)  # Ctrl-C: finish the step, checkpoint, stop
     while step < total:
-        t0 = time.perf_counter()
         lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout masks, the same after a resume
         if soft is not None:
             soft.tau = soft_tau(cfg, step, total)
-            soft.pop_mass_outside()  # drop what the held-out evaluation added
+            soft.take_mass_outside()  # drop what the held-out evaluation added
         idx = next(batches)  # (batch_size * grad_accum,) window indices of this process
         micro = idx.split(cfg.batch_size)
         loss_sum = torch.zeros((), device=device)
         for i, mb in enumerate(micro):
-            ids = train[mb].to(device)  # (B, T)
+            ids = train[mb].pin_memory().to(device, non_blocking=True) if pinned else train[mb].to(device)  # (B, T)
             sync = accelerator.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync:  # gradients are all-reduced once per step, on the last micro-batch
                 with _autocast(device, mixed):
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B * (T - 1)
                 accelerator.backward(loss / len(micro))
             loss_sum += loss.detach().float() / len(micro)
-        mass_outside = soft.pop_mass_outside() if soft is not None else None
+        mass = soft.take_mass_outside() if soft is not None else None
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         gate_grad = None
         if bank is not None:
             # The gate is outside DDP: average its gradients here. Only those that exist: a gate no gradient
             # reaches (hard top-k) must still read as None, and that is the same on every process.
             procs.average_gradients([p for p in gate_params if p.grad is not None])
-            gate_grad = gate_grad_norm(bank)
-            gate_stats["steps"] += 1
-            if gate_grad is not None:
-                gate_stats["steps_with_gradient"] += 1
-                gate_stats["max_norm"] = max(gate_stats["max_norm"], gate_grad)
-                gate_stats["sum_norm"] += gate_grad
+            gate_grad = gate_grad_norm_tensor(bank)
         if accelerator.num_processes > 1:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-        loss_value = float(loss_sum)
-        guard.check(loss_value, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_timed += 1
-        losses.append(loss_value)
-        dt = time.perf_counter() - t0
-        entry = {"step": step, "loss": loss_value, "lr": lr, "seconds": dt, "tokens_per_second": tokens_per_step / dt,
-                 "grad_norm": None if grad_norm is None else float(grad_norm)}
-        if bank is not None:
-            entry["gate_grad_norm"] = gate_grad  # None: no gradient reached the gate at all
-        if soft is not None:  # this process's rows: the mean over layers, heads and rows with > k keys
-            entry |= {"mass_outside": mass_outside, "tau": soft.tau}
-        if step % cfg.log_every == 0 or step == total:
-            history.append(entry | {"loss_mean": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])})
-        tracker.log({k: v for k, v in entry.items() if k != "step"}, step)
-        if step % cfg.eval_every == 0 or step == total:
+        records.add(step, lr, loss_sum, grad_norm, gate_grad, mass, soft.tau if soft is not None else None)
+        evaluating = step % cfg.eval_every == 0 or step == total
+        if records.due(step) or evaluating or step % cfg.checkpoint_every == 0 or run.stop_requested:
+            records.flush()  # the numbers read back, checked for divergence, logged and emitted, in order
+        if evaluating:
             evaluate(step)
-        emit("step", entry | {"total": total})
         after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint)
+        if evaluating or step % cfg.checkpoint_every == 0:
+            records.restart_clock()
     run.defer_interrupts(False)
     elapsed = time.perf_counter() - t_start
     tracker.close()
