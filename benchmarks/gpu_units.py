@@ -129,9 +129,13 @@ def run(a) -> None:
 def aggregate(a) -> None:
     from posthoc_sparse.experiments.unit_report import load_units, write_report
 
+    from dataclasses import asdict
+
     units = load_units(Path(a.done))
-    report = write_report(units, Path(a.report))
-    log(f"{len(units)} units -> {a.report}: pending {report['pending']}; plots {report['plots']}")
+    current = asdict(settings(a.set)) | {"output": None}  # as run_unit records them
+    report = write_report(units, Path(a.report), settings=current)
+    log(f"{len(units)} units -> {a.report}: left out (other settings) {report['mixed_settings']}; "
+        f"pending {report['pending']}; plots {report['plots']}")
 
 
 def _estimates(cfg, per_step: dict) -> list[tuple[str, float]]:

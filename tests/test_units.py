@@ -97,6 +97,19 @@ def test_a_work_folder_left_by_other_settings_is_not_resumed(done, tmp_path):
     assert [e["step"] for e in other["train"]["evals"]] == [0, 4, 8]
 
 
+def test_units_of_another_recipe_are_left_out_of_the_findings(done):
+    root, out = done
+    units = load_units(out)
+    other = json.loads(json.dumps(units["soft-random-s1"]))
+    other["settings"] = other["settings"] | {"steps": 999}
+    report = build_report(units | {"soft-random-s1": other})
+    assert report["mixed_settings"] == ["soft-random-s1"]
+    assert report["findings"]["soft"]["seeds"] == [0]  # seed 1 lost its random arm: no pair
+    assert "soft-random-s1" in report["pending"]["soft"]
+    # built for the other recipe, it is the rest that is left out
+    assert "dense-s0" in build_report(units | {"soft-random-s1": other}, settings=other["settings"])["mixed_settings"]
+
+
 def test_a_repeated_unit_reproduces_its_numbers_under_the_same_seed(done):
     root, out = done
     first = json.loads((out / "soft-learned-s0.json").read_text())

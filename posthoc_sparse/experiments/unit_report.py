@@ -150,13 +150,20 @@ def _sweep(kinds: dict) -> dict | None:
             "gap_shrinks": all(a > b for a, b in zip(gaps, gaps[1:])) if len(gaps) > 1 else None}
 
 
-def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2) -> dict:
-    """The report of ``units`` ({name: record}); the same dict for the same units, whatever their order."""
+def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, settings: dict | None = None) -> dict:
+    """The report of ``units`` ({name: record}); the same dict for the same units, whatever their order.
+
+    Only units run with ``settings`` (default: those of dense-s0, else of the first unit) enter the findings: a
+    paired difference between models trained under different recipes would mean nothing. The others are listed
+    under ``mixed_settings`` and left out."""
+    every = sorted(units)
+    if settings is None:
+        ref = units.get("dense-s0") or (units[every[0]] if every else None)
+        settings = ref["settings"] if ref else None
+    mixed = sorted(n for n in every if units[n]["settings"] != settings)
+    units = {n: units[n] for n in every if n not in mixed}
     kinds = _by_kind(units)
     names = sorted(units)
-    ref = units.get("dense-s0") or (units[names[0]] if names else None)
-    settings = ref["settings"] if ref else None
-    mixed = sorted(n for n in names if units[n]["settings"] != settings)
     k = settings["k"] if settings else 64
     dense = kinds.get("dense", {})
     ks = [int(key.split("@")[1]) for key in (dense[min(dense)]["eval"] if dense else {}) if key.startswith("oracle@")]
@@ -183,13 +190,14 @@ def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2) -
                           "device": units[n]["device"]} for n in names}}
 
 
-def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds: int = 2) -> dict:
+def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds: int = 2,
+                 settings: dict | None = None) -> dict:
     """build_report, then absorb.json, summary.md and the plots into ``out``; returns the report."""
     from ..io import atomic_write_bytes, atomic_write_json
     from .unit_plots import plot_units
     from .unit_summary import summary_markdown
 
-    report = build_report(units, seeds, sweep_seeds)
+    report = build_report(units, seeds, sweep_seeds, settings)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / REPORT_NAME, report)
     atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(report).encode())

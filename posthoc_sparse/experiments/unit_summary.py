@@ -42,7 +42,8 @@ def summary_markdown(report: dict) -> str:
              f"{s['tau_end']}; {s['eval_windows']} held-out windows. Units: "
              + ", ".join(f"{n} ({u['device']}, {u['seconds']:.0f} s)" for n, u in report["units"].items()) + ".", ""]
     if report["mixed_settings"]:
-        lines += [f"Warning: units with other settings than dense-s0: {', '.join(report['mixed_settings'])}.", ""]
+        lines += [f"Left out, run with other settings than this report's: {', '.join(report['mixed_settings'])}.",
+                  ""]
     ref = f["reference"]
     lines += ["## The reference model", ""] + _pending(report, "reference")
     if ref:
