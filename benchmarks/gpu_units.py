@@ -106,7 +106,7 @@ def run(a) -> None:
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''}; units {a.units}")
 
     def on_event(kind, info):
-        if kind in ("reused", "stale", "run", "distill", "eval", "unit"):
+        if kind in ("reused", "stale", "restart", "run", "distill", "eval", "unit"):
             log(f"{kind} {json.dumps(info, default=str)[:300]}")
         elif kind == "pretrain:eval":
             log(f"  {info['run']} step {info['step']}: held-out ppl {info['heldout_ppl']:.2f}")
@@ -131,9 +131,15 @@ def aggregate(a) -> None:
 
     from dataclasses import asdict
 
+    from posthoc_sparse.experiments.units import SweepSettings, data_identity, recipe
+
+    cfg = settings(a.set)
+    data = data_identity(cfg.dataset) if (Path(cfg.dataset) / "manifest.json").is_file() else None
+    if data is None:
+        log(f"no corpus at {cfg.dataset}: the units' data is not checked against it")
     units = load_units(Path(a.done))
-    current = asdict(settings(a.set)) | {"output": None}  # as run_unit records them
-    report = write_report(units, Path(a.report), settings=current)
+    report = write_report(units, Path(a.report), want=recipe(asdict(cfg) | {"output": None}, data,
+                                                             asdict(SweepSettings())))
     log(f"{len(units)} units -> {a.report}: left out (other settings) {report['mixed_settings']}; "
         f"pending {report['pending']}; plots {report['plots']}")
 

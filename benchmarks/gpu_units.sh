@@ -10,6 +10,8 @@
 #     bash benchmarks/gpu_units.sh dense-s0 [UNIT...]
 #     bash benchmarks/gpu_units.sh --probe [UNIT...]     # first time each mode (~1 min), then the units
 #     bash benchmarks/gpu_units.sh --speed [UNIT...]     # where a step's time goes (profiler, ~2 min), then units
+#     PARALLEL=1 bash benchmarks/gpu_units.sh dense-s1 dense-s2   # several units at once, one process each (a
+#                                                 # dense step leaves the GPU idle a quarter of the time or more)
 # Back here: copy $OUT/<unit>.json into docs/data/units/, commit it, and rebuild the report:
 #     python benchmarks/gpu_units.py aggregate   # docs/data/absorb-31m-units/{absorb.json,summary.md,*.png}
 # Environment: OUT (/tmp/out), WORK (/tmp/units: models and gates, never brought back), PYTHON (python3),
@@ -28,7 +30,7 @@ case "${1:-}" in
 esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then  # the packages the GPU image lacks, carried as wheels
+if ! "$PY" -c "import datasets" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU image lacks them
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -50,5 +52,18 @@ if [[ "$1" == __probe__ ]]; then  # time each mode here and re-estimate the plan
     shift
     "$PY" "$DRIVER" probe --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/probe.log"
     [[ $# -eq 0 ]] && exit 0
+fi
+if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at once on the one GPU
+    pids=()
+    for unit in "$@"; do
+        "$PY" "$DRIVER" run "$unit" --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" > "$OUT/units-$unit.log" 2>&1 &
+        pids+=($!)
+    done
+    rc=0
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || { rc=1; echo "unit ${@:$((i + 1)):1} failed: see units-${@:$((i + 1)):1}.log" >&2; }
+    done
+    tail -n 3 "$OUT"/units-*.log
+    exit $rc
 fi
 "$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/units.log"

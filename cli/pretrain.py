@@ -32,14 +32,20 @@ def pretrain(cfg: PretrainConfig) -> None:
             state["task"] = bar.add_task("pretrain", total=info["steps"], completed=info["resumed_from"], info="")
         elif kind == "eval":
             state["ppl"] = info["heldout_ppl"]
+            if state["task"] is not None and state.get("last"):  # the step's events come first: show the new ppl
+                show(state["last"])
             if not console.is_terminal:  # logs redirected to a file get a line per evaluation
                 console.print(f"step {info['step']}: held-out loss {info['heldout_loss']:.4f}, "
                               f"perplexity {info['heldout_ppl']:.2f}")
         elif kind == "step" and state["task"] is not None:
-            bar.update(state["task"], completed=info["step"], info=(
-                f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
-                f"{info['tokens_per_second']:,.0f} tok/s"))
+            state["last"] = info
+            show(info)
             log_step(info, cfg.log_every)
+
+    def show(info: dict) -> None:
+        bar.update(state["task"], completed=info["step"], info=(
+            f"loss {info['loss']:.4f}  held-out ppl {fmt(state['ppl'], '.2f')}  lr {info['lr']:.2e}  "
+            f"{info['tokens_per_second']:,.0f} tok/s"))
 
     result = run_reporting(lambda events: run_pretrain(cfg, on_event=events), bar, on_event)
     from accelerate import PartialState

@@ -297,11 +297,15 @@ def _source_documents(src: Source, packages: str) -> tuple[list[dict], dict]:
 
 def _unique_ids(pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     """(doc id, raw text) pairs with every id made unique: a repeated id (a dictionary with two entries under one
-    headword) gets ``#2``, ``#3``, ... in the order read."""
-    seen: dict[str, int] = {}
+    headword) gets ``#2``, ``#3``, ... in the order read, the first of them not already taken."""
+    taken: set[str] = set()
     for doc_id, raw in pairs:
-        seen[doc_id] = seen.get(doc_id, 0) + 1
-        yield (doc_id if seen[doc_id] == 1 else f"{doc_id}#{seen[doc_id]}"), raw
+        new, n = doc_id, 1
+        while new in taken:
+            n += 1
+            new = f"{doc_id}#{n}"
+        taken.add(new)
+        yield new, raw
 
 
 def _jsonl(docs: list[dict]) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,13 +117,18 @@ class DivergenceGuard:
         return not self.ratio or not self.recent or self.recent[-1] <= self.ratio * (self.start or 0)
 
 
-def after_step(step: int, total: int, every: int, guard: DivergenceGuard, run, checkpoint) -> None:
+def after_step(step: int, total: int, every: int, guard: DivergenceGuard, run, checkpoint,
+               sync: Callable[[], None] | None = None) -> None:
     """The end of a training step (1-based ``step`` of ``total``): the periodic ``checkpoint(step)`` every
     ``every`` steps, and after a Ctrl-C (``run.stop_requested``, see ``runs.OutputRun``) a checkpoint of this step
-    and the stop. Only while ``guard`` finds the loss healthy: the last checkpoint stays the last good one."""
+    and the stop. Only while ``guard`` finds the loss healthy: the last checkpoint stays the last good one.
+    ``sync`` (a loop that reads its losses back late) brings ``guard`` up to this step before that decision."""
     fault_point("step")
-    if (step % every == 0 and step < total or run.stop_requested) and guard.healthy():
-        checkpoint(step)
+    if step % every == 0 and step < total or run.stop_requested:
+        if sync is not None:
+            sync()
+        if guard.healthy():
+            checkpoint(step)
     if run.stop_requested:
         raise KeyboardInterrupt
 

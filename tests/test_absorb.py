@@ -157,6 +157,10 @@ def test_soft_topk_gives_the_bias_and_the_keep_mask_of_one_topk():
         mask = allowed.expand_as(bias)
         assert torch.allclose(bias[mask], expected[mask], atol=1e-6)
         assert torch.isinf(bias[~mask]).all()
+    bad = g.clone()
+    bad[0, 0, t - 1, 3] = float("nan")  # a NaN score is not hidden: its row's bias is not a clean 0
+    bias, _ = soft_topk(bad, allowed, k, 0.2)
+    assert torch.isnan(bias[0, 0, t - 1]).any() and torch.isfinite(bias[0, 1, t - 1, :t]).all()
 
 
 # --- the training policies ------------------------------------------------------------------------------------

@@ -222,6 +222,10 @@ def test_a_debian_source_is_read_from_the_unpacked_package_with_its_version_and_
                      "CYNIC, n. A blackguard whose faulty vision sees things as they are."]
     ids = sorted(r["id"] for name in ("train.jsonl", "heldout.jsonl") for r in _records(res.output, name))
     assert ids == ["devil:BORE", "devil:CYNIC", "devil:CYNIC#2"]  # one id per document
+    from posthoc_sparse.corpus import _unique_ids
+
+    got = [i for i, _ in _unique_ids(iter([("x", "a"), ("x", "b"), ("x#2", "c"), ("y", "d")]))]
+    assert got == ["x", "x#2", "x#2#2", "y"] and len(set(got)) == 4  # unique even where a made id meets a real one
 
 
 def test_a_missing_npm_package_names_the_commands_that_unpack_it(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.unit_report import build_report, load_units, plateau, write_report
-from posthoc_sparse.experiments.units import SweepSettings, fingerprint, parse_unit, plan, run_unit
+from posthoc_sparse.experiments.units import SweepSettings, fingerprint, parse_unit, plan, recipe_of, run_unit
 
 from .test_pretrain import phrase_corpus
 from .tiny import tiny_tokenizer
@@ -107,7 +107,14 @@ def test_units_of_another_recipe_are_left_out_of_the_findings(done):
     assert report["findings"]["soft"]["seeds"] == [0]  # seed 1 lost its random arm: no pair
     assert "soft-random-s1" in report["pending"]["soft"]
     # built for the other recipe, it is the rest that is left out
-    assert "dense-s0" in build_report(units | {"soft-random-s1": other}, settings=other["settings"])["mixed_settings"]
+    want = recipe_of(other)
+    assert "dense-s0" in build_report(units | {"soft-random-s1": other}, want=want)["mixed_settings"]
+    # where it ran or wrote does not matter; the data it was trained on does
+    moved = json.loads(json.dumps(units["soft-random-s1"]))
+    moved["settings"] |= {"device": "cuda:1", "output": "/elsewhere", "dataset": "/other/path", "report_to": "wandb"}
+    assert build_report(units | {"soft-random-s1": moved})["mixed_settings"] == []
+    moved["data"] = {"train.jsonl": "another corpus"}
+    assert build_report(units | {"soft-random-s1": moved})["mixed_settings"] == ["soft-random-s1"]
 
 
 def test_a_repeated_unit_reproduces_its_numbers_under_the_same_seed(done):

@@ -109,7 +109,7 @@ def soft_topk(g: torch.Tensor, allowed: torch.Tensor, k: int, tau: float, standa
     kth = top.values.min(-1, keepdim=True).values  # (B, H, C, 1)
     keep = torch.zeros(masked.shape, dtype=torch.bool, device=g.device).scatter_(-1, top.indices, True) & allowed
     full = allowed.sum(-1, keepdim=True) <= k  # (B, 1|H, C, 1): every allowed key is kept
-    full = full | ~torch.isfinite(kth)
+    full = full | (kth == float("-inf"))  # a NaN score stays NaN (and shows in the loss), as with a sorted top-k
     bias = torch.nn.functional.logsigmoid((z - kth.masked_fill(full, 0.0)) / tau)
     return bias.masked_fill(full, 0.0).masked_fill(~allowed, float("-inf")), keep
 

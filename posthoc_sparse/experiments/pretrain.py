@@ -89,7 +89,8 @@ class PretrainConfig:
     eval_windows: int = option(32, "Held-out windows per evaluation.", gt=0)
     checkpoint_every: int = option(500, "Checkpoint every N steps.", gt=0)
     log_every: int = option(10, "A history entry in pretrain_log.json every N steps, and a loss line when the "
-                                "output is not a terminal (the progress display still sees every step).", gt=0)
+                                "output is not a terminal; the loop reads its numbers back from the GPU every N steps "
+                                "(the progress display sees every step, N at a time).", gt=0)
     report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).", gt=0)
     max_loss_ratio: float = option(10.0, LOSS_RATIO_HELP, ge=0)
@@ -354,7 +355,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
             records.flush()  # the numbers read back, checked for divergence, logged and emitted, in order
         if evaluating:
             evaluate(step)
-        after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint)
+        after_step(step, total, cfg.checkpoint_every, guard, run, checkpoint, sync=records.flush)
         if evaluating or step % cfg.checkpoint_every == 0:
             records.restart_clock()
     run.defer_interrupts(False)

@@ -61,7 +61,6 @@ class StepRecords:
         """Read every pending number in one transfer, then check, count, record and emit each step in order."""
         if not self.pending:
             return
-        dt = (time.perf_counter() - self.since) / len(self.pending)  # the steps ran back to back: an even share
         values, slots, n = [], [], 0
         for p in self.pending:
             row = {}
@@ -72,7 +71,8 @@ class StepRecords:
                     values.append(t.float().reshape(-1))
                     n += values[-1].numel()
             slots.append(row)
-        flat = torch.cat([v.to(values[0].device) for v in values]).tolist()
+        flat = torch.cat([v.to(values[0].device) for v in values]).tolist()  # waits for the GPU's last step
+        dt = (time.perf_counter() - self.since) / len(self.pending)  # the steps ran back to back: an even share
         pending, self.pending = self.pending, []
         for p, row in zip(pending, slots):
             loss = flat[row["loss"]]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..evaluate.intervals import mean_interval
-from .units import parse_unit, plan
+from .units import parse_unit, plan, recipe_of
 
 REPORT_NAME, SUMMARY_NAME = "absorb.json", "summary.md"
 PLATEAU_TOLERANCE = 0.02  # held-out perplexity may change by less than 2% over the last 25% of steps
@@ -150,20 +150,30 @@ def _sweep(kinds: dict) -> dict | None:
             "gap_shrinks": all(a > b for a, b in zip(gaps, gaps[1:])) if len(gaps) > 1 else None}
 
 
-def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, settings: dict | None = None) -> dict:
+def _same_recipe(record: dict, want: dict) -> bool:
+    """Whether a unit ran under ``want`` (a ``units.recipe``): its settings, its data unless ``want`` has none, and
+    a sweep unit's sweep settings unless ``want`` has none."""
+    got = recipe_of(record)
+    return (got["settings"] == want["settings"] and (want["data"] is None or got["data"] == want["data"])
+            and (want["sweep"] is None or got["sweep"] is None or got["sweep"] == want["sweep"]))
+
+
+def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, want: dict | None = None) -> dict:
     """The report of ``units`` ({name: record}); the same dict for the same units, whatever their order.
 
-    Only units run with ``settings`` (default: those of dense-s0, else of the first unit) enter the findings: a
-    paired difference between models trained under different recipes would mean nothing. The others are listed
-    under ``mixed_settings`` and left out."""
+    Only units run under the recipe ``want`` (``units.recipe``; default: dense-s0's, else the first unit's) enter
+    the findings: a paired difference between models trained under different recipes would mean nothing. The
+    others are listed under ``mixed_settings`` and left out (they count as pending)."""
     every = sorted(units)
-    if settings is None:
+    if want is None:
         ref = units.get("dense-s0") or (units[every[0]] if every else None)
-        settings = ref["settings"] if ref else None
-    mixed = sorted(n for n in every if units[n]["settings"] != settings)
+        want = recipe_of(ref) | {"sweep": None} if ref else None
+    mixed = sorted(n for n in every if want is not None and not _same_recipe(units[n], want))
     units = {n: units[n] for n in every if n not in mixed}
     kinds = _by_kind(units)
     names = sorted(units)
+    ref = units.get("dense-s0") or (units[names[0]] if names else None)
+    settings = ref["settings"] if ref else None
     k = settings["k"] if settings else 64
     dense = kinds.get("dense", {})
     ks = [int(key.split("@")[1]) for key in (dense[min(dense)]["eval"] if dense else {}) if key.startswith("oracle@")]
@@ -191,13 +201,13 @@ def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, s
 
 
 def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds: int = 2,
-                 settings: dict | None = None) -> dict:
+                 want: dict | None = None) -> dict:
     """build_report, then absorb.json, summary.md and the plots into ``out``; returns the report."""
     from ..io import atomic_write_bytes, atomic_write_json
     from .unit_plots import plot_units
     from .unit_summary import summary_markdown
 
-    report = build_report(units, seeds, sweep_seeds, settings)
+    report = build_report(units, seeds, sweep_seeds, want)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / REPORT_NAME, report)
     atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(report).encode())

@@ -64,7 +64,7 @@ def plan(seeds: int = 3, sweep_seeds: int = 2) -> list[str]:
     return names
 
 
-def _data_identity(dataset: str) -> dict:
+def data_identity(dataset: str) -> dict:
     manifest = Path(dataset) / "manifest.json"
     if manifest.is_file():
         files = json.loads(manifest.read_text())["files"]
@@ -72,12 +72,27 @@ def _data_identity(dataset: str) -> dict:
     return {"dataset": dataset}
 
 
+# settings that do not change a unit's numbers: where it ran and wrote, the corpus's path (its content counts),
+# which experiments and how many seeds the whole recipe has, the trackers
+NOT_NUMBERS = ("output", "resume", "overwrite", "device", "dataset", "experiments", "seeds", "report_to")
+
+
+def recipe(settings: dict, data: dict | None, sweep: dict | None) -> dict:
+    """What decides a unit's numbers besides its name: the settings that matter, the data's identity (None: not
+    known here) and the sweep's settings (sweep units only). Two units belong to one report when theirs agree."""
+    return {"settings": {k: v for k, v in settings.items() if k not in NOT_NUMBERS}, "data": data, "sweep": sweep}
+
+
+def recipe_of(record: dict) -> dict:
+    """``recipe`` of a unit's JSON record."""
+    return recipe(record["settings"], record.get("data"), record.get("sweep_settings"))
+
+
 def fingerprint(name: str, cfg: AbsorbConfig, sweep: SweepSettings) -> str:
     """sha256 of what determines a unit's numbers: its name, the settings and the data (not paths or device)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "resume", "overwrite", "device",
-                                                                  "dataset", "experiments")}
-    payload = {"unit": name, "settings": settings, "data": _data_identity(cfg.dataset),
-               "sweep": asdict(sweep) if parse_unit(name)[0] == "sweep" else None, "format": FORMAT_VERSION}
+    payload = {"unit": name, **recipe(asdict(cfg), data_identity(cfg.dataset),
+                                      asdict(sweep) if parse_unit(name)[0] == "sweep" else None),
+               "format": FORMAT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -163,7 +178,7 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
         record["sweep"] = _sweep(runner, cfg, sweep, seed, r["path"], gates)
     record |= {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp,
                "settings": asdict(cfg) | {"output": None}, "sweep_settings": asdict(sweep) if kind == "sweep" else None,
-               "data": _data_identity(cfg.dataset), "seconds": time.perf_counter() - t0,
+               "data": data_identity(cfg.dataset), "seconds": time.perf_counter() - t0,
                "device": _device_name(resolve_device(cfg.device)), "versions": versions()}
     target = out or done
     if target is not None:
