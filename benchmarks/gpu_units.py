@@ -186,21 +186,27 @@ def plan(a) -> None:
     _print_plan(_estimates(settings(a.set), per_step))
 
 
-def probe(a) -> None:
-    """Time 30 training steps of each mode on this machine (first 5 dropped), print the plan's estimates from
-    them, and write $OUT/probe.json: run it first on a new kind of GPU, before the long units."""
+def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
+    """30 training steps of ``mode`` at ``batch`` with the unit's model, no evaluation or checkpoint to speak of,
+    the numbers read back every 10 steps as in a unit (its 'step' events arrive 10 at a time)."""
     from dataclasses import replace
 
     from posthoc_sparse.experiments.pretrain import pretrain
 
+    pretrain(replace(cfg.pretrain_config(mode, 0, str(work)), steps=30, batch_size=batch, eval_every=1000,
+                     eval_windows=1, checkpoint_every=1000, warmup=1, max_train_windows=2048, log_every=10,
+                     overwrite=True, resume=False), on_event=on_event)
+
+
+def probe(a) -> None:
+    """Time 30 training steps of each mode on this machine (first 5 dropped), print the plan's estimates from
+    them, and write $OUT/probe.json: run it first on a new kind of GPU, before the long units."""
     cfg = settings(a.set)
     per_step = {}
     for mode in ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic"):
         times = []
-        pcfg = replace(cfg.pretrain_config(mode, 0, str(Path(a.work) / f"probe-{mode}")), steps=30, eval_every=1000,
-                       eval_windows=1, checkpoint_every=1000, warmup=1, max_train_windows=512, overwrite=True,
-                       resume=False)
-        pretrain(pcfg, on_event=lambda kind, info: times.append(info["seconds"]) if kind == "step" else None)
+        _short_run(cfg, mode, cfg.batch_size, Path(a.work) / f"probe-{mode}",
+                   lambda kind, info: times.append(info["seconds"]) if kind == "step" else None)
         t = sorted(times[5:])
         per_step[mode] = t[len(t) // 2]
         log(f"probe {mode}: {per_step[mode] * 1000:.1f} ms/step")
@@ -216,12 +222,8 @@ def speed(a) -> None:
     loop reading its numbers back every 10 steps as it does in a unit. Steps 11-20 run under torch.profiler: the
     GPU's kernel time per step against the wall time per step (a low ratio: the host, not the GPU, bounds the step)
     and the top kernels; steps 21-30 give the time per step. Writes $OUT/speed.json."""
-    from dataclasses import replace
-
     import torch
     from torch.profiler import ProfilerActivity, profile
-
-    from posthoc_sparse.experiments.pretrain import pretrain
 
     cfg = settings(a.set)
     rows = []
@@ -238,10 +240,7 @@ def speed(a) -> None:
             elif info["step"] == 20:
                 prof.stop()
 
-        pcfg = replace(cfg.pretrain_config(mode, 0, str(Path(a.work) / f"speed-{mode}-{batch}")), steps=30,
-                       batch_size=int(batch), eval_every=1000, eval_windows=1, checkpoint_every=1000, warmup=1,
-                       max_train_windows=2048, log_every=10, overwrite=True, resume=False)
-        pretrain(pcfg, on_event=on_event)
+        _short_run(cfg, mode, int(batch), Path(a.work) / f"speed-{mode}-{batch}", on_event)
         per_step = seen[30]
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.key.startswith("Optimizer.")]  # kernels, not the optimizer's annotated range

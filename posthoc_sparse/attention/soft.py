@@ -22,7 +22,7 @@ class SoftGatePolicy:
 
     ``tau`` may be changed between steps (an annealed temperature). Every call adds to the attention mass
     that falls outside the gate's hard top-k (over all layers, heads and rows with more than k allowed
-    keys); ``pop_mass_outside()`` returns the mean since the last pop and resets it.
+    keys); ``take_mass_outside()`` returns the sum and the rows since the last take, on the device.
     """
 
     needs_inputs = True
@@ -57,11 +57,3 @@ class SoftGatePolicy:
         sums = torch.stack(self._outside).sum(0)
         self._outside.clear()
         return sums
-
-    def pop_mass_outside(self) -> float | None:
-        """Mean attention mass outside the gate's top-k over the rows seen since the last call (None: none)."""
-        sums = self.take_mass_outside()
-        if sums is None:
-            return None
-        total, rows = sums.tolist()
-        return total / rows if rows else None

@@ -310,8 +310,8 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
     tokens_per_step = global_batch * cfg.seq_len
     batches = iter(sampler)
     losses: list[float] = []
-    records = StepRecords(cfg.log_every, guard, gate_stats, history, losses, cfg.log_every, total, tokens_per_step,
-                          tracker.log, emit)
+    records = StepRecords(cfg.log_every, guard, gate_stats, history, losses, total, tokens_per_step, tracker.log,
+                          emit)
     pinned = device.type == "cuda"  # batches copied from pinned memory: no wait for the GPU
     model.train()
     t_start, steps_timed = time.perf_counter(), 0
@@ -351,7 +351,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
         steps_timed += 1
         records.add(step, lr, loss_sum, grad_norm, gate_grad, mass, soft.tau if soft is not None else None)
         evaluating = step % cfg.eval_every == 0 or step == total
-        if records.due(step) or evaluating or step % cfg.checkpoint_every == 0 or run.stop_requested:
+        if records.due(step) or evaluating:  # (a checkpoint reads them back itself, through after_step's sync)
             records.flush()  # the numbers read back, checked for divergence, logged and emitted, in order
         if evaluating:
             evaluate(step)

@@ -38,10 +38,10 @@ class StepRecords:
     gate in the loop) and ``history``, ``losses`` are the loop's own and are updated in place."""
 
     def __init__(self, every: int, guard: DivergenceGuard, gate_stats: dict | None, history: list, losses: list,
-                 log_every: int, total: int, tokens_per_step: int, log: Callable[[dict, int], None],
-                 emit: Callable[[str, dict], None]):
+                 total: int, tokens_per_step: int, log: Callable[[dict, int], None], emit: Callable[[str, dict], None]):
+        """``every``: the loop's ``log_every``, both how often it reads back and how often history gets an entry."""
         self.every, self.guard, self.gate_stats, self.history, self.losses = every, guard, gate_stats, history, losses
-        self.log_every, self.total, self.tokens_per_step = log_every, total, tokens_per_step
+        self.total, self.tokens_per_step = total, tokens_per_step
         self.log, self.emit = log, emit
         self.pending: list[_Step] = []
         self.since = time.perf_counter()
@@ -92,8 +92,8 @@ class StepRecords:
             if p.tau is not None:  # this process's rows: the mean over layers, heads and rows with > k keys
                 total, rows = (flat[row["mass"]], flat[row["mass"] + 1]) if "mass" in row else (0.0, 0.0)
                 entry |= {"mass_outside": total / rows if rows else None, "tau": p.tau}
-            if p.step % self.log_every == 0 or p.step == self.total:
-                recent = self.losses[-self.log_every:]
+            if self.due(p.step):
+                recent = self.losses[-self.every:]
                 self.history.append(entry | {"loss_mean": sum(recent) / len(recent)})
             self.log({k: v for k, v in entry.items() if k != "step"}, p.step)
             self.emit("step", entry | {"total": self.total})
