@@ -7,8 +7,9 @@
     python benchmarks/gpu_units.py probe --out $OUT                 # GPU machine: time each mode, re-estimate
     python benchmarks/gpu_units.py speed --out $OUT                 # GPU machine: where a step's time goes
 
-Every unit runs with the settings of recipes/paper-31m-units.toml (``--set KEY=VALUE`` overrides, for smoke tests)
-and the sweep settings of ``SweepSettings``. A unit whose JSON in docs/data/units has the same fingerprint is reused.
+Every unit runs with the settings of recipes/paper-31m-units.toml (``--recipe paper-31m-plateau``: the dense reference
+trained to its plateau, its units in docs/data/units-plateau; ``--set KEY=VALUE`` overrides, for smoke tests) and the
+sweep settings of ``SweepSettings``. A unit whose JSON in the recipe's folder has the same fingerprint is reused.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from posthoc_sparse.config import build_config, load_recipe  # noqa: E402
 
-RECIPE = ROOT / "recipes" / "paper-31m-units.toml"
-DONE = ROOT / "docs" / "data" / "units"
+# each recipe of the units: recipes/<name>.toml, the folder of its finished units and that of its report (docs/data),
+# and the findings its report covers (unit_report.FINDINGS)
+RECIPES = {
+    "paper-31m-units": ("units", "absorb-31m-units", None),  # every finding, every arm at one matched budget
+    "paper-31m-plateau": ("units-plateau", "absorb-31m-plateau", ("reference", "posthoc")),  # dense to its plateau
+}
 CORPUS = "data/offline-en-plus"
 # the corpus of the units: every source but GCIDE, whose dictionary entries would be half the held-out tokens and
 # 81% of its documents (docs/pretrain.md, "sparsify corpus"); prose keeps the held-out perplexity comparable
@@ -42,10 +47,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def settings(sets: list[str]):
+def settings(a):
     from posthoc_sparse.experiments.absorb import AbsorbConfig
 
-    return build_config(AbsorbConfig, load_recipe(str(RECIPE)), dict(s.split("=", 1) for s in sets))
+    recipe = ROOT / "recipes" / f"{a.recipe}.toml"
+    return build_config(AbsorbConfig, load_recipe(str(recipe)), dict(s.split("=", 1) for s in a.set))
 
 
 def _size(path: Path) -> int:
@@ -102,7 +108,7 @@ def run(a) -> None:
 
     from posthoc_sparse.experiments.units import SweepSettings, run_unit
 
-    cfg = settings(a.set)
+    cfg = settings(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"torch {torch.__version__}, cuda {torch.cuda.is_available()} "
@@ -130,31 +136,39 @@ def run(a) -> None:
 
 
 def aggregate(a) -> None:
-    from posthoc_sparse.experiments.unit_report import load_units, write_report
+    from posthoc_sparse.experiments.unit_report import FINDINGS, load_units, write_report
 
     from dataclasses import asdict
 
     from posthoc_sparse.experiments.units import SweepSettings, data_identity, recipe
 
-    cfg = settings(a.set)
+    cfg = settings(a)
     data = data_identity(cfg.dataset) if (Path(cfg.dataset) / "manifest.json").is_file() else None
     if data is None:
         log(f"no corpus at {cfg.dataset}: the units' data is not checked against it")
     units = load_units(Path(a.done))
     report = write_report(units, Path(a.report), want=recipe(asdict(cfg) | {"output": None}, data,
-                                                             asdict(SweepSettings())))
+                                                             asdict(SweepSettings())),
+                          covers=RECIPES[a.recipe][2] or FINDINGS)
     log(f"{len(units)} units -> {a.report}: left out (other settings) {report['mixed_settings']}; "
         f"pending {report['pending']}; plots {report['plots']}")
 
 
-def _estimates(cfg, per_step: dict) -> list[tuple[str, float]]:
-    """(unit, estimated GPU seconds) of every unit of the plan, from seconds per training step of each mode."""
-    from posthoc_sparse.experiments.units import SweepSettings, parse_unit, plan as unit_plan
+def _names(a) -> list[str]:
+    """The units of the recipe's plan, in order (only those its report covers)."""
+    from posthoc_sparse.experiments.unit_report import FINDINGS, build_report
+
+    return build_report({}, covers=RECIPES[a.recipe][2] or FINDINGS)["plan"]
+
+
+def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]:
+    """(unit, estimated GPU seconds) of each of ``names``, from seconds per training step of each mode."""
+    from posthoc_sparse.experiments.units import SweepSettings, parse_unit
 
     sweep = SweepSettings()
     startup, distill_step, eval_s = 60.0, 0.03, 8.0  # imports + tokenizing; per distill step; per eval pass set
     out = []
-    for name in unit_plan():
+    for name in names:
         kind, _ = parse_unit(name)
         mode = "dense" if kind == "sweep" else kind
         s = startup + cfg.steps * per_step[mode] + 2 * eval_s
@@ -177,13 +191,16 @@ def _print_plan(estimates: list[tuple[str, float]]) -> None:
 
 
 def plan(a) -> None:
-    """The ordered units with estimated GPU seconds, from the H100 run's per-step timings (absorb-paper31m-h100;
-    its soft runs used the cheaper raw relaxation, so those get 15% more)."""
-    probe = json.loads((ROOT / "docs/data/absorb-paper31m-h100.json").read_text())
-    runs, steps = probe["runs"], probe["config"]["steps"]
-    per_step = {m: runs[f"{m}-s0"]["seconds"] / steps * (1.15 if m.startswith("soft") else 1.0)
-                for m in ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic")}
-    _print_plan(_estimates(settings(a.set), per_step))
+    """The ordered units with estimated GPU seconds, from the H200's step profile at batch 64
+    (docs/data/train-speed-h200-b64.json; soft-random timed as soft-learned, stochastic as hard-topk), scaled to the
+    recipe's batch size."""
+    cfg = settings(a)
+    rows = {r["mode"]: r for r in json.loads((ROOT / "docs/data/train-speed-h200-b64.json").read_text())["rows"]
+            if r["batch_size"] == 64}
+    per_step = {m: rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64
+                for m, src in (("dense", "dense"), ("soft-learned", "soft-learned"), ("soft-random", "soft-learned"),
+                               ("hard-topk", "hard-topk"), ("stochastic", "hard-topk"))}
+    _print_plan(_estimates(cfg, per_step, _names(a)))
 
 
 def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
@@ -201,7 +218,7 @@ def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
 def probe(a) -> None:
     """Time 30 training steps of each mode on this machine (first 5 dropped), print the plan's estimates from
     them, and write $OUT/probe.json: run it first on a new kind of GPU, before the long units."""
-    cfg = settings(a.set)
+    cfg = settings(a)
     per_step = {}
     for mode in ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic"):
         times = []
@@ -210,7 +227,7 @@ def probe(a) -> None:
         t = sorted(times[5:])
         per_step[mode] = t[len(t) // 2]
         log(f"probe {mode}: {per_step[mode] * 1000:.1f} ms/step")
-    estimates = _estimates(cfg, per_step)
+    estimates = _estimates(cfg, per_step, _names(a))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "probe.json").write_text(json.dumps({"seconds_per_step": per_step, "steps": cfg.steps,
                                                          "estimates_s": dict(estimates)}, indent=1))
@@ -225,7 +242,7 @@ def speed(a) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = settings(a.set)
+    cfg = settings(a)
     rows = []
     for item in a.speed.split(","):
         mode, batch = item.rsplit(":", 1)
@@ -269,11 +286,16 @@ def main() -> None:
     p.add_argument("units", nargs="*")
     p.add_argument("--out", default="/tmp/out")
     p.add_argument("--work", default="/tmp/units")
-    p.add_argument("--done", default=str(DONE))
-    p.add_argument("--report", default=str(ROOT / "docs" / "data" / "absorb-31m-units"))
+    p.add_argument("--recipe", default="paper-31m-units", choices=sorted(RECIPES),
+                   help="recipes/<name>.toml; it also picks the default --done and --report")
+    p.add_argument("--done", help="the finished units (default: docs/data/units for paper-31m-units)")
+    p.add_argument("--report", help="the report's folder (default: docs/data/absorb-31m-units for paper-31m-units)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--speed", default="dense:16,dense:32,soft-learned:16,soft-learned:32", metavar="MODE:BATCH,...")
     a = p.parse_args()
+    done, report, _ = RECIPES[a.recipe]
+    a.done = a.done or str(ROOT / "docs" / "data" / done)
+    a.report = a.report or str(ROOT / "docs" / "data" / report)
     if a.stage == "run" and not a.units:
         p.error("run needs at least one unit (see: plan)")
     from transformers.utils import logging as hf_logging

@@ -8,22 +8,25 @@
 #     bash benchmarks/gpu_units.sh --prepare     # data/offline-en-plus (every corpus source) and .whl/ (wheels)
 # On the GPU machine, carrying .whl and data/offline-en-plus (run tool: carry [".whl", "data/offline-en-plus"]):
 #     bash benchmarks/gpu_units.sh dense-s0 [UNIT...]
+#     bash benchmarks/gpu_units.sh --recipe paper-31m-plateau dense-s0   # the reference trained to its plateau
 #     bash benchmarks/gpu_units.sh --probe [UNIT...]     # first time each mode (~1 min), then the units
 #     bash benchmarks/gpu_units.sh --speed [UNIT...]     # where a step's time goes (profiler, ~2 min), then units
-#     PARALLEL=1 bash benchmarks/gpu_units.sh dense-s1 dense-s2   # several units at once, one process each (a
-#                                                 # dense step leaves the GPU idle a quarter of the time or more)
+#     PARALLEL=1 bash benchmarks/gpu_units.sh dense-s1 dense-s2   # several units at once, one process each, one
+#                                                 # GPU each where there are several (else they share the one)
 # Back here: copy $OUT/<unit>.json into docs/data/units/, commit it, and rebuild the report:
 #     python benchmarks/gpu_units.py aggregate   # docs/data/absorb-31m-units/{absorb.json,summary.md,*.png}
 # Environment: OUT (/tmp/out), WORK (/tmp/units: models and gates, never brought back), PYTHON (python3),
-# SET ("KEY=VALUE ..." overrides of recipes/paper-31m-units.toml, for smoke tests).
+# SET ("KEY=VALUE ..." overrides of the recipe, for smoke tests), RECIPE (as --recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 DRIVER=benchmarks/gpu_units.py
+recipe=(--recipe "${RECIPE:-paper-31m-units}")
+if [[ "${1:-}" == --recipe ]]; then recipe=(--recipe "$2"); shift 2; fi
 case "${1:-}" in
     --prepare) exec "$PY" "$DRIVER" prepare ;;
-    --plan) exec "$PY" "$DRIVER" plan ;;
+    --plan) exec "$PY" "$DRIVER" plan "${recipe[@]}" ;;
     --probe) shift; set -- __probe__ "$@" ;;
     --speed) shift; set -- __speed__ "$@" ;;
     "") echo "usage: bash benchmarks/gpu_units.sh UNIT... | --prepare | --plan" >&2; exit 2 ;;
@@ -45,18 +48,22 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: a repeated unit 
 set -o pipefail
 if [[ "$1" == __speed__ ]]; then  # where a training step's time goes, before the units
     shift
-    "$PY" "$DRIVER" speed --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/speed.log"
+    "$PY" "$DRIVER" speed --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" 2>&1 | tee "$OUT/speed.log"
     [[ $# -eq 0 ]] && exit 0
 fi
 if [[ "$1" == __probe__ ]]; then  # time each mode here and re-estimate the plan (before the long units)
     shift
-    "$PY" "$DRIVER" probe --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/probe.log"
+    "$PY" "$DRIVER" probe --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" 2>&1 | tee "$OUT/probe.log"
     [[ $# -eq 0 ]] && exit 0
 fi
-if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at once on the one GPU
+if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at once, spread over the GPUs
     pids=()
+    ngpu=$(nvidia-smi -L 2>/dev/null | wc -l || true)
     for unit in "$@"; do
-        "$PY" "$DRIVER" run "$unit" --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" > "$OUT/units-$unit.log" 2>&1 &
+        gpu=()  # one GPU per unit in turn, unless the caller picked the GPUs
+        if [[ -z "${CUDA_VISIBLE_DEVICES:-}" && $ngpu -gt 1 ]]; then gpu=(env CUDA_VISIBLE_DEVICES=$((${#pids[@]} % ngpu))); fi
+        "${gpu[@]}" "$PY" "$DRIVER" run "$unit" --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" \
+            > "$OUT/units-$unit.log" 2>&1 &
         pids+=($!)
     done
     rc=0
@@ -66,4 +73,4 @@ if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at on
     tail -n 3 "$OUT"/units-*.log
     exit $rc
 fi
-"$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${sets[@]}" 2>&1 | tee "$OUT/units.log"
+"$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" 2>&1 | tee "$OUT/units.log"

@@ -155,6 +155,27 @@ def test_the_report_is_the_same_from_units_in_any_order(done, tmp_path):
     assert build_report({})["settings"] is None
 
 
+def test_a_report_covers_only_its_findings(done, tmp_path):
+    """A recipe that trains only the reference (paper-31m-plateau) reports the reference and the post-hoc curve:
+    the other findings are neither reported nor pending, and its plan is dense-s0 alone."""
+    root, out = done
+    units = load_units(out)
+    rep = write_report({"dense-s0": units["dense-s0"]}, tmp_path / "r", covers=("reference", "posthoc"))
+    assert rep["pending"] == {} and rep["plan"] == ["dense-s0"] and rep["covers"] == ["reference", "posthoc"]
+    assert rep["findings"]["reference"]["seed"] == 0 and rep["findings"]["posthoc"]["seeds"] == [0]
+    assert all(rep["findings"][f] is None for f in ("soft", "hard", "coadapt", "stochastic", "sweep"))
+    assert sorted(rep["plots"]) == ["absorb-plateau.png", "absorb-posthoc.png"]
+    write_report({"soft-learned-s0": units["soft-learned-s0"]}, tmp_path / "r", covers=("reference", "posthoc"))
+    assert not list((tmp_path / "r").glob("*.png"))  # rebuilt without dense-s0: its plots are gone
+    write_report({"dense-s0": units["dense-s0"]}, tmp_path / "r", covers=("reference", "posthoc"))
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "## The reference model" in summary and "## Post hoc" in summary
+    assert "Pending" not in summary and "## 1." not in summary and "unfreeze sweep" not in summary
+    assert build_report({}, covers=("reference",))["plan"] == ["dense-s0"]
+    with pytest.raises(ValueError, match="unknown findings"):
+        build_report({}, covers=("reference", "plateau"))
+
+
 def test_plateau_is_the_change_over_the_last_quarter():
     rec = {"train": {"evals": [{"step": s, "heldout_ppl": p} for s, p in
                                ((0, 900.0), (250, 120.0), (500, 100.0), (750, 99.0), (1000, 98.5))]}}

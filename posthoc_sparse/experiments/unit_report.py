@@ -158,8 +158,15 @@ def _same_recipe(record: dict, want: dict) -> bool:
             and (want["sweep"] is None or got["sweep"] is None or got["sweep"] == want["sweep"]))
 
 
-def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, want: dict | None = None) -> dict:
+FINDINGS = ("reference", "soft", "hard", "coadapt", "stochastic", "posthoc", "sweep")
+
+
+def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, want: dict | None = None,
+                 covers: tuple[str, ...] = FINDINGS) -> dict:
     """The report of ``units`` ({name: record}); the same dict for the same units, whatever their order.
+
+    ``covers``: the findings (of ``FINDINGS``) this report is for; the others are None and nothing is pending
+    for them (a recipe that only trains the reference model, for instance).
 
     Only units run under the recipe ``want`` (``units.recipe``; default: dense-s0's, else the first unit's) enter
     the findings: a paired difference between models trained under different recipes would mean nothing. The
@@ -193,21 +200,28 @@ def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, w
                                                    for m in ("dense", "soft-learned", "hard-topk")],
              "stochastic": ["stochastic-s0", "dense-s0"], "posthoc": ["dense-s0"],
              "sweep": [f"sweep-s{s}" for s in range(sweep_seeds)]}
+    unknown = set(covers) - set(FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown findings {sorted(unknown)}; known: {', '.join(FINDINGS)}")
+    findings = {f: (v if f in covers else None) for f, v in findings.items()}
+    needs = {f: need for f, need in needs.items() if f in covers}
     pending = {f: [n for n in need if n not in units] for f, need in needs.items()}
-    return {"settings": settings, "mixed_settings": mixed, "findings": findings,
-            "pending": {f: p for f, p in pending.items() if p}, "plan": plan(seeds, sweep_seeds),
+    wanted = {n for need in needs.values() for n in need}
+    return {"settings": settings, "mixed_settings": mixed, "covers": list(covers), "findings": findings,
+            "pending": {f: p for f, p in pending.items() if p},
+            "plan": [n for n in plan(seeds, sweep_seeds) if n in wanted],
             "units": {n: {"fingerprint": units[n]["fingerprint"], "seconds": units[n]["seconds"],
                           "device": units[n]["device"]} for n in names}}
 
 
 def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds: int = 2,
-                 want: dict | None = None) -> dict:
+                 want: dict | None = None, covers: tuple[str, ...] = FINDINGS) -> dict:
     """build_report, then absorb.json, summary.md and the plots into ``out``; returns the report."""
     from ..io import atomic_write_bytes, atomic_write_json
     from .unit_plots import plot_units
     from .unit_summary import summary_markdown
 
-    report = build_report(units, seeds, sweep_seeds, want)
+    report = build_report(units, seeds, sweep_seeds, want, covers)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / REPORT_NAME, report)
     atomic_write_bytes(out / SUMMARY_NAME, summary_markdown(report).encode())
@@ -215,4 +229,4 @@ def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds:
     return report
 
 
-__all__ = ["PLATEAU_TOLERANCE", "build_report", "load_units", "plateau", "write_report"]
+__all__ = ["FINDINGS", "PLATEAU_TOLERANCE", "build_report", "load_units", "plateau", "write_report"]

@@ -44,8 +44,10 @@ def summary_markdown(report: dict) -> str:
     if report["mixed_settings"]:
         lines += [f"Left out, run with other settings than this report's: {', '.join(report['mixed_settings'])}.",
                   ""]
+    covers = set(report.get("covers", f))
     ref = f["reference"]
-    lines += ["## The reference model", ""] + _pending(report, "reference")
+    if "reference" in covers:
+        lines += ["## The reference model", ""] + _pending(report, "reference")
     if ref:
         p = ref["plateau"]
         lines += [f"Held-out perplexity (seed {ref['seed']}): " + ", ".join(f"{st}: {v:.2f}" for st, v in p["curve"]),
@@ -58,8 +60,9 @@ def summary_markdown(report: dict) -> str:
                   f"{_f(ref['random'][kk])} |" for kk, o in ref["oracle"].items()]
         lines.append("")
     soft = f["soft"]
-    lines += ["## 1. Soft gating end to end: learned vs random gate", ""] + _pending(report, "soft")
-    if soft["seeds"]:
+    if "soft" in covers:
+        lines += ["## 1. Soft gating end to end: learned vs random gate", ""] + _pending(report, "soft")
+    if soft and soft["seeds"]:
         lines += [f"Seeds {soft['seeds']} (paired: same init and data order). Dense baseline: {_ms(soft['dense'])}.",
                   "", "| | learned gate | random gate | random − learned, 95% CI |", "|---|---|---|---|"]
         for key, label, spec in (("ppl_as_trained", "perplexity as trained (soft gate)", ".2f"),
@@ -73,7 +76,8 @@ def summary_markdown(report: dict) -> str:
                    None: "undecided (fewer than 2 seeds)"}[soft["learned_beats_random"]]
         lines += ["", f"Soft-random − dense: {_ci(soft['random_minus_dense'])}; soft-learned − dense: "
                   f"{_ci(soft['learned_minus_dense'])}. Learned beats random beyond noise: {verdict}.", ""]
-    lines += ["## 2. Hard top-k: the gate's gradient through the mask", ""] + _pending(report, "hard")
+    if "hard" in covers:
+        lines += ["## 2. Hard top-k: the gate's gradient through the mask", ""] + _pending(report, "hard")
     if f["hard"]:
         lines += ["| seed | steps measured | steps with a gate gradient | largest norm | largest weight change | "
                   "perplexity as trained |", "|---|---|---|---|---|---|"]
@@ -81,22 +85,25 @@ def summary_markdown(report: dict) -> str:
                   f"{r['max_gate_grad_norm']:.1e} | {r['gate_moved']:.1e} | {_f(r['ppl_as_trained'])} |"
                   for r in f["hard"]["per_seed"]]
         lines.append("")
-    lines += ["## 3. A gate distilled post hoc onto co-adapted vs mask-agnostic Q/K/V", ""]
-    lines += _pending(report, "coadapt")
-    lines += [f"| model distilled onto | seeds | recall@{k} | F1 | mass kept | dense | oracle | gate | random | "
-              "gate / oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in f["coadapt"]:
-        lines.append(f"| {r['label']} | {r['seeds']} | {_ms(r['recall'], '.3f')} | {_ms(r['f1'], '.3f')} | "
-                     f"{_ms(r['mass'], '.3f')} | {_ms(r['ppl_dense'])} | {_ms(r['ppl_oracle'])} | {_ms(r['ppl_gate'])} | "
-                     f"{_ms(r['ppl_random'])} | {_ms(r['gate_over_oracle'], '.3f')} |")
-    lines += ["", "## 4. Stochastic masks", ""] + _pending(report, "stochastic")
+    if "coadapt" in covers:
+        lines += ["## 3. A gate distilled post hoc onto co-adapted vs mask-agnostic Q/K/V", ""]
+        lines += _pending(report, "coadapt")
+        lines += [f"| model distilled onto | seeds | recall@{k} | F1 | mass kept | dense | oracle | gate | random | "
+                  "gate / oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['seeds']} | {_ms(r['recall'], '.3f')} | {_ms(r['f1'], '.3f')} | "
+                  f"{_ms(r['mass'], '.3f')} | {_ms(r['ppl_dense'])} | {_ms(r['ppl_oracle'])} | {_ms(r['ppl_gate'])} | "
+                  f"{_ms(r['ppl_random'])} | {_ms(r['gate_over_oracle'], '.3f')} |" for r in f["coadapt"]]
+        lines.append("")
+    if "stochastic" in covers:
+        lines += ["## 4. Stochastic masks", ""] + _pending(report, "stochastic")
     if f["stochastic"]:
         lines += [f"| seed | deployed dense: stochastic / baseline | oracle top-{k} | random top-{k} |", "|---|---|---|---|"]
         lines += [f"| {r['seed']} | {_f(r['stochastic_dense'])} / {_f(r['baseline_dense'])} | "
                   f"{_f(r['stochastic_oracle'])} / {_f(r['baseline_oracle'])} | {_f(r['stochastic_random'])} / "
                   f"{_f(r['baseline_random'])} |" for r in f["stochastic"]["per_seed"]]
         lines += ["", f"Deployed dense, stochastic / baseline: {_ms(f['stochastic']['dense_ratio'], '.3f')}.", ""]
-    lines += ["## Post hoc: a gate distilled on the frozen dense model", ""] + _pending(report, "posthoc")
+    if "posthoc" in covers:
+        lines += ["## Post hoc: a gate distilled on the frozen dense model", ""] + _pending(report, "posthoc")
     if f["posthoc"]:
         p = f["posthoc"]
         lines += [f"Seeds {p['seeds']}. Dense {_ms(p['ppl_dense'])}, oracle top-{k} {_ms(p['ppl_oracle'])}, random "
@@ -104,7 +111,8 @@ def summary_markdown(report: dict) -> str:
                   "|---|---|---|"]
         lines += [f"| {pt['step']} | {_ms(pt['ppl_gate'])} | {_ms(pt['recall'], '.3f')} |" for pt in p["curve"]]
         lines.append("")
-    lines += ["## The unfreeze sweep on the trained model", ""] + _pending(report, "sweep")
+    if "sweep" in covers:
+        lines += ["## The unfreeze sweep on the trained model", ""] + _pending(report, "sweep")
     if f["sweep"]:
         sw = f["sweep"]
         lines += [f"Seeds {sw['seeds']}.", "", "| fraction | layers | learned gate | random gate | gap (random − "
