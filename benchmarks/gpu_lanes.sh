@@ -1,19 +1,46 @@
 #!/usr/bin/env bash
 # Several GPU jobs of gpu_units.sh in one call, on every GPU of the machine at once (docs/absorb.md, "In units").
-# Each argument is one lane: "GPU JOB [; JOB ...]", its jobs run one after the other on that GPU, the lanes side by
-# side. A JOB is "NAME UNIT [KEY=VALUE ...]" (one unit of gpu_units.sh under those recipe overrides; its JSON lands
-# in $OUT/NAME/UNIT.json and its log in $OUT/NAME.log) or "NAME --speed MODE:BATCH,..." (the step profile of
-# gpu_units.py speed into $OUT/NAME/speed.json). Two lanes may name the same GPU: their jobs then share it.
-#     bash benchmarks/gpu_lanes.sh "0 lr2e-3 dense-s0 batch_size=32 lr=2e-3" "1 speed --speed dense:32,dense:64"
+# Each argument is one lane: "GPU JOB[; JOB ...]"; a lane's jobs run one after the other on that GPU, the lanes side
+# by side (two lanes may name the same GPU: their jobs then share it). A JOB is one of
+#     NAME UNIT [recipe=NAME] [KEY=VALUE ...]   one unit of gpu_units.sh under that recipe (default paper-31m-units)
+#                                               and those overrides
+#     NAME --speed MODE:BATCH,...               the step profile of `gpu_units.py speed` (the default recipe)
+#     bash benchmarks/gpu_lanes.sh "0 s1 soft-learned-s1" "1 d0 dense-s0; d1 dense-s1"
+# Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). A call brings
+# back only a few files (8), so at the end all of $JOBS is packed into $OUT/lanes.tgz, and each unit that succeeded
+# also puts its JSON at $OUT/NAME.json: at most 7 jobs a call. The exit status is 1 if any job failed.
 # Carry .whl and data/offline-en-plus as for gpu_units.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/out}
-JOBS=${JOBS:-/tmp/lanes-out}  # each job's folder and log, packed into $OUT/lanes.tgz at the end
+JOBS=${JOBS:-/tmp/lanes-out}
+die() { echo "gpu_lanes.sh: $*" >&2; exit 2; }
+[[ $# -gt 0 ]] || die "usage: bash benchmarks/gpu_lanes.sh \"GPU NAME UNIT [KEY=VALUE ...][; ...]\" ..."
+
+# check every lane before anything runs: a GPU index, at least one job, each job NAME UNIT..., names unique
+names=()
+for spec in "$@"; do
+    gpu=${spec%% *}
+    [[ "$gpu" =~ ^[0-9]+$ ]] || die "lane '$spec': it starts with a GPU index"
+    IFS=';' read -ra items <<< "${spec#"$gpu"}"
+    jobs_here=0
+    for item in "${items[@]}"; do
+        read -ra words <<< "$item"
+        [[ ${#words[@]} -eq 0 ]] && continue
+        [[ ${#words[@]} -ge 2 ]] || die "job '$item': needs NAME UNIT (or NAME --speed MODE:BATCH,...)"
+        [[ "${words[1]}" != --speed || ${#words[@]} -eq 3 ]] || die "job '$item': --speed takes one MODE:BATCH list"
+        for n in "${names[@]}"; do [[ "$n" != "${words[0]}" ]] || die "two jobs are named ${words[0]}"; done
+        names+=("${words[0]}")
+        jobs_here=$((jobs_here + 1))
+    done
+    [[ $jobs_here -gt 0 ]] || die "lane '$spec' has no job"
+done
+[[ ${#names[@]} -le 7 ]] || die "${#names[@]} jobs: a call brings back 8 files (lanes.tgz and one JSON per job)"
+
+rm -rf "$JOBS"
 mkdir -p "$OUT" "$JOBS"
-[[ $# -gt 0 ]] || { echo "usage: bash benchmarks/gpu_lanes.sh \"GPU NAME UNIT [KEY=VALUE ...]; ...\" ..." >&2; exit 2; }
 if ! "$PY" -c "import datasets" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then  # once, before the lanes
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -28,34 +55,39 @@ job() {  # GPU NAME UNIT|--speed ARGS...
         CUDA_VISIBLE_DEVICES=$gpu "$PY" benchmarks/gpu_units.py speed --out "$JOBS/$name" --work "/tmp/lanes/$name" \
             --speed "$1" > "$JOBS/$name.log" 2>&1 || rc=$?
     else
-        local recipe=paper-31m-units sets=()
+        local recipe=paper-31m-units sets=() kv
         for kv in "$@"; do
             if [[ "$kv" == recipe=* ]]; then recipe=${kv#recipe=}; else sets+=("$kv"); fi
         done
         CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" WORK="/tmp/lanes/$name" SET="${sets[*]}" RECIPE=$recipe \
             bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
-        [[ -f "$JOBS/$name/$what.json" ]] && cp "$JOBS/$name/$what.json" "$OUT/$name.json"
+        if [[ $rc -eq 0 && -f "$JOBS/$name/$what.json" ]]; then cp "$JOBS/$name/$what.json" "$OUT/$name.json"; fi
     fi
     echo "[$(date +%T)] GPU $gpu: $name done (rc $rc)"
     return $rc
 }
 
-lane() {  # "GPU JOB; JOB ..."
-    local gpu=${1%% *} rest=${1#* } item
-    IFS=';' read -ra items <<< "$rest"
-    for item in "${items[@]}"; do
-        # shellcheck disable=SC2086
-        job "$gpu" $item || echo "[$(date +%T)] GPU $gpu: job failed: $item"
+lane() {  # GPU JOB...
+    local gpu=$1 failed=0 item words
+    shift
+    for item in "$@"; do
+        read -ra words <<< "$item"
+        [[ ${#words[@]} -eq 0 ]] && continue
+        job "$gpu" "${words[@]}" || { echo "[$(date +%T)] GPU $gpu: job failed: $item"; failed=1; }
     done
+    return $failed
 }
 
 pids=()
 for spec in "$@"; do
-    lane "$spec" &
+    gpu=${spec%% *}
+    IFS=';' read -ra items <<< "${spec#"$gpu"}"
+    lane "$gpu" "${items[@]}" &
     pids+=($!)
 done
 rc=0
 for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-for log in "$JOBS"/*.log; do echo "== $log"; tail -n 4 "$log"; done
+shopt -s nullglob
+for log in "$JOBS"/*.log; do echo "== $log"; tail -n 4 "$log" || true; done
 tar czf "$OUT/lanes.tgz" -C "$JOBS" .
 exit $rc

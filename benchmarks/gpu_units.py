@@ -178,14 +178,17 @@ def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]
             s += (cfg.distill_steps // cfg.distill_every + 1) * 3.0
         if kind == "sweep":
             n = len(sweep.fractions.split(","))
-            s += 2 * (n - 1) * sweep.steps * per_step["hard-topk"] * sweep.batch_size / cfg.batch_size + 2 * n * 4.0
+            small = per_step.get("sweep-hard-topk", per_step["hard-topk"] * sweep.batch_size / cfg.batch_size)
+            s += 2 * (n - 1) * sweep.steps * max(small, per_step["hard-topk"] * sweep.batch_size / cfg.batch_size)
+            s += 2 * n * 4.0
         out.append((name, s))
     return out
 
 
-def _print_plan(estimates: list[tuple[str, float]]) -> None:
+def _print_plan(estimates: list[tuple[str, float]], recipe: str) -> None:
+    opt = "" if recipe == "paper-31m-units" else f"--recipe {recipe} "
     for name, s in estimates:
-        print(f"bash benchmarks/gpu_units.sh {name:<18} # ~{s / 60:.1f} GPU min", flush=True)
+        print(f"bash benchmarks/gpu_units.sh {opt}{name:<18} # ~{s / 60:.1f} GPU min", flush=True)
     print(f"# total ~{sum(s for _, s in estimates) / 60:.0f} GPU min; one unit per call (limit 10 min); carry .whl "
           f"and {CORPUS}", flush=True)
 
@@ -193,14 +196,17 @@ def _print_plan(estimates: list[tuple[str, float]]) -> None:
 def plan(a) -> None:
     """The ordered units with estimated GPU seconds, from the H200's step profile at batch 64
     (docs/data/train-speed-h200-b64.json; soft-random timed as soft-learned, stochastic as hard-topk), scaled to the
-    recipe's batch size."""
+    recipe's batch size, but never below the host's launches (about 60 us per kernel: docs/absorb.md, "Training
+    speed"), which bound a small batch's step."""
     cfg = settings(a)
     rows = {r["mode"]: r for r in json.loads((ROOT / "docs/data/train-speed-h200-b64.json").read_text())["rows"]
             if r["batch_size"] == 64}
-    per_step = {m: rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64
+    per_step = {m: max(rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64, rows[src]["kernels_per_step"] * 60e-6)
                 for m, src in (("dense", "dense"), ("soft-learned", "soft-learned"), ("soft-random", "soft-learned"),
                                ("hard-topk", "hard-topk"), ("stochastic", "hard-topk"))}
-    _print_plan(_estimates(cfg, per_step, _names(a)))
+    # the sweep trains at its own small batch: its hard-topk steps are bound by the launches
+    per_step["sweep-hard-topk"] = rows["hard-topk"]["kernels_per_step"] * 60e-6
+    _print_plan(_estimates(cfg, per_step, _names(a)), a.recipe)
 
 
 def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
@@ -231,7 +237,7 @@ def probe(a) -> None:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "probe.json").write_text(json.dumps({"seconds_per_step": per_step, "steps": cfg.steps,
                                                          "estimates_s": dict(estimates)}, indent=1))
-    _print_plan(estimates)
+    _print_plan(estimates, a.recipe)
 
 
 def speed(a) -> None:

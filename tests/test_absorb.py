@@ -185,6 +185,25 @@ def test_soft_policy_sends_gradient_to_the_gate_and_the_model():
     assert q_rows is not None and float(q_rows.abs().sum()) > 0
 
 
+@pytest.mark.gpu
+def test_a_soft_step_never_makes_the_host_wait_for_the_gpu():
+    """Forward and backward of a soft-gated model on CUDA with no device sync (the training loop reads its numbers
+    back only every few steps, so a sync inside the policy would serialize host and GPU at every layer)."""
+    model = _tiny_gpt2().cuda()
+    bank = _bank(model).cuda()
+    policy = SoftGatePolicy(bank, k=4)
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    _loss(model, policy, ids).backward()  # warm-up: first-call allocations and lazy inits may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _loss(model, policy, ids).backward()
+        mass = policy.take_mass_outside()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert mass is not None and 0 <= float(mass[0]) <= float(mass[1])
+
+
 def test_hard_topk_policy_gives_the_gate_no_gradient_but_trains_the_model():
     model = _tiny_gpt2()
     bank = _bank(model)

@@ -127,7 +127,8 @@ def mass_outside_keep(p: torch.Tensor, keep: torch.Tensor, allowed: torch.Tensor
     """``mass_outside_topk`` from the keep mask of the top-k itself (``soft_topk`` gives it with the bias)."""
     rows = (allowed.sum(-1) > k).expand(p.shape[:-1])  # (B, H, C)
     outside = p.detach().float().masked_fill(keep, 0.0).sum(-1)  # (B, H, C)
-    return outside[rows].sum(), rows.sum().float()
+    # masked, not indexed: a boolean index would make the host wait for the GPU at every call
+    return outside.masked_fill(~rows, 0.0).sum(), rows.sum().float()
 
 
 def masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,132 @@
+"""The shell entry points of the GPU units (benchmarks/gpu_units.sh, benchmarks/gpu_lanes.sh), run on the CPU with a
+stand-in Python and nvidia-smi that record what they are asked to do: which unit runs on which GPU under which
+recipe and overrides, what comes back, and that bad input stops before anything runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "CUDA=${CUDA_VISIBLE_DEVICES:-} ARGS=$*" >> "$FAKE_LOG"
+[[ "$1" == -c ]] && exit 0
+shift 2  # benchmarks/gpu_units.py STAGE
+out=; units=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --out) out=$2; shift 2 ;;
+        --work|--recipe|--set|--speed) shift 2 ;;
+        *) units+=("$1"); shift ;;
+    esac
+done
+for u in "${units[@]}"; do
+    [[ "$u" == *fail* ]] && exit 1
+    mkdir -p "$out"; echo '{}' > "$out/$u.json"
+done
+exit 0
+"""
+
+FAKE_SMI = """#!/usr/bin/env bash
+case "$*" in
+    *--query-gpu=index\\ *|*--query-gpu=index) printf '0\\n1\\n' ;;
+    *) echo "0, Fake GPU, 1 MiB" ;;
+esac
+"""
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A copy of the two scripts in a repository-shaped folder, a corpus manifest, and the stand-ins on PATH."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    for name in ("gpu_units.sh", "gpu_lanes.sh"):
+        shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks" / name)
+    (root / "data" / "offline-en-plus").mkdir(parents=True)
+    (root / "data" / "offline-en-plus" / "manifest.json").write_text("{}")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("python", FAKE_PYTHON), ("nvidia-smi", FAKE_SMI)):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "RECIPE", "SET", "PARALLEL")}
+    env |= {"PATH": f"{bin_}:{env['PATH']}", "PYTHON": str(bin_ / "python"), "FAKE_LOG": str(log),
+            "OUT": str(tmp_path / "out"), "JOBS": str(tmp_path / "jobs"), "WORK": str(tmp_path / "work")}
+    return root, env, log
+
+
+def _run(repo, script: str, *args: str, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    root, base, log = repo
+    proc = subprocess.run(["bash", str(root / "benchmarks" / script), *args], env=base | env, capture_output=True,
+                          text=True, timeout=60)
+    calls = [line for line in log.read_text().splitlines() if "ARGS=-c" not in line] if log.exists() else []
+    return proc, calls
+
+
+def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path):
+    proc, calls = _run(repo, "gpu_lanes.sh", "0 a dense-s0 steps=4 lr=2e-3; b soft-learned-s0 recipe=paper-31m-plateau",
+                       "1 c fail-s0", "1 d dense-s1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one job failed: the call says so
+    runs = {c.split(" run ")[1].split()[0]: c for c in calls if " run " in c}
+    assert set(runs) == {"dense-s0", "soft-learned-s0", "fail-s0", "dense-s1"}
+    assert runs["dense-s0"].startswith("CUDA=0 ") and runs["dense-s1"].startswith("CUDA=1 ")
+    assert "--recipe paper-31m-units --set steps=4 --set lr=2e-3" in runs["dense-s0"]
+    assert "--recipe paper-31m-plateau" in runs["soft-learned-s0"] and "--set" not in runs["soft-learned-s0"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "d.json", "lanes.tgz"]  # not the failed c
+    listing = subprocess.run(["tar", "tzf", str(out / "lanes.tgz")], capture_output=True, text=True).stdout
+    assert "./a/dense-s0.json" in listing and "./c.log" in listing
+
+
+@pytest.mark.parametrize("lane, message", [
+    ("0 a dense-s0; a dense-s1", "two jobs are named a"),
+    ("0 ; ", "has no job"),
+    ("0 a", "needs NAME UNIT"),
+    ("x a dense-s0", "starts with a GPU index"),
+    ("0 s --speed", "--speed takes one MODE:BATCH list"),
+    ("0 " + "; ".join(f"j{i} dense-s{i}" for i in range(8)), "8 jobs"),
+])
+def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):
+    proc, calls = _run(repo, "gpu_lanes.sh", lane)
+    assert proc.returncode == 2 and message in proc.stderr and calls == []
+
+
+def test_parallel_units_spread_over_the_gpus(repo):
+    proc, calls = _run(repo, "gpu_units.sh", "dense-s0", "dense-s1", "dense-s2", PARALLEL="1")
+    assert proc.returncode == 0, proc.stderr
+    gpu = {c.split(" run ")[1].split()[0]: c.split()[0] for c in calls if " run " in c}
+    assert gpu == {"dense-s0": "CUDA=0", "dense-s1": "CUDA=1", "dense-s2": "CUDA=0"}  # two GPUs from nvidia-smi
+    proc, calls = _run(repo, "gpu_units.sh", "soft-learned-s1", "soft-random-s1", PARALLEL="1",
+                       CUDA_VISIBLE_DEVICES="3,5")
+    gpu = {c.split(" run ")[1].split()[0]: c.split()[0] for c in calls if " run soft-" in c}
+    assert gpu == {"soft-learned-s1": "CUDA=3", "soft-random-s1": "CUDA=5"}  # the caller's GPUs, in turn
+
+
+def test_units_take_the_recipe_before_the_units_only(repo):
+    proc, calls = _run(repo, "gpu_units.sh", "--recipe", "paper-31m-plateau", "dense-s0")
+    assert proc.returncode == 0 and "run dense-s0" in calls[-1] and "--recipe paper-31m-plateau" in calls[-1]
+    proc, _ = _run(repo, "gpu_units.sh", "dense-s0", "--recipe", "paper-31m-plateau")
+    assert proc.returncode == 2 and "options go before the units" in proc.stderr
+    proc, _ = _run(repo, "gpu_units.sh", "--recipe")
+    assert proc.returncode == 2 and "--recipe needs a name" in proc.stderr
+
+
+def test_the_plan_names_each_recipe_and_its_units():
+    import sys
+
+    def plan(*args):
+        run = subprocess.run([sys.executable, "benchmarks/gpu_units.py", "plan", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return [line.split("#")[0].split() for line in run.stdout.splitlines() if line.startswith("bash")]
+
+    full = plan()
+    assert len(full) == 15 and full[0] == ["bash", "benchmarks/gpu_units.sh", "dense-s0"]
+    assert plan("--recipe", "paper-31m-plateau") == [
+        ["bash", "benchmarks/gpu_units.sh", "--recipe", "paper-31m-plateau", "dense-s0"]]
