@@ -4,7 +4,8 @@
 # by side (two lanes may name the same GPU: their jobs then share it). A JOB is one of
 #     NAME UNIT [recipe=NAME] [KEY=VALUE ...]   one unit of gpu_units.sh under that recipe (default paper-31m-units)
 #                                               and those overrides
-#     NAME --speed MODE:BATCH,...               the step profile of `gpu_units.py speed` (the default recipe)
+#     NAME --speed MODE:BATCH,... [--compile]   the step profile of `gpu_units.py speed` (the default recipe;
+#                                               --compile: the soft relaxation under torch.compile)
 #     bash benchmarks/gpu_lanes.sh "0 s1 soft-learned-s1" "1 d0 dense-s0; d1 dense-s1"
 # Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). A call brings
 # back only a few files (8), so at the end all of $JOBS is packed into $OUT/lanes.tgz, and each unit that succeeded
@@ -30,7 +31,10 @@ for spec in "$@"; do
         read -ra words <<< "$item"
         [[ ${#words[@]} -eq 0 ]] && continue
         [[ ${#words[@]} -ge 2 ]] || die "job '$item': needs NAME UNIT (or NAME --speed MODE:BATCH,...)"
-        [[ "${words[1]}" != --speed || ${#words[@]} -eq 3 ]] || die "job '$item': --speed takes one MODE:BATCH list"
+        if [[ "${words[1]}" == --speed ]]; then
+            [[ ${#words[@]} -eq 3 || ( ${#words[@]} -eq 4 && "${words[3]}" == --compile ) ]] \
+                || die "job '$item': --speed takes one MODE:BATCH list, then --compile or nothing"
+        fi
         for n in "${names[@]}"; do [[ "$n" != "${words[0]}" ]] || die "two jobs are named ${words[0]}"; done
         names+=("${words[0]}")
         jobs_here=$((jobs_here + 1))
@@ -53,7 +57,7 @@ job() {  # GPU NAME UNIT|--speed ARGS...
     echo "[$(date +%T)] GPU $gpu: $name $what $*"
     if [[ "$what" == --speed ]]; then
         CUDA_VISIBLE_DEVICES=$gpu "$PY" benchmarks/gpu_units.py speed --out "$JOBS/$name" --work "/tmp/lanes/$name" \
-            --speed "$1" > "$JOBS/$name.log" 2>&1 || rc=$?
+            --speed "$@" > "$JOBS/$name.log" 2>&1 || rc=$?
     else
         local recipe=paper-31m-units sets=() kv
         for kv in "$@"; do

@@ -209,7 +209,7 @@ def plan(a) -> None:
     _print_plan(_estimates(cfg, per_step, _names(a)), a.recipe)
 
 
-def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
+def _short_run(cfg, mode: str, batch: int, work: Path, on_event, compile: bool = False) -> None:
     """30 training steps of ``mode`` at ``batch`` with the unit's model, no evaluation or checkpoint to speak of,
     the numbers read back every 10 steps as in a unit (its 'step' events arrive 10 at a time)."""
     from dataclasses import replace
@@ -218,7 +218,7 @@ def _short_run(cfg, mode: str, batch: int, work: Path, on_event) -> None:
 
     pretrain(replace(cfg.pretrain_config(mode, 0, str(work)), steps=30, batch_size=batch, eval_every=1000,
                      eval_windows=1, checkpoint_every=1000, warmup=1, max_train_windows=2048, log_every=10,
-                     overwrite=True, resume=False), on_event=on_event)
+                     overwrite=True, resume=False, gate_compile=compile), on_event=on_event)
 
 
 def probe(a) -> None:
@@ -263,14 +263,14 @@ def speed(a) -> None:
             elif info["step"] == 20:
                 prof.stop()
 
-        _short_run(cfg, mode, int(batch), Path(a.work) / f"speed-{mode}-{batch}", on_event)
+        _short_run(cfg, mode, int(batch), Path(a.work) / f"speed-{mode}-{batch}", on_event, compile=a.compile)
         per_step = seen[30]
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.key.startswith("Optimizer.")]  # kernels, not the optimizer's annotated range
         gpu_s = sum(e.self_device_time_total for e in kernels) / 1e6 / 10
         wall = seen[20]  # per step, profiled
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
-        row = {"mode": mode, "batch_size": int(batch), "ms_per_step": per_step * 1000,
+        row = {"mode": mode, "batch_size": int(batch), "compiled": a.compile, "ms_per_step": per_step * 1000,
                "tokens_per_second": int(batch) * cfg.seq_len / per_step, "profiled_wall_ms_per_step": wall * 1000,
                "gpu_kernel_ms_per_step": gpu_s * 1000, "gpu_busy": gpu_s / wall if wall else None,
                "kernels_per_step": sum(e.count for e in kernels) / 10,
@@ -298,6 +298,8 @@ def main() -> None:
     p.add_argument("--report", help="the report's folder (default: docs/data/absorb-31m-units for paper-31m-units)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--speed", default="dense:16,dense:32,soft-learned:16,soft-learned:32", metavar="MODE:BATCH,...")
+    p.add_argument("--compile", action="store_true", help="speed: the soft relaxation under torch.compile "
+                   "(--gate-compile); its first steps, which compile, fall before the timed ones")
     a = p.parse_args()
     done, report, _ = RECIPES[a.recipe]
     a.done = a.done or str(ROOT / "docs" / "data" / done)

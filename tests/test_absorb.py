@@ -185,6 +185,34 @@ def test_soft_policy_sends_gradient_to_the_gate_and_the_model():
     assert q_rows is not None and float(q_rows.abs().sum()) > 0
 
 
+def test_the_compiled_relaxation_equals_the_eager_one_and_compiles_once_for_every_tau():
+    """--gate-compile: the same loss, mass outside top-k and gradients (gate and model) as the eager relaxation,
+    within fp32 rounding, at two temperatures; the second temperature reuses the first one's graph."""
+    import torch._dynamo
+
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        bank = _bank(model)
+        policy = SoftGatePolicy(bank, k=4, tau=0.5, compile=compiled)
+        runs[compiled] = []
+        for tau in (0.5, 0.1):
+            policy.tau = tau
+            torch.manual_seed(1)  # the same dropout masks in both runs
+            with torch._dynamo.config.patch(error_on_recompile=compiled and tau == 0.1):
+                loss = _loss(model, policy, ids)
+                params = list(bank.parameters()) + [model.transformer.h[0].attn.c_attn.weight]
+                grads = torch.autograd.grad(loss, params)
+            runs[compiled].append((loss.detach(), policy.take_mass_outside(), *grads))
+    for eager, fused in zip(runs[False], runs[True]):
+        for a, b in zip(eager, fused):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(runs[False][0][0], runs[False][1][0])  # the two temperatures do differ
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, used at both
+
+
 @pytest.mark.gpu
 def test_a_soft_step_never_makes_the_host_wait_for_the_gpu():
     """Forward and backward of a soft-gated model on CUDA with no device sync (the training loop reads its numbers

@@ -71,13 +71,15 @@ def _run(repo, script: str, *args: str, **env) -> tuple[subprocess.CompletedProc
 
 def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path):
     proc, calls = _run(repo, "gpu_lanes.sh", "0 a dense-s0 steps=4 lr=2e-3; b soft-learned-s0 recipe=paper-31m-plateau",
-                       "1 c fail-s0", "1 d dense-s1")
+                       "1 c fail-s0", "1 d dense-s1; sp --speed soft-learned:64 --compile")
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one job failed: the call says so
     runs = {c.split(" run ")[1].split()[0]: c for c in calls if " run " in c}
     assert set(runs) == {"dense-s0", "soft-learned-s0", "fail-s0", "dense-s1"}
     assert runs["dense-s0"].startswith("CUDA=0 ") and runs["dense-s1"].startswith("CUDA=1 ")
     assert "--recipe paper-31m-units --set steps=4 --set lr=2e-3" in runs["dense-s0"]
     assert "--recipe paper-31m-plateau" in runs["soft-learned-s0"] and "--set" not in runs["soft-learned-s0"]
+    speed = [c for c in calls if " speed " in c]
+    assert len(speed) == 1 and speed[0].startswith("CUDA=1 ") and speed[0].endswith("--speed soft-learned:64 --compile")
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "d.json", "lanes.tgz"]  # not the failed c
     listing = subprocess.run(["tar", "tzf", str(out / "lanes.tgz")], capture_output=True, text=True).stdout
@@ -90,6 +92,7 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     ("0 a", "needs NAME UNIT"),
     ("x a dense-s0", "starts with a GPU index"),
     ("0 s --speed", "--speed takes one MODE:BATCH list"),
+    ("0 s --speed soft-learned:64 --fast", "--speed takes one MODE:BATCH list"),
     ("0 " + "; ".join(f"j{i} dense-s{i}" for i in range(8)), "8 jobs"),
 ])
 def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):

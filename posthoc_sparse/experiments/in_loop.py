@@ -34,7 +34,8 @@ def training_gate(cfg: PretrainConfig, model):
         bank.requires_grad_(False)
     if cfg.gate_mode == "hard-topk":
         return bank, TopKPolicy(GateSelector(bank), cfg.gate_k)
-    return bank, SoftGatePolicy(bank, cfg.gate_k, soft_tau(cfg, 0, cfg.steps), scores=cfg.gate_scores)
+    return bank, SoftGatePolicy(bank, cfg.gate_k, soft_tau(cfg, 0, cfg.steps), scores=cfg.gate_scores,
+                                compile=cfg.gate_compile)
 
 
 def soft_tau(cfg: PretrainConfig, step: int, total: int) -> float:

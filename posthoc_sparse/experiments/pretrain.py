@@ -105,6 +105,8 @@ class PretrainConfig:
                                               "(scale-free: the gate cannot switch itself off) or raw.",
                               choices=("standardized", "raw"))
     gate_d_g: int = option(32, "Gate dimension per head.")
+    gate_compile: bool = option(False, "torch.compile the soft relaxation (soft-* modes): its elementwise work fused "
+                                       "into a few kernels; equal to the eager path within fp32 rounding.")
     resume: bool = option(False, "Continue from the checkpoint in --output.")
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
