@@ -7,7 +7,9 @@
 #     NAME --speed MODE:BATCH,... [--compile]   the step profile of `gpu_units.py speed` (the default recipe;
 #                                               --compile: the soft relaxation under torch.compile)
 #     bash benchmarks/gpu_lanes.sh "0 s1 soft-learned-s1" "1 d0 dense-s0; d1 dense-s1"
-# Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). A call brings
+# Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). Jobs of one
+# recipe and the same overrides share a work folder, /tmp/lanes/<hash>/<unit>: a sweep-sN after dense-sN in a lane
+# reuses its trained model and gate (units.py, _borrow_dense). A call brings
 # back only a few files (8), so at the end all of $JOBS is packed into $OUT/lanes.tgz, and each unit that succeeded
 # also puts its JSON at $OUT/NAME.json: at most 7 jobs a call. The exit status is 1 if any job failed.
 # Carry .whl and data/offline-en-plus as for gpu_units.sh.
@@ -22,6 +24,7 @@ die() { echo "gpu_lanes.sh: $*" >&2; exit 2; }
 
 # check every lane before anything runs: a GPU index, at least one job, each job NAME UNIT..., names unique
 names=()
+runs=()
 for spec in "$@"; do
     gpu=${spec%% *}
     [[ "$gpu" =~ ^[0-9]+$ ]] || die "lane '$spec': it starts with a GPU index"
@@ -36,7 +39,9 @@ for spec in "$@"; do
                 || die "job '$item': --speed takes one MODE:BATCH list, then --compile or nothing"
         fi
         for n in "${names[@]}"; do [[ "$n" != "${words[0]}" ]] || die "two jobs are named ${words[0]}"; done
+        for w in "${runs[@]}"; do [[ "$w" != "${words[*]:1}" ]] || die "two jobs run ${words[*]:1}"; done
         names+=("${words[0]}")
+        runs+=("${words[*]:1}")
         jobs_here=$((jobs_here + 1))
     done
     [[ $jobs_here -gt 0 ]] || die "lane '$spec' has no job"
@@ -63,7 +68,9 @@ job() {  # GPU NAME UNIT|--speed ARGS...
         for kv in "$@"; do
             if [[ "$kv" == recipe=* ]]; then recipe=${kv#recipe=}; else sets+=("$kv"); fi
         done
-        CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" WORK="/tmp/lanes/$name" SET="${sets[*]}" RECIPE=$recipe \
+        local work
+        work=/tmp/lanes/$(echo "$recipe ${sets[*]}" | md5sum | cut -c1-12)
+        CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" WORK="$work" SET="${sets[*]}" RECIPE=$recipe \
             bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
         if [[ $rc -eq 0 && -f "$JOBS/$name/$what.json" ]]; then cp "$JOBS/$name/$what.json" "$OUT/$name.json"; fi
     fi

@@ -78,6 +78,8 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     assert runs["dense-s0"].startswith("CUDA=0 ") and runs["dense-s1"].startswith("CUDA=1 ")
     assert "--recipe paper-31m-units --set steps=4 --set lr=2e-3" in runs["dense-s0"]
     assert "--recipe paper-31m-plateau" in runs["soft-learned-s0"] and "--set" not in runs["soft-learned-s0"]
+    work = {u: c.split("--work ")[1].split()[0] for u, c in runs.items()}
+    assert work["fail-s0"] == work["dense-s1"] != work["dense-s0"] != work["soft-learned-s0"]  # shared per settings
     speed = [c for c in calls if " speed " in c]
     assert len(speed) == 1 and speed[0].startswith("CUDA=1 ") and speed[0].endswith("--speed soft-learned:64 --compile")
     out = tmp_path / "out"
@@ -88,6 +90,7 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
 
 @pytest.mark.parametrize("lane, message", [
     ("0 a dense-s0; a dense-s1", "two jobs are named a"),
+    (["0 a dense-s0 lr=2e-3", "1 b dense-s0 lr=2e-3"], "two jobs run dense-s0 lr=2e-3"),
     ("0 ; ", "has no job"),
     ("0 a", "needs NAME UNIT"),
     ("x a dense-s0", "starts with a GPU index"),
@@ -96,7 +99,7 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     ("0 " + "; ".join(f"j{i} dense-s{i}" for i in range(8)), "8 jobs"),
 ])
 def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):
-    proc, calls = _run(repo, "gpu_lanes.sh", lane)
+    proc, calls = _run(repo, "gpu_lanes.sh", *([lane] if isinstance(lane, str) else lane))
     assert proc.returncode == 2 and message in proc.stderr and calls == []
 
 

@@ -82,6 +82,23 @@ def test_a_finished_unit_is_reused_not_recomputed(done):
     assert fingerprint("dense-s0", _cfg(root, device="cuda"), SWEEP) == again["fingerprint"]  # where it ran: no
 
 
+def test_a_sweep_unit_borrows_the_dense_run_beside_it(done, tmp_path):
+    """sweep-sN trains dense-sN's model and distills its gate again; run beside dense-sN (sibling folders, the same
+    settings and data) it copies both instead, so one GPU call holds the two units."""
+    root, _ = done
+    dense = run_unit("dense-s0", _cfg(root), SWEEP, tmp_path / "dense-s0")
+    events = []
+    sweep = run_unit("sweep-s0", _cfg(root), SWEEP, tmp_path / "sweep-s0",
+                     on_event=lambda kind, info: events.append((kind, info)))
+    assert [i["what"] for k, i in events if k == "borrowed"] == ["runs", "distill"]
+    assert not [k for k, _ in events if k.startswith(("pretrain:", "distill:"))]  # nothing trained again
+    assert sweep["train"] == dense["train"] and len(sweep["sweep"]["table"]) == 2
+    events.clear()  # beside a dense unit of other settings: its own model
+    run_unit("sweep-s0", _cfg(root, steps=8), SWEEP, tmp_path / "sweep-s0",
+             on_event=lambda kind, info: events.append((kind, info)))
+    assert not [k for k, _ in events if k == "borrowed"] and [k for k, _ in events if k == "pretrain:done"]
+
+
 def test_a_work_folder_left_by_other_settings_is_not_resumed(done, tmp_path):
     root, _ = done
     work, events = tmp_path / "work", []

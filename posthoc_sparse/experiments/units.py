@@ -157,6 +157,8 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
             return record
         emit("stale", {"unit": name, "path": str(done / f"{name}.json")})
     _claim_work(work, fp, emit)
+    if kind == "sweep":
+        _borrow_dense(work, cfg, sweep, seed, emit)
     runner = _Runner(replace(cfg, output=str(work), resume=True), emit, work)
     t0 = time.perf_counter()
     mode = "dense" if kind == "sweep" else kind
@@ -187,6 +189,34 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
         atomic_write_json(target / f"{name}.json", record)
     emit("unit", {"unit": name, "seconds": record["seconds"]})
     return record
+
+
+def _borrow_dense(work: Path, cfg: AbsorbConfig, sweep: SweepSettings, seed: int,
+                  emit: Callable[[str, dict], None]) -> None:
+    """A sweep unit trains the model of ``dense-sN`` and distills the same gate onto it (the same runs, names and
+    settings). When ``dense-sN`` ran beside it (``work``'s sibling folder, stamped with the dense unit's fingerprint
+    under these settings and data), copy its finished training run and distilled gate instead of repeating them:
+    one call then holds ``dense-sN`` and ``sweep-sN``."""
+    import shutil
+
+    from ..distill.loop import HISTORY_NAME
+    from ..gates.io import GATE_CONFIG_NAME
+    from .pretrain import LOG_NAME
+
+    sibling = work.parent / f"dense-s{seed}"
+    stamp = sibling / "fingerprint.txt"
+    if not stamp.is_file() or stamp.read_text().strip() != fingerprint(f"dense-s{seed}", cfg, sweep):
+        return
+    finished = {"runs": (LOG_NAME, "config.json"), "distill": (GATE_CONFIG_NAME, HISTORY_NAME)}
+    for part, files in finished.items():
+        src, dst = sibling / part / f"dense-s{seed}", work / part / f"dense-s{seed}"
+        if dst.exists() or not all((src / f).is_file() for f in files):
+            continue
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)  # whole or not at all
+        emit("borrowed", {"unit": f"sweep-s{seed}", "what": part, "from": str(src)})
 
 
 def _claim_work(work: Path, fp: str, emit: Callable[[str, dict], None]) -> None:
