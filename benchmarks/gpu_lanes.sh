@@ -15,8 +15,7 @@
 # Carry .whl and data/offline-en-plus as for gpu_units.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-PY=${PYTHON:-python3}
+source benchmarks/gpu_env.sh  # PY, the offline environment, install_wheels
 OUT=${OUT:-/tmp/out}
 JOBS=${JOBS:-/tmp/lanes-out}
 die() { echo "gpu_lanes.sh: $*" >&2; exit 2; }
@@ -50,10 +49,7 @@ done
 
 rm -rf "$JOBS"
 mkdir -p "$OUT" "$JOBS"
-if ! "$PY" -c "import datasets" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then  # once, before the lanes
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+install_wheels  # once, before the lanes
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
 
 job() {  # GPU NAME UNIT|--speed ARGS...

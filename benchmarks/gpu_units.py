@@ -115,7 +115,7 @@ def run(a) -> None:
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else ''}; units {a.units}")
 
     def on_event(kind, info):
-        if kind in ("reused", "stale", "restart", "run", "distill", "eval", "unit"):
+        if kind in ("reused", "stale", "restart", "borrowed", "run", "distill", "eval", "unit"):
             log(f"{kind} {json.dumps(info, default=str)[:300]}")
         elif kind == "pretrain:eval":
             log(f"  {info['run']} step {info['step']}: held-out ppl {info['heldout_ppl']:.2f}")
@@ -178,9 +178,9 @@ def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]
             s += (cfg.distill_steps // cfg.distill_every + 1) * 3.0
         if kind == "sweep":
             n = len(sweep.fractions.split(","))
-            small = per_step.get("sweep-hard-topk", per_step["hard-topk"] * sweep.batch_size / cfg.batch_size)
-            s += 2 * (n - 1) * sweep.steps * max(small, per_step["hard-topk"] * sweep.batch_size / cfg.batch_size)
-            s += 2 * n * 4.0
+            # the sweep's small batch: the step scaled down, or the host's launches where the plan knows them
+            small = max(per_step.get("sweep-hard-topk", 0.0), per_step["hard-topk"] * sweep.batch_size / cfg.batch_size)
+            s += 2 * (n - 1) * sweep.steps * small + 2 * n * 4.0
         out.append((name, s))
     return out
 

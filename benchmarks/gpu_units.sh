@@ -21,8 +21,7 @@
 # SET ("KEY=VALUE ..." overrides of the recipe, for smoke tests), RECIPE (as --recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-PY=${PYTHON:-python3}
+source benchmarks/gpu_env.sh  # PY, the offline environment, install_wheels
 DRIVER=benchmarks/gpu_units.py
 recipe=(--recipe "${RECIPE:-paper-31m-units}")
 if [[ "${1:-}" == --recipe ]]; then
@@ -43,10 +42,7 @@ done
 echo "recipe ${recipe[1]}"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if ! "$PY" -c "import datasets" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU image lacks them
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
+install_wheels  # the GPU image lacks them
 "$PY" -c "import datasets, pyarrow; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" \
     || { echo "datasets does not import here: carry .whl (bash benchmarks/gpu_units.sh --prepare)" >&2; exit 2; }
 [[ -f data/offline-en-plus/manifest.json ]] \

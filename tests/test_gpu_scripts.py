@@ -45,7 +45,7 @@ def repo(tmp_path):
     """A copy of the two scripts in a repository-shaped folder, a corpus manifest, and the stand-ins on PATH."""
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
-    for name in ("gpu_units.sh", "gpu_lanes.sh"):
+    for name in ("gpu_units.sh", "gpu_lanes.sh", "gpu_env.sh"):
         shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks" / name)
     (root / "data" / "offline-en-plus").mkdir(parents=True)
     (root / "data" / "offline-en-plus" / "manifest.json").write_text("{}")

@@ -137,6 +137,19 @@ def _mean_std(xs: list[float]) -> dict:
             "values": xs}
 
 
+def finished_run(run: Path) -> bool:
+    """Whether the training run in ``run`` has finished (its log and config written at the end)."""
+    return (run / LOG_NAME).is_file() and (run / "config.json").is_file()
+
+
+def finished_gate(out: Path) -> bool:
+    """Whether the distillation in ``out`` has finished (its gate config and history written)."""
+    from ..distill.loop import HISTORY_NAME
+    from ..gates.io import GATE_CONFIG_NAME
+
+    return (out / GATE_CONFIG_NAME).is_file() and (out / HISTORY_NAME).is_file()
+
+
 class _Runner:
     """Runs and caches the pieces (training runs, distillations, evaluations) under ``cfg.output``."""
 
@@ -147,7 +160,7 @@ class _Runner:
         from .pretrain import pretrain
 
         run = self.out / "runs" / name
-        cached = (run / LOG_NAME).is_file() and (run / "config.json").is_file()
+        cached = finished_run(run)
         self.emit("run", {"name": name, "mode": mode, "seed": seed, "cached": cached})
         if not cached:
             pretrain(self.cfg.pretrain_config(mode, seed, str(run)),
@@ -163,11 +176,10 @@ class _Runner:
     def distill(self, name: str, model_dir: str) -> dict:
         from ..config import DistillConfig
         from ..distill.loop import HISTORY_NAME, distill
-        from ..gates.io import GATE_CONFIG_NAME
 
         c = self.cfg
         out = self.out / "distill" / name
-        cached = (out / GATE_CONFIG_NAME).is_file() and (out / HISTORY_NAME).is_file()
+        cached = finished_gate(out)
         self.emit("distill", {"name": name, "model": model_dir, "cached": cached})
         if not cached:
             distill(DistillConfig(

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import option
 from ..errors import UserError
 from ..training import versions
-from .absorb import AbsorbConfig, _gate_moved, _Runner
+from .absorb import AbsorbConfig, _gate_moved, _Runner, finished_gate, finished_run
 from .pretrain import GATE_DIR
 
 KINDS = ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic", "sweep")
@@ -199,18 +199,13 @@ def _borrow_dense(work: Path, cfg: AbsorbConfig, sweep: SweepSettings, seed: int
     one call then holds ``dense-sN`` and ``sweep-sN``."""
     import shutil
 
-    from ..distill.loop import HISTORY_NAME
-    from ..gates.io import GATE_CONFIG_NAME
-    from .pretrain import LOG_NAME
-
     sibling = work.parent / f"dense-s{seed}"
     stamp = sibling / "fingerprint.txt"
     if not stamp.is_file() or stamp.read_text().strip() != fingerprint(f"dense-s{seed}", cfg, sweep):
         return
-    finished = {"runs": (LOG_NAME, "config.json"), "distill": (GATE_CONFIG_NAME, HISTORY_NAME)}
-    for part, files in finished.items():
+    for part, finished in (("runs", finished_run), ("distill", finished_gate)):  # as _Runner tells them cached
         src, dst = sibling / part / f"dense-s{seed}", work / part / f"dense-s{seed}"
-        if dst.exists() or not all((src / f).is_file() for f in files):
+        if dst.exists() or not finished(src):
             continue
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
