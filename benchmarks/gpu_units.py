@@ -138,20 +138,25 @@ def run(a) -> None:
 def aggregate(a) -> None:
     from posthoc_sparse.experiments.unit_report import FINDINGS, load_units, write_report
 
-    from dataclasses import asdict
-
-    from posthoc_sparse.experiments.units import SweepSettings, data_identity, recipe
+    from posthoc_sparse.experiments.units import data_identity
 
     cfg = settings(a)
     data = data_identity(cfg.dataset) if (Path(cfg.dataset) / "manifest.json").is_file() else None
     if data is None:
         log(f"no corpus at {cfg.dataset}: the units' data is not checked against it")
     units = load_units(Path(a.done))
-    report = write_report(units, Path(a.report), want=recipe(asdict(cfg) | {"output": None}, data,
-                                                             asdict(SweepSettings())),
-                          covers=RECIPES[a.recipe][2] or FINDINGS)
+    report = write_report(units, Path(a.report), want=_want(cfg, data), covers=RECIPES[a.recipe][2] or FINDINGS)
     log(f"{len(units)} units -> {a.report}: left out (other settings) {report['mixed_settings']}; "
         f"pending {report['pending']}; plots {report['plots']}")
+
+
+def _want(cfg, data: dict | None) -> dict:
+    """The recipe (``units.recipe``) a unit of this call's settings runs under; ``data`` None: not checked."""
+    from dataclasses import asdict
+
+    from posthoc_sparse.experiments.units import SweepSettings, recipe
+
+    return recipe(asdict(cfg) | {"output": None}, data, asdict(SweepSettings()))
 
 
 def _names(a) -> list[str]:
@@ -185,19 +190,35 @@ def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]
     return out
 
 
-def _print_plan(estimates: list[tuple[str, float]], recipe: str) -> None:
+def _calibrated(estimates: list[tuple[str, float]], done: dict[str, dict]) -> tuple[list[tuple[str, float]], float]:
+    """The pending units' estimates scaled by the median of measured / estimated seconds over the finished units
+    (1.0 when none has finished), and that factor: the profile's step times and the fixed costs are rough, the
+    finished units' own seconds are not."""
+    ratios = sorted(done[n]["seconds"] / s for n, s in estimates if n in done and done[n].get("seconds"))
+    factor = ratios[len(ratios) // 2] if ratios else 1.0
+    return [(n, s * factor) for n, s in estimates if n not in done], factor
+
+
+def _print_plan(estimates: list[tuple[str, float]], recipe: str, done: dict[str, dict], folder: str) -> None:
     opt = "" if recipe == "paper-31m-units" else f"--recipe {recipe} "
-    for name, s in estimates:
+    if done:
+        print(f"# done ({len(done)}, in {folder}): " + ", ".join(
+            f"{n} {done[n].get('seconds', 0):.0f} s" for n, _ in estimates if n in done), flush=True)
+    pending, factor = _calibrated(estimates, done)
+    for name, s in pending:
         print(f"bash benchmarks/gpu_units.sh {opt}{name:<18} # ~{s / 60:.1f} GPU min", flush=True)
-    print(f"# total ~{sum(s for _, s in estimates) / 60:.0f} GPU min; one unit per call (limit 10 min); carry .whl "
-          f"and {CORPUS}", flush=True)
+    scaled = f", estimates x{factor:.2f} (measured / estimated, median of the done units)" if done else ""
+    print(f"# {len(pending)} pending, total ~{sum(s for _, s in pending) / 60:.0f} GPU min{scaled}; one unit per call "
+          f"(limit 10 min); carry .whl and {CORPUS}", flush=True)
 
 
 def plan(a) -> None:
     """The ordered units with estimated GPU seconds, from the H200's step profile at batch 64
     (docs/data/train-speed-h200-b64.json; soft-random timed as soft-learned, stochastic as hard-topk), scaled to the
     recipe's batch size, but never below the host's launches (about 60 us per kernel: docs/absorb.md, "Training
-    speed"), which bound a small batch's step."""
+    speed"), which bound a small batch's step. The units already finished under these settings (in ``--done``) are
+    listed with their measured seconds, and the pending ones' estimates are scaled by how far off the estimates of
+    the finished ones were."""
     cfg = settings(a)
     rows = {r["mode"]: r for r in json.loads((ROOT / "docs/data/train-speed-h200-b64.json").read_text())["rows"]
             if r["batch_size"] == 64}
@@ -206,7 +227,11 @@ def plan(a) -> None:
                                ("hard-topk", "hard-topk"), ("stochastic", "hard-topk"))}
     # the sweep trains at its own small batch: its hard-topk steps are bound by the launches
     per_step["sweep-hard-topk"] = rows["hard-topk"]["kernels_per_step"] * 60e-6
-    _print_plan(_estimates(cfg, per_step, _names(a)), a.recipe)
+    from posthoc_sparse.experiments.unit_report import load_units, same_recipe
+
+    # the units already in the recipe's folder under these settings (the data is checked by the aggregator)
+    done = {n: u for n, u in load_units(Path(a.done)).items() if same_recipe(u, _want(cfg, None))}
+    _print_plan(_estimates(cfg, per_step, _names(a)), a.recipe, done, a.done)
 
 
 def _short_run(cfg, mode: str, batch: int, work: Path, on_event, compile: bool = False) -> None:

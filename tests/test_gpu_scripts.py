@@ -4,6 +4,7 @@ recipe and overrides, what comes back, and that bad input stops before anything 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -123,16 +124,35 @@ def test_units_take_the_recipe_before_the_units_only(repo):
     assert proc.returncode == 2 and "--recipe needs a name" in proc.stderr
 
 
-def test_the_plan_names_each_recipe_and_its_units():
+def test_the_plan_names_each_recipe_and_its_pending_units(tmp_path):
     import sys
 
     def plan(*args):
         run = subprocess.run([sys.executable, "benchmarks/gpu_units.py", "plan", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        return [line.split("#")[0].split() for line in run.stdout.splitlines() if line.startswith("bash")]
+        lines = run.stdout.splitlines()
+        return [line.split("#")[0].split() for line in lines if line.startswith("bash")], lines
 
-    full = plan()
+    empty = tmp_path / "none"
+    empty.mkdir()
+    full, lines = plan("--done", str(empty))
     assert len(full) == 15 and full[0] == ["bash", "benchmarks/gpu_units.sh", "dense-s0"]
-    assert plan("--recipe", "paper-31m-plateau") == [
+    assert not any(line.startswith("# done") for line in lines) and lines[-1].startswith("# 15 pending")
+    assert plan("--recipe", "paper-31m-plateau", "--done", str(empty))[0] == [
         ["bash", "benchmarks/gpu_units.sh", "--recipe", "paper-31m-plateau", "dense-s0"]]
+
+    # a finished unit of the recipe leaves the list, with its measured seconds; one of other settings does not
+    minutes = {cmd[-1]: float(line.split("~")[1].split()[0]) for cmd, line in zip(full, lines) if "~" in line}
+    some = tmp_path / "some"
+    some.mkdir()
+    record = json.loads((ROOT / "docs/data/units/dense-s0.json").read_text())
+    (some / "dense-s0.json").write_text(json.dumps(record))
+    other = record | {"unit": "dense-s1", "settings": record["settings"] | {"lr": 1.0}}
+    (some / "dense-s1.json").write_text(json.dumps(other))
+    listed, lines = plan("--done", str(some))
+    assert [c[-1] for c in listed] == [c[-1] for c in full if c[-1] != "dense-s0"]
+    assert lines[0].startswith("# done (1,") and f"dense-s0 {record['seconds']:.0f} s" in lines[0]
+    factor = record["seconds"] / 60 / minutes["dense-s0"]  # the estimates scale by measured / estimated
+    again = {cmd[-1]: float(line.split("~")[1].split()[0]) for cmd, line in zip(listed, lines[1:]) if "~" in line}
+    assert again["soft-learned-s0"] == pytest.approx(minutes["soft-learned-s0"] * factor, abs=0.2)

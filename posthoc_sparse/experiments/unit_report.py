@@ -150,7 +150,7 @@ def _sweep(kinds: dict) -> dict | None:
             "gap_shrinks": all(a > b for a, b in zip(gaps, gaps[1:])) if len(gaps) > 1 else None}
 
 
-def _same_recipe(record: dict, want: dict) -> bool:
+def same_recipe(record: dict, want: dict) -> bool:
     """Whether a unit ran under ``want`` (a ``units.recipe``): its settings, its data unless ``want`` has none, and
     a sweep unit's sweep settings unless ``want`` has none."""
     got = recipe_of(record)
@@ -175,7 +175,7 @@ def build_report(units: dict[str, dict], seeds: int = 3, sweep_seeds: int = 2, w
     if want is None:
         ref = units.get("dense-s0") or (units[every[0]] if every else None)
         want = recipe_of(ref) | {"sweep": None} if ref else None
-    mixed = sorted(n for n in every if want is not None and not _same_recipe(units[n], want))
+    mixed = sorted(n for n in every if want is not None and not same_recipe(units[n], want))
     units = {n: units[n] for n in every if n not in mixed}
     kinds = _by_kind(units)
     names = sorted(units)
@@ -229,4 +229,4 @@ def write_report(units: dict[str, dict], out: Path, seeds: int = 3, sweep_seeds:
     return report
 
 
-__all__ = ["FINDINGS", "PLATEAU_TOLERANCE", "build_report", "load_units", "plateau", "write_report"]
+__all__ = ["FINDINGS", "PLATEAU_TOLERANCE", "build_report", "load_units", "plateau", "same_recipe", "write_report"]
