@@ -83,8 +83,8 @@ def _layer_decode(bench: Bench, s_len: int, batch: int):
 
 
 def _pieces(call: LayerCall, selector: GateSelector, reset, kk: int, group: bool, device, reps: int) -> dict:
-    """The fused path's parts alone: the gate's query and key-cache write, scoring, selection (radix kernel and
-    torch.topk), attention over the kept keys."""
+    """The fused path's parts alone: the gate's query and key-cache write, scoring, selection (the default, and each
+    of the one-program radix kernel, the split one and torch.topk), attention over the kept keys."""
 
     def inputs():
         reset()
@@ -100,16 +100,18 @@ def _pieces(call: LayerCall, selector: GateSelector, reset, kk: int, group: bool
            "scores_s": timed(lambda: dc.decode_scores(sq, sk, valid, stats=group), device, reps),
            "select_s": timed(lambda: dc.decode_topk(sc, kk, groups, pm, pl), device, reps),
            "attend_s": timed(lambda: dc.decode_attention(q, key, v, idx, call.scaling), device, reps)}
-    if not group:
-        with _torch_topk():
-            row["select_torch_topk_s"] = timed(lambda: dc.decode_topk(sc, kk), device, reps)
+    for mode in ("single", "split", "torch"):  # select_s is the default's choice: split below split_rows rows
+        if mode != "torch" or not group:
+            with _select_mode(mode):
+                row[f"select_{'torch_topk' if mode == 'torch' else mode}_s"] = timed(
+                    lambda: dc.decode_topk(sc, kk, groups, pm, pl), device, reps)
     return row
 
 
 @contextlib.contextmanager
-def _torch_topk():
+def _select_mode(mode: str):
     saved = dc.TUNING["select"]
-    dc.TUNING["select"] = "torch"
+    dc.TUNING["select"] = mode
     try:
         yield
     finally:
@@ -144,6 +146,9 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
             if device.type == "cuda":
                 row["gated_graph_s"] = timed(cuda_graphed(gated, device), device, reps)
                 row["graph_speedup_vs_sdpa"] = base["sdpa_graph_s"] / row["gated_graph_s"]
+                for mode in ("single", "split"):  # the whole call with each radix select, captured the same way
+                    with _select_mode(mode):
+                        row[f"gated_graph_{mode}_s"] = timed(cuda_graphed(gated, device), device, reps)
                 row |= _pieces(call, selector, reset, kk, selection == "group", device, reps)
             rows.append(report(row))
     return rows

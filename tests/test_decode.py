@@ -76,6 +76,53 @@ def test_select_kernel_keeps_the_lowest_indices_of_equal_scores():
     assert (got[0].sort(-1).values == got[0]).all()  # written in key order
 
 
+def _both_selects(monkeypatch, sc, k, groups=None, pm=None, pl=None):
+    """decode_topk with one program per row, then split over the keys (tiles of 16 keys, about 64 programs: several
+    splits a row even at these lengths)."""
+    monkeypatch.setitem(dc.TUNING, "select", "single")
+    single = dc.decode_topk(sc, k, groups, pm, pl)
+    monkeypatch.setitem(dc.TUNING, "select", "split")
+    monkeypatch.setitem(dc.TUNING, "select_block", 16)
+    monkeypatch.setitem(dc.TUNING, "programs", 64)
+    return single, dc.decode_topk(sc, k, groups, pm, pl)
+
+
+@pytest.mark.parametrize("s, k", [(150, 13), (40, 200), (50, 1)])
+@pytest.mark.parametrize("group", [False, True])
+def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, group):
+    """The split select (few rows: batch 1) against the one-program select: the same indices in the same slots,
+    over splits that cut the padding, k above the valid keys, k = 1, per head and per KV group."""
+    sq, sk, *_, valid = _data(s=s, seed=s)
+    sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
+    single, split = _both_selects(monkeypatch, sc, k, 2 if group else None, pm, pl)
+    assert torch.equal(single, split)
+    ref_scores = dc.decode_scores_reference(sq, sk, valid, groups=2 if group else None)
+    assert torch.equal(split.sort(-1).values, dc.decode_topk_reference(ref_scores, k).sort(-1).values)
+
+
+def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch):
+    """Many keys tie at the k-th score, across splits: the earlier splits' equal keys are taken first."""
+    gen = torch.Generator().manual_seed(3)
+    sc = torch.randint(-3, 4, (2, 3, 200), generator=gen).float()
+    sc[1, :, :50] = float("-inf")
+    single, split = _both_selects(monkeypatch, sc, 37)
+    assert torch.equal(single, split)
+
+
+def test_few_rows_take_the_split_select(monkeypatch):
+    """TUNING["select"] = "radix" splits the keys when the rows are fewer than TUNING["split_rows"]."""
+    from posthoc_sparse.ops.decode import triton as kernels
+
+    calls = []
+    real = kernels._split_select
+    monkeypatch.setattr(kernels, "_split_select", lambda *a: calls.append(a[4].shape) or real(*a))
+    sc = torch.randn(1, 4, 70)
+    dc.decode_topk(sc, 5)  # 4 rows
+    monkeypatch.setitem(dc.TUNING, "split_rows", 4)
+    dc.decode_topk(sc, 5)  # not fewer than 4
+    assert calls == [(1, 4, 5)]
+
+
 @pytest.mark.parametrize("group, cap", [(False, None), (True, None), (False, 5.0)])
 def test_attention_kernel_equals_the_reference_over_the_same_keys(group, cap):
     """GQA (2 query heads per KV head), sets per head or per KV group, -1 slots, softcap; several splits."""
@@ -130,6 +177,19 @@ def test_torch_topk_selection_is_the_same_set():
     finally:
         dc.TUNING["select"] = "radix"
     assert torch.equal(radix.sort(-1).values, by_torch.sort(-1).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, s, k, group", [(1, 33001, 2048, False), (1, 33001, 2048, True), (3, 4099, 1, True),
+                                            (8, 65536, 256, False)])
+def test_split_select_on_the_gpu(monkeypatch, b, s, k, group):
+    """At long contexts in bf16 the split select writes exactly what the one-program select writes."""
+    sq, sk, *_, valid = _data(b=b, h=16, g=8, s=s, d=128, ds=32, seed=s, dtype=torch.bfloat16, device="cuda")
+    sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
+    monkeypatch.setitem(dc.TUNING, "select", "single")
+    single = dc.decode_topk(sc, k, 8 if group else None, pm, pl)
+    monkeypatch.setitem(dc.TUNING, "select", "split")
+    assert torch.equal(single, dc.decode_topk(sc, k, 8 if group else None, pm, pl))
 
 
 @pytest.mark.gpu
