@@ -87,11 +87,13 @@ def _both_selects(monkeypatch, sc, k, groups=None, pm=None, pl=None):
     return single, dc.decode_topk(sc, k, groups, pm, pl)
 
 
-@pytest.mark.parametrize("s, k", [(150, 13), (40, 200), (50, 1)])
+@pytest.mark.parametrize("s, k, most", [(150, 13, 64), (150, 13, 2), (40, 200, 64), (50, 1, 64)])
 @pytest.mark.parametrize("group", [False, True])
-def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, group):
+def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, most, group):
     """The split select (few rows: batch 1) against the one-program select: the same indices in the same slots,
-    over splits that cut the padding, k above the valid keys, k = 1, per head and per KV group."""
+    over splits that cut the padding, k above the valid keys, k = 1, per head and per KV group; and with the
+    splits capped (``most``: longer splits of several tiles)."""
+    monkeypatch.setitem(dc.TUNING, "select_splits", most)
     sq, sk, *_, valid = _data(s=s, seed=s)
     sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
     single, split = _both_selects(monkeypatch, sc, k, 2 if group else None, pm, pl)

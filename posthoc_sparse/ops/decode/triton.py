@@ -55,7 +55,7 @@ except ImportError:  # the naive path serves
 # "select": "radix" (one program per row, or split over the keys when fewer than "split_rows" rows), "single",
 # "split" (forced), or "torch" (torch.topk).
 TUNING = {"block_s": 64, "block_n": 32, "select_block": 1024, "programs": 512, "score_warps": 4,
-          "select_warps": 8, "attn_warps": 4, "select": "radix", "split_rows": 64}
+          "select_warps": 8, "attn_warps": 4, "select": "radix", "split_rows": 64, "select_splits": 64}
 
 if triton is not None:
     from ..head_topk.triton import _mono  # fp32 -> int64 of the same order
@@ -406,6 +406,9 @@ def _split_select(sc: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, gs: torc
     rows = bsz * idx.shape[1]
     block = TUNING["select_block"]
     nsp, chunk = _splits(s_len, rows, block)
+    if nsp > TUNING["select_splits"]:  # the write pass holds a (splits, 256) tile of the last pass's histograms
+        chunk = _cdiv(_cdiv(s_len, TUNING["select_splits"]), block) * block
+        nsp = _cdiv(s_len, chunk)
     src = sc
     if groups is not None:
         src = gs
