@@ -6,6 +6,8 @@
 #                                               and those overrides
 #     NAME --speed MODE:BATCH,... [--compile]   the step profile of `gpu_units.py speed` (the default recipe;
 #                                               --compile: the soft relaxation under torch.compile)
+#     NAME --decode [PARTS]                     benchmarks/gpu_decode.sh: the GPU-marked decode tests, then the
+#                                               decode benchmark (PARTS, default decode_attention,decode_model)
 #     bash benchmarks/gpu_lanes.sh "0 s1 soft-learned-s1" "1 d0 dense-s0; d1 dense-s1"
 # Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). Jobs of one
 # recipe and the same overrides share a work folder, /tmp/lanes/<hash>/<unit>: a sweep-sN after dense-sN in a lane
@@ -33,7 +35,9 @@ for spec in "$@"; do
         read -ra words <<< "$item"
         [[ ${#words[@]} -eq 0 ]] && continue
         [[ ${#words[@]} -ge 2 ]] || die "job '$item': needs NAME UNIT (or NAME --speed MODE:BATCH,...)"
-        if [[ "${words[1]}" == --speed ]]; then
+        if [[ "${words[1]}" == --decode ]]; then
+            [[ ${#words[@]} -le 3 ]] || die "job '$item': --decode takes one PARTS list or nothing"
+        elif [[ "${words[1]}" == --speed ]]; then
             [[ ${#words[@]} -eq 3 || ( ${#words[@]} -eq 4 && "${words[3]}" == --compile ) ]] \
                 || die "job '$item': --speed takes one MODE:BATCH list, then --compile or nothing"
         fi
@@ -56,7 +60,11 @@ job() {  # GPU NAME UNIT|--speed ARGS...
     local gpu=$1 name=$2 what=$3 rc=0
     shift 3
     echo "[$(date +%T)] GPU $gpu: $name $what $*"
-    if [[ "$what" == --speed ]]; then
+    if [[ "$what" == --decode ]]; then
+        CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" PARTS="${1:-decode_attention,decode_model}" \
+            bash benchmarks/gpu_decode.sh > "$JOBS/$name.log" 2>&1 || rc=$?
+        if [[ $rc -eq 0 && -f "$JOBS/$name/decode.json" ]]; then cp "$JOBS/$name/decode.json" "$OUT/$name.json"; fi
+    elif [[ "$what" == --speed ]]; then
         CUDA_VISIBLE_DEVICES=$gpu "$PY" benchmarks/gpu_units.py speed --out "$JOBS/$name" --work "/tmp/lanes/$name" \
             --speed "$@" > "$JOBS/$name.log" 2>&1 || rc=$?
     else

@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "CUDA=${CUDA_VISIBLE_DEVICES:-} ARGS=$*" >> "$FAKE_LOG"
-[[ "$1" == -c ]] && exit 0
+[[ "$1" == -c || "$1" == -m ]] && exit 0
+if [[ "$1" == benchmarks/perf.py ]]; then  # --out FILE somewhere among its options
+    while [[ $# -gt 0 ]]; do [[ "$1" == --out ]] && echo '{}' > "$2"; shift; done
+    exit 0
+fi
 shift 2  # benchmarks/gpu_units.py STAGE
 out=; units=()
 while [[ $# -gt 0 ]]; do
@@ -46,7 +50,7 @@ def repo(tmp_path):
     """A copy of the two scripts in a repository-shaped folder, a corpus manifest, and the stand-ins on PATH."""
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
-    for name in ("gpu_units.sh", "gpu_lanes.sh", "gpu_env.sh"):
+    for name in ("gpu_units.sh", "gpu_lanes.sh", "gpu_env.sh", "gpu_decode.sh"):
         shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks" / name)
     (root / "data" / "offline-en-plus").mkdir(parents=True)
     (root / "data" / "offline-en-plus" / "manifest.json").write_text("{}")
@@ -97,11 +101,21 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     ("x a dense-s0", "starts with a GPU index"),
     ("0 s --speed", "--speed takes one MODE:BATCH list"),
     ("0 s --speed soft-learned:64 --fast", "--speed takes one MODE:BATCH list"),
+    ("0 d --decode decode_attention decode_model", "--decode takes one PARTS list or nothing"),
     ("0 " + "; ".join(f"j{i} dense-s{i}" for i in range(8)), "8 jobs"),
 ])
 def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):
     proc, calls = _run(repo, "gpu_lanes.sh", *([lane] if isinstance(lane, str) else lane))
     assert proc.returncode == 2 and message in proc.stderr and calls == []
+
+
+def test_a_decode_job_runs_the_decode_benchmark_on_its_gpu(repo, tmp_path):
+    proc, calls = _run(repo, "gpu_lanes.sh", "0 a dense-s0", "1 dec --decode decode_attention")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    perf = [c for c in calls if "benchmarks/perf.py" in c]
+    assert len(perf) == 1 and perf[0].startswith("CUDA=1 ") and "--parts decode_attention --reps 3" in perf[0]
+    assert any(c.startswith("CUDA=1 ARGS=-m pytest") for c in calls)  # its GPU tests first
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "dec.json", "lanes.tgz"]
 
 
 def test_parallel_units_spread_over_the_gpus(repo):
