@@ -8,6 +8,7 @@
 #                                               --compile: the soft relaxation under torch.compile)
 #     NAME --decode [PARTS]                     benchmarks/gpu_decode.sh: the GPU-marked decode tests, then the
 #                                               decode benchmark (PARTS, default decode_attention,decode_model)
+#     NAME --tests PATH...                      the GPU-marked tests of those files or test ids (pytest -m gpu)
 #     bash benchmarks/gpu_lanes.sh "0 s1 soft-learned-s1" "1 d0 dense-s0; d1 dense-s1"
 # Each job writes into $JOBS/NAME/ and logs to $JOBS/NAME.log ($JOBS: /tmp/lanes-out, emptied first). Jobs of one
 # recipe and the same overrides share a work folder, /tmp/lanes/<hash>/<unit>: a sweep-sN after dense-sN in a lane
@@ -35,7 +36,9 @@ for spec in "$@"; do
         read -ra words <<< "$item"
         [[ ${#words[@]} -eq 0 ]] && continue
         [[ ${#words[@]} -ge 2 ]] || die "job '$item': needs NAME UNIT (or NAME --speed MODE:BATCH,...)"
-        if [[ "${words[1]}" == --decode ]]; then
+        if [[ "${words[1]}" == --tests ]]; then
+            [[ ${#words[@]} -ge 3 ]] || die "job '$item': --tests needs at least one test file or id"
+        elif [[ "${words[1]}" == --decode ]]; then
             [[ ${#words[@]} -le 3 ]] || die "job '$item': --decode takes one PARTS list or nothing"
         elif [[ "${words[1]}" == --speed ]]; then
             [[ ${#words[@]} -eq 3 || ( ${#words[@]} -eq 4 && "${words[3]}" == --compile ) ]] \
@@ -60,7 +63,11 @@ job() {  # GPU NAME UNIT|--speed ARGS...
     local gpu=$1 name=$2 what=$3 rc=0
     shift 3
     echo "[$(date +%T)] GPU $gpu: $name $what $*"
-    if [[ "$what" == --decode ]]; then
+    if [[ "$what" == --tests ]]; then
+        mkdir -p "$JOBS/$name"
+        CUDA_VISIBLE_DEVICES=$gpu timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE \
+            --junitxml "$JOBS/$name/junit.xml" "$@" > "$JOBS/$name.log" 2>&1 || rc=$?
+    elif [[ "$what" == --decode ]]; then
         CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" PARTS="${1:-decode_attention,decode_model}" \
             bash benchmarks/gpu_decode.sh > "$JOBS/$name.log" 2>&1 || rc=$?
         if [[ $rc -eq 0 && -f "$JOBS/$name/decode.json" ]]; then cp "$JOBS/$name/decode.json" "$OUT/$name.json"; fi

@@ -102,6 +102,7 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     ("0 s --speed", "--speed takes one MODE:BATCH list"),
     ("0 s --speed soft-learned:64 --fast", "--speed takes one MODE:BATCH list"),
     ("0 d --decode decode_attention decode_model", "--decode takes one PARTS list or nothing"),
+    ("0 t --tests", "--tests needs at least one test file"),
     ("0 " + "; ".join(f"j{i} dense-s{i}" for i in range(8)), "8 jobs"),
 ])
 def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):
@@ -109,12 +110,15 @@ def test_lanes_refuse_bad_input_before_running_anything(repo, lane, message):
     assert proc.returncode == 2 and message in proc.stderr and calls == []
 
 
-def test_a_decode_job_runs_the_decode_benchmark_on_its_gpu(repo, tmp_path):
-    proc, calls = _run(repo, "gpu_lanes.sh", "0 a dense-s0", "1 dec --decode decode_attention")
+def test_decode_and_test_jobs_run_on_their_gpu(repo, tmp_path):
+    proc, calls = _run(repo, "gpu_lanes.sh", "0 a dense-s0; t --tests tests/test_absorb.py::test_x tests/test_y.py",
+                       "1 dec --decode decode_attention")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     perf = [c for c in calls if "benchmarks/perf.py" in c]
     assert len(perf) == 1 and perf[0].startswith("CUDA=1 ") and "--parts decode_attention --reps 3" in perf[0]
-    assert any(c.startswith("CUDA=1 ARGS=-m pytest") for c in calls)  # its GPU tests first
+    assert any(c.startswith("CUDA=1 ARGS=-m pytest") and "test_decode.py" in c for c in calls)  # its GPU tests first
+    tests = [c for c in calls if c.startswith("CUDA=0 ARGS=-m pytest")]
+    assert len(tests) == 1 and tests[0].endswith("tests/test_absorb.py::test_x tests/test_y.py") and "-m gpu" in tests[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "dec.json", "lanes.tgz"]
 
 
