@@ -113,7 +113,7 @@ def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch):
 
 def test_few_rows_take_the_split_select(monkeypatch):
     """TUNING["select"] = "radix" splits the keys when the rows are fewer than TUNING["split_rows"]."""
-    from posthoc_sparse.ops.decode import triton as kernels
+    from posthoc_sparse.ops.decode import radix as kernels
 
     calls = []
     real = kernels._split_select

@@ -1,44 +1,21 @@
 """Triton kernels of gated top-k decoding: one new query per sequence scores the cached selection keys, keeps
 the top k per row, and attends over the kept K/V rows. Letters and definitions as in ``naive.py``.
 
-Four launches per layer (eight or nine with the split select), every one free of host synchronisation (fixed grids, no value read back), so a
-static-cache step can be captured as a CUDA graph:
+Four launches per layer (eight or nine with the split select), every one free of host synchronisation (fixed
+grids, no value read back), so a static-cache step can be captured as a CUDA graph:
 
     ``_score``    grid (splits of S, B x Hs). Flash-decoding style: each program reads one contiguous split of
                   one selection-key head's cached keys (tiles of BLOCK_S rows, skipping invalid keys: masked
                   loads fetch nothing) and scores the H / Hs query rows that use that head (one ``tl.dot``, the
                   rows padded to 16). Writes the fp32 scores (B, H, S), -inf where invalid; for per-group
                   selection also each split's running max and sum of exp (for the heads' log-sum-exp).
-    ``_select``   grid (B x R). One program per selection row finds the row's exact k-th largest score by radix
-                  select over its fp32 scores read as order-preserving 32-bit keys: four passes of 8-bit digits,
-                  each pass a 256-bin ``tl.histogram`` of the keys still matching the digits found so far (no
-                  reduction per tile: keys off the prefix go to digit 0, corrected once per pass). Scores at or
-                  below -2^127 count as invalid, like -inf (none arise from finite keys). Then
-                  one pass writes the kept indices in key order: the keys above the k-th score and the lowest-index
-                  keys equal to it, exactly min(k, valid keys), -1 after. Per-group selection first writes the
-                  group's mean softmax over its heads (from the scores and the split statistics).
-                  With few rows (batch 1: 16 heads or 8 groups, for 132 SMs) one program per row leaves the GPU
-                  idle, so below TUNING["split_rows"] rows the same select runs split over the keys instead:
-                  ``_split_pass`` x 4 (grid (splits, rows): each program histograms its split's keys that match
-                  the prefix and adds the counts to the row's by integer atomics, exact in any order; each reads
-                  the earlier passes' row histograms to know the prefix) and ``_split_write`` (each split's first
-                  slot from the kept and equal keys of the splits before it, known from the last pass's per-split
-                  histograms), after ``_group_split`` for per-group selection: five or six launches, the same
-                  indices in the same slots as ``_select`` (tested).
+    ``_select``   the exact top k of each row (radix select: ``radix.py``, one launch, or five to six
+                  split over the keys when the rows are few).
     ``_attend``   grid (splits of the k slots, B x H or B x G). Each program gathers its slots' K and V rows (one
                   256-byte row per key and head_dim 128 in bf16), online softmax, and writes an unnormalised
                   partial output with its max and sum (flash-decoding). Per-group selection puts the group's heads
                   in one program, so each kept K/V row is read once per group.
     ``_combine``  grid (B x H): merges the splits into the output (B, 1, H, D) in the model's dtype.
-
-Why radix select rather than ``torch.topk``: for k = 2048 of S = 32768 keys, ``torch.topk`` runs its multi-block
-radix select as about ten launches (a histogram and a digit kernel per 8-bit pass, a gather, and a segmented
-sort unless unsorted), each a few microseconds on a GPU at these sizes, which is the order of the whole
-dense decode step of a layer at batch 1 (about 35 us to read 134 MB of KV at 32k). ``_select`` is one launch:
-4 histogram passes and one output pass over a row's S scores (128 KB at 32k, L2-resident after ``_score``
-wrote them), with warp ballots for the histogram instead of a sort. It is exact: ties at the k-th score keep
-the lower indices. (``TUNING["select"] = "torch"`` switches to ``torch.topk``, also capturable; the benchmark
-times both.)
 """
 
 from __future__ import annotations
@@ -51,15 +28,10 @@ try:
 except ImportError:  # the naive path serves
     triton = None
 
-# Launch settings. "programs": about how many programs the split kernels aim for (a few per SM of an H100/H200).
-# "select": "radix" (one program per row, or split over the keys when fewer than "split_rows" rows), "single",
-# "split" (forced), or "torch" (torch.topk).
-TUNING = {"block_s": 64, "block_n": 32, "select_block": 1024, "programs": 512, "score_warps": 4,
-          "select_warps": 8, "attn_warps": 4, "select": "radix", "split_rows": 64, "select_splits": 64}
+from . import radix
+from .tuning import TUNING, _splits
 
 if triton is not None:
-    from ..head_topk.triton import _mono  # fp32 -> int64 of the same order
-
     NEG = tl.constexpr(-1.0e30)
 
     @triton.jit
@@ -104,178 +76,6 @@ if triton is not None:
             nsp = tl.num_programs(0)
             tl.store(PM + (b * H + rows) * nsp + sp, m, mask=r < R)
             tl.store(PL + (b * H + rows) * nsp + sp, l, mask=r < R)
-
-    @triton.jit
-    def _group_rows(SC, PM, PL, GS, b, g, H, G, S, NSP, lo, hi, R: tl.constexpr, RP: tl.constexpr,
-                    NSP_P: tl.constexpr, BLOCK: tl.constexpr):
-        # GS[b, g, lo:hi] = mean over the group's R heads of softmax(SC[b, h]) over the valid keys, -inf where
-        # invalid (hi - lo: a multiple of BLOCK, or the keys from lo to S)
-        r = tl.arange(0, RP)
-        heads = (b * H + g * R + r).to(tl.int64)
-        offs = tl.arange(0, NSP_P)
-        part = (r < R)[:, None] & (offs < NSP)[None, :]
-        pm = tl.load(PM + heads[:, None] * NSP + offs[None, :], mask=part, other=NEG)  # (RP, NSP_P)
-        mx = tl.max(pm, 1)
-        lse = mx + tl.log(tl.sum(tl.load(PL + heads[:, None] * NSP + offs[None, :], mask=part, other=0.0)
-                                 * tl.exp(pm - mx[:, None]), 1))
-        for start in range(lo, hi, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            s = tl.load(SC + heads[:, None] * S + cols[None, :], mask=(r < R)[:, None] & (cols < S)[None, :],
-                        other=float("-inf"))  # (RP, BLOCK)
-            mean = tl.sum(tl.exp(s - lse[:, None]), 0) / R
-            tl.store(GS + (b * G + g) * S + cols, tl.where(tl.max(s, 0) > float("-inf"), mean, float("-inf")),
-                     mask=cols < S)
-
-    @triton.jit
-    def _digit(hist, bins, total, want):
-        # one radix step: of the ``total`` keys matching the prefix (``hist``: their counts by the next 8-bit
-        # digit), ``want`` must be kept; the k-th largest key's digit, the keys with it, and how many of them to keep
-        at_least = total - tl.cumsum(hist, 0) + hist  # matching keys of digit >= d
-        d = tl.max(tl.where(at_least >= want, bins, 0), 0)
-        return d, tl.sum(tl.where(bins == d, hist, 0), 0), want - tl.sum(tl.where(bins > d, hist, 0), 0)
-
-    @triton.jit
-    def _select(SC, PM, PL, GS, IDX, H, G, S, NSP, k, R: tl.constexpr, RP: tl.constexpr, NSP_P: tl.constexpr,
-                GROUP: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
-        row = tl.program_id(0)  # b * H + h per head; b * G + g per group
-        if GROUP:
-            _group_rows(SC, PM, PL, GS, row // G, row % G, H, G, S, NSP, 0, S, R, RP, NSP_P, BLOCK)
-            tl.debug_barrier()  # the group scores other threads stored
-            src = GS + row.to(tl.int64) * S
-        else:
-            src = SC + row.to(tl.int64) * S
-        # Keys of 32 bits, order-preserving: u = the fp32 bits, negatives' magnitude bits flipped, plus 2^31. Invalid
-        # keys (-inf) have top digit 0, which no finite score above -2^127 has: pass 0 drops that digit.
-        bins = tl.arange(0, 256)
-        n_read = tl.cdiv(S, BLOCK) * BLOCK  # keys a pass reads, the padding of its last tile included
-        zero = row * 0  # an int32 scalar (k may be the constant 1, which Triton specialises)
-        prefix = zero.to(tl.int64)  # the digits of the k-th largest key found so far
-        total = zero  # keys matching the prefix (the valid keys, after pass 0)
-        want = zero  # how many of them must still be taken
-        kk = zero  # min(k, valid keys)
-        for p in tl.static_range(4):  # 8-bit digits, most significant first
-            shift = 24 - 8 * p
-            hist = tl.zeros([256], tl.int32)
-            for start in range(0, S, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-                u = _mono(s) + 2147483648  # 0 .. 2**32 - 1
-                match = (u >> (shift + 8)) == prefix  # every key in pass 0
-                hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
-            if p == 0:
-                hist = tl.where(bins == 0, 0, hist)  # the invalid keys
-                total = tl.sum(hist, 0)
-                kk = tl.minimum(total, k)
-                want = kk
-            else:
-                hist -= tl.where(bins == 0, n_read - total, 0)  # keys off the prefix were counted as digit 0
-            d, total, want = _digit(hist, bins, total, want)
-            prefix = prefix * 256 + d
-        out = IDX + row.to(tl.int64) * k
-        _write_kept(src, out, 0, S, S, prefix, want, zero, zero, BLOCK)
-        _fill_rest(out, kk, k, KP)
-
-    @triton.jit
-    def _write_kept(src, out, lo, hi, S, thr, want, kept, equal, BLOCK: tl.constexpr):
-        # the kept indices among keys lo .. hi (in tiles of BLOCK) of a row whose k-th largest key is thr: the keys
-        # above it and, while fewer than ``want`` equal keys are taken (``equal`` seen before lo), those equal to
-        # it; written in key order from slot ``kept``
-        for start in range(lo, hi, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            u = _mono(tl.load(src + cols, mask=cols < S, other=float("-inf"))) + 2147483648
-            eq = u == thr
-            keep = (u > thr) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
-            pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(out + pos, cols, mask=keep)
-            kept += tl.sum(keep.to(tl.int32), 0)
-            equal += tl.sum(eq.to(tl.int32), 0)
-
-    @triton.jit
-    def _fill_rest(out, kk, k, KP: tl.constexpr):
-        # slots kk .. k of a row: -1 (no key)
-        for start in range(0, k, KP):
-            slot = start + tl.arange(0, KP)
-            tl.store(out + slot, tl.full([KP], -1, tl.int32), mask=(slot >= kk) & (slot < k))
-
-    @triton.jit
-    def _chain(HSUM, row, k, P: tl.constexpr):
-        # the radix state after passes 0 .. P-1 of the split select, from their row histograms HSUM (rows, 4, 256):
-        # the digits found (the prefix), the keys matching it, how many of them to keep, min(k, valid keys)
-        bins = tl.arange(0, 256)
-        zero = row * 0
-        prefix = zero.to(tl.int64)
-        total = zero
-        want = zero
-        kk = zero
-        for q in tl.static_range(P):
-            hist = tl.load(HSUM + (row.to(tl.int64) * 4 + q) * 256 + bins)
-            if q == 0:
-                hist = tl.where(bins == 0, 0, hist)  # the invalid keys (and the padding of the last tile)
-                total = tl.sum(hist, 0)
-                kk = tl.minimum(total, k)
-                want = kk
-            d, total, want = _digit(hist, bins, total, want)
-            prefix = prefix * 256 + d
-        return prefix, want, kk
-
-    @triton.jit
-    def _split_pass(SRC, HSUM, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr):
-        # pass P of the split select, program (split, row): the histogram of the next digit over its split's keys
-        # that match the prefix (keys off it go to bins 256+, dropped), added to the row's; the last pass also keeps
-        # its split's own histogram and the count of its keys above the 24-bit prefix, for the write's offsets
-        sp = tl.program_id(0)
-        row = tl.program_id(1)
-        prefix, want, kk = _chain(HSUM, row, k, P)
-        shift = 24 - 8 * P
-        src = SRC + row.to(tl.int64) * S
-        hist = tl.zeros([512], tl.int32)
-        above = row * 0
-        for start in range(sp * chunk, sp * chunk + chunk, BLOCK):  # chunk: a multiple of BLOCK
-            cols = start + tl.arange(0, BLOCK)
-            u = _mono(tl.load(src + cols, mask=cols < S, other=float("-inf"))) + 2147483648
-            match = (u >> (shift + 8)) == prefix  # every key in pass 0
-            hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 256), 512)
-            if P == 3:
-                above += tl.sum(((u >> 8) > prefix).to(tl.int32), 0)
-        bins = tl.arange(0, 512)
-        tl.atomic_add(HSUM + (row.to(tl.int64) * 4 + P) * 256 + bins, hist, mask=bins < 256)
-        if P == 3:
-            nsp = tl.num_programs(0)
-            tl.store(H3 + (row.to(tl.int64) * nsp + sp) * 256 + bins, hist, mask=bins < 256)
-            tl.store(A24 + row * nsp + sp, above)
-
-    @triton.jit
-    def _split_write(SRC, HSUM, H3, A24, IDX, S, chunk, k, NSP_P: tl.constexpr, BLOCK: tl.constexpr,
-                     KP: tl.constexpr):
-        # the kept indices of a split, in key order: its keys above the k-th score, and those equal to it while
-        # the row still takes equal keys; its first slot from the kept and equal keys of the splits before it
-        sp = tl.program_id(0)
-        row = tl.program_id(1)
-        nsp = tl.num_programs(0)
-        thr, want, kk = _chain(HSUM, row, k, 4)  # the k-th largest key, how many keys equal to it to keep
-        d = (thr & 255).to(tl.int32)
-        bins = tl.arange(0, 256)
-        splits = tl.arange(0, NSP_P)
-        before = splits < sp
-        h3 = tl.load(H3 + (row.to(tl.int64) * nsp + splits)[:, None] * 256 + bins[None, :], mask=before[:, None],
-                     other=0)  # (NSP_P, 256): the last digit of the earlier splits' keys on the 24-bit prefix
-        above = tl.sum(tl.load(A24 + row * nsp + splits, mask=before, other=0), 0)
-        above += tl.sum(tl.sum(tl.where(bins[None, :] > d, h3, 0), 1), 0)
-        equal = tl.sum(tl.sum(tl.where(bins[None, :] == d, h3, 0), 1), 0)
-        out = IDX + row.to(tl.int64) * k
-        _write_kept(SRC + row.to(tl.int64) * S, out, sp * chunk, sp * chunk + chunk, S, thr, want,
-                    above + tl.minimum(equal, want), equal, BLOCK)
-        if sp == 0:
-            _fill_rest(out, kk, k, KP)
-
-    @triton.jit
-    def _group_split(SC, PM, PL, GS, H, G, S, NSP, chunk, R: tl.constexpr, RP: tl.constexpr, NSP_P: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        # the group scores of one split of keys (the split select's rows, per KV group)
-        sp = tl.program_id(0)
-        row = tl.program_id(1)
-        _group_rows(SC, PM, PL, GS, row // G, row % G, H, G, S, NSP, sp * chunk, sp * chunk + chunk, R, RP, NSP_P,
-                    BLOCK)
 
     @triton.jit
     def _attend(Q, K, V, IDX, PO, PM, PL, sqb, sqh, skb, skh, sks, svb, svh, svs, H, NR, k, chunk, scaling, cap,
@@ -333,18 +133,6 @@ if triton is not None:
         tl.store(O + (bh // H) * sob + (bh % H) * soh + offs_d, out.to(O.dtype.element_ty))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _splits(n: int, rows: int, block: int) -> tuple[int, int]:
-    """(splits, items per split): about TUNING["programs"] programs over ``rows`` rows of ``n`` items, each split a
-    multiple of ``block`` items."""
-    want = max(1, min(_cdiv(TUNING["programs"], max(rows, 1)), _cdiv(n, block)))
-    chunk = _cdiv(_cdiv(n, want), block) * block
-    return _cdiv(n, chunk), chunk
-
-
 def _rows(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot takes at least 16 rows
 
@@ -372,58 +160,16 @@ def decode_scores(sq: torch.Tensor, sk: torch.Tensor, valid: torch.Tensor | None
 
 def decode_topk(sc: torch.Tensor, k: int, groups: int | None = None, pm: torch.Tensor | None = None,
                 pl: torch.Tensor | None = None) -> torch.Tensor:
-    """``_select``: the k keys of largest score per row, (B, R, k) int32 in key order, -1 past a row's valid keys.
-    sc (B, H, S) from ``decode_scores``; per KV group (R = ``groups``) it needs that call's ``stats`` (pm, pl)."""
+    """The k keys of largest score per row, (B, R, k) int32 in key order, -1 past a row's valid keys (radix select,
+    ``radix.py``; or torch.topk per head with TUNING["select"] = "torch"). sc (B, H, S) from ``decode_scores``;
+    per KV group (R = ``groups``) it needs that call's ``stats`` (pm, pl)."""
     bsz, h, s_len = sc.shape
     rows = h if groups is None else groups
     if TUNING["select"] == "torch" and groups is None:
         val, idx = sc.topk(min(k, s_len), dim=-1, sorted=False)
         idx = idx.masked_fill(val == float("-inf"), -1).to(torch.int32)
         return torch.cat((idx, idx.new_full((bsz, rows, k - idx.shape[-1]), -1)), dim=-1)
-    idx = torch.empty(bsz, rows, k, dtype=torch.int32, device=sc.device)
-    gs = sc if groups is None else torch.empty(bsz, groups, s_len, dtype=torch.float32, device=sc.device)
-    pm = sc if pm is None else pm
-    pl = sc if pl is None else pl
-    nsp = pm.shape[-1]
-    if TUNING["select"] == "split" or (TUNING["select"] == "radix" and bsz * rows < TUNING["split_rows"]):
-        _split_select(sc, pm, pl, gs, idx, groups)
-        return idx
-    _select[(bsz * rows,)](sc, pm, pl, gs, idx, h, rows, s_len, nsp, k, R=h // rows,
-                           RP=triton.next_power_of_2(h // rows), NSP_P=triton.next_power_of_2(nsp),
-                           GROUP=groups is not None, BLOCK=TUNING["select_block"],
-                           KP=min(1024, triton.next_power_of_2(k)), num_warps=TUNING["select_warps"])
-    return idx
-
-
-def _split_select(sc: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, gs: torch.Tensor, idx: torch.Tensor,
-                  groups: int | None) -> None:
-    """``decode_topk`` for few rows (batch 1: 16 query heads, or 8 KV groups, against 132 SMs): each row's keys split
-    over about TUNING["programs"] programs. Five launches over the same grid (six per group, which first writes the
-    group scores into ``gs``): four radix passes, whose programs add their split's histogram into the row's with
-    integer atomics (an exact sum in any order), and the write, each split's first slot counted from the kept keys
-    of the splits before it. The same sets, in the same key order, as ``_select``."""
-    bsz, h, s_len = sc.shape
-    rows = bsz * idx.shape[1]
-    block = TUNING["select_block"]
-    nsp, chunk = _splits(s_len, rows, block)
-    if nsp > TUNING["select_splits"]:  # the write pass holds a (splits, 256) tile of the last pass's histograms
-        chunk = _cdiv(_cdiv(s_len, TUNING["select_splits"]), block) * block
-        nsp = _cdiv(s_len, chunk)
-    src = sc
-    if groups is not None:
-        src = gs
-        _group_split[(nsp, rows)](sc, pm, pl, gs, h, groups, s_len, pm.shape[-1], chunk, R=h // groups,
-                                  RP=triton.next_power_of_2(h // groups), NSP_P=triton.next_power_of_2(pm.shape[-1]),
-                                  BLOCK=block, num_warps=TUNING["select_warps"])
-    hsum = torch.zeros(rows, 4, 256, dtype=torch.int32, device=sc.device)  # the rows' histograms, by pass
-    h3 = torch.empty(rows, nsp, 256, dtype=torch.int32, device=sc.device)  # the last pass's, by split
-    a24 = torch.empty(rows, nsp, dtype=torch.int32, device=sc.device)
-    k = idx.shape[-1]
-    for p in range(4):
-        _split_pass[(nsp, rows)](src, hsum, h3, a24, s_len, chunk, k, P=p, BLOCK=block,
-                                 num_warps=TUNING["select_warps"])
-    _split_write[(nsp, rows)](src, hsum, h3, a24, idx, s_len, chunk, k, NSP_P=triton.next_power_of_2(nsp),
-                              BLOCK=block, KP=min(1024, triton.next_power_of_2(k)), num_warps=TUNING["select_warps"])
+    return radix.radix_topk(sc, k, groups, pm, pl)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scaling: float,
