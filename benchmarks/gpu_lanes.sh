@@ -15,12 +15,16 @@
 # reuses its trained model and gate (units.py, _borrow_dense). A call brings
 # back only a few files (8), so at the end all of $JOBS is packed into $OUT/lanes.tgz, and each unit that succeeded
 # also puts its JSON at $OUT/NAME.json: at most 7 jobs a call. The exit status is 1 if any job failed.
-# Carry .whl and data/offline-en-plus as for gpu_units.sh.
+# Carry .whl and data/offline-en-plus as for gpu_units.sh. LIMIT (seconds, default 570; 0: none) bounds the jobs:
+# a job still running LIMIT seconds after the start is stopped (and counts as failed), one not yet started is skipped,
+# so the logs are packed and come back before a 600-second call ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh  # PY, the offline environment, install_wheels
 OUT=${OUT:-/tmp/out}
 JOBS=${JOBS:-/tmp/lanes-out}
+LIMIT=${LIMIT:-570}
+START=$(date +%s)
 die() { echo "gpu_lanes.sh: $*" >&2; exit 2; }
 [[ $# -gt 0 ]] || die "usage: bash benchmarks/gpu_lanes.sh \"GPU NAME UNIT [KEY=VALUE ...][; ...]\" ..."
 
@@ -59,20 +63,27 @@ mkdir -p "$OUT" "$JOBS"
 install_wheels  # once, before the lanes
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
 
+limited() {  # CMD...: under the time left before LIMIT (exit 124 when stopped or not started)
+    [[ "$LIMIT" -gt 0 ]] || { "$@"; return; }
+    local left=$((LIMIT - ($(date +%s) - START)))
+    [[ $left -gt 5 ]] || return 124
+    timeout --kill-after=10 "$left" "$@"
+}
+
 job() {  # GPU NAME UNIT|--speed ARGS...
     local gpu=$1 name=$2 what=$3 rc=0
     shift 3
     echo "[$(date +%T)] GPU $gpu: $name $what $*"
     if [[ "$what" == --tests ]]; then
         mkdir -p "$JOBS/$name"
-        CUDA_VISIBLE_DEVICES=$gpu timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE \
+        CUDA_VISIBLE_DEVICES=$gpu limited "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE \
             --junitxml "$JOBS/$name/junit.xml" "$@" > "$JOBS/$name.log" 2>&1 || rc=$?
     elif [[ "$what" == --decode ]]; then
         CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" PARTS="${1:-decode_attention,decode_model}" \
-            bash benchmarks/gpu_decode.sh > "$JOBS/$name.log" 2>&1 || rc=$?
+            limited bash benchmarks/gpu_decode.sh > "$JOBS/$name.log" 2>&1 || rc=$?
         if [[ $rc -eq 0 && -f "$JOBS/$name/decode.json" ]]; then cp "$JOBS/$name/decode.json" "$OUT/$name.json"; fi
     elif [[ "$what" == --speed ]]; then
-        CUDA_VISIBLE_DEVICES=$gpu "$PY" benchmarks/gpu_units.py speed --out "$JOBS/$name" --work "/tmp/lanes/$name" \
+        CUDA_VISIBLE_DEVICES=$gpu limited "$PY" benchmarks/gpu_units.py speed --out "$JOBS/$name" --work "/tmp/lanes/$name" \
             --speed "$@" > "$JOBS/$name.log" 2>&1 || rc=$?
     else
         local recipe=paper-31m-units sets=() kv
@@ -82,10 +93,14 @@ job() {  # GPU NAME UNIT|--speed ARGS...
         local work
         work=/tmp/lanes/$(echo "$recipe ${sets[*]}" | md5sum | cut -c1-12)
         CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" WORK="$work" SET="${sets[*]}" RECIPE=$recipe \
-            bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
+            limited bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
         if [[ $rc -eq 0 && -f "$JOBS/$name/$what.json" ]]; then cp "$JOBS/$name/$what.json" "$OUT/$name.json"; fi
     fi
-    echo "[$(date +%T)] GPU $gpu: $name done (rc $rc)"
+    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        echo "[$(date +%T)] GPU $gpu: $name stopped or skipped: LIMIT of $LIMIT s"
+    else
+        echo "[$(date +%T)] GPU $gpu: $name done (rc $rc)"
+    fi
     return $rc
 }
 

@@ -32,6 +32,7 @@ while [[ $# -gt 0 ]]; do
 done
 for u in "${units[@]}"; do
     [[ "$u" == *fail* ]] && exit 1
+    [[ "$u" == *slow* ]] && sleep 60
     mkdir -p "$out"; echo '{}' > "$out/$u.json"
 done
 exit 0
@@ -120,6 +121,21 @@ def test_decode_and_test_jobs_run_on_their_gpu(repo, tmp_path):
     tests = [c for c in calls if c.startswith("CUDA=0 ARGS=-m pytest")]
     assert len(tests) == 1 and tests[0].endswith("tests/test_absorb.py::test_x tests/test_y.py") and "-m gpu" in tests[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "dec.json", "lanes.tgz"]
+
+
+def test_lanes_stop_at_the_limit_and_still_bring_back_the_logs(repo, tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    proc, calls = _run(repo, "gpu_lanes.sh", "0 a slow-s0; b dense-s1", "1 c dense-s0", LIMIT="8")
+    assert time.monotonic() - t0 < 30  # not the 60 s the slow unit wants
+    assert proc.returncode == 1 and "a stopped or skipped: LIMIT of 8 s" in proc.stdout, proc.stdout + proc.stderr
+    assert "b stopped or skipped" in proc.stdout  # no time left to start it
+    assert not any(" dense-s1" in c for c in calls)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["c.json", "lanes.tgz"]
+    listing = subprocess.run(["tar", "tzf", str(out / "lanes.tgz")], capture_output=True, text=True).stdout
+    assert "./a.log" in listing
 
 
 def test_parallel_units_spread_over_the_gpus(repo):
