@@ -172,6 +172,17 @@ def test_the_report_is_the_same_from_units_in_any_order(done, tmp_path):
     assert build_report({})["settings"] is None
 
 
+def test_finding_1_pairs_the_soft_arms_without_waiting_for_dense(done):
+    """A seed with both soft arms enters learned − random even before its dense unit exists; the dense baseline and
+    the arms against it use the seeds that have dense."""
+    units = {n: u for n, u in load_units(done[1]).items() if n != "dense-s1"}
+    soft = build_report(units)["findings"]["soft"]
+    assert soft["seeds"] == [0, 1] and soft["dense_seeds"] == [0]
+    assert soft["random_minus_learned"]["ppl_as_trained"]["n"] == 2
+    assert soft["dense"]["n"] == soft["random_minus_dense"]["n"] == soft["learned_minus_dense"]["n"] == 1
+    assert [r["dense"] is None for r in soft["per_seed"]] == [False, True]
+
+
 def test_a_report_covers_only_its_findings(done, tmp_path):
     """A recipe that trains only the reference (paper-31m-plateau) reports the reference and the post-hoc curve:
     the other findings are neither reported nor pending, and its plan is dense-s0 alone."""

@@ -51,7 +51,7 @@ def plot_units(report: dict, out: Path) -> list[Path]:
         for i, (label, get) in enumerate((("dense", lambda r: r["dense"]),
                                           ("soft learned", lambda r: r["learned"]["ppl_as_trained"]),
                                           ("soft random", lambda r: r["random"]["ppl_as_trained"]))):
-            ys = [get(r) for r in rows]
+            ys = [y for y in map(get, rows) if y is not None]  # a seed may lack its dense unit
             ax.scatter([i] * len(ys), ys, zorder=3)
             ax.hlines(sum(ys) / len(ys), i - 0.2, i + 0.2, color="k")
         ax.set(xticks=[0, 1, 2], xticklabels=["dense", "soft learned", "soft random"], xlim=(-0.6, 2.6),

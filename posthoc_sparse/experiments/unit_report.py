@@ -53,10 +53,13 @@ def _stats(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def _soft(kinds: dict) -> dict:
-    seeds = sorted(set(kinds.get("dense", {})) & set(kinds.get("soft-learned", {})) & set(kinds.get("soft-random", {})))
+    """Finding 1 over the seeds with both soft arms (the learned − random pairs); the dense baseline, and each arm
+    against it, over those of them that also have the dense unit."""
+    dense = kinds.get("dense", {})
+    seeds = sorted(set(kinds.get("soft-learned", {})) & set(kinds.get("soft-random", {})))
     rows = []
     for s in seeds:
-        row = {"seed": s, "dense": kinds["dense"][s]["train"]["ppl_as_trained"]}
+        row = {"seed": s, "dense": dense[s]["train"]["ppl_as_trained"] if s in dense else None}
         for v in ("learned", "random"):
             u = kinds[f"soft-{v}"][s]
             gg = u["train"]["gate_grad"] or {}
@@ -67,14 +70,15 @@ def _soft(kinds: dict) -> dict:
                       "gate_moved": u["gate_moved"]}
         rows.append(row)
     keys = ("ppl_as_trained", "ppl_gate_topk", "recall", "ppl_dense", "mass_outside")
-    out = {"seeds": seeds, "per_seed": rows,
-           "dense": mean_interval([r["dense"] for r in rows]),
+    with_dense = [r for r in rows if r["dense"] is not None]
+    out = {"seeds": seeds, "dense_seeds": [r["seed"] for r in with_dense], "per_seed": rows,
+           "dense": mean_interval([r["dense"] for r in with_dense]),
            "learned": _stats([r["learned"] for r in rows], keys), "random": _stats([r["random"] for r in rows], keys),
            "random_minus_learned": {k: mean_interval([r["random"][k] - r["learned"][k] for r in rows
                                                       if r["random"][k] is not None and r["learned"][k] is not None])
                                     for k in keys},
-           "random_minus_dense": mean_interval([r["random"]["ppl_as_trained"] - r["dense"] for r in rows]),
-           "learned_minus_dense": mean_interval([r["learned"]["ppl_as_trained"] - r["dense"] for r in rows])}
+           "random_minus_dense": mean_interval([r["random"]["ppl_as_trained"] - r["dense"] for r in with_dense]),
+           "learned_minus_dense": mean_interval([r["learned"]["ppl_as_trained"] - r["dense"] for r in with_dense])}
     d = out["random_minus_learned"]["ppl_as_trained"]
     out["learned_beats_random"] = None if d["low"] is None else d["low"] > 0
     return out

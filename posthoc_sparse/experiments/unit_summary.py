@@ -63,7 +63,8 @@ def summary_markdown(report: dict) -> str:
     if "soft" in covers:
         lines += ["## 1. Soft gating end to end: learned vs random gate", ""] + _pending(report, "soft")
     if soft and soft["seeds"]:
-        lines += [f"Seeds {soft['seeds']} (paired: same init and data order). Dense baseline: {_ms(soft['dense'])}.",
+        lines += [f"Seeds {soft['seeds']} (paired: same init and data order). Dense baseline (seeds "
+                  f"{soft['dense_seeds']}): {_ms(soft['dense'])}.",
                   "", "| | learned gate | random gate | random − learned, 95% CI |", "|---|---|---|---|"]
         for key, label, spec in (("ppl_as_trained", "perplexity as trained (soft gate)", ".2f"),
                                  ("ppl_gate_topk", f"perplexity, hard top-{k} of the gate", ".2f"),
