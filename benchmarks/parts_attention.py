@@ -33,6 +33,7 @@ BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3)
 SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
                    (32, 32, 16, 8), (16, 64, 8, 4)]
 GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
+RANK_CHUNKS = [1, 2, 8]
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -301,7 +302,8 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
     """Launch settings of the token-level prefill kernels (``ops.token_select`` TUNING).
 
     At one T and k, per head and per KV group: the selection on gate-sized inputs (16 heads, d = 32, bf16) under
-    each (rows, keys per tile, candidate thresholds, warps), with the counting sweeps it took, and the attention
+    each (rows, keys per tile, candidate thresholds, warps), with the counting sweeps it took, then under each
+    ranking chunk (``select_rank_chunk``) at the default launch, and the attention
     over the kept keys (head_dim 128, 8 KV heads) under each (rows, keys per step, warps). Plan: {"T": window
     length, "k": keys kept}."""
     device, t, k = bench.device, plan["T"], plan["k"]
@@ -318,6 +320,11 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
                 if sec["seconds"] is not None:
                     sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
+        for chunk in RANK_CHUNKS:  # the ranking's chunk, at the default launch: it sets the kernel's registers
+            with tuning(ts.TUNING, select_rank_chunk=chunk):
+                sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", "select_rank_chunk": chunk,
+                                **sec}))
         idx = ts.token_select(a, b, k, 1.0, group)  # under the default settings
         for n_rows, keys, warps in GATHER_LAUNCHES:
             settings = dict(attn_rows=n_rows, attn_keys=keys, attn_warps=warps)

@@ -163,7 +163,8 @@ def test_head_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selecto
 
 # --- ops.token_select: any k, per head or per KV group --------------------------------------------------------
 
-SMALL = {"select_rows": 16, "select_keys": 16, "select_cands": 4, "select_band": 8}  # counting sweeps even at T < 100
+SMALL = {"select_rows": 16, "select_keys": 16, "select_cands": 4, "select_band": 8,  # counting sweeps even at T < 100
+         "select_rank_chunk": 2}  # the band ranked in several chunks
 
 
 def _inputs(kind: str, b: int, h: int, g: int, t: int, d: int, seed: int):
@@ -296,12 +297,13 @@ GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES])
+@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES]
+                         + [("rank", (c,)) for c in (1, 2)])
 def test_token_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
     """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
     kind, values = launch
-    names = (("select_rows", "select_keys", "select_cands", "select_warps") if kind == "select"
-             else ("attn_rows", "attn_keys", "attn_warps"))
+    names = {"select": ("select_rows", "select_keys", "select_cands", "select_warps"),
+             "attn": ("attn_rows", "attn_keys", "attn_warps"), "rank": ("select_rank_chunk",)}[kind]
     for name, value in zip(names, values):
         monkeypatch.setitem(ts.TUNING, name, value)
     test_token_kernels_on_gpu(torch.bfloat16, 1500, 600, group)
@@ -321,4 +323,19 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(select
     fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
     slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
     torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)
+
+
+def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
+    """The selection kernel at its default launch, per head and per group, compiles to sm_90 machine code without
+    local memory; a ranking chunk of 1 needs fewer registers than one of 8 (255, the most a thread has)."""
+    from .hopper import compile_for_hopper
+
+    types = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
+             "scale": "fp32", "softcap": "fp32"}
+    base = dict(DS=32, SOFTCAP=False, IEEE=False, BLOCK_M=16, NC=64, R=8, BAND=64)
+    cases = [("_token_select", base | {"GROUP": group, "RC": rc}, 4) for group in (1, 2) for rc in (8, 1)]
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, types)
+    assert all(g["local"] == 0 for g in got), got
+    regs = [g["regs"] for g in got]  # head RC 8, head RC 1, group RC 8, group RC 1
+    assert regs[1] < regs[0] and regs[3] <= regs[2], regs
 

@@ -42,8 +42,11 @@ except ImportError:  # the naive path serves
 # The fastest of the settings benchmarks/perf.py --parts prefill_tuning timed on an H200 at T = 8192, k = 2048
 # (docs/data/perf-h200-prefill-tuning.json): select 16 rows x 64 keys (21.0 / 11.4 ms per head / group selection,
 # against 36.1 / 17.6 at 32 x 32), attention 8 warps (13.1 / 13.3 ms against 16.0 / 15.2 at 4).
+# select_rank_chunk: band slots each step of the ranking compares at once. It sets the selection kernel's registers:
+# compiled for sm_90 (Triton 3.9, 4 warps), 255 a thread (the most) at 8, 203 at 4, 168 at 1 per head; 255, 245
+# and 241 per group (cuobjdump of the cubin); timed by prefill_tuning, not yet on a GPU.
 TUNING = {"select_rows": 16, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
-          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
+          "select_rank_chunk": 8, "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
@@ -269,7 +272,7 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     _token_select[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, idx, words, counted, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t, h // b.shape[1],
         float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee,
-        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], BAND=TUNING["select_band"], RC=8,
+        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], BAND=TUNING["select_band"], RC=TUNING["select_rank_chunk"],
         num_warps=TUNING["select_warps"])
     return (idx, counted) if sweeps else idx
 
