@@ -6,6 +6,7 @@ tests/test_block_sparse.py and tests/test_head_topk.py)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -34,6 +35,7 @@ SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4
                    (32, 32, 16, 8), (16, 64, 8, 4)]
 GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
 RANK_CHUNKS = [1, 2, 8]
+RANK_LAUNCHES = [(16, 64, 8, 4), (16, 32, 8, 4)]  # the default launch, and the one with the fewest registers at chunk 1
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -320,11 +322,13 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
                 if sec["seconds"] is not None:
                     sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
-        for chunk in RANK_CHUNKS:  # the ranking's chunk, at the default launch: it sets the kernel's registers
-            with tuning(ts.TUNING, select_rank_chunk=chunk):
+        for (n_rows, keys, cands, warps), chunk in itertools.product(RANK_LAUNCHES, RANK_CHUNKS):
+            # the ranking's chunk sets the kernel's registers (docs/data/kernel-registers-sm90.json)
+            settings = dict(select_rows=n_rows, select_keys=keys, select_cands=cands, select_warps=warps,
+                            select_rank_chunk=chunk)
+            with tuning(ts.TUNING, **settings):
                 sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
-            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", "select_rank_chunk": chunk,
-                                **sec}))
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
         idx = ts.token_select(a, b, k, 1.0, group)  # under the default settings
         for n_rows, keys, warps in GATHER_LAUNCHES:
             settings = dict(attn_rows=n_rows, attn_keys=keys, attn_warps=warps)

@@ -298,12 +298,13 @@ GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES]
-                         + [("rank", (c,)) for c in (1, 2)])
+                         + [("rank", (*launch, c)) for launch in ((16, 64, 8, 4), (16, 32, 8, 4)) for c in (1, 2)])
 def test_token_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
     """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
     kind, values = launch
     names = {"select": ("select_rows", "select_keys", "select_cands", "select_warps"),
-             "attn": ("attn_rows", "attn_keys", "attn_warps"), "rank": ("select_rank_chunk",)}[kind]
+             "attn": ("attn_rows", "attn_keys", "attn_warps"),
+             "rank": ("select_rows", "select_keys", "select_cands", "select_warps", "select_rank_chunk")}[kind]
     for name, value in zip(names, values):
         monkeypatch.setitem(ts.TUNING, name, value)
     test_token_kernels_on_gpu(torch.bfloat16, 1500, 600, group)
@@ -328,14 +329,13 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(select
 def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
     """The selection kernel at its default launch, per head and per group, compiles to sm_90 machine code without
     local memory; a ranking chunk of 1 needs fewer registers than one of 8 (255, the most a thread has)."""
-    from .hopper import compile_for_hopper
+    from benchmarks.hopper import TOKEN_SELECT_TYPES, compile_for_hopper, token_select_cases
 
-    types = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
-             "scale": "fp32", "softcap": "fp32"}
-    base = dict(DS=32, SOFTCAP=False, IEEE=False, BLOCK_M=16, NC=64, R=8, BAND=64)
-    cases = [("_token_select", base | {"GROUP": group, "RC": rc}, 4) for group in (1, 2) for rc in (8, 1)]
-    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, types)
+    pytest.importorskip("triton.backends.nvidia")
+
+    cases = token_select_cases([(16, 64, 4)], chunks=(8, 1), groups=(1, 2))
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES)
     assert all(g["local"] == 0 for g in got), got
-    regs = [g["regs"] for g in got]  # head RC 8, head RC 1, group RC 8, group RC 1
-    assert regs[1] < regs[0] and regs[3] <= regs[2], regs
+    regs = [g["regs"] for g in got]  # RC 8 head, RC 8 group, RC 1 head, RC 1 group
+    assert regs[2] < regs[0] and regs[3] <= regs[1], regs
 

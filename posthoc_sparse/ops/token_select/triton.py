@@ -43,8 +43,8 @@ except ImportError:  # the naive path serves
 # (docs/data/perf-h200-prefill-tuning.json): select 16 rows x 64 keys (21.0 / 11.4 ms per head / group selection,
 # against 36.1 / 17.6 at 32 x 32), attention 8 warps (13.1 / 13.3 ms against 16.0 / 15.2 at 4).
 # select_rank_chunk: band slots each step of the ranking compares at once. It sets the selection kernel's registers:
-# compiled for sm_90 (Triton 3.9, 4 warps), 255 a thread (the most) at 8, 203 at 4, 168 at 1 per head; 255, 245
-# and 241 per group (cuobjdump of the cubin); timed by prefill_tuning, not yet on a GPU.
+# compiled for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), 255 a thread (the
+# most) at 8 and 168 at 1 per head (241 per group) at 16 x 64 and 4 warps; timed by prefill_tuning, not yet on a GPU.
 TUNING = {"select_rows": 16, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 8, "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 

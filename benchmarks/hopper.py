@@ -1,0 +1,100 @@
+"""Compile Triton kernels for an H100/H200 (sm_90) on a machine without a GPU: Triton's own compiler lowers them to a
+cubin (ptxas ships with the triton wheel), which the interpreter never does, and cuobjdump (shipped too) reads the
+registers and local memory each kernel needs. It runs in a subprocess, because a test session imports the kernels
+under TRITON_INTERPRET=1, where ``@triton.jit`` makes interpreted functions that do not compile.
+
+    python benchmarks/hopper.py --out docs/data/kernel-registers-sm90.json   # the selection kernels' registers
+
+The registers a thread needs bound how many programs share an SM (65,536 registers an SM): a kernel at 255 fits
+two 4-warp programs, one at 128 four.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_SCRIPT = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = json.loads(sys.argv[1])
+mod = importlib.import_module(spec["module"])
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = []
+for name, const, warps in spec["cases"]:
+    fn = getattr(mod, name)
+    sig = {a: "constexpr" if a in const else spec["types"].get(a, "i32") for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
+    fd, path = tempfile.mkstemp(suffix=".cubin")
+    os.write(fd, kernel.asm["cubin"])
+    os.close(fd)
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
+                           check=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    out.append({"kernel": name, "constexprs": const, "regs": int(fields["REG"]), "local": int(fields["LOCAL"])})
+print(json.dumps(out))
+"""
+
+
+def compile_for_hopper(tmp_path: Path, module: str, cases: list[tuple[str, dict, int]],
+                       types: dict[str, str]) -> list[dict]:
+    """Each (kernel name in ``module``, constexprs, warps) compiled for sm_90: [{"kernel", "regs", "local"}, ...].
+    ``types``: the Triton type of each non-constexpr argument that is not an i32 ("*fp32", "fp32", ...)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path / "triton-cache"), "TRITON_DEFAULT_FP_FUSION": "1",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    spec = json.dumps({"module": module, "cases": cases, "types": types})
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, spec], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"compiling for sm_90 failed: {run.stderr[-3000:]}")
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
+                      "scale": "fp32", "softcap": "fp32"}
+DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")}
+
+
+def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str, dict, int]]:
+    """``_token_select`` at each (rows, keys per tile, warps) of ``launches``, ranking chunk and group size, with the
+    default candidates (8) and band (64), gate dim 32, bf16 inputs."""
+    return [("_token_select", dict(DS=32, SOFTCAP=False, IEEE=False, BLOCK_M=m, NC=nc, R=8, BAND=64, GROUP=g, RC=rc), w)
+            for m, nc, w in launches for rc in chunks for g in groups]
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    import triton
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    launches = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 4), (16, 32, 2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", token_select_cases(launches),
+                                  TOKEN_SELECT_TYPES)
+    for row, (_, const, warps) in zip(rows, token_select_cases(launches)):
+        row |= {"warps": warps, "programs_per_sm_by_registers": 65536 // (row["regs"] * 32 * warps)}
+    report = {"target": "sm_90 (H100/H200), compiled on the CPU", "triton": triton.__version__,
+              "kernel": "ops.token_select _token_select", "rows": rows}
+    tmp = Path(a.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, a.out)  # never a half-written file
+    for r in rows:
+        c = r["constexprs"]
+        print(f"rows {c['BLOCK_M']:>2} keys {c['NC']:>2} warps {r['warps']} group {c['GROUP']} rank chunk {c['RC']}: "
+              f"{r['regs']} registers, local {r['local']} B, {r['programs_per_sm_by_registers']} programs an SM "
+              "(by registers)")
+
+
+if __name__ == "__main__":
+    main()
