@@ -79,10 +79,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     launches = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 4), (16, 32, 2)]
+    cases = token_select_cases(launches)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", token_select_cases(launches),
-                                  TOKEN_SELECT_TYPES)
-    for row, (_, const, warps) in zip(rows, token_select_cases(launches)):
+        rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES)
+    for row, (_, _, warps) in zip(rows, cases):
         row |= {"warps": warps, "programs_per_sm_by_registers": 65536 // (row["regs"] * 32 * warps)}
     report = {"target": "sm_90 (H100/H200), compiled on the CPU", "triton": triton.__version__,
               "kernel": "ops.token_select _token_select", "rows": rows}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .tuning import TUNING, _cdiv, _splits
+from .tuning import TUNING, _splits
 
 try:
     import triton
@@ -67,6 +67,19 @@ if triton is not None:
                      mask=cols < S)
 
     @triton.jit
+    def _keys(src, cols, S):
+        # the scores at cols as 32-bit keys of the same order, 0 .. 2**32 - 1 (-inf past S: top digit 0)
+        return _mono(tl.load(src + cols, mask=cols < S, other=float("-inf"))) + 2147483648
+
+    @triton.jit
+    def _first(hist, bins, k):
+        # after pass 0: its histogram without digit 0 (the invalid keys, and the padding of the last tile), the
+        # valid keys, and min(k, valid keys)
+        hist = tl.where(bins == 0, 0, hist)
+        total = tl.sum(hist, 0)
+        return hist, total, tl.minimum(total, k)
+
+    @triton.jit
     def _digit(hist, bins, total, want):
         # one radix step: of the ``total`` keys matching the prefix (``hist``: their counts by the next 8-bit
         # digit), ``want`` must be kept; the k-th largest key's digit, the keys with it, and how many of them to keep
@@ -97,15 +110,11 @@ if triton is not None:
             shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
             for start in range(0, S, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                s = tl.load(src + cols, mask=cols < S, other=float("-inf"))
-                u = _mono(s) + 2147483648  # 0 .. 2**32 - 1
+                u = _keys(src, start + tl.arange(0, BLOCK), S)
                 match = (u >> (shift + 8)) == prefix  # every key in pass 0
                 hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
             if p == 0:
-                hist = tl.where(bins == 0, 0, hist)  # the invalid keys
-                total = tl.sum(hist, 0)
-                kk = tl.minimum(total, k)
+                hist, total, kk = _first(hist, bins, k)
                 want = kk
             else:
                 hist -= tl.where(bins == 0, n_read - total, 0)  # keys off the prefix were counted as digit 0
@@ -122,7 +131,7 @@ if triton is not None:
         # it; written in key order from slot ``kept``
         for start in range(lo, hi, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            u = _mono(tl.load(src + cols, mask=cols < S, other=float("-inf"))) + 2147483648
+            u = _keys(src, cols, S)
             eq = u == thr
             keep = (u > thr) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
             pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -150,9 +159,7 @@ if triton is not None:
         for q in tl.static_range(P):
             hist = tl.load(HSUM + (row.to(tl.int64) * 4 + q) * 256 + bins)
             if q == 0:
-                hist = tl.where(bins == 0, 0, hist)  # the invalid keys (and the padding of the last tile)
-                total = tl.sum(hist, 0)
-                kk = tl.minimum(total, k)
+                hist, total, kk = _first(hist, bins, k)
                 want = kk
             d, total, want = _digit(hist, bins, total, want)
             prefix = prefix * 256 + d
@@ -171,8 +178,7 @@ if triton is not None:
         hist = tl.zeros([512], tl.int32)
         above = row * 0
         for start in range(sp * chunk, sp * chunk + chunk, BLOCK):  # chunk: a multiple of BLOCK
-            cols = start + tl.arange(0, BLOCK)
-            u = _mono(tl.load(src + cols, mask=cols < S, other=float("-inf"))) + 2147483648
+            u = _keys(src, start + tl.arange(0, BLOCK), S)
             match = (u >> (shift + 8)) == prefix  # every key in pass 0
             hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 256), 512)
             if P == 3:
@@ -249,10 +255,8 @@ def _split_select(sc: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, gs: torc
     bsz, h, s_len = sc.shape
     rows = bsz * idx.shape[1]
     block = TUNING["select_block"]
-    nsp, chunk = _splits(s_len, rows, block)
-    if nsp > TUNING["select_splits"]:  # the write pass holds a (splits, 256) tile of the last pass's histograms
-        chunk = _cdiv(_cdiv(s_len, TUNING["select_splits"]), block) * block
-        nsp = _cdiv(s_len, chunk)
+    # at most select_splits: the write pass holds a (splits, 256) tile of the last pass's histograms
+    nsp, chunk = _splits(s_len, rows, block, most=TUNING["select_splits"])
     src = sc
     if groups is not None:
         src = gs

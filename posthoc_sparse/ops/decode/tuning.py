@@ -13,9 +13,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(n: int, rows: int, block: int) -> tuple[int, int]:
+def _splits(n: int, rows: int, block: int, most: int | None = None) -> tuple[int, int]:
     """(splits, items per split): about TUNING["programs"] programs over ``rows`` rows of ``n`` items, each split a
-    multiple of ``block`` items."""
-    want = max(1, min(_cdiv(TUNING["programs"], max(rows, 1)), _cdiv(n, block)))
+    multiple of ``block`` items, at most ``most`` splits."""
+    want = max(1, min(_cdiv(TUNING["programs"], max(rows, 1)), _cdiv(n, block), most or n))
     chunk = _cdiv(_cdiv(n, want), block) * block
     return _cdiv(n, chunk), chunk
