@@ -13,7 +13,8 @@ import torch
 from posthoc_sparse.attention.interface import SparseAttention
 from posthoc_sparse.attention.policies import GateSelector, TopKPolicy
 from posthoc_sparse.data import build_windows
-from posthoc_sparse.experiments.sweep import SweepConfig, choose_layers, lm_train, run_sweep, trainable_parameters
+from posthoc_sparse.experiments.sweep import (SweepConfig, choose_layers, lm_train, loss_summary, run_sweep,
+                                              trainable_parameters)
 from posthoc_sparse.gates.io import load_gates
 from posthoc_sparse.loading import load_model
 
@@ -72,6 +73,18 @@ def test_only_the_chosen_parameters_change_and_the_gate_never_does(gated):
     assert all(torch.equal(v, gate_before[k]) for k, v in bank.state_dict().items())
 
 
+def test_loss_summary_blocks_and_last_quarter():
+    losses = [4.0] * 250 + [3.0] * 125 + [2.97] * 125  # 500 steps: flat at the end but for a 1% step
+    got = loss_summary(losses)
+    assert got["block"] == 25 and len(got["curve"]) == 20
+    assert got["curve"][0] == 4.0 and got["curve"][-1] == pytest.approx(2.97)
+    assert got["change_last_quarter"] == pytest.approx(-0.01)
+    odd = loss_summary([float(i) for i in range(1, 42)])  # 41 steps: blocks of 3, the last one of 2
+    assert odd["block"] == 3 and len(odd["curve"]) == 14 and odd["curve"][-1] == pytest.approx(40.5)
+    assert odd["change_last_quarter"] == pytest.approx((sum(range(32, 42)) - sum(range(22, 32))) / sum(range(22, 32)))
+    assert loss_summary([1.0, 2.0, 3.0])["change_last_quarter"] is None
+
+
 def test_sweep_points_gap_and_resume(gated, tmp_path):
     model_dir, corpus, gates = gated
     cfg = SweepConfig(gates=str(gates), dataset=str(corpus), layers="0,0.5", steps=4, lr=1e-2, eval_windows=3,
@@ -83,6 +96,13 @@ def test_sweep_points_gap_and_resume(gated, tmp_path):
         assert row["gap"] == pytest.approx(pts["random"]["ppl"] - pts["learned"]["ppl"])
     zero = [p for p in rep["points"] if p["fraction"] == 0.0]
     assert all(p["steps"] == 0 and p["n_params_trained"] == 0 for p in zero)
+    assert all(p["train_loss"] is None for p in zero)
+    for p in rep["points"]:  # a trained point keeps its loss curve: 4 steps -> 4 blocks of one, the quarters 1 step
+        if p["steps"]:
+            assert p["train_loss"]["curve"][0] == pytest.approx(p["train_loss_first"])
+            assert p["train_loss"]["curve"][-1] == pytest.approx(p["train_loss_last"])
+            c = p["train_loss"]["curve"]
+            assert p["train_loss"]["change_last_quarter"] == pytest.approx((c[3] - c[2]) / c[2])
     assert (tmp_path / "s" / "sweep.json").exists() and (tmp_path / "s" / "sweep.png").exists()
     # The post-hoc point (f = 0): the distilled gate beats the random one on held-out text.
     assert rep["table"][0]["ppl_learned"] < rep["table"][0]["ppl_random"]

@@ -40,6 +40,7 @@ REPORT_NAME = "sweep.json"
 TABLE_NAME = "sweep.md"  # the table as markdown, whole at any terminal width
 PLOT_NAME = "sweep.png"
 MAX_LOSS_RATIO = 10.0  # the divergence guard of each point's training (training.DivergenceGuard)
+LOSS_BLOCKS = 20  # a point keeps its training loss as the means of this many equal blocks of its steps
 # What a saved point must share with the run resuming it (with the model, data, k and seq_len it resolved).
 _POINT_KEYS = ("gates", "which", "params", "steps", "batch_size", "grad_accum", "lr", "warmup", "eval_windows", "seed",
                "dtype")
@@ -179,6 +180,22 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     return losses
 
 
+def loss_summary(losses: list[float]) -> dict:
+    """A point's training loss in a few numbers: ``curve``, the means of at most ``LOSS_BLOCKS`` consecutive blocks
+    of ``block`` steps (the last one may be shorter), and ``change_last_quarter``, the relative change of the mean
+    loss from the third quarter of the steps to the last (near 0 when the loss has flattened; None under 4 steps).
+    One step's loss at batch 8 is too noisy to tell that by itself."""
+    n = len(losses)
+    block = max(1, -(-n // LOSS_BLOCKS))
+    curve = [sum(losses[i:i + block]) / len(losses[i:i + block]) for i in range(0, n, block)]
+    q = n // 4
+    change = None
+    if q:
+        third, last = losses[n - 2 * q:n - q], losses[n - q:]
+        change = (sum(last) / q - sum(third) / q) / (sum(third) / q)
+    return {"block": block, "curve": curve, "change_last_quarter": change}
+
+
 def _saved_state(work: Path) -> str | None:
     """What an interrupted sweep keeps for --resume: finished points and the gate it distilled (or its checkpoint)."""
     n = len(list((work / POINTS_DIR).glob("*.json")))
@@ -278,6 +295,7 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
                 "n_params_trained": sum(p.numel() for p in params), "steps": cfg.steps if params else 0,
                 "ppl": math.exp(nll / count), "dense_ppl_after": math.exp(dense_nll / count), "tokens": count,
                 "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+                "train_loss": loss_summary(losses) if losses else None,
                 "seconds": time.perf_counter() - t0,
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 "settings": settings,
@@ -302,7 +320,9 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
                       "ppl_learned": by["learned"]["ppl"], "ppl_random": by["random"]["ppl"],
                       "gap": by["random"]["ppl"] - by["learned"]["ppl"],
                       "dense_ppl_learned_run": by["learned"]["dense_ppl_after"],
-                      "dense_ppl_random_run": by["random"]["dense_ppl_after"]})
+                      "dense_ppl_random_run": by["random"]["dense_ppl_after"],
+                      "loss_change_learned": _loss_change(by["learned"]),
+                      "loss_change_random": _loss_change(by["random"])})
     report = {
         "table": table, "points": points,
         "settings": asdict(cfg) | {"k": k, "seq_len": seq_len, "dataset": dataset,
@@ -324,6 +344,11 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
     return report
 
 
+def _loss_change(point: dict) -> float | None:
+    """A point's ``train_loss.change_last_quarter`` (None for a point that did not train, or from before it was kept)."""
+    return (point.get("train_loss") or {}).get("change_last_quarter")
+
+
 def _read_point(path: Path) -> dict:
     try:
         point = json.loads(path.read_text())
@@ -339,8 +364,12 @@ def sweep_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
     def fmt(x: float | None) -> str:
         return "-" if x is None or x != x else f"{x:.3f}"
 
+    def pct(x: float | None) -> str:
+        return "-" if x is None or x != x else f"{100 * x:+.1f}%"
+
     headers = ["fraction", "layers unfrozen", "ppl learned", "ppl random", "gap (random - learned)",
-               "dense ppl after (learned run)", "dense ppl after (random run)"]
+               "dense ppl after (learned run)", "dense ppl after (random run)", "loss change, last quarter (l / r)"]
     rows = [[f"{r['fraction']:.2f}", str(r["n_layers_unfrozen"]), fmt(r["ppl_learned"]), fmt(r["ppl_random"]),
-             fmt(r["gap"]), fmt(r["dense_ppl_learned_run"]), fmt(r["dense_ppl_random_run"])] for r in report["table"]]
+             fmt(r["gap"]), fmt(r["dense_ppl_learned_run"]), fmt(r["dense_ppl_random_run"]),
+             f"{pct(r.get('loss_change_learned'))} / {pct(r.get('loss_change_random'))}"] for r in report["table"]]
     return f"unfreeze sweep, top-{report['settings']['k']}, {report['model']}", headers, rows

@@ -148,10 +148,24 @@ def _sweep(kinds: dict) -> dict | None:
                       "ppl_learned": mean_interval([r["ppl_learned"] for r in rows]),
                       "ppl_random": mean_interval([r["ppl_random"] for r in rows]),
                       "gap": mean_interval([r["gap"] for r in rows]),
-                      "ratio": mean_interval([r["ppl_random"] / r["ppl_learned"] for r in rows])})
+                      "ratio": mean_interval([r["ppl_random"] / r["ppl_learned"] for r in rows]),
+                      # the points' training loss, third quarter to last (units from before it was kept: None)
+                      **{f"loss_change_{g}": _mean_known([r.get(f"loss_change_{g}") for r in rows])
+                         for g in ("learned", "random")}})
     gaps = [t["gap"]["mean"] for t in table]
-    return {"seeds": [u["seed"] for u in units], "table": table,
-            "gap_shrinks": all(a > b for a, b in zip(gaps, gaps[1:])) if len(gaps) > 1 else None}
+
+    def shrinks(seq: list[float]) -> bool | None:
+        return all(a > b for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
+
+    per_seed = [shrinks([row["gap"] for row in sorted(u["sweep"]["table"], key=lambda r: r["fraction"])])
+                for u in units]
+    return {"seeds": [u["seed"] for u in units], "table": table, "gap_shrinks": shrinks(gaps),
+            "gap_shrinks_every_seed": all(per_seed) if per_seed and None not in per_seed else None}
+
+
+def _mean_known(values: list) -> dict | None:
+    """``mean_interval`` of the values, or None when any is missing (a unit that did not record it)."""
+    return None if not values or any(v is None for v in values) else mean_interval(values)
 
 
 def same_recipe(record: dict, want: dict) -> bool:

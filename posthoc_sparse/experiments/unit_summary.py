@@ -16,6 +16,14 @@ def _ms(d: dict | None, spec=".2f") -> str:
     return f"{d['mean']:{spec}} ± {d['std']:{spec}} (n={d['n']})" if d["n"] > 1 else format(d["mean"], spec)
 
 
+def _pct(d: dict | None) -> str:
+    """A relative change as mean ± std in percent, or 'not recorded'."""
+    if not d or d.get("mean") is None:
+        return "not recorded"
+    m, sd = 100 * d["mean"], 100 * d["std"]
+    return f"{m:+.1f}% ± {sd:.1f}% (n={d['n']})" if d["n"] > 1 else f"{m:+.1f}%"
+
+
 def _ci(d: dict | None, spec=".2f") -> str:
     if not d or d.get("mean") is None:
         return "-"
@@ -117,8 +125,14 @@ def summary_markdown(report: dict) -> str:
     if f["sweep"]:
         sw = f["sweep"]
         lines += [f"Seeds {sw['seeds']}.", "", "| fraction | layers | learned gate | random gate | gap (random − "
-                  "learned) | random / learned |", "|---|---|---|---|---|---|"]
+                  "learned) | random / learned | training loss, last quarter (learned / random) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {t['fraction']:.3f} | {t['n_layers_unfrozen']} | {_ms(t['ppl_learned'])} | "
-                  f"{_ms(t['ppl_random'])} | {_ms(t['gap'])} | {_ms(t['ratio'], '.3f')} |" for t in sw["table"]]
-        lines += ["", f"The gap shrinks at every step of the fraction: {sw['gap_shrinks']}.", ""]
+                  f"{_ms(t['ppl_random'])} | {_ms(t['gap'])} | {_ms(t['ratio'], '.3f')} | "
+                  + (f"{_pct(t.get('loss_change_learned'))} / {_pct(t.get('loss_change_random'))} |"
+                     if t["n_layers_unfrozen"] else "nothing trained |") for t in sw["table"]]
+        lines += ["", f"The gap shrinks at every step of the fraction: {sw['gap_shrinks']} (of the means), "
+                  f"{sw.get('gap_shrinks_every_seed')} (on every seed). The training loss's last column: its relative "
+                  "change from the third quarter of a point's steps to the last (units from before it was kept: "
+                  "not recorded).", ""]
     return "\n".join(lines)
