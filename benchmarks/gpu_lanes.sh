@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Several GPU jobs of gpu_units.sh in one call, on every GPU of the machine at once (docs/absorb.md, "In units").
 # Each argument is one lane: "GPU JOB[; JOB ...]"; a lane's jobs run one after the other on that GPU, the lanes side
-# by side (two lanes may name the same GPU: their jobs then share it). A JOB is one of
+# by side (two lanes may name the same GPU: their jobs then share it; a lane may name several, "0,1": its units then
+# train their model data parallel over them, gpu_units.py run --train-processes, and do the rest on the first). A JOB
+# is one of
 #     NAME UNIT [recipe=NAME] [KEY=VALUE ...]   one unit of gpu_units.sh under that recipe (default paper-31m-units)
 #                                               and those overrides
 #     NAME --speed MODE:BATCH,... [--compile]   the step profile of `gpu_units.py speed` (the default recipe;
@@ -33,7 +35,7 @@ names=()
 runs=()
 for spec in "$@"; do
     gpu=${spec%% *}
-    [[ "$gpu" =~ ^[0-9]+$ ]] || die "lane '$spec': it starts with a GPU index"
+    [[ "$gpu" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "lane '$spec': it starts with a GPU index (or several: 0,1)"
     IFS=';' read -ra items <<< "${spec#"$gpu"}"
     jobs_here=0
     for item in "${items[@]}"; do
@@ -92,8 +94,10 @@ job() {  # GPU NAME UNIT|--speed ARGS...
         done
         local work
         work=/tmp/lanes/$(echo "$recipe ${sets[*]}" | md5sum | cut -c1-12)
+        local gpus
+        IFS=',' read -ra gpus <<< "$gpu"  # a lane over several GPUs trains its units' models on all of them
         CUDA_VISIBLE_DEVICES=$gpu OUT="$JOBS/$name" WORK="$work" SET="${sets[*]}" RECIPE=$recipe \
-            limited bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
+            TRAIN_PROCESSES=${#gpus[@]} limited bash benchmarks/gpu_units.sh "$what" > "$JOBS/$name.log" 2>&1 || rc=$?
         if [[ $rc -eq 0 && -f "$JOBS/$name/$what.json" ]]; then cp "$JOBS/$name/$what.json" "$OUT/$name.json"; fi
     fi
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_units.py prepare                          # CPU machine: corpus + wheels to carry
     python benchmarks/gpu_units.py run dense-s0 [UNIT...] --out $OUT  # GPU machine: each unit -> $OUT/<unit>.json
+    python benchmarks/gpu_units.py run soft-learned-s0 --train-processes 2  # its training on 2 GPUs (torchrun)
     python benchmarks/gpu_units.py aggregate                        # absorb.json, summary.md, PNGs from the units
     python benchmarks/gpu_units.py plan                             # the ordered units with GPU-time estimates
     python benchmarks/gpu_units.py probe --out $OUT                 # GPU machine: time each mode, re-estimate
@@ -31,7 +32,7 @@ from posthoc_sparse.config import build_config, load_recipe  # noqa: E402
 # and the findings its report covers (unit_report.FINDINGS)
 RECIPES = {
     "paper-31m-units": ("units", "absorb-31m-units", None),  # every finding, every arm at one matched budget
-    "paper-31m-plateau": ("units-plateau", "absorb-31m-plateau", ("reference", "posthoc")),  # dense to its plateau
+    "paper-31m-plateau": ("units-plateau", "absorb-31m-plateau", None),  # the same at the plateau (2-GPU units)
 }
 CORPUS = "data/offline-en-plus"
 # the corpus of the units: every source but GCIDE, whose dictionary entries would be half the held-out tokens and
@@ -128,11 +129,51 @@ def run(a) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     for name in a.units:
         t0 = time.perf_counter()
+        if a.train_processes > 1:  # the unit's training first, data parallel; the rest below on one GPU
+            train_in_processes(name, cfg, Path(a.work) / name, Path(a.done), a.train_processes, on_event)
         record = run_unit(name, cfg, SweepSettings(), Path(a.work) / name, done=Path(a.done), out=out,
                           on_event=on_event)
         if not (out / f"{name}.json").is_file():  # reused: hand it back too, unchanged
             shutil.copyfile(Path(a.done) / f"{name}.json", out / f"{name}.json")
         log(f"unit {name}: {time.perf_counter() - t0:.0f} s in this call ({record['seconds']:.0f} s when run)")
+
+
+def train_in_processes(name: str, cfg, work: Path, done: Path, n: int, on_event) -> None:
+    """Unit ``name``'s training run in ``n`` processes (``torchrun``, one GPU each, ``batch_size / n`` windows
+    each a step: the same global batch), into ``work`` where ``run_unit`` finds it finished."""
+    from dataclasses import asdict, replace
+
+    from posthoc_sparse.experiments.units import SweepSettings, unit_training
+
+    p = unit_training(name, cfg, SweepSettings(), work, done, on_event)
+    if p is None:
+        return
+    if p.batch_size % n:
+        raise SystemExit(f"batch size {p.batch_size} does not split over {n} processes")
+    spec = work / "train-processes.json"
+    spec.write_text(json.dumps(asdict(replace(p, batch_size=p.batch_size // n))))
+    log(f"train {name} in {n} processes (batch {p.batch_size // n} each): {p.output}")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                    __file__, "pretrain-part", str(spec)], check=True)
+
+
+def pretrain_part(a) -> None:
+    """One process of ``train_in_processes``: ``pretrain`` with the settings in the JSON file ``a.units[0]``."""
+    from posthoc_sparse.experiments.pretrain import PretrainConfig, pretrain
+    from posthoc_sparse.parallel import is_main_process
+
+    cfg = PretrainConfig(**json.loads(Path(a.units[0]).read_text()))
+    main = is_main_process()
+
+    def on_event(kind, info):
+        if main and kind == "step" and info["step"] % 100 == 0:  # the steady rate, compilation left behind
+            log(f"  step {info['step']}: loss {info['loss']:.4f}, {info['tokens_per_second']:,.0f} tok/s")
+        elif main and kind == "eval":
+            log(f"  step {info['step']}: held-out ppl {info['heldout_ppl']:.2f}")
+        elif main and kind == "done":
+            log(f"  {info['seconds']:.0f} s, {info['tokens_per_second']:,.0f} tok/s")
+
+    pretrain(cfg, on_event=on_event)
 
 
 def aggregate(a) -> None:
@@ -166,8 +207,9 @@ def _names(a) -> list[str]:
     return build_report({}, covers=RECIPES[a.recipe][2] or FINDINGS)["plan"]
 
 
-def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]:
-    """(unit, estimated GPU seconds) of each of ``names``, from seconds per training step of each mode."""
+def _estimates(cfg, per_step: dict, names: list[str], processes: int = 1) -> list[tuple[str, float]]:
+    """(unit, estimated GPU seconds) of each of ``names``, from seconds per training step of each mode; with
+    ``processes`` > 1 the model's training is assumed to scale linearly over that many GPUs (not yet measured)."""
     from posthoc_sparse.experiments.units import SweepSettings, parse_unit
 
     sweep = SweepSettings()
@@ -176,7 +218,7 @@ def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]
     for name in names:
         kind, _ = parse_unit(name)
         mode = "dense" if kind == "sweep" else kind
-        s = startup + cfg.steps * per_step[mode] + 2 * eval_s
+        s = startup + cfg.steps * per_step[mode] / processes + 2 * eval_s
         if kind in ("dense", "soft-learned", "hard-topk", "sweep"):
             s += cfg.distill_steps * distill_step + eval_s
         if kind == "dense":
@@ -190,26 +232,32 @@ def _estimates(cfg, per_step: dict, names: list[str]) -> list[tuple[str, float]]
     return out
 
 
-def _calibrated(estimates: list[tuple[str, float]], done: dict[str, dict]) -> tuple[list[tuple[str, float]], float]:
+def _calibrated(estimates: list[tuple[str, float]], done: dict[str, dict], as_run: dict[str, float] | None = None
+                ) -> tuple[list[tuple[str, float]], float]:
     """The pending units' estimates scaled by the median of measured / estimated seconds over the finished units
     (1.0 when none has finished), and that factor: the profile's step times and the fixed costs are rough, the
-    finished units' own seconds are not."""
-    ratios = sorted(done[n]["seconds"] / s for n, s in estimates if n in done and done[n].get("seconds"))
+    finished units' own seconds are not. ``as_run``: a finished unit's estimate as it ran (its own number of
+    training processes), where that differs from ``estimates``."""
+    as_run = dict(estimates) | (as_run or {})
+    ratios = sorted(done[n]["seconds"] / as_run[n] for n, _ in estimates if n in done and done[n].get("seconds"))
     factor = ratios[len(ratios) // 2] if ratios else 1.0
     return [(n, s * factor) for n, s in estimates if n not in done], factor
 
 
-def _print_plan(estimates: list[tuple[str, float]], recipe: str, done: dict[str, dict], folder: str) -> None:
+def _print_plan(estimates: list[tuple[str, float]], recipe: str, done: dict[str, dict], folder: str,
+                processes: int = 1, as_run: dict[str, float] | None = None) -> None:
     opt = "" if recipe == "paper-31m-units" else f"--recipe {recipe} "
+    env = f"TRAIN_PROCESSES={processes} " if processes > 1 else ""
     if done:
         print(f"# done ({len(done)}, in {folder}): " + ", ".join(
             f"{n} {done[n].get('seconds', 0):.0f} s" for n, _ in estimates if n in done), flush=True)
-    pending, factor = _calibrated(estimates, done)
+    pending, factor = _calibrated(estimates, done, as_run)
     for name, s in pending:
-        print(f"bash benchmarks/gpu_units.sh {opt}{name:<18} # ~{s / 60:.1f} GPU min", flush=True)
+        print(f"{env}bash benchmarks/gpu_units.sh {opt}{name:<18} # ~{s / 60:.1f} min", flush=True)
     scaled = f", estimates x{factor:.2f} (measured / estimated, median of the done units)" if done else ""
-    print(f"# {len(pending)} pending, total ~{sum(s for _, s in pending) / 60:.0f} GPU min{scaled}; one unit per call "
-          f"(limit 10 min); carry .whl and {CORPUS}", flush=True)
+    over = f" over {processes} GPUs each (training assumed to scale linearly)" if processes > 1 else ""
+    print(f"# {len(pending)} pending, total ~{sum(s for _, s in pending) / 60:.0f} min{over}{scaled}; one unit per "
+          f"call (limit 10 min); carry .whl and {CORPUS}", flush=True)
 
 
 def plan(a) -> None:
@@ -225,13 +273,20 @@ def plan(a) -> None:
     per_step = {m: max(rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64, rows[src]["kernels_per_step"] * 60e-6)
                 for m, src in (("dense", "dense"), ("soft-learned", "soft-learned"), ("soft-random", "soft-learned"),
                                ("hard-topk", "hard-topk"), ("stochastic", "hard-topk"))}
+    if cfg.gate_compile:  # the soft relaxation under torch.compile (docs/data/train-speed-h200-compile.json)
+        (fused,) = [r for r in json.loads((ROOT / "docs/data/train-speed-h200-compile.json").read_text())["rows"]
+                    if r["compiled"]]
+        for m in ("soft-learned", "soft-random"):
+            per_step[m] = max(fused["ms_per_step"] / 1000 * cfg.batch_size / 64, fused["kernels_per_step"] * 60e-6)
     # the sweep trains at its own small batch: its hard-topk steps are bound by the launches
     per_step["sweep-hard-topk"] = rows["hard-topk"]["kernels_per_step"] * 60e-6
     from posthoc_sparse.experiments.unit_report import load_units, same_recipe
 
     # the units already in the recipe's folder under these settings (the data is checked by the aggregator)
     done = {n: u for n, u in load_units(Path(a.done)).items() if same_recipe(u, _want(cfg, None))}
-    _print_plan(_estimates(cfg, per_step, _names(a)), a.recipe, done, a.done)
+    as_run = {n: _estimates(cfg, per_step, [n], u["train"].get("processes") or 1)[0][1] for n, u in done.items()}
+    _print_plan(_estimates(cfg, per_step, _names(a), a.train_processes), a.recipe, done, a.done, a.train_processes,
+                as_run)
 
 
 def _short_run(cfg, mode: str, batch: int, work: Path, on_event, compile: bool = False) -> None:
@@ -313,7 +368,7 @@ def speed(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["prepare", "run", "aggregate", "plan", "probe", "speed"])
+    p.add_argument("stage", choices=["prepare", "run", "aggregate", "plan", "probe", "speed", "pretrain-part"])
     p.add_argument("units", nargs="*")
     p.add_argument("--out", default="/tmp/out")
     p.add_argument("--work", default="/tmp/units")
@@ -323,6 +378,9 @@ def main() -> None:
     p.add_argument("--report", help="the report's folder (default: docs/data/absorb-31m-units for paper-31m-units)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--speed", default="dense:16,dense:32,soft-learned:16,soft-learned:32", metavar="MODE:BATCH,...")
+    p.add_argument("--train-processes", type=int, default=1, metavar="N",
+                   help="run: train each unit's model data parallel in N processes (torchrun, one GPU each), then "
+                        "the rest of the unit in this one")
     p.add_argument("--compile", action="store_true", help="speed: the soft relaxation under torch.compile "
                    "(--gate-compile); its first steps, which compile, fall before the timed ones")
     a = p.parse_args()
@@ -335,8 +393,10 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if a.stage == "pretrain-part" and len(a.units) != 1:
+        p.error("pretrain-part takes one settings file (train_in_processes writes it)")
     {"prepare": prepare, "run": run, "aggregate": aggregate, "plan": plan, "probe": probe,
-     "speed": speed}[a.stage](a)
+     "speed": speed, "pretrain-part": pretrain_part}[a.stage](a)
 
 
 if __name__ == "__main__":

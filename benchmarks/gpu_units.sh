@@ -18,7 +18,9 @@
 #     python benchmarks/gpu_units.py aggregate   # docs/data/absorb-31m-units/{absorb.json,summary.md,*.png}
 #     python benchmarks/gpu_units.py aggregate --recipe paper-31m-plateau   # docs/data/absorb-31m-plateau/
 # Environment: OUT (/tmp/out), WORK (/tmp/units: models and gates, never brought back), PYTHON (python3),
-# SET ("KEY=VALUE ..." overrides of the recipe, for smoke tests), RECIPE (as --recipe).
+# SET ("KEY=VALUE ..." overrides of the recipe, for smoke tests), RECIPE (as --recipe), TRAIN_PROCESSES (N: each
+# unit's model trains data parallel over the first N visible GPUs, the rest of the unit on one; gpu_lanes.sh sets it
+# for a lane over several GPUs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh  # PY, the offline environment, install_wheels
@@ -84,4 +86,7 @@ if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at on
     for unit in "$@"; do tail -n 3 "$OUT/units-$unit.log" || true; done
     exit $rc
 fi
-"$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" 2>&1 | tee "$OUT/units.log"
+train=()  # TRAIN_PROCESSES=N: each unit's model trains data parallel over N GPUs (torchrun), the rest on one
+if [[ "${TRAIN_PROCESSES:-1}" != 1 ]]; then train=(--train-processes "$TRAIN_PROCESSES"); fi
+"$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" "${train[@]}" 2>&1 \
+    | tee "$OUT/units.log"

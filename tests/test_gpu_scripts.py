@@ -26,7 +26,7 @@ out=; units=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
-        --work|--recipe|--set|--speed) shift 2 ;;
+        --work|--recipe|--set|--speed|--train-processes) shift 2 ;;
         *) units+=("$1"); shift ;;
     esac
 done
@@ -94,12 +94,22 @@ def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path
     assert "./a/dense-s0.json" in listing and "./c.log" in listing
 
 
+def test_a_lane_over_two_gpus_trains_its_units_on_both(repo, tmp_path):
+    proc, calls = _run(repo, "gpu_lanes.sh", "0,1 p soft-learned-s0 recipe=paper-31m-plateau")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = [c for c in calls if " run " in c]
+    assert run.startswith("CUDA=0,1 ") and run.endswith("--train-processes 2")
+    proc, calls = _run(repo, "gpu_lanes.sh", "1 q dense-s0")  # one GPU: no data parallel training
+    assert "--train-processes" not in [c for c in calls if " run dense-s0" in c][0]
+
+
 @pytest.mark.parametrize("lane, message", [
     ("0 a dense-s0; a dense-s1", "two jobs are named a"),
     (["0 a dense-s0 lr=2e-3", "1 b dense-s0 lr=2e-3"], "two jobs run dense-s0 lr=2e-3"),
     ("0 ; ", "has no job"),
     ("0 a", "needs NAME UNIT"),
     ("x a dense-s0", "starts with a GPU index"),
+    ("0, a dense-s0", "starts with a GPU index"),
     ("0 s --speed", "--speed takes one MODE:BATCH list"),
     ("0 s --speed soft-learned:64 --fast", "--speed takes one MODE:BATCH list"),
     ("0 d --decode decode_attention decode_model", "--decode takes one PARTS list or nothing"),
@@ -166,15 +176,23 @@ def test_the_plan_names_each_recipe_and_its_pending_units(tmp_path):
                              text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         lines = run.stdout.splitlines()
-        return [line.split("#")[0].split() for line in lines if line.startswith("bash")], lines
+        return [line.split("#")[0].split() for line in lines if " benchmarks/gpu_units.sh " in line], lines
 
     empty = tmp_path / "none"
     empty.mkdir()
     full, lines = plan("--done", str(empty))
     assert len(full) == 15 and full[0] == ["bash", "benchmarks/gpu_units.sh", "dense-s0"]
     assert not any(line.startswith("# done") for line in lines) and lines[-1].startswith("# 15 pending")
-    assert plan("--recipe", "paper-31m-plateau", "--done", str(empty))[0] == [
-        ["bash", "benchmarks/gpu_units.sh", "--recipe", "paper-31m-plateau", "dense-s0"]]
+    plateau, plateau_lines = plan("--recipe", "paper-31m-plateau", "--done", str(empty))
+    assert len(plateau) == 15 and plateau[0] == ["bash", "benchmarks/gpu_units.sh", "--recipe", "paper-31m-plateau",
+                                                 "dense-s0"]
+    # over two GPUs: each command says so, and the training part of each estimate is halved (assumed, and said)
+    two, two_lines = plan("--recipe", "paper-31m-plateau", "--done", str(empty), "--train-processes", "2")
+    assert [c[0] for c in two] == ["TRAIN_PROCESSES=2"] * 15 and [c[1:] for c in two] == plateau
+    assert "over 2 GPUs each (training assumed to scale linearly)" in two_lines[-1]
+    one_min = [float(line.split("~")[1].split()[0]) for line in plateau_lines if "~" in line]
+    two_min = [float(line.split("~")[1].split()[0]) for line in two_lines if "~" in line]
+    assert all(0.45 * a < b < 0.8 * a for a, b in zip(one_min, two_min))
 
     # a finished unit of the recipe leaves the list, with its measured seconds; one of other settings does not
     minutes = {cmd[-1]: float(line.split("~")[1].split()[0]) for cmd, line in zip(full, lines) if "~" in line}

@@ -211,3 +211,38 @@ def test_plateau_is_the_change_over_the_last_quarter():
     assert p["from_step"] == 750 and p["change_last_25pct"] == pytest.approx(0.5 / 99.0) and p["plateaued"]
     rec["train"]["evals"][-1]["heldout_ppl"] = 95.0
     assert not plateau(rec)["plateaued"]
+
+
+def test_a_unit_trained_in_two_processes_equals_one_trained_in_one(done, tmp_path, monkeypatch):
+    """gpu_units.py run --train-processes 2: the unit's training runs first under torchrun (gloo here, one GPU per
+    process there) with half the batch each, the rest of the unit in this process; its numbers are the
+    one-process unit's (the same global batches; gradients averaged across the two)."""
+    import importlib.util
+
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from pathlib import Path
+
+    from posthoc_sparse.experiments.units import unit_training
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_units.py"
+    spec = importlib.util.spec_from_file_location("gpu_units_driver", path)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root, out = done
+    cfg, work = _cfg(root), tmp_path / "work" / "soft-learned-s0"
+    assert unit_training("soft-learned-s0", cfg, SWEEP, work, done=out) is None  # finished there: nothing to train
+    driver.train_in_processes("soft-learned-s0", cfg, work, tmp_path / "none", 2, lambda kind, info: None)
+    assert unit_training("soft-learned-s0", cfg, SWEEP, work) is None  # its run is finished now
+    two = run_unit("soft-learned-s0", cfg, SWEEP, work)
+    one = json.loads((out / "soft-learned-s0.json").read_text())
+    assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
+    assert two["fingerprint"] == one["fingerprint"]
+    for a, b in ((one["train"]["ppl_as_trained"], two["train"]["ppl_as_trained"]),
+                 (one["eval"]["gate"]["ppl"], two["eval"]["gate"]["ppl"]),
+                 (one["distilled"]["ppl_gate"], two["distilled"]["ppl_gate"])):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert two["gate_moved"] == pytest.approx(one["gate_moved"], rel=1e-3)

@@ -82,6 +82,8 @@ class AbsorbConfig:
     eval_every: int | None = option(None, "Held-out perplexity every N training steps (if not given: at the end).")
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).")
     mixed_precision: str = option(_P.mixed_precision, "auto (bf16 on GPU), bf16, no.")
+    gate_compile: bool = option(False, "torch.compile the soft relaxation of the soft-gated runs, as "
+                                       "`sparsify pretrain --gate-compile` (equal to eager within fp32 rounding).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
     report_to: str = option("none", REPORT_TO_HELP + " Each training run and distillation logs in its own folder.")
     resume: bool = option(False, "Keep finished runs, gates and evaluations; continue the rest.")
@@ -112,7 +114,7 @@ class AbsorbConfig:
             weight_decay=self.weight_decay, eval_every=self.eval_every or self.steps, eval_windows=self.eval_windows,
             checkpoint_every=max(1, self.steps // 4), max_train_windows=self.max_train_windows, gate_mode=mode,
             gate_k=self.k, gate_tau=self.tau, gate_tau_end=self.tau_end, gate_scores=self.scores, gate_d_g=self.d_g,
-            resume=self.resume, text_field=self.text_field, report_to=self.report_to)
+            gate_compile=self.gate_compile, resume=self.resume, text_field=self.text_field, report_to=self.report_to)
 
 
 def _runs_needed(cfg: AbsorbConfig) -> list[tuple[str, str, int]]:
@@ -169,7 +171,8 @@ class _Runner:
         last = log["evals"][-1]
         return {"name": name, "mode": mode, "seed": seed, "path": str(run), "ppl_as_trained": last["heldout_ppl"],
                 "loss_as_trained": last["heldout_loss"], "seconds": log["seconds"],
-                "tokens_per_second": log["tokens_per_second"], "gate_grad": log.get("gate_grad"),
+                "tokens_per_second": log["tokens_per_second"], "processes": log.get("processes", 1),
+                "gate_grad": log.get("gate_grad"),
                 "mass_outside": log.get("mass_outside"), "evals": log["evals"],
                 "loss_curve": [[h["step"], h["loss_mean"]] for h in log["history"]]}
 

@@ -25,7 +25,7 @@ from ..config import option
 from ..errors import UserError
 from ..training import versions
 from .absorb import AbsorbConfig, _gate_moved, _Runner, finished_gate, finished_run
-from .pretrain import GATE_DIR
+from .pretrain import GATE_DIR, PretrainConfig
 
 KINDS = ("dense", "soft-learned", "soft-random", "hard-topk", "stochastic", "sweep")
 FORMAT = "posthoc-sparse absorb unit"
@@ -73,8 +73,10 @@ def data_identity(dataset: str) -> dict:
 
 
 # settings that do not change a unit's numbers: where it ran and wrote, the corpus's path (its content counts),
-# which experiments and how many seeds the whole recipe has, the trackers
-NOT_NUMBERS = ("output", "resume", "overwrite", "device", "dataset", "experiments", "seeds", "report_to")
+# which experiments and how many seeds the whole recipe has, the trackers, and whether the soft relaxation ran
+# compiled (equal to eager within fp32 rounding, tested; less than a GPU run's own drift, docs/results.md)
+NOT_NUMBERS = ("output", "resume", "overwrite", "device", "dataset", "experiments", "seeds", "report_to",
+               "gate_compile")
 
 
 def recipe(settings: dict, data: dict | None, sweep: dict | None) -> dict:
@@ -97,8 +99,8 @@ def fingerprint(name: str, cfg: AbsorbConfig, sweep: SweepSettings) -> str:
 
 
 def _train_record(r: dict) -> dict:
-    keep = ("mode", "seed", "ppl_as_trained", "loss_as_trained", "seconds", "tokens_per_second", "gate_grad",
-            "mass_outside", "evals")
+    keep = ("mode", "seed", "ppl_as_trained", "loss_as_trained", "seconds", "tokens_per_second", "processes",
+            "gate_grad", "mass_outside", "evals")
     curve = r["loss_curve"]
     stride = max(1, len(curve) // 200)  # at most ~200 points of the training loss
     return {k: r.get(k) for k in keep} | {"loss_curve": curve[::stride] + ([curve[-1]] if curve[-1:] and
@@ -150,12 +152,9 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
     kind, seed = parse_unit(name)
     cfg.validate()
     fp = fingerprint(name, cfg, sweep)
-    if done is not None and (done / f"{name}.json").is_file():
-        record = json.loads((done / f"{name}.json").read_text())
-        if record.get("fingerprint") == fp:
-            emit("reused", {"unit": name, "path": str(done / f"{name}.json")})
-            return record
-        emit("stale", {"unit": name, "path": str(done / f"{name}.json")})
+    reused = _reused(name, fp, done, emit)
+    if reused is not None:
+        return reused
     _claim_work(work, fp, emit)
     if kind == "sweep":
         _borrow_dense(work, cfg, sweep, seed, emit)
@@ -189,6 +188,41 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
         atomic_write_json(target / f"{name}.json", record)
     emit("unit", {"unit": name, "seconds": record["seconds"]})
     return record
+
+
+def unit_training(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, done: Path | None = None,
+                  on_event: Callable[[str, dict], None] | None = None) -> PretrainConfig | None:
+    """The training run unit ``name`` needs, for a caller that runs it first in other processes (data parallel over
+    several GPUs: ``benchmarks/gpu_units.py run --train-processes N`` launches it with ``torchrun``, each process
+    taking ``batch_size / N`` windows a step); ``run_unit`` then finds it finished and goes on in one process. None
+    when the unit is reused from ``done`` or its run is already finished in ``work``. Claims ``work`` as
+    ``run_unit`` does, so what it writes there counts for the unit."""
+    emit = on_event or (lambda kind, info: None)
+    kind, seed = parse_unit(name)
+    cfg.validate()
+    fp = fingerprint(name, cfg, sweep)
+    if _reused(name, fp, done, lambda kind, info: None) is not None:
+        return None
+    _claim_work(work, fp, emit)
+    if kind == "sweep":
+        _borrow_dense(work, cfg, sweep, seed, emit)
+    mode = "dense" if kind == "sweep" else kind
+    run = work / "runs" / f"{mode}-s{seed}"  # where _Runner.train looks for it
+    if finished_run(run):
+        return None
+    return replace(cfg, output=str(work), resume=True).pretrain_config(mode, seed, str(run))
+
+
+def _reused(name: str, fp: str, done: Path | None, emit: Callable[[str, dict], None]) -> dict | None:
+    """The record in ``done/<name>.json`` when it was made under fingerprint ``fp``, else None."""
+    if done is None or not (done / f"{name}.json").is_file():
+        return None
+    record = json.loads((done / f"{name}.json").read_text())
+    if record.get("fingerprint") == fp:
+        emit("reused", {"unit": name, "path": str(done / f"{name}.json")})
+        return record
+    emit("stale", {"unit": name, "path": str(done / f"{name}.json")})
+    return None
 
 
 def _borrow_dense(work: Path, cfg: AbsorbConfig, sweep: SweepSettings, seed: int,
@@ -234,4 +268,4 @@ def _device_name(dev: str) -> str:
     return torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "cpu"
 
 
-__all__ = ["KINDS", "SweepSettings", "fingerprint", "parse_unit", "plan", "run_unit"]
+__all__ = ["KINDS", "SweepSettings", "fingerprint", "parse_unit", "plan", "run_unit", "unit_training"]
