@@ -132,7 +132,7 @@ def run(a) -> None:
         if a.train_processes > 1:  # the unit's training first, data parallel; the rest below on one GPU
             train_in_processes(name, cfg, Path(a.work) / name, Path(a.done), a.train_processes, on_event)
         record = run_unit(name, cfg, SweepSettings(), Path(a.work) / name, done=Path(a.done), out=out,
-                          on_event=on_event)
+                          on_event=on_event, before=time.perf_counter() - t0)
         if not (out / f"{name}.json").is_file():  # reused: hand it back too, unchanged
             shutil.copyfile(Path(a.done) / f"{name}.json", out / f"{name}.json")
         log(f"unit {name}: {time.perf_counter() - t0:.0f} s in this call ({record['seconds']:.0f} s when run)")
@@ -207,9 +207,17 @@ def _names(a) -> list[str]:
     return build_report({}, covers=RECIPES[a.recipe][2] or FINDINGS)["plan"]
 
 
+def _speedup(processes: int) -> float:
+    """How much faster a model trains over ``processes`` GPUs than on one: measured for 2 (a compiled soft-learned
+    step on 2 H200s against one, docs/data/train-speed-h200x2.json, not side by side), else assumed linear."""
+    if processes == 2:
+        return json.loads((ROOT / "docs/data/train-speed-h200x2.json").read_text())["speedup_two_over_one"]
+    return float(processes)
+
+
 def _estimates(cfg, per_step: dict, names: list[str], processes: int = 1) -> list[tuple[str, float]]:
     """(unit, estimated GPU seconds) of each of ``names``, from seconds per training step of each mode; with
-    ``processes`` > 1 the model's training is assumed to scale linearly over that many GPUs (not yet measured)."""
+    ``processes`` > 1 the model's training runs ``_speedup`` times faster, after a second start (torchrun's)."""
     from posthoc_sparse.experiments.units import SweepSettings, parse_unit
 
     sweep = SweepSettings()
@@ -218,7 +226,7 @@ def _estimates(cfg, per_step: dict, names: list[str], processes: int = 1) -> lis
     for name in names:
         kind, _ = parse_unit(name)
         mode = "dense" if kind == "sweep" else kind
-        s = startup + cfg.steps * per_step[mode] / processes + 2 * eval_s
+        s = startup * (1 if processes == 1 else 2) + cfg.steps * per_step[mode] / _speedup(processes) + 2 * eval_s
         if kind in ("dense", "soft-learned", "hard-topk", "sweep"):
             s += cfg.distill_steps * distill_step + eval_s
         if kind == "dense":
@@ -255,7 +263,8 @@ def _print_plan(estimates: list[tuple[str, float]], recipe: str, done: dict[str,
     for name, s in pending:
         print(f"{env}bash benchmarks/gpu_units.sh {opt}{name:<18} # ~{s / 60:.1f} min", flush=True)
     scaled = f", estimates x{factor:.2f} (measured / estimated, median of the done units)" if done else ""
-    over = f" over {processes} GPUs each (training assumed to scale linearly)" if processes > 1 else ""
+    over = (f" over {processes} GPUs each (training {_speedup(processes):.2f}x faster than on one: "
+            + ("measured, docs/data/train-speed-h200x2.json)" if processes == 2 else "assumed)")) if processes > 1 else ""
     print(f"# {len(pending)} pending, total ~{sum(s for _, s in pending) / 60:.0f} min{over}{scaled}; one unit per "
           f"call (limit 10 min); carry .whl and {CORPUS}", flush=True)
 

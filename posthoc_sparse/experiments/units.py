@@ -142,10 +142,12 @@ def _sweep(runner: _Runner, cfg: AbsorbConfig, sweep: SweepSettings, seed: int, 
 
 
 def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, done: Path | None = None,
-             out: Path | None = None, on_event: Callable[[str, dict], None] | None = None) -> dict:
+             out: Path | None = None, on_event: Callable[[str, dict], None] | None = None, before: float = 0.0
+             ) -> dict:
     """Run unit ``name`` in the folder ``work`` (its models, gates and evals; resumable there), write its record to
     ``out/<name>.json`` (default: ``done``) and return it; or return the record in ``done/<name>.json`` when its
-    fingerprint matches (a finished unit is reused, not recomputed)."""
+    fingerprint matches (a finished unit is reused, not recomputed). ``before``: seconds the caller spent on this
+    unit already (its training run in other processes, ``unit_training``), counted in the record's ``seconds``."""
     from ..devices import resolve_device
 
     emit = on_event or (lambda kind, info: None)
@@ -179,7 +181,7 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
         record["sweep"] = _sweep(runner, cfg, sweep, seed, r["path"], gates)
     record |= {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fp,
                "settings": asdict(cfg) | {"output": None}, "sweep_settings": asdict(sweep) if kind == "sweep" else None,
-               "data": data_identity(cfg.dataset), "seconds": time.perf_counter() - t0,
+               "data": data_identity(cfg.dataset), "seconds": before + time.perf_counter() - t0,
                "device": _device_name(resolve_device(cfg.device)), "versions": versions()}
     target = out or done
     if target is not None:
