@@ -205,3 +205,21 @@ def test_cli_pretrain_prints_the_parameter_count_and_exits_2_on_errors(assets, t
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "m2"), "--arch", "mamba"], capture_output=True, text=True,
                          env=WIDE)
     assert bad.returncode == 2 and "arch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_each_process_of_a_data_parallel_run_draws_its_own_dropout_masks():
+    """step_seed: the same seed after a resume (a function of seed and step), process 0's that of a one-process run,
+    and another per process, so the windows of process 1 do not reuse process 0's dropout masks."""
+    import torch
+
+    from posthoc_sparse.experiments.pretrain import step_seed
+
+    def masks(rank: int, step: int = 7) -> torch.Tensor:
+        torch.manual_seed(step_seed(3, step, rank))
+        return torch.nn.functional.dropout(torch.ones(256), 0.5) > 0
+
+    assert step_seed(3, 7) == step_seed(3, 7, rank=0) == 3 * 1_000_003 + 7  # what one process has always used
+    assert torch.equal(masks(0), masks(0)) and torch.equal(masks(1), masks(1))  # reproducible (resume)
+    assert not torch.equal(masks(0), masks(1)) and not torch.equal(masks(0, 7), masks(0, 8))
+    seeds = {step_seed(s, t, r) for s in range(3) for t in range(2000) for r in range(8)}
+    assert len(seeds) == 3 * 2000 * 8  # no two (seed, step, process) share a stream

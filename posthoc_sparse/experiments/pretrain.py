@@ -222,6 +222,14 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
         return _pretrain(cfg, run, on_event)
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of training step ``step`` in process ``rank``: the same after a resume; different in every process
+    of a data-parallel run, so that each process's windows get their own dropout masks (and stochastic top-k masks);
+    process 0's is a one-process run's. With dropout or stochastic masks, N processes are therefore another draw
+    of the same recipe, not the same numbers as one process."""
+    return seed * 1_000_003 + step + rank * 1_000_000_007
+
+
 def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
     from accelerate import Accelerator
 
@@ -322,7 +330,7 @@ def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
         lr = lr_at(step, cfg.lr, cfg.warmup, total, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout masks, the same after a resume
+        torch.manual_seed(step_seed(cfg.seed, step, accelerator.process_index))  # this step's dropout masks
         if soft is not None:
             soft.tau = soft_tau(cfg, step, total)
             soft.take_mass_outside()  # drop what the held-out evaluation added
