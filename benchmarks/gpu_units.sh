@@ -31,9 +31,14 @@ if [[ "${1:-}" == --recipe ]]; then
     recipe=(--recipe "$2")
     shift 2
 fi
+train=()  # TRAIN_PROCESSES=N: each unit's model trains data parallel over N GPUs (torchrun), the rest on one
+if [[ "${TRAIN_PROCESSES:-1}" != 1 ]]; then train=(--train-processes "$TRAIN_PROCESSES"); fi
+if [[ -n "${PARALLEL:-}" && ${#train[@]} -gt 0 ]]; then
+    echo "gpu_units.sh: PARALLEL gives each unit one GPU; it cannot take TRAIN_PROCESSES" >&2; exit 2
+fi
 case "${1:-}" in
     --prepare) exec "$PY" "$DRIVER" prepare ;;
-    --plan) exec "$PY" "$DRIVER" plan "${recipe[@]}" ;;
+    --plan) exec "$PY" "$DRIVER" plan "${recipe[@]}" "${train[@]}" ;;
     --probe) shift; set -- __probe__ "$@" ;;
     --speed) shift; set -- __speed__ "$@" ;;
     "") echo "usage: bash benchmarks/gpu_units.sh [--recipe NAME] UNIT... | --prepare | --plan" >&2; exit 2 ;;
@@ -86,7 +91,5 @@ if [[ -n "${PARALLEL:-}" && $# -gt 1 ]]; then  # one process per unit, all at on
     for unit in "$@"; do tail -n 3 "$OUT/units-$unit.log" || true; done
     exit $rc
 fi
-train=()  # TRAIN_PROCESSES=N: each unit's model trains data parallel over N GPUs (torchrun), the rest on one
-if [[ "${TRAIN_PROCESSES:-1}" != 1 ]]; then train=(--train-processes "$TRAIN_PROCESSES"); fi
 "$PY" "$DRIVER" run "$@" --out "$OUT" --work "${WORK:-/tmp/units}" "${recipe[@]}" "${sets[@]}" "${train[@]}" 2>&1 \
     | tee "$OUT/units.log"

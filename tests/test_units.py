@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from posthoc_sparse.errors import UserError
 from posthoc_sparse.experiments.absorb import AbsorbConfig
 from posthoc_sparse.experiments.unit_report import build_report, load_units, plateau, write_report
-from posthoc_sparse.experiments.units import SweepSettings, fingerprint, parse_unit, plan, recipe_of, run_unit
+from posthoc_sparse.experiments.units import (SweepSettings, fingerprint, parse_unit, plan, recipe_of, run_unit,
+                                              unit_training)
 
 from .test_pretrain import phrase_corpus
 from .tiny import tiny_tokenizer
@@ -223,10 +225,6 @@ def test_a_unit_trained_in_two_processes_equals_one_trained_in_one(done, tmp_pat
 
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
-    from pathlib import Path
-
-    from posthoc_sparse.experiments.units import unit_training
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_units.py"
     spec = importlib.util.spec_from_file_location("gpu_units_driver", path)
     driver = importlib.util.module_from_spec(spec)
@@ -246,3 +244,23 @@ def test_a_unit_trained_in_two_processes_equals_one_trained_in_one(done, tmp_pat
                  (one["distilled"]["ppl_gate"], two["distilled"]["ppl_gate"])):
         assert b == pytest.approx(a, rel=1e-4)
     assert two["gate_moved"] == pytest.approx(one["gate_moved"], rel=1e-3)
+
+
+def test_a_partial_run_of_another_batch_per_process_starts_over(done, tmp_path):
+    """A unit stopped part way on one GPU and retried over two (or the reverse) cannot resume its checkpoint (the
+    batch per process differs): unit_training and run_unit start that run over instead of failing at every try."""
+    root, _ = done
+    cfg, work = _cfg(root), tmp_path / "dense-s0"
+    events = []
+    p = unit_training("dense-s0", cfg, SWEEP, work, processes=2, on_event=lambda k, i: events.append((k, i)))
+    assert p.batch_size == cfg.batch_size and p.resume  # the full config; the caller splits the batch
+    state = Path(p.output) / "checkpoint" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"meta": {"step": 4, "config": {"batch_size": cfg.batch_size}}}))  # one process's
+    assert unit_training("dense-s0", cfg, SWEEP, work, processes=2, on_event=lambda k, i: events.append((k, i)))
+    assert not Path(p.output).exists() and events[-1][0] == "restart" and "now 4" in events[-1][1]["why"]
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"meta": {"step": 4, "config": {"batch_size": 4}}}))  # two processes' half batch
+    assert unit_training("dense-s0", cfg, SWEEP, work, processes=2) and state.is_file()  # resumable: kept
+    record = run_unit("dense-s0", cfg, SWEEP, work)  # one process now: that checkpoint cannot resume, so it restarts
+    assert record["train"]["processes"] == 1 and [e["step"] for e in record["train"]["evals"]] == [0, 4, 8, 12]

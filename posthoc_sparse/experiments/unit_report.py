@@ -154,8 +154,8 @@ def _sweep(kinds: dict) -> dict | None:
                          for g in ("learned", "random")}})
     gaps = [t["gap"]["mean"] for t in table]
 
-    def shrinks(seq: list[float]) -> bool | None:
-        return all(a > b for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
+    def shrinks(seq: list[float]) -> bool | None:  # toward 0: a gap that turns and grows the other way does not
+        return all(abs(a) > abs(b) for a, b in zip(seq, seq[1:])) if len(seq) > 1 else None
 
     per_seed = [shrinks([row["gap"] for row in sorted(u["sweep"]["table"], key=lambda r: r["fraction"])])
                 for u in units]

@@ -163,6 +163,7 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
     runner = _Runner(replace(cfg, output=str(work), resume=True), emit, work)
     t0 = time.perf_counter()
     mode = "dense" if kind == "sweep" else kind
+    _restart_other_batch(work / "runs" / f"{mode}-s{seed}", cfg.batch_size, emit)  # left by a multi-GPU try
     r = runner.train(f"{mode}-s{seed}", mode, seed)
     record: dict = {"unit": name, "kind": kind, "seed": seed, "train": _train_record(r)}
     ks = ",".join(str(k) for k in sorted({16, 32, cfg.k} if cfg.k > 32 else {cfg.k}))
@@ -193,12 +194,13 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
 
 
 def unit_training(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, done: Path | None = None,
-                  on_event: Callable[[str, dict], None] | None = None) -> PretrainConfig | None:
+                  on_event: Callable[[str, dict], None] | None = None, processes: int = 1) -> PretrainConfig | None:
     """The training run unit ``name`` needs, for a caller that runs it first in other processes (data parallel over
     several GPUs: ``benchmarks/gpu_units.py run --train-processes N`` launches it with ``torchrun``, each process
     taking ``batch_size / N`` windows a step); ``run_unit`` then finds it finished and goes on in one process. None
     when the unit is reused from ``done`` or its run is already finished in ``work``. Claims ``work`` as
-    ``run_unit`` does, so what it writes there counts for the unit."""
+    ``run_unit`` does, so what it writes there counts for the unit; a partly trained run of another number of
+    ``processes`` (another batch per process, which a checkpoint cannot resume) is started over."""
     emit = on_event or (lambda kind, info: None)
     kind, seed = parse_unit(name)
     cfg.validate()
@@ -212,7 +214,28 @@ def unit_training(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path
     run = work / "runs" / f"{mode}-s{seed}"  # where _Runner.train looks for it
     if finished_run(run):
         return None
+    _restart_other_batch(run, cfg.batch_size // processes, emit)
     return replace(cfg, output=str(work), resume=True).pretrain_config(mode, seed, str(run))
+
+
+def _restart_other_batch(run: Path, batch_size: int, emit: Callable[[str, dict], None]) -> None:
+    """Remove the partly trained ``run`` when its checkpoint has another batch per process than ``batch_size``
+    (it was trained over another number of GPUs): pretrain refuses to resume it, so it starts over."""
+    import shutil
+
+    from ..training import STATE_JSON
+    from .pretrain import CHECKPOINT_DIR
+
+    state = run / CHECKPOINT_DIR / STATE_JSON
+    if finished_run(run) or not state.is_file():
+        return
+    try:
+        saved = json.loads(state.read_text())["meta"]["config"]["batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not ours to judge: pretrain's resume says what is wrong with it
+    if saved != batch_size:
+        emit("restart", {"path": str(run), "why": f"trained with {saved} windows a process, now {batch_size}"})
+        shutil.rmtree(run)
 
 
 def _reused(name: str, fp: str, done: Path | None, emit: Callable[[str, dict], None]) -> dict | None:
