@@ -45,8 +45,8 @@ except ImportError:  # the naive path serves
 # select_rank_chunk: band slots each step of the ranking compares at once. It sets the selection kernel's registers:
 # compiled for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), 255 a thread (the
 # most) at 8 and 168 at 1 per head (241 per group) at 16 x 64 and 4 warps. Timed by prefill_tuning on an H200 at
-# T = 8192, k = 2048 (docs/data/perf-h200-prefill-rank-chunk.json): chunk 1 takes 19.6 / 9.9 ms per head / group
-# selection against 20.6 / 11.6 at 8 (chunk 2: 19.6 / 10.0), so 1.
+# T = 8192, k = 2048 (docs/data/perf-h200-prefill-rank-chunk.json): chunk 1 takes 19.6 / 9.8 ms per head / group
+# selection against 20.6 / 11.5 at 8 (chunk 2: 19.6 / 9.9, within noise), so 1: the fewest registers.
 TUNING = {"select_rows": 16, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
