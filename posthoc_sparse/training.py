@@ -191,3 +191,11 @@ class Tracker:
         if self.tracker is not None:
             self.tracker.finish()
             self.tracker = None
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of training step ``step`` in process ``rank``: the same after a resume; different in every process
+    of a data-parallel run, so that each process's windows get their own dropout masks (and stochastic top-k masks);
+    process 0's is a one-process run's. With dropout or stochastic masks, N processes are therefore another draw
+    of the same recipe, not the same numbers as one process."""
+    return seed * 1_000_003 + step + rank * 1_000_000_007

@@ -212,7 +212,7 @@ def test_each_process_of_a_data_parallel_run_draws_its_own_dropout_masks():
     and another per process, so the windows of process 1 do not reuse process 0's dropout masks."""
     import torch
 
-    from posthoc_sparse.experiments.pretrain import step_seed
+    from posthoc_sparse.training import step_seed
 
     def masks(rank: int, step: int = 7) -> torch.Tensor:
         torch.manual_seed(step_seed(3, step, rank))

@@ -28,7 +28,8 @@ from ..config import LOSS_RATIO_HELP, REPORT_TO, REPORT_TO_HELP, SEED_MAX, TEXT_
 from ..errors import UserError
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
-from ..training import STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings, versions
+from ..training import (STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings,
+                        step_seed, versions)
 from .in_loop import gate_grad_norm_tensor, mass_outside_summary, save_gate, soft_tau, training_gate
 from .step_records import StepRecords
 from .lm import build_model, count_parameters, describe_model
@@ -220,14 +221,6 @@ def pretrain(cfg: PretrainConfig, on_event: Callable[[str, dict], None] | None =
     with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=is_main_process(),
                     resumable=lambda work: describe_checkpoint(work / CHECKPOINT_DIR)) as run:
         return _pretrain(cfg, run, on_event)
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """The seed of training step ``step`` in process ``rank``: the same after a resume; different in every process
-    of a data-parallel run, so that each process's windows get their own dropout masks (and stochastic top-k masks);
-    process 0's is a one-process run's. With dropout or stochastic masks, N processes are therefore another draw
-    of the same recipe, not the same numbers as one process."""
-    return seed * 1_000_003 + step + rank * 1_000_000_007
 
 
 def _pretrain(cfg: PretrainConfig, run: OutputRun, on_event) -> PretrainResult:
