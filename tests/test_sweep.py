@@ -125,3 +125,30 @@ def test_cli_unfreeze_sweep_end_to_end(gated, tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--layers", "1.5", "--output", str(tmp_path / "bad")], capture_output=True,
                          text=True, env=WIDE)
     assert bad.returncode == 2 and "--layers" in bad.stderr
+
+
+def test_a_points_dropout_comes_from_the_seed_and_the_step():
+    """lm_train re-seeds torch every step (training.step_seed): a point's training does not depend on what drew random
+    numbers before it (an earlier point, or none when a resumed sweep skips it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from posthoc_sparse.gates.io import gate_spec_for_model
+    from posthoc_sparse.gates.modules import GateBank
+
+    from .tiny import VOCAB
+
+    def losses(before: int, dropout: float = 0.3) -> list[float]:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64,
+                                           resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+        model.requires_grad_(False)
+        bank = GateBank(gate_spec_for_model(model, d_g=8)).reset_random(0)
+        params = trainable_parameters(model, [1], "attention")
+        for p in params:
+            p.requires_grad_(True)
+        torch.manual_seed(before)  # whatever drew random numbers before this point
+        return lm_train(model, params, TopKPolicy(GateSelector(bank), 4), random_ids(6, 24), SweepConfig(
+            steps=3, lr=1e-2, batch_size=2), torch.device("cpu"))
+
+    assert losses(before=1) != losses(before=1, dropout=0.0)  # dropout is on and changes the losses
+    assert losses(before=1) == losses(before=2)

@@ -33,7 +33,8 @@ from ..gates.modules import random_control
 from ..io import atomic_write_json, write_report
 from ..parallel import Processes
 from ..runs import output_run
-from ..training import DivergenceGuard, Tracker, check_report_to, check_resume, lr_at, resume_settings, versions
+from ..training import (DivergenceGuard, Tracker, check_report_to, check_resume, lr_at, resume_settings, step_seed,
+                        versions)
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
@@ -153,6 +154,7 @@ def lm_train(model, params: list[torch.nn.Parameter], policy, windows: torch.Ten
     model.train()
     with SparseAttention(model, policy):
         for step in range(cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # this step's dropout: its own in every process
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
