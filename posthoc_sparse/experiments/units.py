@@ -152,18 +152,12 @@ def run_unit(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, don
 
     emit = on_event or (lambda kind, info: None)
     kind, seed = parse_unit(name)
-    cfg.validate()
-    fp = fingerprint(name, cfg, sweep)
-    reused = _reused(name, fp, done, emit)
+    fp, reused = _open(name, cfg, sweep, work, done, emit, emit, cfg.batch_size)
     if reused is not None:
         return reused
-    _claim_work(work, fp, emit)
-    if kind == "sweep":
-        _borrow_dense(work, cfg, sweep, seed, emit)
     runner = _Runner(replace(cfg, output=str(work), resume=True), emit, work)
     t0 = time.perf_counter()
     mode = "dense" if kind == "sweep" else kind
-    _restart_other_batch(work / "runs" / f"{mode}-s{seed}", cfg.batch_size, emit)  # left by a multi-GPU try
     r = runner.train(f"{mode}-s{seed}", mode, seed)
     record: dict = {"unit": name, "kind": kind, "seed": seed, "train": _train_record(r)}
     ks = ",".join(str(k) for k in sorted({16, 32, cfg.k} if cfg.k > 32 else {cfg.k}))
@@ -203,19 +197,39 @@ def unit_training(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path
     ``processes`` (another batch per process, which a checkpoint cannot resume) is started over."""
     emit = on_event or (lambda kind, info: None)
     kind, seed = parse_unit(name)
+    _, reused = _open(name, cfg, sweep, work, done, lambda kind, info: None, emit, cfg.batch_size // processes)
+    run = _run_dir(work, name)
+    if reused is not None or finished_run(run):  # reused: run_unit says so
+        return None
+    mode = "dense" if kind == "sweep" else kind
+    return replace(cfg, output=str(work), resume=True).pretrain_config(mode, seed, str(run))
+
+
+def _run_dir(work: Path, name: str) -> Path:
+    """Where unit ``name``'s training run lives in ``work`` (where ``_Runner.train`` puts it): a sweep unit's is
+    its seed's dense model."""
+    kind, seed = parse_unit(name)
+    return work / "runs" / f"{'dense' if kind == 'sweep' else kind}-s{seed}"
+
+
+def _open(name: str, cfg: AbsorbConfig, sweep: SweepSettings, work: Path, done: Path | None,
+          emit_reuse: Callable[[str, dict], None], emit: Callable[[str, dict], None], batch_size: int
+          ) -> tuple[str, dict | None]:
+    """The start of a unit, shared by ``run_unit`` and ``unit_training``: (its fingerprint, the record in ``done``
+    when it was made under that fingerprint); without one, ``work`` is claimed for the unit, a sweep unit's dense
+    run borrowed from beside it, and a partly trained run of another ``batch_size`` per process (another number of
+    GPUs) started over."""
     cfg.validate()
     fp = fingerprint(name, cfg, sweep)
-    if _reused(name, fp, done, lambda kind, info: None) is not None:
-        return None
+    reused = _reused(name, fp, done, emit_reuse)
+    if reused is not None:
+        return fp, reused
     _claim_work(work, fp, emit)
+    kind, seed = parse_unit(name)
     if kind == "sweep":
         _borrow_dense(work, cfg, sweep, seed, emit)
-    mode = "dense" if kind == "sweep" else kind
-    run = work / "runs" / f"{mode}-s{seed}"  # where _Runner.train looks for it
-    if finished_run(run):
-        return None
-    _restart_other_batch(run, cfg.batch_size // processes, emit)
-    return replace(cfg, output=str(work), resume=True).pretrain_config(mode, seed, str(run))
+    _restart_other_batch(_run_dir(work, name), batch_size, emit)
+    return fp, None
 
 
 def _restart_other_batch(run: Path, batch_size: int, emit: Callable[[str, dict], None]) -> None:
