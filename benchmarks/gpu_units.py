@@ -287,16 +287,16 @@ def plan(a) -> None:
     cfg = settings(a)
     rows = {r["mode"]: r for r in json.loads((ROOT / "docs/data/train-speed-h200-b64.json").read_text())["rows"]
             if r["batch_size"] == 64}
-    sources = (("dense", "dense"), ("soft-learned", "soft-learned"), ("soft-random", "soft-learned"),
-               ("hard-topk", "hard-topk"), ("stochastic", "hard-topk"))
+    if cfg.gate_compile:  # the soft relaxation under torch.compile (docs/data/train-speed-h200-compile.json)
+        (rows["soft-compiled"],) = [r for r in json.loads((ROOT / "docs/data/train-speed-h200-compile.json")
+                                                          .read_text())["rows"] if r["compiled"]]
+    soft = "soft-compiled" if cfg.gate_compile else "soft-learned"
+    sources = (("dense", "dense"), ("soft-learned", soft), ("soft-random", soft), ("hard-topk", "hard-topk"),
+               ("stochastic", "hard-topk"))
     floor = {m: rows[src]["kernels_per_step"] * 60e-6 for m, src in sources}  # the host's launches bound a step
     per_step = {m: max(rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64, floor[m]) for m, src in sources}
-    if cfg.gate_compile:  # the soft relaxation under torch.compile (docs/data/train-speed-h200-compile.json)
-        (fused,) = [r for r in json.loads((ROOT / "docs/data/train-speed-h200-compile.json").read_text())["rows"]
-                    if r["compiled"]]
-        for m in ("soft-learned", "soft-random"):
-            per_step[m] = max(fused["ms_per_step"] / 1000 * cfg.batch_size / 64, fused["kernels_per_step"] * 60e-6)
-            floor[m] = 0.0  # its two-GPU speed-up was measured with the launches in it (_speedup)
+    if cfg.gate_compile:
+        floor |= {"soft-learned": 0.0, "soft-random": 0.0}  # their two-GPU speed-up was measured launches and all
     # the sweep trains at its own small batch: its hard-topk steps are bound by the launches
     per_step["sweep-hard-topk"] = rows["hard-topk"]["kernels_per_step"] * 60e-6
     from posthoc_sparse.experiments.unit_report import load_units, same_recipe
