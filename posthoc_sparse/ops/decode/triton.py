@@ -32,7 +32,7 @@ from . import radix
 from .tuning import TUNING, _splits
 
 if triton is not None:
-    NEG = tl.constexpr(-1.0e30)
+    from .radix import NEG  # the "no score" value of the partial maxima both files read: one definition
 
     @triton.jit
     def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
