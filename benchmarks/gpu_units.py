@@ -148,8 +148,6 @@ def train_in_processes(name: str, cfg, work: Path, done: Path, n: int, on_event)
     p = unit_training(name, cfg, SweepSettings(), work, done, on_event, processes=n)
     if p is None:
         return
-    if p.batch_size % n:
-        raise SystemExit(f"batch size {p.batch_size} does not split over {n} processes")
     spec = work / "train-processes.json"
     spec.write_text(json.dumps(asdict(replace(p, batch_size=p.batch_size // n))))
     log(f"train {name} in {n} processes (batch {p.batch_size // n} each): {p.output}")
@@ -404,6 +402,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="speed: the soft relaxation under torch.compile "
                    "(--gate-compile); its first steps, which compile, fall before the timed ones")
     a = p.parse_args()
+    if a.train_processes < 1:
+        p.error(f"--train-processes must be at least 1, got {a.train_processes}")
     done, report, _ = RECIPES[a.recipe]
     a.done = a.done or str(ROOT / "docs" / "data" / done)
     a.report = a.report or str(ROOT / "docs" / "data" / report)
@@ -413,6 +413,8 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if a.stage == "run" and a.train_processes > 1 and settings(a).batch_size % a.train_processes:
+        p.error(f"batch size {settings(a).batch_size} does not split over --train-processes {a.train_processes}")
     if a.stage == "pretrain-part" and len(a.units) != 1:
         p.error("pretrain-part takes one settings file (train_in_processes writes it)")
     {"prepare": prepare, "run": run, "aggregate": aggregate, "plan": plan, "probe": probe,

@@ -209,3 +209,13 @@ def test_the_plan_names_each_recipe_and_its_pending_units(tmp_path):
     factor = record["seconds"] / 60 / minutes["dense-s0"]  # the estimates scale by measured / estimated
     again = {cmd[-1]: float(line.split("~")[1].split()[0]) for cmd, line in zip(listed, lines[1:]) if "~" in line}
     assert again["soft-learned-s0"] == pytest.approx(minutes["soft-learned-s0"] * factor, abs=0.2)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_stops_before_anything_runs(tmp_path):
+    import sys
+
+    run = subprocess.run([sys.executable, "benchmarks/gpu_units.py", "run", "dense-s0", "--train-processes", "3",
+                          "--done", str(tmp_path), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "batch size 64 does not split over --train-processes 3" in run.stderr
+    assert not (tmp_path / "work").exists()
