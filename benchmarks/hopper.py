@@ -58,15 +58,31 @@ def compile_for_hopper(tmp_path: Path, module: str, cases: list[tuple[str, dict,
 
 
 TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
+                      "BR": "*i64",
                       "scale": "fp32", "softcap": "fp32"}
 DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")}
 
 
 def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str, dict, int]]:
-    """``_token_select`` at each (rows, keys per tile, warps) of ``launches``, ranking chunk and group size, with the
-    default candidates (8) and band (64), gate dim 32, bf16 inputs."""
-    return [("_token_select", dict(DS=32, SOFTCAP=False, IEEE=False, BLOCK_M=m, NC=nc, R=8, BAND=64, GROUP=g, RC=rc), w)
-            for m, nc, w in launches for rc in chunks for g in groups]
+    """``_token_bracket`` (the counting sweeps) at each (rows, keys per tile, warps) of ``launches`` and group size,
+    then ``_token_write`` (the write and the ranking) at the same and each ranking chunk, with the default
+    candidates (8) and band (64), gate dim 32, bf16 inputs."""
+    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64)
+    return ([("_token_bracket", common | dict(BLOCK_M=m, NC=nc, R=8, GROUP=g), w) for m, nc, w in launches
+             for g in groups]
+            + [("_token_write", common | dict(BLOCK_M=m, NC=nc, GROUP=g, RC=rc, BITS=False), w) for m, nc, w in launches
+               for rc in chunks for g in groups])
+
+
+MASK_ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BITS": "*i32", "O": "*bf16", "scaling": "fp32",
+                        "softcap": "fp32"}
+
+
+def mask_attention_cases(launches, stacked=(1, 2)) -> list[tuple[str, dict, int]]:
+    """``_mask_attn_fwd`` at each (rows of all stacked heads, keys per tile, warps) of ``launches`` and heads sharing a
+    kept set (1, or 2 as under group selection in Qwen3-1.7B), head_dim 128, bf16, tiles tested for skipping."""
+    return [("_mask_attn_fwd", dict(D=128, HP=hp, BLOCK_M=m // hp, BLOCK_N=n, SOFTCAP=False, SKIP=True, IEEE=False), w)
+            for m, n, w in launches for hp in stacked]
 
 
 def main() -> None:
@@ -78,23 +94,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    launches = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 4), (16, 32, 2)]
+    launches = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (16, 64, 4), (16, 32, 4)]
     cases = token_select_cases(launches)
     with tempfile.TemporaryDirectory() as tmp:
         rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES)
     for row, (_, _, warps) in zip(rows, cases):
         row |= {"warps": warps, "programs_per_sm_by_registers": 65536 // (row["regs"] * 32 * warps)}
     report = {"target": "sm_90 (H100/H200), compiled on the CPU", "triton": triton.__version__,
-              "kernel": "ops.token_select _token_select", "rows": rows}
+              "kernel": "ops.token_select _token_bracket and _token_write", "rows": rows}
     tmp = Path(a.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, a.out)  # never a half-written file
     for r in rows:
         c = r["constexprs"]
-        print(f"rows {c['BLOCK_M']:>2} keys {c['NC']:>2} warps {r['warps']} group {c['GROUP']} rank chunk {c['RC']}: "
-              f"{r['regs']} registers, local {r['local']} B, {r['programs_per_sm_by_registers']} programs an SM "
-              "(by registers)")
-
+        print(f"{r['kernel']:<15} rows {c['BLOCK_M']:>3} keys {c['NC']:>2} warps {r['warps']} group {c['GROUP']} "
+              f"rank chunk {c.get('RC', '-')}: {r['regs']} registers, local {r['local']} B, "
+              f"{r['programs_per_sm_by_registers']} programs an SM (by registers)")
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from posthoc_sparse.errors import first_line
 from posthoc_sparse.gates.modules import GateBank
 from posthoc_sparse.ops import block_sparse as bsp
 from posthoc_sparse.ops import head_topk as ht
+from posthoc_sparse.ops import mask_attention as ma
 from posthoc_sparse.ops import token_select as ts
 from posthoc_sparse.ops.attention_lse import flash_attention_lse
 from posthoc_sparse.ops.kl import kl_grad_fused
@@ -31,11 +32,13 @@ KL_LAUNCHES = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), 
 HEAD_LAUNCHES = {"topk": [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)], "attn": [(32, 4), (16, 4), (64, 4), (64, 8)]}
 BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2)]
 # (rows, keys per tile, candidate thresholds, warps) of token_select; (rows, keys per step, warps) of gather_attention
-SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
-                   (32, 32, 16, 8), (16, 64, 8, 4)]
+# (rows, keys per tile, candidate thresholds, warps) of token_select's counting kernel; (rows, keys per tile, warps)
+# of its write kernel, of gather_attention and of mask_attention
+SELECT_LAUNCHES = [(64, 64, 8, 4), (64, 32, 8, 4), (32, 64, 8, 4), (16, 64, 8, 4), (64, 64, 8, 8), (128, 64, 8, 8),
+                   (64, 64, 4, 4), (16, 32, 8, 4)]
+WRITE_LAUNCHES = [(16, 64, 4), (16, 32, 4), (32, 64, 4), (64, 64, 4)]
 GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
-RANK_CHUNKS = [1, 2, 8]
-RANK_LAUNCHES = [(16, 64, 8, 4), (16, 32, 8, 4)]  # the default launch, and the one with the fewest registers at chunk 1
+MASK_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (128, 128, 8), (64, 128, 4)]
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -246,6 +249,22 @@ def _prefill_work(t: int, h: int, g: int, d_sel: int, d: int, k: int, group: int
     }
 
 
+def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, reps: int) -> dict:
+    """The selection writing a bitmask and the attention over key tiles (``ops.mask_attention``), with and without
+    the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
+    a key (what skipping can save)."""
+    t = q.shape[2]
+    row = {"mask_path_taken": ma.dense_enough(t, k),
+           "select_bits_s": timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)}
+    bits = ts.token_select(gq, gk, k, 1.0, group, bits=True)
+    for skip in (True, False):
+        with tuning(ma.TUNING, skip=skip):
+            row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(
+                lambda: ma.mask_attention(q, key, v, bits, scaling), device, reps)
+    row["mask_tiles_kept_share"] = ma.kept_tile_share(bits, ma.TUNING["rows"], max(32, ma.TUNING["keys"]))
+    return row
+
+
 @part("prefill_topk", gpu={"T": [8192, 32768], "k": [256, 2048]}, cpu={"T": [96], "k": [16, 40]})
 @torch.no_grad()
 def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
@@ -282,8 +301,13 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                         row["attention_s"] = timed(lambda: ts.gather_attention(q, key, v, idx, call.scaling),
                                                    device, reps)
                         del idx
+                        row |= _mask_path(q, key, v, gq, gk, kk, group, call.scaling, device, reps)
                         row["select_speedup_vs_sdpa"] = sdpa / row["select_s"]
                         row["attention_speedup_vs_sdpa"] = sdpa / row["attention_s"]
+                        row["mask_attention_speedup_vs_sdpa"] = sdpa / row["mask_attention_s"]
+                        row["mask_attention_speedup_vs_gather"] = row["attention_s"] / row["mask_attention_s"]
+                        row["select_and_mask_attention_speedup_vs_sdpa"] = sdpa / (row["select_bits_s"]
+                                                                                    + row["mask_attention_s"])
                         work = _prefill_work(t, h, g, gq.shape[-1], d, kk, group, row["select_sweeps_mean"], elem)
                         row |= work
                         row["select_tflops_per_s"] = work["select_flops"] / row["select_s"] / 1e12
@@ -304,10 +328,11 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
     """Launch settings of the token-level prefill kernels (``ops.token_select`` TUNING).
 
     At one T and k, per head and per KV group: the selection on gate-sized inputs (16 heads, d = 32, bf16) under
-    each (rows, keys per tile, candidate thresholds, warps), with the counting sweeps it took, then under each
-    ranking chunk (``select_rank_chunk``) at the default launch, and the attention
-    over the kept keys (head_dim 128, 8 KV heads) under each (rows, keys per step, warps). Plan: {"T": window
-    length, "k": keys kept}."""
+    each (rows, keys per tile, candidate thresholds, warps) of its counting kernel, with the counting sweeps it
+    took, then under each (rows, keys per tile, warps) of its write kernel; the attention over the kept keys
+    (head_dim 128, 8 KV heads) by gathering, under each (rows, keys per step, warps), and over key tiles
+    (``ops.mask_attention``) under each (rows, keys per tile, warps), with and without skipping empty tiles.
+    Plan: {"T": window length, "k": keys kept}."""
     device, t, k = bench.device, plan["T"], plan["k"]
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(1, 16, t, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2))
@@ -322,10 +347,8 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
                 if sec["seconds"] is not None:
                     sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
-        for (n_rows, keys, cands, warps), chunk in itertools.product(RANK_LAUNCHES, RANK_CHUNKS):
-            # the ranking's chunk sets the kernel's registers (docs/data/kernel-registers-sm90.json)
-            settings = dict(select_rows=n_rows, select_keys=keys, select_cands=cands, select_warps=warps,
-                            select_rank_chunk=chunk)
+        for n_rows, keys, warps in WRITE_LAUNCHES:
+            settings = dict(write_rows=n_rows, write_keys=keys, write_warps=warps)
             with tuning(ts.TUNING, **settings):
                 sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
@@ -335,4 +358,12 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
             with tuning(ts.TUNING, **settings):
                 sec = launch_time(lambda: ts.gather_attention(q, key, v, idx, 128**-0.5), device, bench.reps)
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "attention", **settings, **sec}))
+        idx = None  # free it before the bitmask
+        bits = ts.token_select(a, b, k, 1.0, group, bits=True)
+        for (n_rows, keys, warps), skip in itertools.product(MASK_LAUNCHES, (True, False)):
+            settings = dict(rows=n_rows, keys=keys, warps=warps, skip=skip)
+            with tuning(ma.TUNING, **settings):
+                sec = launch_time(lambda: ma.mask_attention(q, key, v, bits, 128**-0.5), device, bench.reps)
+            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "mask_attention",
+                                **{f"mask_{n}": x for n, x in settings.items()}, **sec}))
     return rows

@@ -97,7 +97,10 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
     for row in rows:
         assert row["path"] == "reference"  # the policy takes the kernels on CUDA only
         _positive(row, ["sdpa_s", "select_s", "attention_s", "total_s", "speedup_vs_sdpa", "select_flops",
-                        "attention_gather_bytes", "sdpa_flops"])
+                        "attention_gather_bytes", "sdpa_flops", "select_bits_s", "mask_attention_s",
+                        "mask_attention_noskip_s", "select_and_mask_attention_speedup_vs_sdpa"])
+        assert 0 < row["mask_tiles_kept_share"] <= 1  # at T = 96 every causal tile keeps a key
+        assert row["mask_path_taken"]  # k >= 16 of 96 keys: well above the density the mask path needs
         assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (
             4 if row["selection"] == "head" else 2)
 

@@ -13,7 +13,10 @@ from posthoc_sparse.gates.io import gate_spec_for_model
 from posthoc_sparse.gates.modules import GateBank
 from posthoc_sparse.ops import HAVE_TRITON
 from posthoc_sparse.ops import head_topk as ht
+from posthoc_sparse.ops import mask_attention as ma
 from posthoc_sparse.ops import token_select as ts
+
+from benchmarks.parts_attention import GATHER_LAUNCHES, SELECT_LAUNCHES, WRITE_LAUNCHES
 
 from .tiny import random_ids, tiny_model
 
@@ -164,7 +167,8 @@ def test_head_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selecto
 # --- ops.token_select: any k, per head or per KV group --------------------------------------------------------
 
 SMALL = {"select_rows": 16, "select_keys": 16, "select_cands": 4, "select_band": 8,  # counting sweeps even at T < 100
-         "select_rank_chunk": 2}  # the band ranked in several chunks
+         "select_rank_chunk": 2,  # the band ranked in several chunks
+         "write_rows": 32, "write_keys": 16}  # the write kernel's blocks other than the counting kernel's
 
 
 def _inputs(kind: str, b: int, h: int, g: int, t: int, d: int, seed: int):
@@ -243,13 +247,18 @@ def test_gather_attention_kernel_equals_the_reference_per_head_and_shared_by_gro
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["gather", "mask"])
 @pytest.mark.parametrize("selection, selector, k", [("head", "gate", 9), ("group", "gate", 9), ("group", "oracle", 6),
                                                     ("head", "oracle", 200)])
-def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, selector, k, monkeypatch):
+def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, selector, k, attention, monkeypatch):
     """The policy's ops.token_select path (forced on the CPU: the interpreter runs the kernels) against the chunked
-    reference, on a tiny model (4 query heads, 2 KV heads: two heads per group)."""
+    reference, on a tiny model (4 query heads, 2 KV heads: two heads per group), attending by gathering the kept
+    keys or over key tiles with the kept sets as a bitmask (ops.mask_attention)."""
     for key, value in SMALL.items():
         monkeypatch.setitem(ts.TUNING, key, value)
+    monkeypatch.setitem(ma.TUNING, "min_density", 0.0 if attention == "mask" else 2.0)
+    masked = []
+    monkeypatch.setattr(ma, "mask_attention", lambda *a, f=ma.mask_attention: masked.append(1) or f(*a))
     monkeypatch.setattr(ts, "kernels_ok", ts.supports)
     monkeypatch.setattr(TopKPolicy, "_plain_prefill", lambda self, call: self._inference_call(call)
                         and call.attention_mask is None)
@@ -260,7 +269,7 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, se
     make = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank)}[selector]
     ids = random_ids(2, 40)
     fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
-    assert taken  # the kernel path ran
+    assert taken and bool(masked) == (attention == "mask")  # the kernel path ran, with that attention
     slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
@@ -289,22 +298,16 @@ def test_token_kernels_on_gpu(dtype, t, k, group):
     torch.testing.assert_close(out, ts.gather_attention_reference(q, k_, v, got, 128**-0.5), atol=tol, rtol=tol)
 
 
-# the launch settings that `benchmarks/perf.py --parts prefill_tuning` times
-SELECT_LAUNCHES = [(32, 32, 8, 4), (32, 32, 8, 8), (64, 32, 8, 8), (32, 64, 8, 4), (64, 64, 8, 8), (32, 32, 4, 4),
-                   (32, 32, 16, 8), (16, 64, 8, 4)]
-GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("attn", s) for s in GATHER_LAUNCHES]
-                         + [("rank", (*launch, c)) for launch in ((16, 64, 8, 4), (16, 32, 8, 4)) for c in (1, 2)])
+@pytest.mark.parametrize("launch", [("select", s) for s in SELECT_LAUNCHES] + [("write", s) for s in WRITE_LAUNCHES]
+                         + [("attn", s) for s in GATHER_LAUNCHES])
 def test_token_kernels_agree_with_their_twins_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
     """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
     kind, values = launch
     names = {"select": ("select_rows", "select_keys", "select_cands", "select_warps"),
-             "attn": ("attn_rows", "attn_keys", "attn_warps"),
-             "rank": ("select_rows", "select_keys", "select_cands", "select_warps", "select_rank_chunk")}[kind]
+             "write": ("write_rows", "write_keys", "write_warps"),
+             "attn": ("attn_rows", "attn_keys", "attn_warps")}[kind]
     for name, value in zip(names, values):
         monkeypatch.setitem(ts.TUNING, name, value)
     test_token_kernels_on_gpu(torch.bfloat16, 1500, 600, group)
@@ -327,15 +330,17 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(select
 
 
 def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
-    """The selection kernel at its default launch, per head and per group, compiles to sm_90 machine code without
-    local memory; a ranking chunk of 1 needs fewer registers than one of 8 (255, the most a thread has)."""
+    """The selection kernels at their default launch, per head and per group, compile to sm_90 machine code without
+    local memory; in the write kernel a ranking chunk of 1 needs fewer registers than one of 8."""
     from benchmarks.hopper import TOKEN_SELECT_TYPES, compile_for_hopper, token_select_cases
 
     pytest.importorskip("triton.backends.nvidia")
-
-    cases = token_select_cases([(16, 64, 4)], chunks=(8, 1), groups=(1, 2))
+    cases = token_select_cases([(ts.TUNING["select_rows"], ts.TUNING["select_keys"], ts.TUNING["select_warps"])],
+                               chunks=(), groups=(1, 2))
+    cases += token_select_cases([(ts.TUNING["write_rows"], ts.TUNING["write_keys"], ts.TUNING["write_warps"])],
+                                chunks=(8, 1), groups=(1, 2))[2:]
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES)
+    assert [g["kernel"] for g in got] == ["_token_bracket"] * 2 + ["_token_write"] * 4
     assert all(g["local"] == 0 for g in got), got
-    regs = [g["regs"] for g in got]  # RC 8 head, RC 8 group, RC 1 head, RC 1 group
+    regs = [g["regs"] for g in got[2:]]  # write: RC 8 head, RC 8 group, RC 1 head, RC 1 group
     assert regs[2] < regs[0] and regs[3] <= regs[1], regs
-

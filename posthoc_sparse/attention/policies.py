@@ -17,6 +17,7 @@ from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
 from ..ops import decode as dc
 from ..ops import head_topk as ht
+from ..ops import mask_attention as ma
 from ..ops import token_select as ts
 from .call import LayerCall, Observer, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
@@ -208,11 +209,16 @@ class TopKPolicy:
     def _tokens(self, call: LayerCall) -> torch.Tensor:
         """Top-k per head or per KV group through ``ops.token_select``: the k causal keys of largest selection
         score per row (per group: of the group's summed softmax of the selection scores, softcapped for the
-        oracle, the order of ``group_scores``' mean), then attention over them, a group's heads sharing theirs."""
+        oracle, the order of ``group_scores``' mean), then attention over them, a group's heads sharing theirs:
+        over key tiles on the tensor cores (``ops.mask_attention``, the kept sets as a bitmask) where top-k keeps a
+        large enough share of the causal pairs (``ma.dense_enough``), else by gathering each row's kept keys."""
         a, b, scale = self._selection_inputs(call)
         group = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
         softcap = call.softcap if type(self.selector) is OracleSelector else None
         k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
+        if ma.dense_enough(call.key.shape[2], k) and ma.supports(call.query, call.key, call.query.shape[1] // group):
+            bits = ts.token_select(a, b, k, scale, group, softcap, bits=True)
+            return ma.mask_attention(call.query, call.key, call.value, bits, call.scaling, call.softcap)
         idx = ts.token_select(a, b, k, scale, group, softcap)
         return ts.gather_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
 

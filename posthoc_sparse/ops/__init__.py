@@ -9,6 +9,7 @@ One package per op: ``naive.py`` (the reference, its shapes documented), ``trito
     attention_lse causal attention that also returns each row's log-sum-exp (the teacher's, for the KL)
     head_topk     per-head top-k selection and attention over the selected keys
     token_select  top-k per head or per KV group at any k (prefill), and attention over the selected keys
+    mask_attention attention over the keys a per-row bitmask keeps, on key tiles (prefill at large k)
     block_sparse  block scores, block selection and attention over the selected key blocks
     decode        gated decoding: one query per sequence scores cached keys, keeps the top k, attends over them
 

@@ -35,6 +35,20 @@ if triton is not None:
     from .radix import NEG  # the "no score" value of the partial maxima both files read: one definition
 
     @triton.jit
+    def _online_step(s, keep, vt, m, l, acc, IEEE: tl.constexpr):
+        # one online-softmax step over a tile of keys: s (RP, N) logits already masked, keep (RP or 1, N) the keys
+        # that count, vt (N, D) their values; the running max m, sum l and output acc (fp32) carried
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
+        l = l * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        return m_new, l, acc
+
+    @triton.jit
     def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
         # (RP, D) x (N, D) -> (RP, N) fp32: q . k * scale, tanh-capped at cap with SOFTCAP; exact fp32 products
         # for fp32 inputs (IEEE), else the tensor cores' (bf16 / fp16 products, fp32 sums)
@@ -104,15 +118,7 @@ if triton is not None:
             kt = tl.load(K + b * skb + kvh * skh + pos[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
             vt = tl.load(V + b * svb + kvh * svh + pos[:, None] * svs + offs_d[None, :], mask=ok[:, None], other=0.0)
             s = tl.where(ok[None, :], _logits(q, kt, scaling, cap, SOFTCAP, IEEE), NEG)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-            l = l * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m = m_new
+            m, l, acc = _online_step(s, ok[None, :], vt, m, l, acc, IEEE)
         nsp = tl.num_programs(0)
         part = (b * H + rows) * nsp + sp
         tl.store(PO + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])

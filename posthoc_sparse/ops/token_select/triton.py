@@ -21,9 +21,8 @@ Three kernels, twins in ``naive.py``:
                         afterwards. Exactly k keys per row (all causal keys where fewer), equal scores by lower
                         index; indices in key order, not by score. Group selection scores a key by the sum
                         over the group's heads of softmax(a . b * scale) (the mean's order).
-    ``_gather_attn_fwd`` attention of each row over its kept keys, KT gathered keys per step (online softmax);
-                        the query heads that share an index set (a KV group under group selection) are stacked
-                        in one program, so their gathers hit the same addresses.
+
+The attention over the kept keys by gathering them is in ``gather.py``; over key tiles, ``ops.mask_attention``.
 """
 
 from __future__ import annotations
@@ -47,12 +46,13 @@ except ImportError:  # the naive path serves
 # most) at 8 and 168 at 1 per head (241 per group) at 16 x 64 and 4 warps. Timed by prefill_tuning on an H200 at
 # T = 8192, k = 2048 (docs/data/perf-h200-prefill-rank-chunk.json): chunk 1 takes 19.6 / 9.8 ms per head / group
 # selection against 20.6 / 11.5 at 8 (chunk 2: 19.6 / 9.9, within noise), so 1: the fewest registers.
-TUNING = {"select_rows": 16, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
-          "select_rank_chunk": 1, "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
+TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
+          "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
+          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
-    from ..head_topk.triton import MIN_WORD, _mono, _packed, _scores
+    from ..head_topk.triton import MIN_WORD, _mono, _packed
 
     @triton.jit
     def _unmono(m):
@@ -91,6 +91,15 @@ if triton is not None:
         tl.store(LSE + bh * T + rows, m + tl.log(l), mask=row_ok)
 
     @triton.jit
+    def _scores(a, bbase, cols, sbt, scale, T, DS: tl.constexpr, IEEE: tl.constexpr):
+        # a (rows, DS) . keys cols -> (rows, NC) fp32; the key tile loaded as (DS, NC), the product's right operand
+        offs_d = tl.arange(0, DS)
+        kb = tl.load(bbase + cols[None, :] * sbt + offs_d[:, None], mask=(cols < T)[None, :], other=0.0)
+        if IEEE:
+            return tl.dot(a, kb, input_precision="ieee") * scale
+        return tl.dot(a, kb) * scale
+
+    @triton.jit
     def _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
               softcap, DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, NC: tl.constexpr):
@@ -111,33 +120,81 @@ if triton is not None:
         return tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
 
     @triton.jit
-    def _token_select(A, Bk, LSE, IDX, WORDS, SWEEPS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
-                      H, G, T, n_rep_b, scale, softcap, k,
-                      DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, NC: tl.constexpr, R: tl.constexpr, BAND: tl.constexpr,
-                      RC: tl.constexpr):
-        # One program: BLOCK_M rows of one head (GROUP 1) or one group of GROUP query heads; the last row
-        # blocks (the most keys) are launched first. Invariant per row: at least k causal keys score >= lo
-        # (cnt_lo of them; all, at the start), fewer than k score >= hi (cnt_hi), thresholds as _mono ints
-        # compared through the fp32 they stand for.
+    def _upper_quantile(p):
+        # z with P(N(0, 1) > z) = p, p in (0, 1): Abramowitz and Stegun 26.2.23 (error below 4.5e-4)
+        q = tl.where(p <= 0.5, p, 1.0 - p)
+        t = tl.sqrt(-2.0 * tl.log(q))
+        z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) / (1.0 + 1.432788 * t + 0.189269 * t * t
+                                                                 + 0.001308 * t * t * t)
+        return tl.where(p <= 0.5, z, -z)
+
+    @triton.jit
+    def _cands(lo, hi, gc, sd, first, R: tl.constexpr, LOG: tl.constexpr):
+        # (rows, R) int64 candidates in _mono order, in [lo, hi), rising: on a row's first sweep around its guessed
+        # k-th largest score gc, at gc + 0.02 sd x (+-1, 4, 16, 64, 256) (of the log of the scores with LOG;
+        # clamped to the bracket); else evenly spread over the bracket
+        r = tl.arange(0, R)[None, :].to(tl.int64)
+        j = 2 * r - (R - 1)
+        e = (tl.abs(j) - 1) // 2
+        m = (1 + 3 * (e >= 1) + 12 * (e >= 2) + 48 * (e >= 3) + 192 * (e >= 4)) * tl.where(j < 0, -1, 1)
+        v = gc[:, None] + 0.02 * sd[:, None] * m.to(tl.float32)
+        if LOG:
+            v = tl.exp(v)
+        guess = tl.minimum(tl.maximum(_mono(v), lo[:, None]), hi[:, None] - 1)
+        even = lo[:, None] + ((hi - lo)[:, None] * (r + 1)) // (R + 1)
+        return tl.where(first[:, None], guess, even)
+
+    @triton.jit
+    def _block(A, sab, sah, sat, G, T, DS: tl.constexpr, BLOCK_M: tl.constexpr):
+        # a program's rows (the last row blocks, with the most keys, launched first), its batch and head or group,
+        # the rows' selection queries (the group's first head's) and the end of their causal keys
         rb = tl.num_programs(0) - 1 - tl.program_id(0)
         bz, g = tl.program_id(1) // G, tl.program_id(1) % G
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T
         offs_d = tl.arange(0, DS)
         a = tl.load(A + bz * sab + g * sah + rows[:, None] * sat + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        end = tl.minimum((rb + 1) * BLOCK_M, T)  # causal: no key past the block's last row
-        # 1. the bracket: each row's least and largest score
+        return rb, bz, g, rows, row_ok, a, tl.minimum((rb + 1) * BLOCK_M, T)  # causal: no key past the last row
+
+    @triton.jit
+    def _token_bracket(A, Bk, LSE, BR, SWEEPS, sab, sah, sat, sbb, sbh, sbt, H, G, T, n_rep_b, scale, softcap, k,
+                       DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, NC: tl.constexpr, R: tl.constexpr, BAND: tl.constexpr,
+                       GUESS: tl.constexpr):
+        # One program: BLOCK_M rows of one head (GROUP 1) or one group of GROUP query heads; the last row
+        # blocks (the most keys) are launched first. Invariant per row: at least k causal keys score >= lo
+        # (cnt_lo of them; all, at the start), fewer than k score >= hi (cnt_hi), thresholds as _mono ints
+        # compared through the fp32 they stand for. Stores each row's lo, hi, cnt_lo, cnt_hi to BR (B x G, T, 4).
+        rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
+        # 1. the bracket: each row's least and largest score; with GUESS, the mean and variance of its scores (of
+        # their log under group selection: probabilities) for a normal guess at its k-th largest
         smin = tl.full([BLOCK_M], float("inf"), tl.float32)
         smax = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s1 = tl.zeros([BLOCK_M], tl.float32)
+        s2 = tl.zeros([BLOCK_M], tl.float32)
+        nf = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
             s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
                       softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             smax = tl.maximum(smax, tl.max(s, 1))
             smin = tl.minimum(smin, tl.min(tl.where(s == float("-inf"), float("inf"), s), 1))
+            if GUESS:
+                if GROUP == 1:
+                    fin = s > float("-inf")
+                    f = tl.where(fin, s, 0.0)
+                else:
+                    fin = s > 0.0
+                    f = tl.where(fin, tl.log(tl.where(fin, s, 1.0)), 0.0)
+                s1 += tl.sum(f, 1)
+                s2 += tl.sum(f * f, 1)
+                nf += tl.sum(fin.to(tl.float32), 1)
         lo = _mono(smin)
         hi = _mono(smax) + 1
+        nf = tl.maximum(nf, 1.0)
+        mu = s1 / nf
+        sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
+        gc = mu + sd * _upper_quantile(tl.minimum(tl.maximum(k / nf, 1e-6), 1.0 - 1e-6))
         cnt_lo = rows + 1  # every causal key scores at least the least
         cnt_hi = tl.zeros([BLOCK_M], tl.int32)
         # 2. counting sweeps, R candidates each, until at most BAND keys lie in [lo, hi)
@@ -145,15 +202,36 @@ if triton is not None:
         active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
         sweeps = rb * 0  # an int32 scalar, carried by the loop
         while tl.max(active.to(tl.int32), 0) > 0:
+            first = (sweeps == 0) & GUESS & row_ok
             sweeps += 1
-            cand = lo[:, None] + ((hi - lo)[:, None] * (rr[None, :] + 1)) // (R + 1)  # in [lo, hi), one inside
-            cval = _unmono(cand)
-            cnt = tl.zeros([BLOCK_M, R], tl.int32)
+            # each candidate's count per row, three to an int64 in 21-bit fields (R <= 9, T < 2**21): per tile a
+            # compare and a row sum per candidate, in the tile's own layout (no (rows, keys, R) tensor)
+            cand = _cands(lo, hi, gc, sd, first, R, GROUP > 1)
+            p0 = tl.zeros([BLOCK_M], tl.int64)
+            p1 = tl.zeros([BLOCK_M], tl.int64)
+            p2 = tl.zeros([BLOCK_M], tl.int64)
             for start in range(0, end, NC):
                 cols = start + tl.arange(0, NC)
                 s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b,
                           scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
-                cnt += tl.sum((s[:, :, None] >= cval[:, None, :]).to(tl.int32), 1)
+                for r in tl.static_range(R):
+                    c = _unmono(tl.sum(tl.where(rr[None, :] == r, cand, 0), 1))  # exact: one term
+                    v = tl.sum((s >= c[:, None]).to(tl.int32), 1).to(tl.int64) << (21 * (r % 3))
+                    if r // 3 == 0:
+                        p0 += v
+                    elif r // 3 == 1:
+                        p1 += v
+                    else:
+                        p2 += v
+            cnt = tl.zeros([BLOCK_M, R], tl.int32)
+            for r in tl.static_range(R):
+                if r // 3 == 0:
+                    p = p0
+                elif r // 3 == 1:
+                    p = p1
+                else:
+                    p = p2
+                cnt = tl.where(rr[None, :] == r, ((p >> (21 * (r % 3))) & 0x1FFFFF).to(tl.int32)[:, None], cnt)
             ge = cnt >= k  # counts fall as candidates rise: the largest such is the new lo, the least other hi
             new_lo = tl.maximum(lo, tl.max(tl.where(ge, cand, -(2**40)), 1))
             new_cnt_lo = tl.minimum(cnt_lo, tl.min(tl.where(ge, cnt, 2**30), 1))
@@ -165,8 +243,27 @@ if triton is not None:
             cnt_hi = tl.where(active, new_cnt_hi, cnt_hi)
             active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
         tl.store(SWEEPS + tl.program_id(1) * tl.num_programs(0) + rb, sweeps)
+        br = BR + (tl.program_id(1) * T + rows) * 4
+        tl.store(br, lo, mask=row_ok)
+        tl.store(br + 1, hi, mask=row_ok)
+        tl.store(br + 2, cnt_lo.to(tl.int64), mask=row_ok)
+        tl.store(br + 3, cnt_hi.to(tl.int64), mask=row_ok)
+
+    @triton.jit
+    def _token_write(A, Bk, LSE, BR, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
+                     H, G, T, n_rep_b, scale, softcap, k,
+                     DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, RC: tl.constexpr,
+                     BITS: tl.constexpr):
+        # One program: BLOCK_M rows, as _token_bracket's, with the thresholds it stored.
         # 3. write: keys >= hi all; band keys [lo, hi) all if they fit, else the lowest indices (they tie: hi is
         # lo + 1) or, where at most BAND, as packed words to rank
+        rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
+        br = BR + (tl.program_id(1) * T + rows) * 4
+        lo = tl.load(br, mask=row_ok, other=0)
+        hi = tl.load(br + 1, mask=row_ok, other=1)
+        cnt_lo = tl.load(br + 2, mask=row_ok, other=0).to(tl.int32)
+        cnt_hi = tl.load(br + 3, mask=row_ok, other=0).to(tl.int32)
         quota = k - cnt_hi
         band_n = cnt_lo - cnt_hi
         ranked = (band_n > quota) & (band_n <= BAND)
@@ -185,12 +282,17 @@ if triton is not None:
             take = above | (band & ~ranked[:, None] & (brank < quota[:, None]))
             pos = kept[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             col2 = cols[None, :] + tl.zeros([BLOCK_M, NC], tl.int32)
-            tl.store(out[:, None] + pos, col2, mask=take & row_ok[:, None])
+            if BITS:  # the tile's words: its kept keys' bits (distinct powers of two: their sum is their or)
+                wcols = start // 32 + tl.arange(0, NC // 32)
+                words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
+                tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
+            else:
+                tl.store(out[:, None] + pos, col2, mask=take & row_ok[:, None])
             word = _packed(tl.where(s == 0.0, 0.0, s), col2)  # -0.0 as +0.0: they tie as floats
             tl.store(wbase[:, None] + brank, word, mask=band & ranked[:, None] & row_ok[:, None])
             seen += tl.sum(band.to(tl.int32), 1)
             kept += tl.sum(take.to(tl.int32), 1)
-        if rb * BLOCK_M < k:  # rows with fewer than k causal keys: -1 after them
+        if (rb * BLOCK_M < k) and (not BITS):  # rows with fewer than k causal keys: -1 after them
             for j0 in range(rb * BLOCK_M, k, NC):
                 jj = j0 + tl.arange(0, NC)
                 tl.store(out[:, None] + jj[None, :], -1,
@@ -207,63 +309,28 @@ if triton is not None:
                                 mask=ranked[:, None] & row_ok[:, None] & (jc[None, :] < band_n[:, None]))
                 rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
             col = (4294967295 - (word & 4294967295)).to(tl.int32)
-            tl.store(out[:, None] + cnt_hi[:, None] + rank, col, mask=inb & (rank < quota[:, None]))
-
-    @triton.jit
-    def _gather_attn_fwd(Q, K, V, IDX, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sib, sih, sit,
-                         sob, soh, sot, HI, T, n_rep_kv, n_rep_idx, n, scaling, softcap,
-                         D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, KT: tl.constexpr,
-                         SOFTCAP: tl.constexpr):
-        # One program: BLOCK_M rows of the n_rep_idx query heads that share one index set, stacked (HP the
-        # next power of two); KT kept keys per row and step.
-        bz, ih = tl.program_id(1) // HI, tl.program_id(1) % HI
-        r = tl.arange(0, HP * BLOCK_M)
-        hh = r // BLOCK_M
-        t = tl.program_id(0) * BLOCK_M + r % BLOCK_M
-        h = ih * n_rep_idx + hh
-        ok = (hh < n_rep_idx) & (t < T)
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + bz * sqb + h[:, None] * sqh + t[:, None] * sqt + offs_d[None, :], mask=ok[:, None],
-                    other=0.0).to(tl.float32)
-        kbase = K + bz * skb + (h // n_rep_kv) * skh
-        vbase = V + bz * svb + (h // n_rep_kv) * svh
-        sel = IDX + bz * sib + ih * sih + t * sit
-        m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
-        l = tl.zeros([HP * BLOCK_M], tl.float32)
-        acc = tl.zeros([HP * BLOCK_M, D], tl.float32)
-        for j0 in range(0, n, KT):
-            jj = j0 + tl.arange(0, KT)
-            idx = tl.load(sel[:, None] + jj[None, :], mask=ok[:, None] & (jj[None, :] < n), other=-1)
-            valid = idx >= 0
-            pos = tl.where(valid, idx, 0)
-            kj = tl.load(kbase[:, None, None] + pos[:, :, None] * skt + offs_d[None, None, :],
-                         mask=valid[:, :, None], other=0.0).to(tl.float32)
-            s = _capped(tl.sum(q[:, None, :] * kj, 2) * scaling, softcap, SOFTCAP)
-            s = tl.where(valid, s, -1.0e30)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
-            vj = tl.load(vbase[:, None, None] + pos[:, :, None] * svt + offs_d[None, None, :],
-                         mask=valid[:, :, None], other=0.0).to(tl.float32)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vj, 1)
-            m = m_new
-        out = acc / tl.maximum(l, 1e-30)[:, None]
-        tl.store(O + bz * sob + h[:, None] * soh + t[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=ok[:, None])
+            if BITS:
+                tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
+            else:
+                tl.store(out[:, None] + cnt_hi[:, None] + rank, col, mask=inb & (rank < quota[:, None]))
 
 
 def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
-                 softcap: float | None = None, sweeps: bool = False):
+                 softcap: float | None = None, sweeps: bool = False, bits: bool = False):
     """Triton twin of ``token_select_reference``: (B, H // group, T, k) int32, each row's kept keys in key order
     (the same set; -1 past a row's causal keys). a (B, H, T, d) and b (B, H or G, T, d) in one dtype, last
     dimensions contiguous. ``sweeps``: also return the counting sweeps each program took, (B, H // group,
-    row blocks) int32 (the selection's cost is about 2 + that many sweeps over the causal keys, 3 + for groups)."""
+    row blocks) int32 (the selection's cost is about 2 + that many sweeps over the causal keys, 3 + for groups).
+    ``bits``: the kept sets as a bitmask instead, (B, H // group, T, ceil(T / 32)) int32 (``ops.mask_attention``'s
+    layout; words past a row's causal keys are not written), tiles of at least 32 keys."""
     bsz, h, t, ds = a.shape
     g = h // group
     ieee = a.dtype == torch.float32
     nc, rows = TUNING["select_keys"], TUNING["select_rows"]
-    idx = torch.empty(bsz, g, t, k, dtype=torch.int32, device=a.device)
+    if TUNING["select_cands"] > 9 or t >= 2**21:
+        raise ValueError("token_select counts at most 9 candidates per sweep, over fewer than 2**21 keys")
+    shape = (bsz, g, t, (t + 31) // 32 if bits else k)
+    idx = torch.empty(shape, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
     lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
     counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
@@ -271,26 +338,15 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
         _row_lse[(triton.cdiv(t, rows), bsz * h)](
             a, b, lse, *a.stride()[:3], *b.stride()[:3], h, t, h // b.shape[1], float(scale), float(softcap or 1.0),
             DS=ds, NC=nc, BLOCK_M=rows, SOFTCAP=bool(softcap), IEEE=ieee, num_warps=TUNING["select_warps"])
-    _token_select[(triton.cdiv(t, rows), bsz * g)](
-        a, b, lse, idx, words, counted, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t, h // b.shape[1],
-        float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee,
-        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], BAND=TUNING["select_band"], RC=TUNING["select_rank_chunk"],
-        num_warps=TUNING["select_warps"])
+    bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
+    common = dict(DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee, BAND=TUNING["select_band"])
+    _token_bracket[(triton.cdiv(t, rows), bsz * g)](
+        a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
+        float(softcap or 1.0), k, **common, BLOCK_M=rows, NC=nc, R=TUNING["select_cands"],
+        GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
+    w_rows, w_keys = TUNING["write_rows"], max(TUNING["write_keys"], 32) if bits else TUNING["write_keys"]
+    _token_write[(triton.cdiv(t, w_rows), bsz * g)](
+        a, b, lse, bracket, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t,
+        h // b.shape[1], float(scale), float(softcap or 1.0), k, **common, BLOCK_M=w_rows, NC=w_keys,
+        RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
     return (idx, counted) if sweeps else idx
-
-
-def gather_attention(q, k, v, idx, scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """Triton twin of ``gather_attention_reference``; forward only. idx (B, H or G', T, n): per head, or shared
-    by groups of H // G' query heads. Returns (B, T, H, D) in q's dtype, the layout transformers' attention
-    functions return."""
-    bsz, h, t, d = q.shape
-    n_rep_idx = h // idx.shape[1]
-    hp = triton.next_power_of_2(n_rep_idx)
-    rows = max(1, TUNING["attn_rows"] // hp)
-    out = torch.empty(bsz, t, h, d, dtype=q.dtype, device=q.device)
-    _gather_attn_fwd[(triton.cdiv(t, rows), bsz * idx.shape[1])](
-        q, k, v, idx, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *idx.stride()[:3],
-        out.stride(0), out.stride(2), out.stride(1), idx.shape[1], t, h // k.shape[1], n_rep_idx, idx.shape[-1],
-        float(scaling), float(softcap or 1.0), D=d, HP=hp, BLOCK_M=rows, KT=TUNING["attn_keys"],
-        SOFTCAP=bool(softcap), num_warps=TUNING["attn_warps"])
-    return out

@@ -1,0 +1,95 @@
+"""Triton kernel of attention over the keys a bitmask keeps: flash attention over key tiles on the tensor cores,
+each tile's scores masked by the rows' kept bits, a tile no row of the block keeps skipped.
+
+Letters as in ``naive.py``. Against gathering each row's kept keys (``token_select.gather_attention``), which moves
+2 x D values per kept key and row and is bound by that traffic (about 10 TB/s on an H200,
+docs/data/perf-h200-prefill-topk-chunk1.json), a tile is loaded once for all the rows of a block and its product
+runs on the tensor cores: it wins where the kept keys are a large enough share of the causal ones (``TUNING``'s
+``min_density``), and where the rows of a block keep keys in few tiles.
+
+    ``_mask_attn_fwd``  one program: BLOCK_M rows of the query heads that share one kept set (stacked, HP the
+                        next power of two), BLOCK_N keys per step; online softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the naive path serves
+    triton = None
+
+# rows per program (all stacked heads together), keys per tile (at least 32: a tile reads whole words), warps,
+# whether to test each tile for a kept key (a skipped tile costs its bits; a test keeps its loads out of the software
+# pipeline).
+# min_density: the share of causal (row, key) pairs kept above which the policy takes this kernel rather than the
+# gather: the gather moved 10.3 TB/s (2 x D bf16 per kept pair and query head) and SDPA computed at 514 TFLOP/s
+# (4 x D per causal pair) on an H200 (docs/data/perf-h200-prefill-topk-chunk1.json), so with no tile skipped the
+# two cost alike at about 1 / 40 of the pairs kept.
+TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": True, "min_density": 0.025}
+
+
+if triton is not None:
+    from ..decode.triton import _logits, _online_step
+
+    @triton.jit
+    def _mask_attn_fwd(Q, K, V, BITS, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt,
+                       sob, soh, sot, HI, T, n_rep_kv, n_rep_idx, scaling, softcap,
+                       D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SOFTCAP: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr):
+        bz, ih = tl.program_id(1) // HI, tl.program_id(1) % HI
+        rb = tl.num_programs(0) - 1 - tl.program_id(0)  # the last row blocks (the most keys) first
+        r = tl.arange(0, HP * BLOCK_M)
+        hh = r // BLOCK_M
+        t = rb * BLOCK_M + r % BLOCK_M
+        h = ih * n_rep_idx + hh
+        ok = (hh < n_rep_idx) & (t < T)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + bz * sqb + h[:, None] * sqh + t[:, None] * sqt + offs_d[None, :], mask=ok[:, None], other=0.0)
+        g = (ih * n_rep_idx) // n_rep_kv  # every stacked head reads this KV head
+        kbase = K + bz * skb + g * skh
+        vbase = V + bz * svb + g * svh
+        wrow = BITS + bz * swb + ih * swh + t * swt
+        m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
+        l = tl.zeros([HP * BLOCK_M], tl.float32)
+        acc = tl.zeros([HP * BLOCK_M, D], tl.float32)
+        end = tl.minimum((rb + 1) * BLOCK_M, T)
+        for start in range(0, end, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
+            w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
+            w = tl.reshape(tl.broadcast_to(w[:, :, None], [HP * BLOCK_M, BLOCK_N // 32, 32]), [HP * BLOCK_M, BLOCK_N])
+            keep = (((w >> (cols % 32)[None, :]) & 1) != 0) & (cols[None, :] <= t[:, None])
+            if SKIP:
+                any_kept = tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0
+            else:
+                any_kept = start >= 0
+            if any_kept:
+                kt = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+                s = tl.where(keep, _logits(q, kt, scaling, softcap, SOFTCAP, IEEE), -1.0e30)
+                vt = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+                m, l, acc = _online_step(s, keep, vt, m, l, acc, IEEE)
+        out = acc / tl.maximum(l, 1e-30)[:, None]
+        tl.store(O + bz * sob + h[:, None] * soh + t[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=ok[:, None])
+
+
+def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Triton twin of ``mask_attention_reference``; forward only. bits (B, H', T, W): a kept set per head, or shared
+    by groups of H // H' query heads that read one KV head. Returns (B, T, H, D) in q's dtype, the layout
+    transformers' attention functions return."""
+    bsz, h, t, d = q.shape
+    n_rep_idx, n_rep_kv = h // bits.shape[1], h // k.shape[1]
+    if n_rep_kv % n_rep_idx:
+        raise ValueError(f"a kept set shared by {n_rep_idx} query heads spans KV heads ({n_rep_kv} per KV head)")
+    hp = triton.next_power_of_2(n_rep_idx)
+    rows = max(1, TUNING["rows"] // hp)
+    out = torch.empty(bsz, t, h, d, dtype=q.dtype, device=q.device)
+    _mask_attn_fwd[(triton.cdiv(t, rows), bsz * bits.shape[1])](
+        q, k, v, bits, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bits.stride()[:3],
+        out.stride(0), out.stride(2), out.stride(1), bits.shape[1], t, n_rep_kv, n_rep_idx, float(scaling),
+        float(softcap or 1.0), D=d, HP=hp, BLOCK_M=rows, BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap),
+        SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32, num_warps=TUNING["warps"])
+    return out

@@ -1,0 +1,149 @@
+"""ops.mask_attention (attention over the keys a per-row bitmask keeps, on key tiles) against its naive twin, the
+bitmask helpers, and ops.token_select's bitmask output against the reference's kept sets (on the CPU through
+TRITON_INTERPRET=1, on the GPU in fp32 and bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posthoc_sparse.ops import HAVE_TRITON
+from posthoc_sparse.ops import mask_attention as ma
+from posthoc_sparse.ops import token_select as ts
+
+from benchmarks.parts_attention import MASK_LAUNCHES
+
+from .test_head_topk import SMALL, _inputs
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+
+def test_bitmask_helpers_round_trip_every_bit_including_the_sign_bit():
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 5, 70, generator=gen) < 0.5
+    keep[..., 31] = keep[..., 63] = True  # bit 31 of words 0 and 1: the sign bit
+    bits = ma.bits_from_keep(keep)
+    assert bits.shape == (3, 5, 3) and bits.dtype == torch.int32 and (bits < 0).any()
+    assert torch.equal(ma.keep_from_bits(bits, 70), keep)
+    idx = torch.tensor([[3, 31, -1, 64], [0, -1, -1, -1]], dtype=torch.int32)
+    want = torch.zeros(2, 70, dtype=torch.bool)
+    want[0, [3, 31, 64]] = want[1, 0] = True
+    assert torch.equal(ma.keep_from_bits(ma.bits_from_indices(idx, 70), 70), want)
+    assert ma.kept_share(100, 100) == 1.0 and ma.kept_share(100, 1) == pytest.approx(100 / 5050)
+    diagonal = ma.bits_from_keep(torch.eye(128, dtype=torch.bool))[None, None]  # each row keeps only itself
+    noise = ma.bits_from_keep(torch.ones(128, 128, dtype=torch.bool).triu(1))[None, None]  # past the causal keys
+    assert ma.kept_tile_share(diagonal | noise, 64, 64) == pytest.approx(2 / 3)  # 2 of the 3 causal 64 x 64 tiles
+    assert ma.kept_tile_share(diagonal, 32, 64) == pytest.approx(4 / 6)  # blocks of 32: 6 causal tiles
+
+
+def _structured(b, n_sets, t, seed):
+    """Kept sets with empty tiles: a sink, a local window and a few far keys per row (a real gate's shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    keep = (cols == 0) | ((rows - cols >= 0) & (rows - cols < 5))
+    keep = keep | (torch.rand(b, n_sets, t, t, generator=gen) < 0.02)
+    return ma.bits_from_keep(keep & (cols <= rows))
+
+
+@pytest.mark.parametrize("sets", ["topk", "structured"])
+@pytest.mark.parametrize("b, h, g, t, d, n_sets, softcap", [
+    (2, 4, 2, 37, 16, 4, None),  # a set per head, GQA, one tile short of two
+    (2, 4, 2, 100, 16, 2, 5.0),  # a set per KV group (two query heads stacked), softcap
+    (1, 2, 1, 70, 32, 2, None),  # MQA, per head
+])
+@pytest.mark.parametrize("rows, keys, skip", [(16, 32, True), (64, 32, False), (32, 64, True)])
+def test_mask_attention_kernel_equals_the_reference(sets, b, h, g, t, d, n_sets, softcap, rows, keys, skip,
+                                                    monkeypatch):
+    for key, value in dict(rows=rows, keys=keys, skip=skip).items():
+        monkeypatch.setitem(ma.TUNING, key, value)
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n in (h, g, g))
+    if sets == "topk":
+        a, keys_ = torch.randn(b, h, t, 16, generator=gen), torch.randn(b, g, t, 16, generator=gen)
+        bits = ma.bits_from_indices(ts.token_select_reference(a, keys_, 13, 1.0, h // n_sets), t)
+    else:
+        bits = _structured(b, n_sets, t, seed=t)
+    got = ma.mask_attention(q, k, v, bits, 0.25, softcap)
+    assert got.shape == (b, t, h, d)
+    want = ma.mask_attention_reference(q, k, v, bits, 0.25, softcap)
+    torch.testing.assert_close(got.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
+    if sets == "topk":  # the same as attending over the index sets
+        idx = ts.token_select_reference(a, keys_, 13, 1.0, h // n_sets)
+        torch.testing.assert_close(want, ts.gather_attention_reference(q, k, v, idx, 0.25, softcap), atol=1e-6,
+                                   rtol=1e-6)
+
+
+def test_mask_attention_ignores_bits_past_a_rows_causal_keys():
+    """token_select leaves the words past a row's causal keys unwritten: whatever they hold changes nothing."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    bits = _structured(1, 2, 40, seed=1)
+    noisy = bits | ma.bits_from_keep(torch.ones(40, 40, dtype=torch.bool).triu(1))
+    torch.testing.assert_close(ma.mask_attention(q, k, v, noisy, 0.3), ma.mask_attention(q, k, v, bits, 0.3))
+
+
+def test_mask_attention_refuses_a_set_shared_across_kv_heads():
+    q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16)
+    assert not ma.supports(q, k, 2)
+    with pytest.raises(ValueError, match="spans KV heads"):
+        ma.mask_attention(q, k, k, torch.zeros(1, 2, 8, 1, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("kind, b, h, g, t, d, k, group", [
+    ("randn", 2, 4, 2, 100, 16, 9, 1),  # counting sweeps and the ranked band (set by atomic or)
+    ("randn", 2, 4, 2, 77, 32, 12, 2),  # per group
+    ("randn", 1, 4, 4, 40, 16, 33, 2),  # k above most rows' keys
+    ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
+    ("dup", 2, 4, 2, 77, 16, 12, 2),
+])
+def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, monkeypatch):
+    for key, value in (SMALL | {"select_keys": 32}).items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    a, keys = _inputs(kind, b, h, g, t, d, seed=t)
+    got = ts.token_select(a, keys, k, 0.5, group, bits=True)
+    assert got.shape == (b, h // group, t, (t + 31) // 32) and got.dtype == torch.int32
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, k, 0.5, group), t), t)
+    assert torch.equal(ma.keep_from_bits(got, t) & causal, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
+def test_mask_path_on_gpu(dtype, t, k, group):
+    """token_select's bitmask holds the sets of its index output, and mask_attention equals the reference on CUDA
+    at the default launch settings."""
+    bsz, h, g, d = 2, 4, 2, 32
+    gen = torch.Generator().manual_seed(t)
+    a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
+    keys = torch.randn(bsz, g, t, d, generator=gen).cuda().to(dtype)
+    bits = ts.token_select(a, keys, k, 0.7, group, bits=True)
+    causal = torch.ones(t, t, dtype=torch.bool, device="cuda").tril()
+    want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select(a, keys, k, 0.7, group), t), t)
+    assert torch.equal(ma.keep_from_bits(bits, t) & causal, want)
+    q = torch.randn(bsz, h, t, 128, generator=gen).cuda().to(dtype)
+    k_, v = (torch.randn(bsz, g, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
+    out = ma.mask_attention(q, k_, v, bits, 128**-0.5).transpose(1, 2).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ma.mask_attention_reference(q, k_, v, bits, 128**-0.5), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("launch", MASK_LAUNCHES)
+def test_mask_attention_agrees_with_its_twin_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
+    """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
+    for name, value in zip(("rows", "keys", "warps"), launch):
+        monkeypatch.setitem(ma.TUNING, name, value)
+    test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group)
+
+
+def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):
+    """The attention kernel at its default launch, a kept set per head and per two heads, compiles to sm_90 machine
+    code without local memory (no registers spilled)."""
+    from benchmarks.hopper import MASK_ATTENTION_TYPES, compile_for_hopper, mask_attention_cases
+
+    pytest.importorskip("triton.backends.nvidia")
+    cases = mask_attention_cases([(ma.TUNING["rows"], ma.TUNING["keys"], ma.TUNING["warps"])])
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.mask_attention.triton", cases, MASK_ATTENTION_TYPES)
+    assert len(got) == 2 and all(g["local"] == 0 for g in got), got
