@@ -35,17 +35,19 @@ try:
 except ImportError:  # the naive path serves
     triton = None
 
-# Launch settings. select: rows per program, keys per tile, candidate thresholds per counting sweep (a power of
-# two), band slots ranked in registers (a power of two), warps. attn: rows per program (all stacked heads
+# Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile, candidate
+# thresholds per counting sweep (at most 9), band slots ranked (a power of two), warps, ranking chunk (band slots
+# each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score).
+# write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
 # together), gathered keys per step, warps.
-# The fastest of the settings benchmarks/perf.py --parts prefill_tuning timed on an H200 at T = 8192, k = 2048
-# (docs/data/perf-h200-prefill-tuning.json): select 16 rows x 64 keys (21.0 / 11.4 ms per head / group selection,
-# against 36.1 / 17.6 at 32 x 32), attention 8 warps (13.1 / 13.3 ms against 16.0 / 15.2 at 4).
-# select_rank_chunk: band slots each step of the ranking compares at once. It sets the selection kernel's registers:
-# compiled for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), 255 a thread (the
-# most) at 8 and 168 at 1 per head (241 per group) at 16 x 64 and 4 warps. Timed by prefill_tuning on an H200 at
-# T = 8192, k = 2048 (docs/data/perf-h200-prefill-rank-chunk.json): chunk 1 takes 19.6 / 9.8 ms per head / group
-# selection against 20.6 / 11.5 at 8 (chunk 2: 19.6 / 9.9, within noise), so 1: the fewest registers.
+# Before the split into two kernels, the fastest single-kernel setting timed on an H200 at T = 8192, k = 2048 was
+# 16 rows x 64 keys, 4 warps, ranking chunk 1 (docs/data/perf-h200-prefill-tuning.json,
+# perf-h200-prefill-rank-chunk.json), and the gather's 8 warps. The split kernels' defaults are chosen from how
+# they compile for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), not yet from a
+# timing: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the warps across rows (wgmma),
+# so a row sum stays in one warp, at 168 registers a thread per head (255 per group); the write kernel keeps 16
+# rows, where its ranking needs the fewest registers (198 at chunk 1 against 255 at 64 rows). The guess cut the
+# counting sweeps on SmolLM2's gate and oracle scores (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
