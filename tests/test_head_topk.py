@@ -344,3 +344,19 @@ def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
     assert all(g["local"] == 0 for g in got), got
     regs = [g["regs"] for g in got[2:]]  # write: RC 8 head, RC 8 group, RC 1 head, RC 1 group
     assert regs[2] < regs[0] and regs[3] <= regs[1], regs
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_token_select_guess_keeps_the_sets_and_saves_counting_sweeps(group, monkeypatch):
+    """With and without the normal guess at each row's k-th score, the same exact sets; on Gaussian scores the
+    guessed first sweep lands near the k-th score, so the programs take fewer counting sweeps."""
+    for key, value in (SMALL | {"select_cands": 8, "select_band": 8}).items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    a, keys = _inputs("randn", 1, group, 1, 200, 16, seed=5)
+    want = _sets(ts.token_select_reference(a, keys, 24, 0.5, group))
+    sweeps = {}
+    for guess in (False, True):
+        monkeypatch.setitem(ts.TUNING, "select_guess", guess)
+        idx, sw = ts.token_select(a, keys, 24, 0.5, group, sweeps=True)
+        assert torch.equal(_sets(idx), want)
+        sweeps[guess] = sw.float().mean().item()
+    assert sweeps[True] < sweeps[False], sweeps
