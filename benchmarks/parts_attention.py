@@ -329,9 +329,10 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
 
     At one T and k, per head and per KV group: the selection on gate-sized inputs (16 heads, d = 32, bf16) under
     each (rows, keys per tile, candidate thresholds, warps) of its counting kernel, with the counting sweeps it
-    took, then under each (rows, keys per tile, warps) of its write kernel; the attention over the kept keys
-    (head_dim 128, 8 KV heads) by gathering, under each (rows, keys per step, warps), and over key tiles
-    (``ops.mask_attention``) under each (rows, keys per tile, warps), with and without skipping empty tiles.
+    took, then without the guessed first sweep, then under each (rows, keys per tile, warps) of its write kernel;
+    the attention over the kept keys (head_dim 128, 8 KV heads) by gathering, under each (rows, keys per step,
+    warps), and over key tiles (``ops.mask_attention``) under each (rows, keys per tile, warps), with and without
+    skipping empty tiles.
     Plan: {"T": window length, "k": keys kept}."""
     device, t, k = bench.device, plan["T"], plan["k"]
     gen = torch.Generator().manual_seed(0)
@@ -347,6 +348,11 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
                 if sec["seconds"] is not None:
                     sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", **settings, **sec}))
+        with tuning(ts.TUNING, select_guess=False):  # the default launch without the guessed first sweep
+            sec = launch_time(lambda: ts.token_select(a, b, k, 1.0, group), device, bench.reps)
+            if sec["seconds"] is not None:
+                sec["sweeps_mean"] = ts.token_select(a, b, k, 1.0, group, sweeps=True)[1].float().mean().item()
+        rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "select", "select_guess": False, **sec}))
         for n_rows, keys, warps in WRITE_LAUNCHES:
             settings = dict(write_rows=n_rows, write_keys=keys, write_warps=warps)
             with tuning(ts.TUNING, **settings):
