@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import on_gpu, tile_dims_ok
+from .. import tile_dims_ok
 from .naive import bits_from_indices, bits_from_keep, keep_from_bits, mask_attention_reference, words_per_row
 from .triton import TUNING, mask_attention
 
 __all__ = ["TUNING", "bits_from_indices", "bits_from_keep", "dense_enough", "keep_from_bits", "kept_share",
-           "kept_tile_share", "kernels_ok", "mask_attention", "mask_attention_reference", "supports", "words_per_row"]
+           "kept_tile_share", "mask_attention", "mask_attention_reference", "supports", "words_per_row"]
 
 
 def kept_share(t: int, k: int) -> float:
@@ -47,8 +47,3 @@ def supports(q: torch.Tensor, k: torch.Tensor, n_sets: int) -> bool:
     h = q.shape[1]
     return (q.shape[2] == k.shape[2] and tile_dims_ok(q.shape[-1]) and h % n_sets == 0
             and (h // k.shape[1]) % (h // n_sets) == 0)
-
-
-def kernels_ok(q: torch.Tensor, k: torch.Tensor, n_sets: int) -> bool:
-    """Whether the Triton path serves this call: CUDA with Triton, and shapes it takes (``supports``)."""
-    return on_gpu(q) and supports(q, k, n_sets)

@@ -282,13 +282,13 @@ if triton is not None:
             band = (s >= lval[:, None]) & ~above
             brank = seen[:, None] + tl.cumsum(band.to(tl.int32), 1) - 1
             take = above | (band & ~ranked[:, None] & (brank < quota[:, None]))
-            pos = kept[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             col2 = cols[None, :] + tl.zeros([BLOCK_M, NC], tl.int32)
             if BITS:  # the tile's words: its kept keys' bits (distinct powers of two: their sum is their or)
                 wcols = start // 32 + tl.arange(0, NC // 32)
                 words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
                 tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
-            else:
+            else:  # each kept key at the row's running offset
+                pos = kept[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
                 tl.store(out[:, None] + pos, col2, mask=take & row_ok[:, None])
             word = _packed(tl.where(s == 0.0, 0.0, s), col2)  # -0.0 as +0.0: they tie as floats
             tl.store(wbase[:, None] + brank, word, mask=band & ranked[:, None] & row_ok[:, None])
