@@ -24,6 +24,7 @@ from posthoc_sparse.ops import token_select as ts
 from posthoc_sparse.ops.attention_lse import flash_attention_lse
 from posthoc_sparse.ops.kl import kl_grad_fused
 from posthoc_sparse.ops.kl import triton as kl_triton  # its single passes and TUNING: no public API times them
+from posthoc_sparse.ops.token_select import triton as ts_triton  # token_bracket: the counting alone
 
 # launch settings tried: (BLOCK_M, BLOCK_N, warps, stages) of the KL kernels; (rows, warps) of the per-head
 # kernels; (rows per program, warps, stages) of the block attention kernel
@@ -35,10 +36,10 @@ BLOCK_LAUNCHES = [(128, 4, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3), (128, 8, 3)
 # (rows, keys per tile, candidate thresholds, warps) of token_select's counting kernel; (rows, keys per tile, warps)
 # of its write kernel, of gather_attention and of mask_attention
 SELECT_LAUNCHES = [(64, 64, 8, 4), (64, 32, 8, 4), (32, 64, 8, 4), (16, 64, 8, 4), (64, 64, 8, 8), (128, 64, 8, 8),
-                   (64, 64, 4, 4), (16, 32, 8, 4)]
+                   (64, 64, 4, 4), (16, 32, 8, 4), (64, 64, 2, 4), (64, 32, 4, 4)]
 WRITE_LAUNCHES = [(16, 64, 4), (16, 32, 4), (32, 64, 4), (64, 64, 4)]
 GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
-MASK_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (128, 128, 8), (64, 128, 4)]
+MASK_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 128, 4)]  # 128 x 128: 233 KB of smem
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -295,6 +296,8 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                         gq, gk = pol.selector.prepare(call)
                         row["prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
                         row["select_s"] = timed(lambda: ts.token_select(gq, gk, kk, 1.0, group), device, reps)
+                        row["select_count_s"] = timed(lambda: ts_triton.token_bracket(gq, gk, kk, 1.0, group),
+                                                      device, reps)  # the write is the rest
                         idx, sweeps = ts.token_select(gq, gk, kk, 1.0, group, sweeps=True)
                         row["select_sweeps_mean"] = sweeps.float().mean().item()
                         row["select_sweeps_max"] = int(sweeps.max())

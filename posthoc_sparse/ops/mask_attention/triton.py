@@ -24,11 +24,17 @@ except ImportError:  # the naive path serves
 # rows per program (all stacked heads together), keys per tile (at least 32: a tile reads whole words), warps,
 # whether to test each tile for a kept key (a skipped tile costs its bits; a test keeps its loads out of the software
 # pipeline).
+# Timed on an H200 at T = 8192, k = 2048 (prefill_tuning in docs/data/perf-h200-prefill-topk-diag.json): with every
+# tile kept, as on real selections at this share of keys, testing for skips costs about 2x (64 x 64 x 4 warps: 1.14
+# ms without the test, 2.22 with it per head; 1.12 and 2.07 per group), so it is off; 64 x 64 was the fastest per
+# head and within 1% of the fastest per group. The causal mask applies only to the tiles that reach a block's rows
+# (its loop is split in two): that took this launch from 1.74 to 1.14 ms per head at this size (prefill_tuning in
+# perf-h200-prefill-topk-split.json, before it), and the per-layer call at T = 32768 from 23.0 ms (64 x 64) to 15.6
+# (64 x 32).
 # min_density: the share of causal (row, key) pairs kept above which the policy takes this kernel rather than the
-# gather: the gather moved 10.3 TB/s (2 x D bf16 per kept pair and query head) and SDPA computed at 514 TFLOP/s
-# (4 x D per causal pair) on an H200 (docs/data/perf-h200-prefill-topk-chunk1.json), so with no tile skipped the
-# two cost alike at about 1 / 40 of the pairs kept.
-TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": True, "min_density": 0.025}
+# gather. In the same run at k = 256, the gather took 1.84 / 6.91 ms and this kernel (64 x 32, no skip test) 1.29 /
+# 14.84 ms at T = 8192 / 32768 (per group; shares of the pairs kept 0.062 / 0.016): crossovers near 0.043 / 0.034.
+TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04}
 
 
 if triton is not None:
@@ -55,25 +61,49 @@ if triton is not None:
         m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
         l = tl.zeros([HP * BLOCK_M], tl.float32)
         acc = tl.zeros([HP * BLOCK_M, D], tl.float32)
-        end = tl.minimum((rb + 1) * BLOCK_M, T)
-        for start in range(0, end, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
-            w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
-            w = tl.reshape(tl.broadcast_to(w[:, :, None], [HP * BLOCK_M, BLOCK_N // 32, 32]), [HP * BLOCK_M, BLOCK_N])
-            keep = (((w >> (cols % 32)[None, :]) & 1) != 0) & (cols[None, :] <= t[:, None])
-            if SKIP:
-                any_kept = tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0
-            else:
-                any_kept = start >= 0
-            if any_kept:
-                kt = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
-                s = tl.where(keep, _logits(q, kt, scaling, softcap, SOFTCAP, IEEE), -1.0e30)
-                vt = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
-                m, l, acc = _online_step(s, keep, vt, m, l, acc, IEEE)
+        full = (rb * BLOCK_M // BLOCK_N) * BLOCK_N  # the tiles wholly before the block's first row: no causal mask
+        for start in range(0, full, BLOCK_N):
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, False)
+        for start in range(full, tl.minimum((rb + 1) * BLOCK_M, T), BLOCK_N):
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, True)
         out = acc / tl.maximum(l, 1e-30)[:, None]
         tl.store(O + bz * sob + h[:, None] * soh + t[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=ok[:, None])
+
+
+    @triton.jit
+    def _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                   D: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                   SKIP: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+        # one tile of keys from start: the rows' kept bits (and the causal mask, on tiles that reach the rows: the
+        # words past a row's causal keys are not written), then an online-softmax step, skipped with SKIP where
+        # no row keeps a key
+        cols = start + tl.arange(0, BLOCK_N)
+        wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
+        w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
+        w = tl.reshape(tl.broadcast_to(w[:, :, None], [RP, BLOCK_N // 32, 32]), [RP, BLOCK_N])
+        keep = ((w >> (cols % 32)[None, :]) & 1) != 0
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= t[:, None])
+        if SKIP:
+            if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+                m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                                       D, SOFTCAP, IEEE)
+        else:
+            m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, SOFTCAP, IEEE)
+        return m, l, acc
+
+    @triton.jit
+    def _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                   D: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        offs_d = tl.arange(0, D)
+        kt = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+        s = tl.where(keep, _logits(q, kt, scaling, softcap, SOFTCAP, IEEE), -1.0e30)
+        vt = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
+        return _online_step(s, keep, vt, m, l, acc, IEEE)
 
 
 def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ except ImportError:  # the naive path serves
     triton = None
 
 # Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile, candidate
-# thresholds per counting sweep (at most 9), band slots ranked (a power of two), warps, ranking chunk (band slots
+# thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score).
 # write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
 # together), gathered keys per step, warps.
@@ -47,8 +47,11 @@ except ImportError:  # the naive path serves
 # timing: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the warps across rows (wgmma),
 # so a row sum stays in one warp, at 168 registers a thread per head (255 per group); the write kernel keeps 16
 # rows, where its ranking needs the fewest registers (198 at chunk 1 against 255 at 64 rows). The guess cut the
-# counting sweeps on SmolLM2's gate and oracle scores (docs/data/selection-structure-smollm2.json).
-TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 8, "select_band": 64, "select_warps": 4,
+# counting sweeps on SmolLM2's gate and oracle scores (docs/data/selection-structure-smollm2.json). Timed on an H200
+# at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning): 64 rows x 64 keys at 4 warps
+# was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head, 6.21 against
+# 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each other.
+TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
@@ -102,10 +105,11 @@ if triton is not None:
         return tl.dot(a, kb) * scale
 
     @triton.jit
-    def _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
+    def _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, row0, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
               softcap, DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, NC: tl.constexpr):
-        # the selection scores of the block's rows at keys cols, (BLOCK_M, NC) fp32, -inf where a row may not look
+        # the selection scores of the block's rows at keys cols (from start), (BLOCK_M, NC) fp32, -inf where a row
+        # may not look: only a tile that reaches the block's first row, row0, needs the causal mask
         if GROUP == 1:
             s = _scores(a, Bk + bz * sbb + (g // n_rep_b) * sbh, cols, sbt, scale, T, DS, IEEE)
         else:  # the group's summed softmax probabilities
@@ -119,7 +123,9 @@ if triton is not None:
                              softcap, SOFTCAP)
                 lse = tl.load(LSE + (bz * H + h) * T + rows, mask=row_ok, other=0.0)
                 s += tl.exp(si - lse[:, None])
-        return tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
+        if start + NC > row0:
+            s = tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
+        return s
 
     @triton.jit
     def _upper_quantile(p):
@@ -177,8 +183,8 @@ if triton is not None:
         nf = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
-            s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
-                      softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
+            s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt,
+                      H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             smax = tl.maximum(smax, tl.max(s, 1))
             smin = tl.minimum(smin, tl.min(tl.where(s == float("-inf"), float("inf"), s), 1))
             if GUESS:
@@ -214,8 +220,8 @@ if triton is not None:
             p2 = tl.zeros([BLOCK_M], tl.int64)
             for start in range(0, end, NC):
                 cols = start + tl.arange(0, NC)
-                s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b,
-                          scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
+                s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh,
+                          sbt, H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
                 for r in tl.static_range(R):
                     c = _unmono(tl.sum(tl.where(rr[None, :] == r, cand, 0), 1))  # exact: one term
                     v = tl.sum((s >= c[:, None]).to(tl.int32), 1).to(tl.int64) << (21 * (r % 3))
@@ -276,8 +282,8 @@ if triton is not None:
         seen = tl.zeros([BLOCK_M], tl.int32)
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
-            s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
-                      softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
+            s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt,
+                      H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             above = s >= hval[:, None]
             band = (s >= lval[:, None]) & ~above
             brank = seen[:, None] + tl.cumsum(band.to(tl.int32), 1) - 1
@@ -317,6 +323,32 @@ if triton is not None:
                 tl.store(out[:, None] + cnt_hi[:, None] + rank, col, mask=inb & (rank < quota[:, None]))
 
 
+def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
+                  softcap: float | None = None):
+    """The first two steps of ``token_select``: each row's thresholds (B x H // group, T, 4) int64 (lo, hi, and the
+    keys at or above each), the rows' log-sum-exp under group selection (else empty) and the counting sweeps each
+    program took (B, H // group, row blocks) int32. Separate so that a benchmark can time the counting alone."""
+    bsz, h, t, ds = a.shape
+    g = h // group
+    ieee = a.dtype == torch.float32
+    nc, rows = TUNING["select_keys"], TUNING["select_rows"]
+    if TUNING["select_cands"] not in (2, 4, 8) or t >= 2**21:
+        raise ValueError("token_select counts 2, 4 or 8 candidates per sweep, over fewer than 2**21 keys")
+    lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
+    counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
+    if group > 1:
+        _row_lse[(triton.cdiv(t, rows), bsz * h)](
+            a, b, lse, *a.stride()[:3], *b.stride()[:3], h, t, h // b.shape[1], float(scale), float(softcap or 1.0),
+            DS=ds, NC=nc, BLOCK_M=rows, SOFTCAP=bool(softcap), IEEE=ieee, num_warps=TUNING["select_warps"])
+    bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
+    _token_bracket[(triton.cdiv(t, rows), bsz * g)](
+        a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
+        float(softcap or 1.0), k, DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee,
+        BAND=TUNING["select_band"], BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], GUESS=TUNING["select_guess"],
+        num_warps=TUNING["select_warps"])
+    return bracket, lse, counted
+
+
 def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
                  softcap: float | None = None, sweeps: bool = False, bits: bool = False):
     """Triton twin of ``token_select_reference``: (B, H // group, T, k) int32, each row's kept keys in key order
@@ -327,28 +359,14 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     layout; words past a row's causal keys are not written), tiles of at least 32 keys."""
     bsz, h, t, ds = a.shape
     g = h // group
-    ieee = a.dtype == torch.float32
-    nc, rows = TUNING["select_keys"], TUNING["select_rows"]
-    if TUNING["select_cands"] > 9 or t >= 2**21:
-        raise ValueError("token_select counts at most 9 candidates per sweep, over fewer than 2**21 keys")
+    bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
     idx = torch.empty(shape, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
-    lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
-    counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
-    if group > 1:
-        _row_lse[(triton.cdiv(t, rows), bsz * h)](
-            a, b, lse, *a.stride()[:3], *b.stride()[:3], h, t, h // b.shape[1], float(scale), float(softcap or 1.0),
-            DS=ds, NC=nc, BLOCK_M=rows, SOFTCAP=bool(softcap), IEEE=ieee, num_warps=TUNING["select_warps"])
-    bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
-    common = dict(DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee, BAND=TUNING["select_band"])
-    _token_bracket[(triton.cdiv(t, rows), bsz * g)](
-        a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
-        float(softcap or 1.0), k, **common, BLOCK_M=rows, NC=nc, R=TUNING["select_cands"],
-        GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
     w_rows, w_keys = TUNING["write_rows"], max(TUNING["write_keys"], 32) if bits else TUNING["write_keys"]
     _token_write[(triton.cdiv(t, w_rows), bsz * g)](
         a, b, lse, bracket, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t,
-        h // b.shape[1], float(scale), float(softcap or 1.0), k, **common, BLOCK_M=w_rows, NC=w_keys,
-        RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
+        h // b.shape[1], float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group,
+        SOFTCAP=bool(softcap) and group > 1, IEEE=a.dtype == torch.float32, BAND=TUNING["select_band"],
+        BLOCK_M=w_rows, NC=w_keys, RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
     return (idx, counted) if sweeps else idx
