@@ -8,18 +8,17 @@ Three kernels, twins in ``naive.py``:
 
     ``_row_lse``        group selection only: each query head's log-sum-exp over each row's causal keys (one
                         sweep, online), so that a later sweep can form softmax probabilities tile by tile.
-    ``_token_bracket``  per (head or group, block of rows), threshold selection by counting, no sorting:
+    ``_token_select``   per (head or group, block of rows), threshold selection by counting, no sorting:
                         (1) one sweep for each row's least and largest score, the bracket [lo, hi) of its k-th
                         largest; (2) counting sweeps, each testing R candidate thresholds spread evenly over
                         the bracket in the monotone int order of fp32 (``head_topk``'s ``_mono``), with one
                         ``tl.sum`` per candidate; the bracket shrinks to the two candidates around the k-th
                         score, until at most BAND keys lie in it (or it holds one value, or exactly k keys lie
-                        at or above lo); (3) a last sweep (``_token_write``) writes the keys at or above hi
-                        (all kept), and the band's keys either directly (all of them when they fit, or the
-                        lowest indices when they all tie) or as packed words (score above, complement of the
-                        index below) to a BAND-slot scratch, ranked against each other afterwards; a key's
-                        place among its row's kept keys is counted from one word of bits per row and tile (no
-                        running sum across the tile's layout). Exactly k keys per row (all causal keys where fewer), equal scores by lower
+                        at or above lo); (3) a last sweep writes the keys at or above hi (all kept) by a
+                        running offset per row, and the band's keys either directly (all of them when they
+                        fit, or the lowest indices when they all tie) or as packed words (score above,
+                        complement of the index below) to a BAND-slot scratch, ranked against each other
+                        afterwards. Exactly k keys per row (all causal keys where fewer), equal scores by lower
                         index; indices in key order, not by score. Group selection scores a key by the sum
                         over the group's heads of softmax(a . b * scale) (the mean's order).
 
@@ -39,17 +38,21 @@ except ImportError:  # the naive path serves
 # Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile, candidate
 # thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score).
-# write (_token_write): rows, keys per tile (at most 32: one word of bits per row and tile), warps. attn (gather.py): rows per program (all stacked heads
+# write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
 # together), gathered keys per step, warps.
-# Defaults from the tuning runs on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json,
-# prefill_tuning): the counting at 64 rows x 64 keys and 4 warps (warps across rows: a row sum stays in one warp),
-# 4 thresholds a sweep (6.64 against 7.60 ms per head with 8, 1.63 against 1.53 sweeps). The write was then the
-# largest cost (37.8 ms per head at T = 32768, k = 2048, against 21.7 for the counting; perf-h200-prefill-topk-diag
-# .json): its loop converted the score tile's layout through shared memory (14 barriers a 16 x 32 tile, compiled
-# for sm_90) for a running sum, the bit packing and the band's scattered store. It now counts a key's place from
-# words of bits and stores a band's keys one per row at a time; its rows stay at 16 until timed.
+# Before the split into two kernels, the fastest single-kernel setting timed on an H200 at T = 8192, k = 2048 was
+# 16 rows x 64 keys, 4 warps, ranking chunk 1 (docs/data/perf-h200-prefill-tuning.json,
+# perf-h200-prefill-rank-chunk.json), and the gather's 8 warps. The split kernels' defaults are chosen from how
+# they compile for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), not yet from a
+# timing: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the warps across rows (wgmma),
+# so a row sum stays in one warp, at 168 registers a thread per head (255 per group); the write kernel keeps 16
+# rows, where its ranking needs the fewest registers (198 at chunk 1 against 255 at 64 rows). The guess cut the
+# counting sweeps on SmolLM2's gate and oracle scores (docs/data/selection-structure-smollm2.json). Timed on an H200
+# at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning): 64 rows x 64 keys at 4 warps
+# was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head, 6.21 against
+# 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each other.
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
-          "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 32, "write_warps": 4,
+          "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
@@ -255,15 +258,6 @@ if triton is not None:
         tl.store(br + 3, cnt_hi.to(tl.int64), mask=row_ok)
 
     @triton.jit
-    def _popc(x):
-        # the set bits of each int32, by halves (the interpreter runs no libdevice popc)
-        u = x.to(tl.uint32, bitcast=True)
-        u = u - ((u >> 1) & 0x55555555)
-        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
-        u = (u + (u >> 4)) & 0x0F0F0F0F
-        return ((u * 0x01010101) >> 24).to(tl.int32)
-
-    @triton.jit
     def _token_write(A, Bk, LSE, BR, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
                      H, G, T, n_rep_b, scale, softcap, k,
                      DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
@@ -271,11 +265,7 @@ if triton is not None:
                      BITS: tl.constexpr):
         # One program: BLOCK_M rows, as _token_bracket's, with the thresholds it stored.
         # 3. write: keys >= hi all; band keys [lo, hi) all if they fit, else the lowest indices (they tie: hi is
-        # lo + 1) or, where at most BAND, as packed words to rank. Per row and tile (NC <= 32 keys) one word of
-        # bits for the kept keys and one for the band's; a key's place among its row's kept (or tied) keys is the
-        # count of set bits below its own, and a ranked band's keys leave one per row at a time, lowest first
-        # (a tile rarely holds two of a row's at most BAND band keys): nothing crosses the tile's layout
-        tl.static_assert(NC <= 32)
+        # lo + 1) or, where at most BAND, as packed words to rank
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
         br = BR + (tl.program_id(1) * T + rows) * 4
         lo = tl.load(br, mask=row_ok, other=0)
@@ -285,8 +275,6 @@ if triton is not None:
         quota = k - cnt_hi
         band_n = cnt_lo - cnt_hi
         ranked = (band_n > quota) & (band_n <= BAND)
-        fits = band_n <= quota  # the whole band is kept
-        any_ties = tl.max(((band_n > quota) & ~ranked & row_ok).to(tl.int32), 0) > 0
         lval, hval = _unmono(lo), _unmono(hi)
         out = IDX + bz * sib + g * sih + rows * sit
         wbase = WORDS + (tl.program_id(1) * T + rows) * BAND  # (B, H or G, T, BAND) contiguous
@@ -298,33 +286,20 @@ if triton is not None:
                       H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             above = s >= hval[:, None]
             band = (s >= lval[:, None]) & ~above
-            bit = (cols % 32)[None, :]
-            below = (1 << bit) - 1  # the bits of the keys before each in its word
-            bword = tl.sum(band.to(tl.int32) << bit, 1)  # distinct powers of two: their sum is their or
-            if any_ties:  # the lowest indices of a tied band, up to the quota
-                brank = seen[:, None] + _popc(bword[:, None] & below)
-                take = above | (band & (fits[:, None] | (~ranked[:, None] & (brank < quota[:, None]))))
-            else:
-                take = above | (band & fits[:, None])
-            tword = tl.sum(take.to(tl.int32) << bit, 1)
-            if BITS:  # the tile's word (NC is 32 here)
-                tl.store(out + start // 32, tword, mask=row_ok)
+            brank = seen[:, None] + tl.cumsum(band.to(tl.int32), 1) - 1
+            take = above | (band & ~ranked[:, None] & (brank < quota[:, None]))
+            col2 = cols[None, :] + tl.zeros([BLOCK_M, NC], tl.int32)
+            if BITS:  # the tile's words: its kept keys' bits (distinct powers of two: their sum is their or)
+                wcols = start // 32 + tl.arange(0, NC // 32)
+                words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
+                tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
             else:  # each kept key at the row's running offset
-                pos = kept[:, None] + _popc(tword[:, None] & below)
-                tl.store(out[:, None] + pos, cols[None, :] + tl.zeros([BLOCK_M, NC], tl.int32),
-                         mask=take & row_ok[:, None])
-            left = tl.where(ranked & row_ok, bword, 0)
-            slot = seen
-            while tl.max((left != 0).to(tl.int32), 0) > 0:  # a ranked band's keys to its slots, lowest first
-                low = left & -left
-                j = _popc(low - 1)  # its place in its word
-                sj = tl.sum(tl.where(bit == j[:, None], s, 0.0), 1)
-                word = _packed(tl.where(sj == 0.0, 0.0, sj), start // 32 * 32 + j)  # -0.0 as +0.0: they tie
-                tl.store(wbase + slot, word, mask=left != 0)
-                slot += (left != 0).to(tl.int32)
-                left = left ^ low
-            seen += _popc(bword)
-            kept += _popc(tword)
+                pos = kept[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+                tl.store(out[:, None] + pos, col2, mask=take & row_ok[:, None])
+            word = _packed(tl.where(s == 0.0, 0.0, s), col2)  # -0.0 as +0.0: they tie as floats
+            tl.store(wbase[:, None] + brank, word, mask=band & ranked[:, None] & row_ok[:, None])
+            seen += tl.sum(band.to(tl.int32), 1)
+            kept += tl.sum(take.to(tl.int32), 1)
         if (rb * BLOCK_M < k) and (not BITS):  # rows with fewer than k causal keys: -1 after them
             for j0 in range(rb * BLOCK_M, k, NC):
                 jj = j0 + tl.arange(0, NC)
@@ -388,9 +363,7 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
     idx = torch.empty(shape, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
-    w_rows, w_keys = TUNING["write_rows"], 32 if bits else TUNING["write_keys"]
-    if w_keys > 32:
-        raise ValueError("token_select writes at most 32 keys per tile (one word of bits per row)")
+    w_rows, w_keys = TUNING["write_rows"], max(TUNING["write_keys"], 32) if bits else TUNING["write_keys"]
     _token_write[(triton.cdiv(t, w_rows), bsz * g)](
         a, b, lse, bracket, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t,
         h // b.shape[1], float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group,
