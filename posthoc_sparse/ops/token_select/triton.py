@@ -40,17 +40,16 @@ except ImportError:  # the naive path serves
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score).
 # write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
 # together), gathered keys per step, warps.
-# Before the split into two kernels, the fastest single-kernel setting timed on an H200 at T = 8192, k = 2048 was
-# 16 rows x 64 keys, 4 warps, ranking chunk 1 (docs/data/perf-h200-prefill-tuning.json,
-# perf-h200-prefill-rank-chunk.json), and the gather's 8 warps. The split kernels' defaults are chosen from how
-# they compile for sm_90 on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90.json), not yet from a
-# timing: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the warps across rows (wgmma),
-# so a row sum stays in one warp, at 168 registers a thread per head (255 per group); the write kernel keeps 16
-# rows, where its ranking needs the fewest registers (198 at chunk 1 against 255 at 64 rows). The guess cut the
-# counting sweeps on SmolLM2's gate and oracle scores (docs/data/selection-structure-smollm2.json). Timed on an H200
-# at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning): 64 rows x 64 keys at 4 warps
-# was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head, 6.21 against
-# 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each other.
+# The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
+# docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
+# warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
+# registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json,
+# prefill_tuning): 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against
+# 7.60 ms per head, 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches
+# were within 2% of each other. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against
+# 21.7 for the counting; perf-h200-prefill-topk-diag.json); a popcount write without tl.cumsum was slower
+# (perf-h200-prefill-topk-popc.json). The guess cut the counting sweeps on SmolLM2's gate and oracle scores
+# (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
