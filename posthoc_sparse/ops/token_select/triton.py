@@ -136,20 +136,23 @@ if triton is not None:
         return tl.where(p <= 0.5, z, -z)
 
     @triton.jit
-    def _cands(lo, hi, gc, sd, first, R: tl.constexpr, LOG: tl.constexpr):
-        # (rows, R) int64 candidates in _mono order, in [lo, hi), rising: on a row's first sweep around its guessed
-        # k-th largest score gc, at gc + 0.02 sd x (+-1, 4, 16, 64, 256) (of the log of the scores with LOG;
-        # clamped to the bracket); else evenly spread over the bracket
-        r = tl.arange(0, R)[None, :].to(tl.int64)
+    def _cands(lo, hi, gc, sd, mode, R: tl.constexpr, LOG: tl.constexpr):
+        # (rows, R) int64 candidates in _mono order, in [lo, hi), rising. mode 1 (a row's first sweep): around its
+        # guessed k-th largest score gc, at gc + 0.02 sd x (+-1, 4, 16, 64) (the first R of them; of the log of the
+        # scores with LOG); mode 2 / 3 (the guess missed above / below): all R further out on that side, at 0.02 sd x
+        # 4 ** (R / 2), 4 ** (R / 2 + 1), ...; clamped to the bracket. Mode 0: evenly spread over the bracket
+        r = tl.arange(0, R)[None, :]
         j = 2 * r - (R - 1)
-        e = (tl.abs(j) - 1) // 2
-        m = (1 + 3 * (e >= 1) + 12 * (e >= 2) + 48 * (e >= 3) + 192 * (e >= 4)) * tl.where(j < 0, -1, 1)
-        v = gc[:, None] + 0.02 * sd[:, None] * m.to(tl.float32)
+        sym = tl.exp2(((tl.abs(j) - 1) // 2).to(tl.float32) * 2.0) * tl.where(j < 0, -1.0, 1.0)
+        up = tl.exp2((R // 2 + r).to(tl.float32) * 2.0)
+        down = -tl.exp2((R // 2 + R - 1 - r).to(tl.float32) * 2.0)
+        m = tl.where(mode[:, None] == 1, sym, tl.where(mode[:, None] == 2, up, down))
+        v = gc[:, None] + 0.02 * sd[:, None] * m
         if LOG:
             v = tl.exp(v)
         guess = tl.minimum(tl.maximum(_mono(v), lo[:, None]), hi[:, None] - 1)
-        even = lo[:, None] + ((hi - lo)[:, None] * (r + 1)) // (R + 1)
-        return tl.where(first[:, None], guess, even)
+        even = lo[:, None] + ((hi - lo)[:, None] * (r.to(tl.int64) + 1)) // (R + 1)
+        return tl.where(mode[:, None] == 0, even, guess)
 
     @triton.jit
     def _block(A, sab, sah, sat, G, T, DS: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -208,12 +211,12 @@ if triton is not None:
         rr = tl.arange(0, R)
         active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
         sweeps = rb * 0  # an int32 scalar, carried by the loop
+        mode = tl.full([BLOCK_M], 1 if GUESS else 0, tl.int32)  # _cands: guess, then out past a miss, then even
         while tl.max(active.to(tl.int32), 0) > 0:
-            first = (sweeps == 0) & GUESS & row_ok
             sweeps += 1
             # each candidate's count per row, three to an int64 in 21-bit fields (R <= 9, T < 2**21): per tile a
             # compare and a row sum per candidate, in the tile's own layout (no (rows, keys, R) tensor)
-            cand = _cands(lo, hi, gc, sd, first, R, GROUP > 1)
+            cand = _cands(lo, hi, gc, sd, mode, R, GROUP > 1)
             p0 = tl.zeros([BLOCK_M], tl.int64)
             p1 = tl.zeros([BLOCK_M], tl.int64)
             p2 = tl.zeros([BLOCK_M], tl.int64)
@@ -244,6 +247,8 @@ if triton is not None:
             new_cnt_lo = tl.minimum(cnt_lo, tl.min(tl.where(ge, cnt, 2**30), 1))
             new_hi = tl.minimum(hi, tl.min(tl.where(ge, 2**40, cand), 1))
             new_cnt_hi = tl.maximum(cnt_hi, tl.max(tl.where(ge, -1, cnt), 1))
+            nge = tl.sum(ge.to(tl.int32), 1)  # after a guess: R, the k-th lies above every candidate; 0, below
+            mode = tl.where(mode == 1, tl.where(nge == R, 2, tl.where(nge == 0, 3, 0)), 0)
             lo = tl.where(active, new_lo, lo)
             cnt_lo = tl.where(active, new_cnt_lo, cnt_lo)
             hi = tl.where(active, new_hi, hi)
