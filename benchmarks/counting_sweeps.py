@@ -24,6 +24,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import tuning  # noqa: E402
 from posthoc_sparse.ops.token_select import triton as tst  # noqa: E402  (token_bracket: the counting alone)
 
 
@@ -35,9 +36,10 @@ def measure(t: int, cands: list[int], seed: int = 0) -> list[dict]:
     for selection, group, heads in (("head", 1, 1), ("group", 2, 2)):
         for k in (t // 128, t // 16):
             for r in cands:
-                tst.TUNING["select_cands"] = r
                 start = time.perf_counter()
-                _, _, counted = tst.token_bracket(a[:, :heads].contiguous(), b[:, :heads].contiguous(), k, 1.0, group)
+                with tuning(tst.TUNING, select_cands=r):
+                    _, _, counted = tst.token_bracket(a[:, :heads].contiguous(), b[:, :heads].contiguous(), k, 1.0,
+                                                      group)
                 rows.append({"selection": selection, "T": t, "k": k, "thresholds": r,
                              "sweeps_mean": round(counted.float().mean().item(), 3), "sweeps_max": int(counted.max()),
                              "programs": counted.numel(), "cpu_seconds": round(time.perf_counter() - start, 1)})
@@ -55,9 +57,9 @@ def main() -> None:
     a = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    launch = {k: v for k, v in tst.TUNING.items() if k.startswith("select_")}  # before measure() sets the thresholds
     report = {"what": "counting sweeps of ops.token_select on Gaussian inputs, through TRITON_INTERPRET=1",
-              "commit": commit, "launch": launch, "rows": measure(a.T, [int(c) for c in a.cands.split(",")])}
+              "commit": commit, "launch": {k: v for k, v in tst.TUNING.items() if k.startswith("select_")},
+              "rows": measure(a.T, [int(c) for c in a.cands.split(",")])}
     out = Path(a.out)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")

@@ -162,3 +162,18 @@ def test_selection_structure_runs_on_the_embedded_model(tmp_path):
         for key in ("sweeps_even", "sweeps_guess"):
             if key in r:
                 assert r[key]["same_score_as_reference"] and r[key]["mean"] >= 0
+
+
+def test_counting_sweeps_writes_a_row_per_selection_k_and_threshold_count(tmp_path):
+    """benchmarks/counting_sweeps.py at T = 256 (the interpreter): per head and per group, k = T / 128 and T / 16, 2
+    and 4 thresholds; whole programs counted, the default launch recorded, no temporary file left."""
+    out = tmp_path / "sweeps.json"
+    run = subprocess.run([sys.executable, "benchmarks/counting_sweeps.py", "--T", "256", "--cands", "2,4", "--out",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["selection"], r["k"], r["thresholds"]) for r in rows] == [
+        (s, k, c) for s in ("head", "group") for k in (2, 16) for c in (2, 4)]
+    assert all(r["programs"] == 4 and 0 <= r["sweeps_mean"] <= r["sweeps_max"] for r in rows)
+    assert report["launch"]["select_cands"] == 4 and not out.with_suffix(".tmp").exists()

@@ -345,6 +345,7 @@ def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
     regs = [g["regs"] for g in got[2:]]  # write: RC 8 head, RC 8 group, RC 1 head, RC 1 group
     assert regs[2] < regs[0] and regs[3] <= regs[1], regs
 
+
 @pytest.mark.parametrize("group", [1, 2])
 def test_token_select_guess_keeps_the_sets_and_saves_counting_sweeps(group, monkeypatch):
     """With and without the normal guess at each row's k-th score, the same exact sets; on Gaussian scores the

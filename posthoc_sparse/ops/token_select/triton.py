@@ -327,6 +327,13 @@ if triton is not None:
                 tl.store(out[:, None] + cnt_hi[:, None] + rank, col, mask=inb & (rank < quota[:, None]))
 
 
+def _kernel_args(a: torch.Tensor, group: int, softcap: float | None) -> dict:
+    """The constexprs both selection kernels take: gate dim, group size, softcap (group scores only), fp32 inputs,
+    band slots."""
+    return dict(DS=a.shape[-1], GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=a.dtype == torch.float32,
+                BAND=TUNING["select_band"])
+
+
 def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
                   softcap: float | None = None):
     """The first two steps of ``token_select``: each row's thresholds (B x H // group, T, 4) int64 (lo, hi, and the
@@ -347,9 +354,8 @@ def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, 
     bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
     _token_bracket[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
-        float(softcap or 1.0), k, DS=ds, GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=ieee,
-        BAND=TUNING["select_band"], BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], GUESS=TUNING["select_guess"],
-        num_warps=TUNING["select_warps"])
+        float(softcap or 1.0), k, **_kernel_args(a, group, softcap), BLOCK_M=rows, NC=nc, R=TUNING["select_cands"],
+        GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
     return bracket, lse, counted
 
 
@@ -361,7 +367,7 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     row blocks) int32 (the selection's cost is about 2 + that many sweeps over the causal keys, 3 + for groups).
     ``bits``: the kept sets as a bitmask instead, (B, H // group, T, ceil(T / 32)) int32 (``ops.mask_attention``'s
     layout; words past a row's causal keys are not written), tiles of at least 32 keys."""
-    bsz, h, t, ds = a.shape
+    bsz, h, t = a.shape[:3]
     g = h // group
     bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
@@ -370,7 +376,6 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     w_rows, w_keys = TUNING["write_rows"], max(TUNING["write_keys"], 32) if bits else TUNING["write_keys"]
     _token_write[(triton.cdiv(t, w_rows), bsz * g)](
         a, b, lse, bracket, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t,
-        h // b.shape[1], float(scale), float(softcap or 1.0), k, DS=ds, GROUP=group,
-        SOFTCAP=bool(softcap) and group > 1, IEEE=a.dtype == torch.float32, BAND=TUNING["select_band"],
-        BLOCK_M=w_rows, NC=w_keys, RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
+        h // b.shape[1], float(scale), float(softcap or 1.0), k, **_kernel_args(a, group, softcap), BLOCK_M=w_rows,
+        NC=w_keys, RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
     return (idx, counted) if sweeps else idx
