@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.harness import tuning  # noqa: E402
-from posthoc_sparse.ops.token_select import select as tst  # noqa: E402  (token_bracket: the counting alone)
+from posthoc_sparse.ops.token_select import triton as tst  # noqa: E402  (token_bracket: the counting alone)
 
 
 def measure(t: int, cands: list[int], seed: int = 0) -> list[dict]:

@@ -63,28 +63,25 @@ TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32"
 DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")}
 
 
-def token_select_cases(launches, chunks=(8, 1), groups=(1, 2), out=0) -> list[tuple[str, dict, int]]:
+def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str, dict, int]]:
     """``_token_bracket`` (the counting sweeps) at each (rows, keys per tile, warps) of ``launches`` and group size,
     then ``_token_write`` (the write and the ranking) at the same and each ranking chunk, with the default
-    candidates (8) and band (64), gate dim 32, bf16 inputs; ``out`` 2: writing each row's cut instead."""
+    candidates (8) and band (64), gate dim 32, bf16 inputs."""
     common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64)
     return ([("_token_bracket", common | dict(BLOCK_M=m, NC=nc, R=8, GROUP=g), w) for m, nc, w in launches
              for g in groups]
-            + [("_token_write", common | dict(BLOCK_M=m, NC=nc, GROUP=g, RC=rc, OUT=out), w) for m, nc, w in launches
+            + [("_token_write", common | dict(BLOCK_M=m, NC=nc, GROUP=g, RC=rc, BITS=False), w) for m, nc, w in launches
                for rc in chunks for g in groups])
 
 
-MASK_ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BITS": "*i32", "O": "*bf16", "A": "*bf16",
-                        "Bk": "*bf16", "LSE": "*fp32", "scaling": "fp32", "softcap": "fp32", "sel_scale": "fp32",
-                        "sel_softcap": "fp32"}
+MASK_ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BITS": "*i32", "O": "*bf16", "scaling": "fp32",
+                        "softcap": "fp32"}
 
 
-def mask_attention_cases(launches, stacked=(1, 2), cut=False) -> list[tuple[str, dict, int]]:
+def mask_attention_cases(launches, stacked=(1, 2)) -> list[tuple[str, dict, int]]:
     """``_mask_attn_fwd`` at each (rows of all stacked heads, keys per tile, warps) of ``launches`` and heads sharing a
-    kept set (1, or 2 as under group selection in Qwen3-1.7B), head_dim 128, bf16, tiles tested for skipping; the
-    kept keys from a bitmask, or with ``cut`` rescored from the gate's inputs (d = 32) against each row's cut."""
-    return [("_mask_attn_fwd", dict(D=128, HP=hp, BLOCK_M=m // hp, BLOCK_N=n, SOFTCAP=False, SKIP=True, IEEE=False,
-                                    CUT=cut, DS=32, GROUP=hp if cut else 1, SEL_SOFTCAP=False, SEL_IEEE=False), w)
+    kept set (1, or 2 as under group selection in Qwen3-1.7B), head_dim 128, bf16, tiles tested for skipping."""
+    return [("_mask_attn_fwd", dict(D=128, HP=hp, BLOCK_M=m // hp, BLOCK_N=n, SOFTCAP=False, SKIP=True, IEEE=False), w)
             for m, n, w in launches for hp in stacked]
 
 

@@ -24,7 +24,7 @@ from posthoc_sparse.ops import token_select as ts
 from posthoc_sparse.ops.attention_lse import flash_attention_lse
 from posthoc_sparse.ops.kl import kl_grad_fused
 from posthoc_sparse.ops.kl import triton as kl_triton  # its single passes and TUNING: no public API times them
-from posthoc_sparse.ops.token_select import select as ts_select  # token_bracket: the counting alone
+from posthoc_sparse.ops.token_select import triton as ts_triton  # token_bracket: the counting alone
 
 # launch settings tried: (BLOCK_M, BLOCK_N, warps, stages) of the KL kernels; (rows, warps) of the per-head
 # kernels; (rows per program, warps, stages) of the block attention kernel
@@ -40,7 +40,6 @@ SELECT_LAUNCHES = [(64, 64, 8, 4), (64, 32, 8, 4), (32, 64, 8, 4), (16, 64, 8, 4
 WRITE_LAUNCHES = [(16, 64, 4), (16, 32, 4), (32, 64, 4), (64, 64, 4)]
 GATHER_LAUNCHES = [(16, 8, 4), (16, 8, 8), (32, 8, 8), (16, 16, 8), (32, 4, 4), (8, 16, 4), (64, 4, 8)]
 MASK_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 128, 4)]  # 128 x 128: 233 KB of smem
-CUT_LAUNCHES = [(64, 4), (32, 4), (16, 4), (64, 8)]  # (rows, warps) of token_thresholds' write of the cuts
 
 
 def launch_time(fn, device, reps: int, warmup: int = 1) -> dict:
@@ -264,12 +263,6 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
             row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(
                 lambda: ma.mask_attention(q, key, v, bits, scaling), device, reps)
     row["mask_tiles_kept_share"] = ma.kept_tile_share(bits, ma.TUNING["rows"], max(32, ma.TUNING["keys"]))
-    bits = None  # freed before the cuts
-    # the same sets as one cut per row, and the attention that rescores each tile's keys against the cuts
-    row["select_cuts_s"] = timed(lambda: ts.token_thresholds(gq, gk, k, 1.0, group), device, reps)
-    cuts, lse = ts.token_thresholds(gq, gk, k, 1.0, group)
-    row["threshold_attention_s"] = timed(
-        lambda: ma.threshold_attention(q, key, v, cuts, gq, gk, lse, 1.0, None, scaling), device, reps)
     return row
 
 
@@ -303,7 +296,7 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                         gq, gk = pol.selector.prepare(call)
                         row["prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
                         row["select_s"] = timed(lambda: ts.token_select(gq, gk, kk, 1.0, group), device, reps)
-                        row["select_count_s"] = timed(lambda: ts_select.token_bracket(gq, gk, kk, 1.0, group),
+                        row["select_count_s"] = timed(lambda: ts_triton.token_bracket(gq, gk, kk, 1.0, group),
                                                       device, reps)  # the write is the rest
                         idx, sweeps = ts.token_select(gq, gk, kk, 1.0, group, sweeps=True)
                         row["select_sweeps_mean"] = sweeps.float().mean().item()
@@ -318,8 +311,6 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                         row["mask_attention_speedup_vs_gather"] = row["attention_s"] / row["mask_attention_s"]
                         row["select_and_mask_attention_speedup_vs_sdpa"] = sdpa / (row["select_bits_s"]
                                                                                     + row["mask_attention_s"])
-                        row["cuts_and_threshold_attention_speedup_vs_sdpa"] = sdpa / (
-                            row["select_cuts_s"] + row["threshold_attention_s"])
                         work = _prefill_work(t, h, g, gq.shape[-1], d, kk, group, row["select_sweeps_mean"], elem)
                         row |= work
                         row["select_tflops_per_s"] = work["select_flops"] / row["select_s"] / 1e12
@@ -344,8 +335,7 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
     took, then without the guessed first sweep, then under each (rows, keys per tile, warps) of its write kernel;
     the attention over the kept keys (head_dim 128, 8 KV heads) by gathering, under each (rows, keys per step,
     warps), and over key tiles (``ops.mask_attention``) under each (rows, keys per tile, warps), with and without
-    skipping empty tiles; the cuts (``token_thresholds``) under each (rows, warps) of their write, and the attention
-    that rescores each tile against them (``threshold_attention``) under each launch of the tile attention.
+    skipping empty tiles.
     Plan: {"T": window length, "k": keys kept}."""
     device, t, k = bench.device, plan["T"], plan["k"]
     gen = torch.Generator().manual_seed(0)
@@ -384,19 +374,5 @@ def prefill_tuning(bench: Bench, plan: dict) -> list[dict]:
             with tuning(ma.TUNING, **settings):
                 sec = launch_time(lambda: ma.mask_attention(q, key, v, bits, 128**-0.5), device, bench.reps)
             rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "mask_attention",
-                                **{f"mask_{n}": x for n, x in settings.items()}, **sec}))
-        bits = None
-        for n_rows, warps in CUT_LAUNCHES:
-            with tuning(ts.TUNING, cut_rows=n_rows, cut_warps=warps):
-                sec = launch_time(lambda: ts.token_thresholds(a, b, k, 1.0, group), device, bench.reps)
-            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "cuts", "cut_rows": n_rows,
-                                "cut_warps": warps, **sec}))
-        cuts, lse = ts.token_thresholds(a, b, k, 1.0, group)
-        for n_rows, keys, warps in MASK_LAUNCHES:
-            settings = dict(rows=n_rows, keys=keys, warps=warps, skip=False)
-            with tuning(ma.TUNING, **settings):
-                sec = launch_time(lambda: ma.threshold_attention(q, key, v, cuts, a, b, lse, 1.0, None, 128**-0.5),
-                                  device, bench.reps)
-            rows.append(report({"T": t, "k": k, "selection": sel, "kernel": "threshold_attention",
                                 **{f"mask_{n}": x for n, x in settings.items()}, **sec}))
     return rows

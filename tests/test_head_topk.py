@@ -168,8 +168,7 @@ def test_head_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(selecto
 
 SMALL = {"select_rows": 16, "select_keys": 16, "select_cands": 4, "select_band": 8,  # counting sweeps even at T < 100
          "select_rank_chunk": 2,  # the band ranked in several chunks
-         "write_rows": 32, "write_keys": 16,  # the write kernel's blocks other than the counting kernel's
-         "cut_rows": 16}
+         "write_rows": 32, "write_keys": 16}  # the write kernel's blocks other than the counting kernel's
 
 
 def _inputs(kind: str, b: int, h: int, g: int, t: int, d: int, seed: int):
@@ -254,12 +253,12 @@ def test_gather_attention_kernel_equals_the_reference_per_head_and_shared_by_gro
 def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, selector, k, attention, monkeypatch):
     """The policy's ops.token_select path (forced on the CPU: the interpreter runs the kernels) against the chunked
     reference, on a tiny model (4 query heads, 2 KV heads: two heads per group), attending by gathering the kept
-    keys or over key tiles, each rescored against the rows' cuts (ops.mask_attention.threshold_attention)."""
+    keys or over key tiles with the kept sets as a bitmask (ops.mask_attention)."""
     for key, value in SMALL.items():
         monkeypatch.setitem(ts.TUNING, key, value)
     monkeypatch.setitem(ma.TUNING, "min_density", 0.0 if attention == "mask" else 2.0)
     masked = []
-    monkeypatch.setattr(ma, "threshold_attention", lambda *a, f=ma.threshold_attention: masked.append(1) or f(*a))
+    monkeypatch.setattr(ma, "mask_attention", lambda *a, f=ma.mask_attention: masked.append(1) or f(*a))
     monkeypatch.setattr(ts, "kernels_ok", ts.supports)
     monkeypatch.setattr(TopKPolicy, "_plain_prefill", lambda self, call: self._inference_call(call)
                         and call.attention_mask is None)

@@ -107,79 +107,12 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
     assert torch.equal(ma.keep_from_bits(got, t) & causal, want)
 
 
-THRESHOLD_CASES = [
-    ("randn", 2, 4, 2, 100, 16, 9, 1),  # counting sweeps and the ranked band
-    ("randn", 2, 4, 2, 77, 32, 12, 2),  # per group
-    ("randn", 1, 4, 4, 40, 16, 33, 2),  # k above most rows' keys: every causal key
-    ("randn", 1, 2, 1, 45, 16, 45, 1),  # k = T
-    ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties past the band's slots: the lowest indices by the cut's index
-    ("dup", 2, 4, 2, 77, 16, 12, 2),
-]
-
-
-@pytest.mark.parametrize("kind, b, h, g, t, d, k, group", [c for c in THRESHOLD_CASES if c[-1] == 1])
-def test_token_thresholds_cut_the_reference_sets(kind, b, h, g, t, d, k, group, monkeypatch):
-    """Each row's cut (least kept score, then the largest kept index among that score) keeps exactly the
-    reference's set, ties included, under small launches where the counting, the ranked band and the tie cut all
-    run. (Per head only: per group the kernel's summed probabilities are not the reference's mean to the bit; the
-    attention tests below hold the group's sets.)"""
-    for key, value in SMALL.items():
-        monkeypatch.setitem(ts.TUNING, key, value)
-    a, keys = _inputs(kind, b, h, g, t, d, seed=t)
-    cuts, lse = ts.token_thresholds(a, keys, k, 0.5, group)
-    assert cuts.shape == (b, h // group, t, 2) and cuts.dtype == torch.int32
-    assert lse.shape == (b, h, t if group > 1 else 0)
-    scores = ts.selection_scores_reference(a, keys, 0.5, group)
-    want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, k, 0.5, group), t), t)
-    got = ts.keep_from_thresholds(scores, cuts)
-    assert torch.equal(got, want)
-    assert torch.equal(got.sum(-1), torch.arange(1, t + 1).clamp(max=k).expand(b, h // group, t))
-
-
-@pytest.mark.parametrize("kind, b, h, g, t, d, k, group", THRESHOLD_CASES[:3] + THRESHOLD_CASES[4:])
-@pytest.mark.parametrize("rows, keys", [(16, 32), (64, 64)])
-def test_threshold_attention_equals_attention_over_the_reference_sets(kind, b, h, g, t, d, k, group, rows, keys,
-                                                                      monkeypatch):
-    """The fused path (cuts, then attention that rescores each tile's keys) equals attention over the reference's
-    kept sets (the pair's twin), with a softcap on the logits, per head and per group (heads stacked)."""
-    for key, value in SMALL.items():
-        monkeypatch.setitem(ts.TUNING, key, value)
-    monkeypatch.setitem(ma.TUNING, "rows", rows)
-    monkeypatch.setitem(ma.TUNING, "keys", keys)
-    a, sel_k = _inputs(kind, b, h, g, t, d, seed=t)
-    gen = torch.Generator().manual_seed(t + 1)
-    kv = min(g, h // group)  # a group's heads read one KV head (the selection's keys may be per head)
-    q, k_, v = (torch.randn(b, n, t, 32, generator=gen) for n in (h, kv, kv))
-    cuts, lse = ts.token_thresholds(a, sel_k, k, 0.5, group)
-    got = ma.threshold_attention(q, k_, v, cuts, a, sel_k, lse, 0.5, None, 0.3, 4.0)
-    assert got.shape == (b, t, h, 32)
-    idx = ts.token_select_reference(a, sel_k, k, 0.5, group)
-    want = ts.gather_attention_reference(q, k_, v, idx, 0.3, 4.0)
-    torch.testing.assert_close(got.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
-    if rows == 64:  # the same sets as the bitmask the selection writes (to the bit, per group too)
-        bits = ts.token_select(a, sel_k, k, 0.5, group, bits=True)
-        torch.testing.assert_close(got, ma.mask_attention(q, k_, v, bits, 0.3, 4.0), atol=1e-6, rtol=1e-6)
-
-
-def test_threshold_attention_rescores_softcapped_group_scores(monkeypatch):
-    """Group selection of the oracle: the selection softcaps its scores before the softmax; the attention's rescoring
-    must too (a cut taken on softcapped scores, compared with uncapped ones, keeps other keys)."""
-    monkeypatch.setitem(ts.TUNING, "cut_rows", SMALL["cut_rows"])
-    gen = torch.Generator().manual_seed(5)
-    a, sel_k = torch.randn(1, 4, 70, 16, generator=gen) * 3, torch.randn(1, 2, 70, 16, generator=gen) * 3
-    q, k_, v = (torch.randn(1, n, 70, 32, generator=gen) for n in (4, 2, 2))
-    cuts, lse = ts.token_thresholds(a, sel_k, 11, 0.5, 2, softcap=2.0)
-    got = ma.threshold_attention(q, k_, v, cuts, a, sel_k, lse, 0.5, 2.0, 0.3)
-    want = ts.gather_attention_reference(q, k_, v, ts.token_select_reference(a, sel_k, 11, 0.5, 2, 2.0), 0.3)
-    torch.testing.assert_close(got.transpose(1, 2), want, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
 def test_mask_path_on_gpu(dtype, t, k, group):
-    """token_select's bitmask holds the sets of its index output, mask_attention equals the reference on CUDA
-    at the default launch settings, and the cuts with threshold_attention give mask_attention's output."""
+    """token_select's bitmask holds the sets of its index output, and mask_attention equals the reference on CUDA
+    at the default launch settings."""
     bsz, h, g, d = 2, 4, 2, 32
     gen = torch.Generator().manual_seed(t)
     a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
@@ -193,9 +126,6 @@ def test_mask_path_on_gpu(dtype, t, k, group):
     out = ma.mask_attention(q, k_, v, bits, 128**-0.5).transpose(1, 2).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ma.mask_attention_reference(q, k_, v, bits, 128**-0.5), atol=tol, rtol=tol)
-    cuts, lse = ts.token_thresholds(a, keys, k, 0.7, group)  # the same sets, rescored tile by tile
-    fused = ma.threshold_attention(q, k_, v, cuts, a, keys, lse, 0.7, None, 128**-0.5).transpose(1, 2).float()
-    torch.testing.assert_close(fused, out, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -209,12 +139,11 @@ def test_mask_attention_agrees_with_its_twin_under_every_benchmarked_launch_sett
 
 
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):
-    """The attention kernel at its default launch, a kept set per head and per two heads, from bits and from cuts,
-    compiles to sm_90 machine code without local memory (no registers spilled)."""
+    """The attention kernel at its default launch, a kept set per head and per two heads, compiles to sm_90 machine
+    code without local memory (no registers spilled)."""
     from benchmarks.hopper import MASK_ATTENTION_TYPES, compile_for_hopper, mask_attention_cases
 
     pytest.importorskip("triton.backends.nvidia")
-    launch = [(ma.TUNING["rows"], ma.TUNING["keys"], ma.TUNING["warps"])]
-    cases = mask_attention_cases(launch) + mask_attention_cases(launch, cut=True)
+    cases = mask_attention_cases([(ma.TUNING["rows"], ma.TUNING["keys"], ma.TUNING["warps"])])
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.mask_attention.triton", cases, MASK_ATTENTION_TYPES)
-    assert len(got) == 4 and all(g["local"] == 0 for g in got), got
+    assert len(got) == 2 and all(g["local"] == 0 for g in got), got

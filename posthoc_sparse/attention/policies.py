@@ -210,17 +210,15 @@ class TopKPolicy:
         """Top-k per head or per KV group through ``ops.token_select``: the k causal keys of largest selection
         score per row (per group: of the group's summed softmax of the selection scores, softcapped for the
         oracle, the order of ``group_scores``' mean), then attention over them, a group's heads sharing theirs:
-        over key tiles on the tensor cores where top-k keeps a large enough share of the causal pairs
-        (``ma.dense_enough``; the kept sets as one cut per row, ``ma.threshold_attention`` rescoring each tile's
-        keys against it), else by gathering each row's kept keys."""
+        over key tiles on the tensor cores (``ops.mask_attention``, the kept sets as a bitmask) where top-k keeps a
+        large enough share of the causal pairs (``ma.dense_enough``), else by gathering each row's kept keys."""
         a, b, scale = self._selection_inputs(call)
         group = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
         softcap = call.softcap if type(self.selector) is OracleSelector else None
         k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
         if ma.dense_enough(call.key.shape[2], k) and ma.supports(call.query, call.key, call.query.shape[1] // group):
-            cuts, lse = ts.token_thresholds(a, b, k, scale, group, softcap)
-            return ma.threshold_attention(call.query, call.key, call.value, cuts, a, b, lse, scale, softcap,
-                                          call.scaling, call.softcap)
+            bits = ts.token_select(a, b, k, scale, group, softcap, bits=True)
+            return ma.mask_attention(call.query, call.key, call.value, bits, call.scaling, call.softcap)
         idx = ts.token_select(a, b, k, scale, group, softcap)
         return ts.gather_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
 

@@ -1,8 +1,6 @@
 """Attention over the keys a per-row bitmask keeps (prefill): ``mask_attention`` (Triton) beside its naive twin
-``mask_attention_reference``, and the bitmask helpers; and ``threshold_attention``, the same attention with each
-tile's kept keys told from the selection's per-row cuts (``token_select.token_thresholds``) instead of a bitmask
-(the pair's naive twin: ``token_select.gather_attention_reference`` over ``token_select_reference``'s sets). The
-policy takes the latter instead of the gather where the kept share of the causal pairs is at least
+``mask_attention_reference``, and the bitmask helpers. ``token_select`` writes the bitmask (``bits=True``); the
+policy takes this attention instead of the gather where the kept share of the causal pairs is at least
 ``TUNING["min_density"]``."""
 
 from __future__ import annotations
@@ -11,11 +9,10 @@ import torch
 
 from .. import tile_dims_ok
 from .naive import bits_from_indices, bits_from_keep, keep_from_bits, mask_attention_reference, words_per_row
-from .triton import TUNING, mask_attention, threshold_attention
+from .triton import TUNING, mask_attention
 
 __all__ = ["TUNING", "bits_from_indices", "bits_from_keep", "dense_enough", "keep_from_bits", "kept_share",
-           "kept_tile_share", "mask_attention", "mask_attention_reference", "supports", "threshold_attention",
-           "words_per_row"]
+           "kept_tile_share", "mask_attention", "mask_attention_reference", "supports", "words_per_row"]
 
 
 def kept_share(t: int, k: int) -> float:

@@ -54,4 +54,3 @@ def mask_attention_reference(q, k, v, bits, scaling: float, softcap: float | Non
         s = torch.tanh(s / softcap) * softcap
     p = torch.nan_to_num(torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1), nan=0.0)
     return torch.matmul(p, vv)
-

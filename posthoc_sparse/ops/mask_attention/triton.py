@@ -39,15 +39,12 @@ TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04
 
 if triton is not None:
     from ..decode.triton import _logits, _online_step
-    from ..token_select.triton import _tile
 
     @triton.jit
-    def _mask_attn_fwd(Q, K, V, BITS, O, A, Bk, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt,
-                       sob, soh, sot, sab, sah, sat, sbb, sbh, sbt, HI, H, T, n_rep_kv, n_rep_idx, n_rep_b, scaling,
-                       softcap, sel_scale, sel_softcap,
+    def _mask_attn_fwd(Q, K, V, BITS, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt,
+                       sob, soh, sot, HI, T, n_rep_kv, n_rep_idx, scaling, softcap,
                        D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SOFTCAP: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr, CUT: tl.constexpr,
-                       DS: tl.constexpr, GROUP: tl.constexpr, SEL_SOFTCAP: tl.constexpr, SEL_IEEE: tl.constexpr):
+                       SOFTCAP: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr):
         bz, ih = tl.program_id(1) // HI, tl.program_id(1) % HI
         rb = tl.num_programs(0) - 1 - tl.program_id(0)  # the last row blocks (the most keys) first
         r = tl.arange(0, HP * BLOCK_M)
@@ -60,72 +57,36 @@ if triton is not None:
         g = (ih * n_rep_idx) // n_rep_kv  # every stacked head reads this KV head
         kbase = K + bz * skb + g * skh
         vbase = V + bz * svb + g * svh
-        wrow = BITS + bz * swb + ih * swh + t * swt  # CUT: the rows' cuts, at wrow and wrow + 1 of the first head
-        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # the block's rows once, for the selection scores (CUT)
-        if CUT:
-            a = tl.load(A + bz * sab + (ih * n_rep_idx) * sah + rows[:, None] * sat + tl.arange(0, DS)[None, :],
-                        mask=(rows < T)[:, None], other=0.0)
-            crow = BITS + bz * swb + ih * swh + rows * swt
-            thr = tl.load(crow, mask=rows < T, other=0).to(tl.float32, bitcast=True)
-            cut = tl.load(crow + 1, mask=rows < T, other=0)
-        else:
-            a = tl.zeros([BLOCK_M, DS], tl.float32)
-            thr = tl.zeros([BLOCK_M], tl.float32)
-            cut = tl.zeros([BLOCK_M], tl.int32)
+        wrow = BITS + bz * swb + ih * swh + t * swt
         m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
         l = tl.zeros([HP * BLOCK_M], tl.float32)
         acc = tl.zeros([HP * BLOCK_M, D], tl.float32)
         full = (rb * BLOCK_M // BLOCK_N) * BLOCK_N  # the tiles wholly before the block's first row: no causal mask
         for start in range(0, full, BLOCK_N):
-            keep = _keep(wrow, ok, t, A, Bk, LSE, a, thr, cut, bz, ih, rows, rb * BLOCK_M, start, sab, sah, sat,
-                         sbb, sbh, sbt, H, T, n_rep_b, sel_scale, sel_softcap, HP, BLOCK_M, BLOCK_N, CUT, DS, GROUP,
-                         SEL_SOFTCAP, SEL_IEEE, False)
-            m, l, acc = _mask_tile(q, kbase, vbase, keep, start, skt, svt, T, scaling, softcap, m, l, acc,
-                                   D, BLOCK_N, SOFTCAP, SKIP, IEEE)
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, False)
         for start in range(full, tl.minimum((rb + 1) * BLOCK_M, T), BLOCK_N):
-            keep = _keep(wrow, ok, t, A, Bk, LSE, a, thr, cut, bz, ih, rows, rb * BLOCK_M, start, sab, sah, sat,
-                         sbb, sbh, sbt, H, T, n_rep_b, sel_scale, sel_softcap, HP, BLOCK_M, BLOCK_N, CUT, DS, GROUP,
-                         SEL_SOFTCAP, SEL_IEEE, True)
-            m, l, acc = _mask_tile(q, kbase, vbase, keep, start, skt, svt, T, scaling, softcap, m, l, acc,
-                                   D, BLOCK_N, SOFTCAP, SKIP, IEEE)
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, True)
         out = acc / tl.maximum(l, 1e-30)[:, None]
         tl.store(O + bz * sob + h[:, None] * soh + t[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=ok[:, None])
 
-    @triton.jit
-    def _keep(wrow, ok, t, A, Bk, LSE, a, thr, cut, bz, ih, rows, row0, start, sab, sah, sat, sbb, sbh, sbt, H, T,
-              n_rep_b, sel_scale, sel_softcap, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CUT: tl.constexpr, DS: tl.constexpr, GROUP: tl.constexpr, SEL_SOFTCAP: tl.constexpr,
-              SEL_IEEE: tl.constexpr, CAUSAL: tl.constexpr):
-        # which keys of the tile from start each stacked row keeps, (HP x BLOCK_M, BLOCK_N): from the rows' kept bits
-        # (words past a row's causal keys are not written: the causal mask, on tiles that reach the rows), or with
-        # CUT by rescoring the tile's keys as the selection did (token_select's _tile) against each row's cut
-        cols = start + tl.arange(0, BLOCK_N)
-        if CUT:
-            s = _tile(A, Bk, LSE, a, bz, ih, rows, rows < T, start, row0, cols, sab, sah, sat,
-                      sbb, sbh, sbt, H, T, n_rep_b, sel_scale, sel_softcap, DS, GROUP, SEL_SOFTCAP, SEL_IEEE, BLOCK_M,
-                      BLOCK_N)
-            one = (s > thr[:, None]) | ((s == thr[:, None]) & (cols[None, :] <= cut[:, None]))
-            if HP == 1:
-                keep = one
-            else:
-                keep = tl.reshape(tl.broadcast_to(one.to(tl.int8)[None, :, :], [HP, BLOCK_M, BLOCK_N]),
-                                  [HP * BLOCK_M, BLOCK_N]) != 0
-        else:
-            wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
-            w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
-            w = tl.reshape(tl.broadcast_to(w[:, :, None], [HP * BLOCK_M, BLOCK_N // 32, 32]), [HP * BLOCK_M, BLOCK_N])
-            keep = ((w >> (cols % 32)[None, :]) & 1) != 0
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= t[:, None])
-        return keep
 
     @triton.jit
-    def _mask_tile(q, kbase, vbase, keep, start, skt, svt, T, scaling, softcap, m, l, acc,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, SKIP: tl.constexpr,
-                   IEEE: tl.constexpr):
-        # an online-softmax step over the tile of keys from start, skipped with SKIP where no row keeps a key
+    def _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                   D: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                   SKIP: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+        # one tile of keys from start: the rows' kept bits (and the causal mask, on tiles that reach the rows: the
+        # words past a row's causal keys are not written), then an online-softmax step, skipped with SKIP where
+        # no row keeps a key
         cols = start + tl.arange(0, BLOCK_N)
+        wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
+        w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
+        w = tl.reshape(tl.broadcast_to(w[:, :, None], [RP, BLOCK_N // 32, 32]), [RP, BLOCK_N])
+        keep = ((w >> (cols % 32)[None, :]) & 1) != 0
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= t[:, None])
         if SKIP:
             if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
                 m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
@@ -149,41 +110,16 @@ def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) 
     """Triton twin of ``mask_attention_reference``; forward only. bits (B, H', T, W): a kept set per head, or shared
     by groups of H // H' query heads that read one KV head. Returns (B, T, H, D) in q's dtype, the layout
     transformers' attention functions return."""
-    return _attend(q, k, v, bits, scaling, softcap)
-
-
-def threshold_attention(q, k, v, cuts, a, b, lse, sel_scale: float = 1.0, sel_softcap: float | None = None,
-                        scaling: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """Attention over the keys ``token_select.token_thresholds`` keeps, without their bits: each tile's keys are
-    rescored from the selection's a (B, H, T, d) and b (B, H or G, T, d) as the selection scored them and compared
-    with the rows' cuts (B, H', T, 2), a kept set per head or per group of H // H' heads (then with its lse, the
-    rows' log-sum-exp). Equal to ``mask_attention`` over the bits of the same sets; forward only, (B, T, H, D)."""
-    group = q.shape[1] // cuts.shape[1]
-    sel = (a, b, lse if group > 1 else a, *a.stride()[:3], *b.stride()[:3], q.shape[1] // b.shape[1],
-           float(sel_scale), float(sel_softcap or 1.0))
-    return _attend(q, k, v, cuts, scaling, softcap, sel, dict(CUT=True, DS=a.shape[-1], GROUP=group,
-                                                              SEL_SOFTCAP=bool(sel_softcap) and group > 1,
-                                                              SEL_IEEE=a.dtype == torch.float32))
-
-
-def _attend(q, k, v, src, scaling, softcap, sel=None, flags=None) -> torch.Tensor:
-    """``_mask_attn_fwd`` over the kept sets of src: bits (B, H', T, W), or cuts (B, H', T, 2) with the selection's
-    inputs (sel: a, b, lse, their strides, b's heads per query head, scale, softcap) and their constexprs."""
     bsz, h, t, d = q.shape
-    n_rep_idx, n_rep_kv = h // src.shape[1], h // k.shape[1]
+    n_rep_idx, n_rep_kv = h // bits.shape[1], h // k.shape[1]
     if n_rep_kv % n_rep_idx:
         raise ValueError(f"a kept set shared by {n_rep_idx} query heads spans KV heads ({n_rep_kv} per KV head)")
-    if sel is None:  # no selection inputs: placeholders the kernel does not read
-        sel = (q, q, q, 0, 0, 0, 0, 0, 0, 1, 1.0, 1.0)
-        flags = dict(CUT=False, DS=16, GROUP=1, SEL_SOFTCAP=False, SEL_IEEE=False)
     hp = triton.next_power_of_2(n_rep_idx)
     rows = max(1, TUNING["rows"] // hp)
     out = torch.empty(bsz, t, h, d, dtype=q.dtype, device=q.device)
-    a, b, lse, *strides, n_rep_b, sel_scale, sel_softcap = sel
-    _mask_attn_fwd[(triton.cdiv(t, rows), bsz * src.shape[1])](
-        q, k, v, src, out, a, b, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *src.stride()[:3],
-        out.stride(0), out.stride(2), out.stride(1), *strides, src.shape[1], h, t, n_rep_kv, n_rep_idx, n_rep_b,
-        float(scaling), float(softcap or 1.0), sel_scale, sel_softcap, D=d, HP=hp, BLOCK_M=rows,
-        BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap), SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32,
-        num_warps=TUNING["warps"], **flags)
+    _mask_attn_fwd[(triton.cdiv(t, rows), bsz * bits.shape[1])](
+        q, k, v, bits, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bits.stride()[:3],
+        out.stride(0), out.stride(2), out.stride(1), bits.shape[1], t, n_rep_kv, n_rep_idx, float(scaling),
+        float(softcap or 1.0), D=d, HP=hp, BLOCK_M=rows, BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap),
+        SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32, num_warps=TUNING["warps"])
     return out

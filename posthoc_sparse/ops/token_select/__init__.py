@@ -1,22 +1,19 @@
 """Token-level top-k for any k, per head or per KV group: ``token_select`` and ``gather_attention`` (Triton)
 beside their naive twins ``token_select_reference`` and ``gather_attention_reference``. Prefill takes them
 where ``head_topk`` (k <= its MAX_K, per head) does not serve; at large k the kept sets go as a bitmask
-(``token_select(..., bits=True)``) to ``ops.mask_attention`` instead of the gather, or, cheaper, as one cut per
-row (``token_thresholds``) to ``ops.mask_attention.threshold_attention``, which rescores the keys tile by tile."""
+(``token_select(..., bits=True)``) to ``ops.mask_attention`` instead of the gather."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import on_gpu, tile_dims_ok
-from .naive import (gather_attention_reference, keep_from_thresholds, selection_scores_reference,
-                    token_select_reference)
+from .naive import gather_attention_reference, selection_scores_reference, token_select_reference
 from .gather import gather_attention
-from .select import token_select, token_thresholds
-from .triton import TUNING
+from .triton import TUNING, token_select
 
-__all__ = ["TUNING", "gather_attention", "gather_attention_reference", "keep_from_thresholds", "kernels_ok",
-           "selection_scores_reference", "supports", "token_select", "token_select_reference", "token_thresholds"]
+__all__ = ["TUNING", "gather_attention", "gather_attention_reference", "kernels_ok", "selection_scores_reference",
+           "supports", "token_select", "token_select_reference"]
 
 
 def supports(q: torch.Tensor, key: torch.Tensor, k: int, sel_dim: int) -> bool:

@@ -54,12 +54,3 @@ def gather_attention_reference(q, k, v, idx, scaling: float, softcap: float | No
     h = q.shape[1]
     idx = idx.repeat_interleave(h // idx.shape[1], dim=1) if idx.shape[1] != h else idx
     return index_attention_reference(q, k, v, idx, scaling, softcap)
-
-
-def keep_from_thresholds(scores: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
-    """The kept sets ``token_thresholds`` describes, (B, H // group, T, T) bool: the keys whose selection score
-    (``scores``, as ``selection_scores_reference``) is above the row's cut score, or equal to it at an index at most
-    the cut's. cuts (B, H // group, T, 2) int32: the cut score's fp32 bits and the index."""
-    thr = cuts[..., 0].contiguous().view(torch.float32)[..., None]
-    cols = torch.arange(scores.shape[-1], device=scores.device)
-    return (scores > thr) | ((scores == thr) & (cols <= cuts[..., 1:2]))

@@ -19,15 +19,15 @@ Three kernels, twins in ``naive.py``:
                         fit, or the lowest indices when they all tie) or as packed words (score above,
                         complement of the index below) to a BAND-slot scratch, ranked against each other
                         afterwards. Exactly k keys per row (all causal keys where fewer), equal scores by lower
-                        index; indices in key order, not by score. Or, instead of the keys, each row's cut:
-                        the least kept (score, -index) pair, from which a later kernel that rescores the keys
-                        tells the kept ones (``ops.mask_attention.threshold_attention``). Group selection scores a key by the sum
+                        index; indices in key order, not by score. Group selection scores a key by the sum
                         over the group's heads of softmax(a . b * scale) (the mean's order).
 
 The attention over the kept keys by gathering them is in ``gather.py``; over key tiles, ``ops.mask_attention``.
 """
 
 from __future__ import annotations
+
+import torch
 
 try:
     import triton
@@ -46,15 +46,13 @@ except ImportError:  # the naive path serves
 # registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json,
 # prefill_tuning): 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against
 # 7.60 ms per head, 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches
-# were within 2% of each other. cut (_token_write writing each row's cut, ``token_thresholds``): rows, warps; its
-# keys per tile are the counting kernel's. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against
+# were within 2% of each other. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against
 # 21.7 for the counting; perf-h200-prefill-topk-diag.json); a popcount write without tl.cumsum was slower
 # (perf-h200-prefill-topk-popc.json). The guess cut the counting sweeps on SmolLM2's gate and oracle scores
 # (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
-          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8,
-          "cut_rows": 64, "cut_warps": 4}
+          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
@@ -268,12 +266,10 @@ if triton is not None:
                      H, G, T, n_rep_b, scale, softcap, k,
                      DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, RC: tl.constexpr,
-                     OUT: tl.constexpr):
+                     BITS: tl.constexpr):
         # One program: BLOCK_M rows, as _token_bracket's, with the thresholds it stored.
         # 3. write: keys >= hi all; band keys [lo, hi) all if they fit, else the lowest indices (they tie: hi is
-        # lo + 1) or, where at most BAND, as packed words to rank. OUT 0: the kept keys' indices; 1: their bits;
-        # 2: no keys, each row's cut instead, the least kept (score, -index) pair: a key is kept where its score is
-        # above the cut's, or equal with an index at most the cut's (int32 pair: the score's fp32 bits, the index)
+        # lo + 1) or, where at most BAND, as packed words to rank
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
         br = BR + (tl.program_id(1) * T + rows) * 4
         lo = tl.load(br, mask=row_ok, other=0)
@@ -288,7 +284,6 @@ if triton is not None:
         wbase = WORDS + (tl.program_id(1) * T + rows) * BAND  # (B, H or G, T, BAND) contiguous
         kept = tl.zeros([BLOCK_M], tl.int32)
         seen = tl.zeros([BLOCK_M], tl.int32)
-        tie = tl.full([BLOCK_M], -1, tl.int32)  # OUT 2: the quota-th band key's index (rows whose band ties)
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
             s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt,
@@ -298,9 +293,7 @@ if triton is not None:
             brank = seen[:, None] + tl.cumsum(band.to(tl.int32), 1) - 1
             take = above | (band & ~ranked[:, None] & (brank < quota[:, None]))
             col2 = cols[None, :] + tl.zeros([BLOCK_M, NC], tl.int32)
-            if OUT == 2:
-                tie = tl.maximum(tie, tl.max(tl.where(band & (brank == quota[:, None] - 1), col2, -1), 1))
-            elif OUT == 1:  # the tile's words: its kept keys' bits (distinct powers of two: their sum is their or)
+            if BITS:  # the tile's words: its kept keys' bits (distinct powers of two: their sum is their or)
                 wcols = start // 32 + tl.arange(0, NC // 32)
                 words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
                 tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
@@ -311,12 +304,11 @@ if triton is not None:
             tl.store(wbase[:, None] + brank, word, mask=band & ranked[:, None] & row_ok[:, None])
             seen += tl.sum(band.to(tl.int32), 1)
             kept += tl.sum(take.to(tl.int32), 1)
-        if (rb * BLOCK_M < k) and (OUT == 0):  # rows with fewer than k causal keys: -1 after them
+        if (rb * BLOCK_M < k) and (not BITS):  # rows with fewer than k causal keys: -1 after them
             for j0 in range(rb * BLOCK_M, k, NC):
                 jj = j0 + tl.arange(0, NC)
                 tl.store(out[:, None] + jj[None, :], -1,
                          mask=row_ok[:, None] & (jj[None, :] > rows[:, None]) & (jj[None, :] < k))
-        least = tl.full([BLOCK_M], MIN_WORD, tl.int64)  # OUT 2: the quota-th ranked word
         if tl.max(ranked.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the words other threads stored
             jb = tl.arange(0, BAND)
@@ -329,15 +321,61 @@ if triton is not None:
                                 mask=ranked[:, None] & row_ok[:, None] & (jc[None, :] < band_n[:, None]))
                 rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
             col = (4294967295 - (word & 4294967295)).to(tl.int32)
-            if OUT == 2:
-                least = tl.max(tl.where(inb & (rank == quota[:, None] - 1), word, MIN_WORD), 1)
-            elif OUT == 1:
+            if BITS:
                 tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
             else:
                 tl.store(out[:, None] + cnt_hi[:, None] + rank, col, mask=inb & (rank < quota[:, None]))
-        if OUT == 2:  # band all kept: the band's least score, any index; ties past the quota: the tie's index
-            thr = tl.where(ranked, _unmono(least >> 32), lval)
-            cut = tl.where(ranked, (4294967295 - (least & 4294967295)).to(tl.int32),
-                           tl.where(band_n > quota, tie, T))
-            tl.store(out, thr.to(tl.int32, bitcast=True), mask=row_ok)
-            tl.store(out + 1, cut, mask=row_ok)
+
+
+def _kernel_args(a: torch.Tensor, group: int, softcap: float | None) -> dict:
+    """The constexprs both selection kernels take: gate dim, group size, softcap (group scores only), fp32 inputs,
+    band slots."""
+    return dict(DS=a.shape[-1], GROUP=group, SOFTCAP=bool(softcap) and group > 1, IEEE=a.dtype == torch.float32,
+                BAND=TUNING["select_band"])
+
+
+def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
+                  softcap: float | None = None):
+    """The first two steps of ``token_select``: each row's thresholds (B x H // group, T, 4) int64 (lo, hi, and the
+    keys at or above each), the rows' log-sum-exp under group selection (else empty) and the counting sweeps each
+    program took (B, H // group, row blocks) int32. Separate so that a benchmark can time the counting alone."""
+    bsz, h, t, ds = a.shape
+    g = h // group
+    ieee = a.dtype == torch.float32
+    nc, rows = TUNING["select_keys"], TUNING["select_rows"]
+    if TUNING["select_cands"] not in (2, 4, 8) or t >= 2**21:
+        raise ValueError("token_select counts 2, 4 or 8 candidates per sweep, over fewer than 2**21 keys")
+    lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
+    counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
+    if group > 1:
+        _row_lse[(triton.cdiv(t, rows), bsz * h)](
+            a, b, lse, *a.stride()[:3], *b.stride()[:3], h, t, h // b.shape[1], float(scale), float(softcap or 1.0),
+            DS=ds, NC=nc, BLOCK_M=rows, SOFTCAP=bool(softcap), IEEE=ieee, num_warps=TUNING["select_warps"])
+    bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
+    _token_bracket[(triton.cdiv(t, rows), bsz * g)](
+        a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
+        float(softcap or 1.0), k, **_kernel_args(a, group, softcap), BLOCK_M=rows, NC=nc, R=TUNING["select_cands"],
+        GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
+    return bracket, lse, counted
+
+
+def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
+                 softcap: float | None = None, sweeps: bool = False, bits: bool = False):
+    """Triton twin of ``token_select_reference``: (B, H // group, T, k) int32, each row's kept keys in key order
+    (the same set; -1 past a row's causal keys). a (B, H, T, d) and b (B, H or G, T, d) in one dtype, last
+    dimensions contiguous. ``sweeps``: also return the counting sweeps each program took, (B, H // group,
+    row blocks) int32 (the selection's cost is about 2 + that many sweeps over the causal keys, 3 + for groups).
+    ``bits``: the kept sets as a bitmask instead, (B, H // group, T, ceil(T / 32)) int32 (``ops.mask_attention``'s
+    layout; words past a row's causal keys are not written), tiles of at least 32 keys."""
+    bsz, h, t = a.shape[:3]
+    g = h // group
+    bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
+    shape = (bsz, g, t, (t + 31) // 32 if bits else k)
+    idx = torch.empty(shape, dtype=torch.int32, device=a.device)
+    words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
+    w_rows, w_keys = TUNING["write_rows"], max(TUNING["write_keys"], 32) if bits else TUNING["write_keys"]
+    _token_write[(triton.cdiv(t, w_rows), bsz * g)](
+        a, b, lse, bracket, idx, words, *a.stride()[:3], *b.stride()[:3], *idx.stride()[:3], h, g, t,
+        h // b.shape[1], float(scale), float(softcap or 1.0), k, **_kernel_args(a, group, softcap), BLOCK_M=w_rows,
+        NC=w_keys, RC=TUNING["select_rank_chunk"], BITS=bits, num_warps=TUNING["write_warps"])
+    return (idx, counted) if sweeps else idx
