@@ -256,7 +256,8 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, se
     keys or over key tiles with the kept sets as a bitmask (ops.mask_attention)."""
     for key, value in SMALL.items():
         monkeypatch.setitem(ts.TUNING, key, value)
-    monkeypatch.setitem(ma.TUNING, "min_density", 0.0 if attention == "mask" else 2.0)
+    for name in ("min_density", "min_density_head"):
+        monkeypatch.setitem(ma.TUNING, name, 0.0 if attention == "mask" else 2.0)
     masked = []
     monkeypatch.setattr(ma, "mask_attention", lambda *a, f=ma.mask_attention: masked.append(1) or f(*a))
     monkeypatch.setattr(ts, "kernels_ok", ts.supports)

@@ -1,7 +1,7 @@
 """Attention over the keys a per-row bitmask keeps (prefill): ``mask_attention`` (Triton) beside its naive twin
 ``mask_attention_reference``, and the bitmask helpers. ``token_select`` writes the bitmask (``bits=True``); the
 policy takes this attention instead of the gather where the kept share of the causal pairs is at least
-``TUNING["min_density"]``."""
+``TUNING["min_density"]`` (per head ``min_density_head``)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def kept_tile_share(bits: torch.Tensor, rows: int, keys: int) -> float:
     return kept.sum().item() / (causal.sum().item() * bits.shape[0] * bits.shape[1])
 
 
-def dense_enough(t: int, k: int) -> bool:
-    """Whether top-k of ``k`` keeps enough of the causal pairs at length ``t`` for this kernel to beat the gather."""
-    return kept_share(t, k) >= TUNING["min_density"]
+def dense_enough(t: int, k: int, per_head: bool = False) -> bool:
+    """Whether top-k of ``k`` keeps enough of the causal pairs at length ``t`` for the bitmask selection and this
+    kernel to beat the index selection and the gather, per KV group or (``per_head``) per head."""
+    return kept_share(t, k) >= TUNING["min_density_head" if per_head else "min_density"]
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, n_sets: int) -> bool:

@@ -31,10 +31,15 @@ except ImportError:  # the naive path serves
 # (its loop is split in two): that took this launch from 1.74 to 1.14 ms per head at this size (prefill_tuning in
 # perf-h200-prefill-topk-split.json, before it), and the per-layer call at T = 32768 from 23.0 ms (64 x 64) to 15.6
 # (64 x 32).
-# min_density: the share of causal (row, key) pairs kept above which the policy takes this kernel rather than the
-# gather. In the same run at k = 256, the gather took 1.84 / 6.91 ms and this kernel (64 x 32, no skip test) 1.29 /
-# 14.84 ms at T = 8192 / 32768 (per group; shares of the pairs kept 0.062 / 0.016): crossovers near 0.043 / 0.034.
-TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04}
+# min_density: the share of causal (row, key) pairs kept above which the policy takes this kernel (and the bitmask
+# selection) rather than the index selection and the gather, per KV group. In the same run at k = 256, the gather
+# took 1.84 / 6.91 ms and this kernel (64 x 32, no skip test) 1.29 / 14.84 ms at T = 8192 / 32768 (per group;
+# shares of the pairs kept 0.062 / 0.016): crossovers near 0.043 / 0.034. min_density_head: the same per head, where
+# the bitmask selection costs less than the index selection by more than the gather saves: at T = 32768, k = 256
+# (share 0.016) the selection took 53.2 ms with the bitmask and 74.7 with indices, the attention 15.1 over tiles
+# and 7.2 by gathering: 69.2 against 82.8 ms with the gate's projection (perf-h200-prefill-topk-cuts.json; per
+# group there 96.8 against 93.2).
+TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04, "min_density_head": 0.015}
 
 
 if triton is not None:
