@@ -295,8 +295,9 @@ def plan(a) -> None:
     per_step = {m: max(rows[src]["ms_per_step"] / 1000 * cfg.batch_size / 64, floor[m]) for m, src in sources}
     if cfg.gate_compile:
         floor |= {"soft-learned": 0.0, "soft-random": 0.0}  # their two-GPU speed-up was measured launches and all
-    # the sweep trains at its own small batch: its hard-topk steps are bound by the launches
-    per_step["sweep-hard-topk"] = rows["hard-topk"]["kernels_per_step"] * 60e-6
+    # the sweep trains at its own small batch: its steps are bound by the launches; as measured in finished sweep
+    # units where there are some, else counted from the hard-topk step's kernels
+    per_step["sweep-hard-topk"] = _sweep_step() or rows["hard-topk"]["kernels_per_step"] * 60e-6
     from posthoc_sparse.experiments.unit_report import load_units, same_recipe
 
     # the units already in the recipe's folder under these settings (the data is checked by the aggregator)
@@ -305,6 +306,15 @@ def plan(a) -> None:
               for n, u in done.items()}
     _print_plan(_estimates(cfg, per_step, _names(a), a.train_processes, floor), a.recipe, done, a.done,
                 a.train_processes, as_run)
+
+
+def _sweep_step(folders=("docs/data/units", "docs/data/units-plateau")) -> float | None:
+    """Seconds per training step of the unfreeze sweep's points (median over the trained points of the finished
+    sweep units in ``folders``, on the GPU they ran on), or None where none has run. The sweep's settings are the
+    same in every recipe (``SweepSettings``), and its small-batch step is bound by the host's launches."""
+    per = sorted(p["seconds"] / p["steps"] for f in folders for path in sorted((ROOT / f).glob("sweep-s*.json"))
+                 for p in json.loads(path.read_text())["sweep"]["points"] if p["steps"])
+    return per[len(per) // 2] if per else None
 
 
 def _short_run(cfg, mode: str, batch: int, work: Path, on_event, compile: bool = False) -> None:

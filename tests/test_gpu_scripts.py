@@ -211,6 +211,19 @@ def test_the_plan_names_each_recipe_and_its_pending_units(tmp_path):
     assert again["soft-learned-s0"] == pytest.approx(minutes["soft-learned-s0"] * factor, abs=0.2)
 
 
+def test_the_plan_times_sweep_steps_from_the_finished_sweep_units(tmp_path):
+    """The sweep's small-batch step as measured in the committed sweep units (median over their trained points),
+    not counted from the kernels of a batch-64 step; None where no sweep unit has run."""
+    from benchmarks import gpu_units
+
+    points = [p for s in (0, 1) for p in json.loads((ROOT / f"docs/data/units/sweep-s{s}.json").read_text())
+              ["sweep"]["points"] if p["steps"]]
+    per = sorted(p["seconds"] / p["steps"] for p in points)
+    assert len(per) == 12 and gpu_units._sweep_step(("docs/data/units",)) == per[len(per) // 2]
+    assert 0.02 < per[len(per) // 2] < 0.1  # tens of ms: launch-bound at batch 8
+    assert gpu_units._sweep_step((str(tmp_path),)) is None
+
+
 def test_a_batch_that_does_not_split_over_the_processes_stops_before_anything_runs(tmp_path):
     import sys
 
