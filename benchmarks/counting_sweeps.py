@@ -53,8 +53,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--cands", default="4,8", help="thresholds a sweep to compare (2, 4 or 8)")
+    p.add_argument("--guess-step", type=float, default=tst.TUNING["select_guess_step"],
+                   help="the guessed first sweep's innermost thresholds, in sds of the row's scores")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    tst.TUNING["select_guess_step"] = a.guess_step
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     report = {"what": "counting sweeps of ops.token_select on Gaussian inputs, through TRITON_INTERPRET=1",

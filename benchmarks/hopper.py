@@ -59,7 +59,7 @@ def compile_for_hopper(tmp_path: Path, module: str, cases: list[tuple[str, dict,
 
 TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
                       "BR": "*i64",
-                      "scale": "fp32", "softcap": "fp32"}
+                      "scale": "fp32", "softcap": "fp32", "guess_step": "fp32"}
 DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")}
 
 

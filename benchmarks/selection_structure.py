@@ -2,6 +2,7 @@
 and held-out text (docs/performance.md, "Prefill"): what the prefill kernels' costs depend on beyond the machine.
 
     python benchmarks/selection_structure.py --gates gates/demo --out docs/data/selection-structure-smollm2.json
+    python benchmarks/selection_structure.py --layers 15 --sweep-heads 1 --guess-step 0.05 --out ...  # a variant
 
 For some layers of one held-out window of T tokens, with top-k of the distilled gate, the oracle (the model's own
 scores) and a random gate at k = T / 16 and T / 4 (the shares of 2048 of 32768 and of 8192 keys), per head and per
@@ -96,8 +97,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--layers", default="3,15,27")
     p.add_argument("--sweep-heads", type=int, default=3, help="query heads the interpreted kernel runs on")
+    p.add_argument("--thresholds", type=int, default=ts.TUNING["select_cands"],
+                   help="thresholds a counting sweep tests (2, 4 or 8)")
+    p.add_argument("--guess-step", type=float, default=ts.TUNING["select_guess_step"],
+                   help="the guessed first sweep's innermost thresholds, in sds of the row's scores")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    ts.TUNING.update(select_cands=args.thresholds, select_guess_step=args.guess_step)
     torch.manual_seed(0)
     started = time.time()
     loaded = load_model(EMBEDDED_MODEL, dtype="float32", device="cpu")

@@ -37,7 +37,8 @@ except ImportError:  # the naive path serves
 
 # Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile, candidate
 # thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
-# each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score).
+# each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
+# the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
 # write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
 # together), gathered keys per step, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
@@ -51,7 +52,8 @@ except ImportError:  # the naive path serves
 # (perf-h200-prefill-topk-popc.json). The guess cut the counting sweeps on SmolLM2's gate and oracle scores
 # (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
-          "select_rank_chunk": 1, "select_guess": True, "write_rows": 16, "write_keys": 64, "write_warps": 4,
+          "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
+          "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
@@ -136,10 +138,10 @@ if triton is not None:
         return tl.where(p <= 0.5, z, -z)
 
     @triton.jit
-    def _cands(lo, hi, gc, sd, mode, R: tl.constexpr, LOG: tl.constexpr):
+    def _cands(lo, hi, gc, sd, mode, step, R: tl.constexpr, LOG: tl.constexpr):
         # (rows, R) int64 candidates in _mono order, in [lo, hi), rising. mode 1 (a row's first sweep): around its
-        # guessed k-th largest score gc, at gc + 0.02 sd x (+-1, 4, 16, 64) (the first R of them; of the log of the
-        # scores with LOG); mode 2 / 3 (the guess missed above / below): all R further out on that side, at 0.02 sd x
+        # guessed k-th largest score gc, at gc + step sd x (+-1, 4, 16, 64) (the first R of them; of the log of the
+        # scores with LOG); mode 2 / 3 (the guess missed above / below): all R further out on that side, at step sd x
         # 4 ** (R / 2), 4 ** (R / 2 + 1), ...; clamped to the bracket. Mode 0: evenly spread over the bracket
         r = tl.arange(0, R)[None, :]
         j = 2 * r - (R - 1)
@@ -147,7 +149,7 @@ if triton is not None:
         up = tl.exp2((R // 2 + r).to(tl.float32) * 2.0)
         down = -tl.exp2((R // 2 + R - 1 - r).to(tl.float32) * 2.0)
         m = tl.where(mode[:, None] == 1, sym, tl.where(mode[:, None] == 2, up, down))
-        v = gc[:, None] + 0.02 * sd[:, None] * m
+        v = gc[:, None] + step * sd[:, None] * m
         if LOG:
             v = tl.exp(v)
         guess = tl.minimum(tl.maximum(_mono(v), lo[:, None]), hi[:, None] - 1)
@@ -168,7 +170,7 @@ if triton is not None:
 
     @triton.jit
     def _token_bracket(A, Bk, LSE, BR, SWEEPS, sab, sah, sat, sbb, sbh, sbt, H, G, T, n_rep_b, scale, softcap, k,
-                       DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                       guess_step, DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, NC: tl.constexpr, R: tl.constexpr, BAND: tl.constexpr,
                        GUESS: tl.constexpr):
         # One program: BLOCK_M rows of one head (GROUP 1) or one group of GROUP query heads; the last row
@@ -216,7 +218,7 @@ if triton is not None:
             sweeps += 1
             # each candidate's count per row, three to an int64 in 21-bit fields (R <= 9, T < 2**21): per tile a
             # compare and a row sum per candidate, in the tile's own layout (no (rows, keys, R) tensor)
-            cand = _cands(lo, hi, gc, sd, mode, R, GROUP > 1)
+            cand = _cands(lo, hi, gc, sd, mode, guess_step, R, GROUP > 1)
             p0 = tl.zeros([BLOCK_M], tl.int64)
             p1 = tl.zeros([BLOCK_M], tl.int64)
             p2 = tl.zeros([BLOCK_M], tl.int64)
@@ -354,8 +356,8 @@ def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, 
     bracket = torch.empty(bsz * g, t, 4, dtype=torch.int64, device=a.device)
     _token_bracket[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
-        float(softcap or 1.0), k, **_kernel_args(a, group, softcap), BLOCK_M=rows, NC=nc, R=TUNING["select_cands"],
-        GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
+        float(softcap or 1.0), k, float(TUNING["select_guess_step"]), **_kernel_args(a, group, softcap),
+        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
     return bracket, lse, counted
 
 
