@@ -255,7 +255,7 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
     a key (what skipping can save)."""
     t = q.shape[2]
-    row = {"mask_path_taken": ma.dense_enough(t, k, group == 1),
+    row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1),
            "select_bits_s": timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)}
     bits = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     for skip in (True, False):

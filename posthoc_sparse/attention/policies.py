@@ -216,7 +216,8 @@ class TopKPolicy:
         group = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
         softcap = call.softcap if type(self.selector) is OracleSelector else None
         k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
-        if ma.dense_enough(call.key.shape[2], k, group == 1) and ma.supports(call.query, call.key, call.query.shape[1] // group):
+        n_sets = call.query.shape[1] // group
+        if ma.dense_enough(call.key.shape[2], k, per_head=group == 1) and ma.supports(call.query, call.key, n_sets):
             bits = ts.token_select(a, b, k, scale, group, softcap, bits=True)
             return ma.mask_attention(call.query, call.key, call.value, bits, call.scaling, call.softcap)
         idx = ts.token_select(a, b, k, scale, group, softcap)
