@@ -71,6 +71,7 @@ def fetch_packages(packages: Path) -> None:
         root = package_root(kind, dist, str(packages))
         if root.is_dir():
             continue
+        root.parent.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x makes the last folder only
         with tempfile.TemporaryDirectory() as tmp:
             if kind == "debian":
                 subprocess.run(["apt-get", "download", f"{dist}={version}"], cwd=tmp, check=True)
