@@ -257,6 +257,20 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1),
            "select_bits_s": timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)}
+    kept = {}
+    for kernel in ("offsets", "reduce"):  # the two bitmask writes side by side (the default is one of them)
+        with tuning(ts.TUNING, bits_kernel=kernel):
+            row[f"select_bits_{kernel}_s"] = timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True),
+                                                   device, reps)
+            kept[kernel] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
+    for rows, warps in ((32, 4), (64, 8)):  # other launches of the second (the default: 64 rows, 4 warps)
+        with tuning(ts.TUNING, bits_kernel="reduce", bits_rows=rows, bits_warps=warps):
+            row[f"select_bits_reduce_{rows}x{warps}_s"] = timed(
+                lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)
+    words = torch.arange(kept["reduce"].shape[-1], device=device)
+    causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
+    row["select_bits_same_sets"] = not bool(((kept["offsets"] != kept["reduce"]) & causal).any())
+    del kept
     bits = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     for skip in (True, False):
         with tuning(ma.TUNING, skip=skip):

@@ -10,6 +10,7 @@ import torch
 from posthoc_sparse.ops import HAVE_TRITON
 from posthoc_sparse.ops import mask_attention as ma
 from posthoc_sparse.ops import token_select as ts
+from posthoc_sparse.ops.token_select import triton as ts_triton
 
 from benchmarks.parts_attention import MASK_LAUNCHES
 
@@ -105,8 +106,11 @@ def test_mask_attention_refuses_a_set_shared_across_kv_heads():
     ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
     ("dup", 2, 4, 2, 77, 16, 12, 2),
 ])
-def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, monkeypatch):
-    for key, value in (SMALL | {"select_keys": 32}).items():
+@pytest.mark.parametrize("kernel", ["offsets", "reduce"])
+def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, kernel, monkeypatch):
+    """Both bitmask writes (running offsets; row reductions), on rows of every kind the second one treats
+    apart: the band kept whole, ranked in slots, or one tied value kept by lowest index."""
+    for key, value in (SMALL | {"select_keys": 32, "bits_kernel": kernel, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
     a, keys = _inputs(kind, b, h, g, t, d, seed=t)
     got = ts.token_select(a, keys, k, 0.5, group, bits=True)
@@ -114,14 +118,26 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, k, 0.5, group), t), t)
     assert torch.equal(ma.keep_from_bits(got, t) & causal, want)
+    lo, hi, cnt_lo, cnt_hi = ts_triton.token_bracket(a, keys, k, 0.5, group)[0].unbind(-1)
+    band, quota = cnt_lo - cnt_hi, k - cnt_hi
+    kinds = {"whole": band <= quota, "ranked": (band > quota) & (band <= SMALL["select_band"]),
+             "tied": (band > quota) & (band > SMALL["select_band"])}
+    assert kinds["whole"].any() and (kinds["ranked"].any() or kinds["tied"].any())
+    assert bool((hi - lo == 1)[kinds["tied"]].all())  # a tied band holds one value
+    if kind == "grid":
+        assert kinds["tied"].any()
+    if kind == "randn" and k < 30:
+        assert kinds["ranked"].any()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
-def test_mask_path_on_gpu(dtype, t, k, group):
-    """token_select's bitmask holds the sets of its index output, and mask_attention equals the reference on CUDA
-    at the default launch settings."""
+@pytest.mark.parametrize("kernel", ["offsets", "reduce"])
+def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
+    """token_select's bitmask (either write) holds the sets of its index output, and mask_attention equals the
+    reference on CUDA at the default launch settings."""
+    monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel)
     bsz, h, g, d = 2, 4, 2, 32
     gen = torch.Generator().manual_seed(t)
     a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)

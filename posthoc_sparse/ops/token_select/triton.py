@@ -39,21 +39,22 @@ except ImportError:  # the naive path serves
 # thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
 # the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
-# write (_token_write): rows, keys per tile, warps. attn (gather.py): rows per program (all stacked heads
-# together), gathered keys per step, warps.
+# write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write) or "reduce"
+# (bits.py: no running offsets), its rows, keys per tile and warps. attn (gather.py): rows per program (all stacked
+# heads together), gathered keys per step, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
 # docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
 # warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
-# registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json,
-# prefill_tuning): 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against
-# 7.60 ms per head, 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches
-# were within 2% of each other. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against
-# 21.7 for the counting; perf-h200-prefill-topk-diag.json); a popcount write without tl.cumsum was slower
-# (perf-h200-prefill-topk-popc.json). The guess cut the counting sweeps on SmolLM2's gate and oracle scores
-# (docs/data/selection-structure-smollm2.json).
+# registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning):
+# 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head,
+# 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each
+# other. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against 21.7 for the counting;
+# perf-h200-prefill-topk-diag.json); a popcount write without tl.cumsum was slower (perf-h200-prefill-topk-popc.json).
+# The guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
+          "bits_kernel": "offsets", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
@@ -264,6 +265,32 @@ if triton is not None:
         tl.store(br + 3, cnt_hi.to(tl.int64), mask=row_ok)
 
     @triton.jit
+    def _thresholds(BR, T, rows, row_ok, k):
+        # _token_bracket's thresholds of the rows: lo, hi (_mono ints), the keys at or above hi, the band's quota
+        # (k less those) and the keys in the band [lo, hi)
+        br = BR + (tl.program_id(1) * T + rows) * 4
+        lo = tl.load(br, mask=row_ok, other=0)
+        hi = tl.load(br + 1, mask=row_ok, other=1)
+        cnt_lo = tl.load(br + 2, mask=row_ok, other=0).to(tl.int32)
+        cnt_hi = tl.load(br + 3, mask=row_ok, other=0).to(tl.int32)
+        return lo, hi, cnt_hi, k - cnt_hi, cnt_lo - cnt_hi
+
+    @triton.jit
+    def _band_ranks(wbase, n, use, BLOCK_M: tl.constexpr, BAND: tl.constexpr, RC: tl.constexpr):
+        # the first n packed words of each used row's scratch ranked against each other (0: the largest): which
+        # slots hold one, each one's rank and its key
+        jb = tl.arange(0, BAND)
+        inb = use[:, None] & (jb[None, :] < n[:, None])
+        word = tl.load(wbase[:, None] + jb[None, :], mask=inb, other=MIN_WORD)
+        rank = tl.zeros([BLOCK_M, BAND], tl.int32)
+        for c0 in range(0, BAND, RC):
+            jc = c0 + tl.arange(0, RC)
+            other = tl.load(wbase[:, None] + jc[None, :], mask=use[:, None] & (jc[None, :] < n[:, None]),
+                            other=MIN_WORD)
+            rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
+        return inb, rank, (4294967295 - (word & 4294967295)).to(tl.int32)
+
+    @triton.jit
     def _token_write(A, Bk, LSE, BR, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
                      H, G, T, n_rep_b, scale, softcap, k,
                      DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
@@ -273,13 +300,7 @@ if triton is not None:
         # 3. write: keys >= hi all; band keys [lo, hi) all if they fit, else the lowest indices (they tie: hi is
         # lo + 1) or, where at most BAND, as packed words to rank
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
-        br = BR + (tl.program_id(1) * T + rows) * 4
-        lo = tl.load(br, mask=row_ok, other=0)
-        hi = tl.load(br + 1, mask=row_ok, other=1)
-        cnt_lo = tl.load(br + 2, mask=row_ok, other=0).to(tl.int32)
-        cnt_hi = tl.load(br + 3, mask=row_ok, other=0).to(tl.int32)
-        quota = k - cnt_hi
-        band_n = cnt_lo - cnt_hi
+        lo, hi, cnt_hi, quota, band_n = _thresholds(BR, T, rows, row_ok, k)
         ranked = (band_n > quota) & (band_n <= BAND)
         lval, hval = _unmono(lo), _unmono(hi)
         out = IDX + bz * sib + g * sih + rows * sit
@@ -313,16 +334,7 @@ if triton is not None:
                          mask=row_ok[:, None] & (jj[None, :] > rows[:, None]) & (jj[None, :] < k))
         if tl.max(ranked.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the words other threads stored
-            jb = tl.arange(0, BAND)
-            inb = ranked[:, None] & row_ok[:, None] & (jb[None, :] < band_n[:, None])
-            word = tl.load(wbase[:, None] + jb[None, :], mask=inb, other=MIN_WORD)
-            rank = tl.zeros([BLOCK_M, BAND], tl.int32)
-            for c0 in range(0, BAND, RC):
-                jc = c0 + tl.arange(0, RC)
-                other = tl.load(wbase[:, None] + jc[None, :], other=MIN_WORD,
-                                mask=ranked[:, None] & row_ok[:, None] & (jc[None, :] < band_n[:, None]))
-                rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
-            col = (4294967295 - (word & 4294967295)).to(tl.int32)
+            inb, rank, col = _band_ranks(wbase, band_n, ranked & row_ok, BLOCK_M, BAND, RC)
             if BITS:
                 tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
             else:
@@ -372,6 +384,11 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     bsz, h, t = a.shape[:3]
     g = h // group
     bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
+    if bits and TUNING["bits_kernel"] == "reduce":  # bits.py: no running offsets
+        from .bits import write_bits
+
+        idx = write_bits(a, b, k, scale, group, softcap, bracket, lse, TUNING, _kernel_args(a, group, softcap))
+        return (idx, counted) if sweeps else idx
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
     idx = torch.empty(shape, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
