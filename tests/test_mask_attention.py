@@ -130,6 +130,23 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
         assert kinds["ranked"].any()
 
 
+def test_the_default_bitmask_write_is_by_reductions_per_group_and_by_offsets_per_head(monkeypatch):
+    """TUNING["bits_kernel"] "auto": the write that was faster on an H200 for each (perf-h200-prefill-topk-reduce)."""
+    from posthoc_sparse.ops.token_select import bits as ts_bits
+
+    for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    assert ts.TUNING["bits_kernel"] == "auto"
+    calls = []
+    monkeypatch.setattr(ts_bits, "write_bits", lambda *a, f=ts_bits.write_bits: calls.append(a[4]) or f(*a))
+    a, keys = _inputs("randn", 1, 4, 2, 40, 16, seed=1)
+    for group in (1, 2):
+        got = ts.token_select(a, keys, 7, 0.5, group, bits=True)
+        want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, 7, 0.5, group), 40), 40)
+        assert torch.equal(ma.keep_from_bits(got, 40) & torch.ones(40, 40, dtype=torch.bool).tril(), want)
+    assert calls == [2]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
@@ -160,7 +177,7 @@ def test_mask_attention_agrees_with_its_twin_under_every_benchmarked_launch_sett
     """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
     for name, value in zip(("rows", "keys", "warps"), launch):
         monkeypatch.setitem(ma.TUNING, name, value)
-    test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group)
+    test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group, ts.TUNING["bits_kernel"], monkeypatch)
 
 
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):

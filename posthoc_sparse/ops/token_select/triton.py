@@ -39,9 +39,9 @@ except ImportError:  # the naive path serves
 # thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
 # the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
-# write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write) or "reduce"
-# (bits.py: no running offsets), its rows, keys per tile and warps. attn (gather.py): rows per program (all stacked
-# heads together), gathered keys per step, warps.
+# write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce"
+# (bits.py) or "auto" (reduce per group, offsets per head: perf-h200-prefill-topk-reduce.json), its rows, keys per
+# tile and warps. attn (gather.py): rows per program, keys per step, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
 # docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
 # warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
@@ -54,7 +54,7 @@ except ImportError:  # the naive path serves
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
-          "bits_kernel": "offsets", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4,
+          "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4,
           "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
@@ -384,9 +384,9 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     bsz, h, t = a.shape[:3]
     g = h // group
     bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
-    if bits and TUNING["bits_kernel"] == "reduce":  # bits.py: no running offsets
-        from .bits import write_bits
-
+    write = TUNING["bits_kernel"] if TUNING["bits_kernel"] != "auto" else "reduce" if group > 1 else "offsets"
+    if bits and write == "reduce":  # bits.py: no running offsets
+        from .bits import write_bits  # bits.py imports this module
         idx = write_bits(a, b, k, scale, group, softcap, bracket, lse, TUNING, _kernel_args(a, group, softcap))
         return (idx, counted) if sweeps else idx
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
