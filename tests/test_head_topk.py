@@ -332,17 +332,20 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(select
 
 def test_the_token_select_kernel_compiles_for_hopper(tmp_path):
     """The selection kernels at their default launch, per head and per group, compile to sm_90 machine code without
-    local memory; in the write kernel a ranking chunk of 1 needs fewer registers than one of 8."""
-    from benchmarks.hopper import TOKEN_SELECT_TYPES, compile_for_hopper, token_select_cases
+    local memory, their key tiles' loads pipelined; in the write kernel a ranking chunk of 1 needs fewer registers
+    than one of 8."""
+    from benchmarks.hopper import TOKEN_SELECT_ALIGNED, TOKEN_SELECT_TYPES, compile_for_hopper, token_select_cases
 
     pytest.importorskip("triton.backends.nvidia")
     cases = token_select_cases([(ts.TUNING["select_rows"], ts.TUNING["select_keys"], ts.TUNING["select_warps"])],
                                chunks=(), groups=(1, 2))
     cases += token_select_cases([(ts.TUNING["write_rows"], ts.TUNING["write_keys"], ts.TUNING["write_warps"])],
                                 chunks=(8, 1), groups=(1, 2))[2:]
-    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES)
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES,
+                             TOKEN_SELECT_ALIGNED)
     assert [g["kernel"] for g in got] == ["_token_bracket"] * 2 + ["_token_write"] * 4
     assert all(g["local"] == 0 for g in got), got
+    assert all(g["async_copies"] > 0 for g in got), got  # specialized as launched: the key tiles' loads pipelined
     regs = [g["regs"] for g in got[2:]]  # write: RC 8 head, RC 8 group, RC 1 head, RC 1 group
     assert regs[2] < regs[0] and regs[3] <= regs[1], regs
 

@@ -180,6 +180,21 @@ def test_mask_attention_agrees_with_its_twin_under_every_benchmarked_launch_sett
     test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group, ts.TUNING["bits_kernel"], monkeypatch)
 
 
+def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
+    """bits.py's sweep at its default launch, per head and per group, and its ranking compile to sm_90 machine code
+    without local memory, the sweep's key tiles pipelined and its registers below the 255 that the ranking and the
+    tile scans inside it took (2 programs an SM at 64 rows: docs/data/kernel-registers-sm90.json)."""
+    from benchmarks.hopper import TOKEN_SELECT_ALIGNED, TOKEN_SELECT_TYPES, compile_for_hopper, token_bits_cases
+
+    pytest.importorskip("triton.backends.nvidia")
+    cases = token_bits_cases([(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])])
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.bits", cases, TOKEN_SELECT_TYPES,
+                             TOKEN_SELECT_ALIGNED)
+    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"]
+    assert all(g["local"] == 0 for g in got), got
+    assert all(g["async_copies"] > 0 and g["regs"] < 255 for g in got[:2]), got
+
+
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):
     """The attention kernel at its default launch, a kept set per head and per two heads, compiles to sm_90 machine
     code without local memory (no registers spilled)."""
