@@ -131,20 +131,53 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
 
 
 def test_the_default_bitmask_write_is_by_reductions_per_group_and_by_offsets_per_head(monkeypatch):
-    """TUNING["bits_kernel"] "auto": the write that was faster on an H200 for each (perf-h200-prefill-topk-reduce)."""
+    """TUNING["bits_kernel"] "auto": the reduction write per group (25% faster than the offsets one on an H200 at
+    T = 32768, docs/data/perf-h200-prefill-topk-reduce.json), the offsets write per head; another value is refused."""
     from posthoc_sparse.ops.token_select import bits as ts_bits
 
     for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
     assert ts.TUNING["bits_kernel"] == "auto"
     calls = []
-    monkeypatch.setattr(ts_bits, "write_bits", lambda *a, f=ts_bits.write_bits: calls.append(a[4]) or f(*a))
+
+    def spy(*args, f=ts_bits.write_bits):
+        out = f(*args)
+        if out is not None:  # the reduction write ran
+            calls.append(args[4])
+        return out
+
+    monkeypatch.setattr(ts_bits, "write_bits", spy)
     a, keys = _inputs("randn", 1, 4, 2, 40, 16, seed=1)
     for group in (1, 2):
         got = ts.token_select(a, keys, 7, 0.5, group, bits=True)
         want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, 7, 0.5, group), 40), 40)
         assert torch.equal(ma.keep_from_bits(got, 40) & torch.ones(40, 40, dtype=torch.bool).tril(), want)
     assert calls == [2]
+    monkeypatch.setitem(ts.TUNING, "bits_kernel", "atomic")
+    with pytest.raises(ValueError, match="bits_kernel"):
+        ts.token_select(a, keys, 7, 0.5, 2, bits=True)
+
+
+@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce"])
+def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch):
+    """Scores that underflow to -0.0 are a row's largest: -0.0 and +0.0 compare equal, so the bracket must start
+    above both (it started at +0.0 and kept every -0.0 key beyond k; found in review)."""
+    for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    monkeypatch.setitem(ts.TUNING, "bits_kernel", "offsets" if kernel == "index" else kernel)
+    t, k = 40, 3
+    a, keys = torch.zeros(1, 1, t, 16), torch.zeros(1, 1, t, 16)
+    a[..., 0] = -1e-23
+    keys[..., 0] = 1e-22  # a . b * 0.5 underflows to -0.0
+    keys[0, 0, 1::3, 0] = 1.0  # every third key scores below it
+    want = ts.token_select_reference(a, keys, k, 0.5)
+    if kernel == "index":
+        got = ts.token_select(a, keys, k, 0.5)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    else:
+        got = ma.keep_from_bits(ts.token_select(a, keys, k, 0.5, bits=True), t)
+        assert torch.equal(got & torch.ones(t, t, dtype=torch.bool).tril(), ma.keep_from_bits(ma.bits_from_indices(
+            want, t), t))
 
 
 @pytest.mark.gpu

@@ -114,9 +114,15 @@ if triton is not None:
 
 
 def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: int, softcap: float | None,
-               bracket: torch.Tensor, lse: torch.Tensor, tuning: dict, kernel_args: dict) -> torch.Tensor:
+               bracket: torch.Tensor, lse: torch.Tensor, tuning: dict, kernel_args: dict) -> torch.Tensor | None:
     """The kept sets of ``token_bracket``'s thresholds as ``token_select``'s bitmask, (B, H // group, T,
-    ceil(T / 32)) int32 (words past a row's causal keys are not written)."""
+    ceil(T / 32)) int32 (words past a row's causal keys are not written); None where ``tuning["bits_kernel"]``
+    picks the offsets write ("offsets", or "auto" per head)."""
+    choice = tuning["bits_kernel"]
+    if choice not in ("auto", "offsets", "reduce"):
+        raise ValueError(f"TUNING['bits_kernel'] is 'auto', 'offsets' or 'reduce', not {choice!r}")
+    if choice == "offsets" or (choice == "auto" and group == 1):
+        return None
     bsz, h, t = a.shape[:3]
     g = h // group
     out = torch.empty(bsz, g, t, (t + 31) // 32, dtype=torch.int32, device=a.device)

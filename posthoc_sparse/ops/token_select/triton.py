@@ -203,7 +203,7 @@ if triton is not None:
                 s2 += tl.sum(f * f, 1)
                 nf += tl.sum(fin.to(tl.float32), 1)
         lo = _mono(smin)
-        hi = _mono(smax) + 1
+        hi = _mono(tl.where(smax == 0.0, 0.0, smax)) + 1  # past -0.0 and +0.0 alike: they compare equal
         nf = tl.maximum(nf, 1.0)
         mu = s1 / nf
         sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
@@ -384,11 +384,11 @@ def token_select(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, g
     bsz, h, t = a.shape[:3]
     g = h // group
     bracket, lse, counted = token_bracket(a, b, k, scale, group, softcap)
-    write = TUNING["bits_kernel"] if TUNING["bits_kernel"] != "auto" else "reduce" if group > 1 else "offsets"
-    if bits and write == "reduce":  # bits.py: no running offsets
+    if bits:  # bits.py's write where TUNING["bits_kernel"] picks it (None: the offsets write below)
         from .bits import write_bits  # bits.py imports this module
         idx = write_bits(a, b, k, scale, group, softcap, bracket, lse, TUNING, _kernel_args(a, group, softcap))
-        return (idx, counted) if sweeps else idx
+        if idx is not None:
+            return (idx, counted) if sweeps else idx
     shape = (bsz, g, t, (t + 31) // 32 if bits else k)
     idx = torch.empty(shape, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, TUNING["select_band"], dtype=torch.int64, device=a.device)
