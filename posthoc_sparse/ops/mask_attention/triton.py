@@ -62,7 +62,7 @@ if triton is not None:
         g = (ih * n_rep_idx) // n_rep_kv  # every stacked head reads this KV head
         kbase = K + bz * skb + g * skh
         vbase = V + bz * svb + g * svh
-        wrow = BITS + bz * swb + ih * swh + t * swt
+        wrow = BITS + bz.to(tl.int64) * swb + ih.to(tl.int64) * swh + t.to(tl.int64) * swt  # > 2**31 words at 128k
         m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
         l = tl.zeros([HP * BLOCK_M], tl.float32)
         acc = tl.zeros([HP * BLOCK_M, D], tl.float32)

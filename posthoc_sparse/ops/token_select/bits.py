@@ -54,7 +54,7 @@ if triton is not None:
         any_ranked = tl.max(ranked.to(tl.int32), 0) > 0
         any_tied = tl.max(tied.to(tl.int32), 0) > 0
         lval, hval = _unmono(lo), _unmono(hi)
-        out = OUT + bz * sib + g * sih + rows * sit
+        out = OUT + bz.to(tl.int64) * sib + g.to(tl.int64) * sih + rows.to(tl.int64) * sit  # > 2**31 at 128k
         wbase = WORDS + (tl.program_id(1) * T + rows) * BAND  # (B x H or G, T, BAND) contiguous
         pos = tl.arange(0, NC)
         seen = tl.zeros([BLOCK_M], tl.int32)  # band keys so far, of tied rows
@@ -109,7 +109,7 @@ if triton is not None:
             nb = tl.minimum(tl.load(NB + tl.program_id(1) * T + rows, mask=row_ok, other=0), BAND)
             wbase = WORDS + (tl.program_id(1) * T + rows) * BAND
             inb, rank, col = _band_ranks(wbase, nb, ranked, BLOCK_M, BAND, RC)
-            out = OUT + bz * sib + g * sih + rows * sit
+            out = OUT + bz.to(tl.int64) * sib + g.to(tl.int64) * sih + rows.to(tl.int64) * sit
             tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
 
 

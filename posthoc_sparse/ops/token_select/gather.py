@@ -40,7 +40,7 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         kbase = K + bz * skb + (h // n_rep_kv) * skh
         vbase = V + bz * svb + (h // n_rep_kv) * svh
-        sel = IDX + bz * sib + ih * sih + t * sit
+        sel = IDX + bz.to(tl.int64) * sib + ih.to(tl.int64) * sih + t.to(tl.int64) * sit  # T x k can pass 2**31
         m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
         l = tl.zeros([HP * BLOCK_M], tl.float32)
         acc = tl.zeros([HP * BLOCK_M, D], tl.float32)

@@ -303,7 +303,7 @@ if triton is not None:
         lo, hi, cnt_hi, quota, band_n = _thresholds(BR, T, rows, row_ok, k)
         ranked = (band_n > quota) & (band_n <= BAND)
         lval, hval = _unmono(lo), _unmono(hi)
-        out = IDX + bz * sib + g * sih + rows * sit
+        out = IDX + bz.to(tl.int64) * sib + g.to(tl.int64) * sih + rows.to(tl.int64) * sit  # can pass 2**31
         wbase = WORDS + (tl.program_id(1) * T + rows) * BAND  # (B, H or G, T, BAND) contiguous
         kept = tl.zeros([BLOCK_M], tl.int32)
         seen = tl.zeros([BLOCK_M], tl.int32)
