@@ -253,7 +253,9 @@ def _prefill_work(t: int, h: int, g: int, d_sel: int, d: int, k: int, group: int
 def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, reps: int) -> dict:
     """The selection writing a bitmask and the attention over key tiles (``ops.mask_attention``), with and without
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
-    a key (what skipping can save)."""
+    a key (what skipping can save). Also both bitmask writes side by side (``select_bits_offsets_s``,
+    ``select_bits_reduce_s`` and two other launches of the second) and whether every one kept the offsets
+    write's sets (``select_bits_same_sets``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1),
            "select_bits_s": timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)}
@@ -267,9 +269,11 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
         with tuning(ts.TUNING, bits_kernel="reduce", bits_rows=rows, bits_warps=warps):
             row[f"select_bits_reduce_{rows}x{warps}_s"] = timed(
                 lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)
+            kept[f"reduce_{rows}x{warps}"] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     words = torch.arange(kept["reduce"].shape[-1], device=device)
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
-    row["select_bits_same_sets"] = not bool(((kept["offsets"] != kept["reduce"]) & causal).any())
+    row["select_bits_same_sets"] = all(not bool(((kept["offsets"] != other) & causal).any())
+                                       for name, other in kept.items() if name != "offsets")
     del kept
     bits = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     for skip in (True, False):

@@ -88,7 +88,7 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
     reference path against SDPA, and the work counted per piece."""
     out = tmp_path / "prefill.json"
     run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "prefill_topk", "--reps",
-                          "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["parts"]["prefill_topk"]
@@ -99,7 +99,9 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
         assert row["path"] == "reference"  # the policy takes the kernels on CUDA only
         _positive(row, ["sdpa_s", "select_s", "attention_s", "total_s", "speedup_vs_sdpa", "select_flops",
                         "attention_gather_bytes", "sdpa_flops", "select_bits_s", "mask_attention_s",
-                        "mask_attention_noskip_s", "select_and_mask_attention_speedup_vs_sdpa"])
+                        "mask_attention_noskip_s", "select_and_mask_attention_speedup_vs_sdpa",
+                        "select_bits_offsets_s", "select_bits_reduce_s", "select_bits_reduce_32x4_s"])
+        assert row["select_bits_same_sets"] is True  # every bitmask write and launch kept the same sets
         assert 0 < row["mask_tiles_kept_share"] <= 1  # at T = 96 every causal tile keeps a key
         assert row["mask_path_taken"]  # k >= 16 of 96 keys: well above the density the mask path needs
         assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (
