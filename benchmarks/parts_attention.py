@@ -25,6 +25,7 @@ from posthoc_sparse.ops.attention_lse import flash_attention_lse
 from posthoc_sparse.ops.kl import kl_grad_fused
 from posthoc_sparse.ops.kl import triton as kl_triton  # its single passes and TUNING: no public API times them
 from posthoc_sparse.ops.token_select import triton as ts_triton  # token_bracket: the counting alone
+from posthoc_sparse.ops.token_select.bits import bits_write
 
 # launch settings tried: (BLOCK_M, BLOCK_N, warps, stages) of the KL kernels; (rows, warps) of the per-head
 # kernels; (rows per program, warps, stages) of the block attention kernel
@@ -257,8 +258,7 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     ``select_bits_reduce_s`` and two other launches of the second) and whether every one kept the offsets
     write's sets (``select_bits_same_sets``)."""
     t = q.shape[2]
-    row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1),
-           "select_bits_s": timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)}
+    row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
     kept = {}
     for kernel in ("offsets", "reduce"):  # the two bitmask writes side by side (the default is one of them)
         with tuning(ts.TUNING, bits_kernel=kernel):
@@ -274,8 +274,10 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
     row["select_bits_same_sets"] = all(not bool(((kept["offsets"] != other) & causal).any())
                                        for name, other in kept.items() if name != "offsets")
+    default = bits_write(ts.TUNING, group)  # the write the policy takes: timed and kept above
+    row["select_bits_s"] = row[f"select_bits_{default}_s"]
+    bits = kept.pop(default)
     del kept
-    bits = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     for skip in (True, False):
         with tuning(ma.TUNING, skip=skip):
             row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(

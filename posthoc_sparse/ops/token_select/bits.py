@@ -113,15 +113,21 @@ if triton is not None:
             tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
 
 
+def bits_write(tuning: dict, group: int) -> str:
+    """Which write ``token_select(..., bits=True)`` takes under ``tuning["bits_kernel"]``: "offsets"
+    (``_token_write``) or "reduce" (this module's); "auto" is reduce per group, offsets per head."""
+    choice = tuning["bits_kernel"]
+    if choice not in ("auto", "offsets", "reduce"):
+        raise ValueError(f"TUNING['bits_kernel'] is 'auto', 'offsets' or 'reduce', not {choice!r}")
+    return choice if choice != "auto" else "reduce" if group > 1 else "offsets"
+
+
 def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: int, softcap: float | None,
                bracket: torch.Tensor, lse: torch.Tensor, tuning: dict, kernel_args: dict) -> torch.Tensor | None:
     """The kept sets of ``token_bracket``'s thresholds as ``token_select``'s bitmask, (B, H // group, T,
     ceil(T / 32)) int32 (words past a row's causal keys are not written); None where ``tuning["bits_kernel"]``
     picks the offsets write ("offsets", or "auto" per head)."""
-    choice = tuning["bits_kernel"]
-    if choice not in ("auto", "offsets", "reduce"):
-        raise ValueError(f"TUNING['bits_kernel'] is 'auto', 'offsets' or 'reduce', not {choice!r}")
-    if choice == "offsets" or (choice == "auto" and group == 1):
+    if bits_write(tuning, group) == "offsets":
         return None
     bsz, h, t = a.shape[:3]
     g = h // group
