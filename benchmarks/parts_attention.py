@@ -274,7 +274,7 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
     row["select_bits_same_sets"] = all(not bool(((kept["offsets"] != other) & causal).any())
                                        for name, other in kept.items() if name != "offsets")
-    default = bits_write(ts.TUNING, group)  # the write the policy takes: timed and kept above
+    default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept above
     row["select_bits_s"] = row[f"select_bits_{default}_s"]
     bits = kept.pop(default)
     del kept

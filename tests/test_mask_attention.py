@@ -130,14 +130,18 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
         assert kinds["ranked"].any()
 
 
-def test_the_default_bitmask_write_is_by_reductions_per_group_and_by_offsets_per_head(monkeypatch):
+def test_the_default_bitmask_write_is_by_reductions_per_group_and_for_long_rows_per_head(monkeypatch):
     """TUNING["bits_kernel"] "auto": the reduction write per group (25% faster than the offsets one on an H200 at
-    T = 32768, docs/data/perf-h200-prefill-topk-reduce.json), the offsets write per head; another value is refused."""
+    T = 32768, docs/data/perf-h200-prefill-topk-reduce.json), and per head from TUNING["bits_reduce_head_from"]
+    keys (faster at T = 32768, slower at 8192, docs/data/perf-h200-prefill-topk-bits.json), else the offsets write;
+    both keep the reference's sets; another value is refused."""
     from posthoc_sparse.ops.token_select import bits as ts_bits
 
     for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
-    assert ts.TUNING["bits_kernel"] == "auto"
+    assert ts.TUNING["bits_kernel"] == "auto" and ts.TUNING["bits_reduce_head_from"] == 16384
+    assert [ts_bits.bits_write(ts.TUNING, g, t) for g, t in ((1, 8192), (1, 16384), (2, 8192), (4, 40))] == [
+        "offsets", "reduce", "reduce", "reduce"]
     calls = []
 
     def spy(*args, f=ts_bits.write_bits):
@@ -148,11 +152,13 @@ def test_the_default_bitmask_write_is_by_reductions_per_group_and_by_offsets_per
 
     monkeypatch.setattr(ts_bits, "write_bits", spy)
     a, keys = _inputs("randn", 1, 4, 2, 40, 16, seed=1)
-    for group in (1, 2):
+    want = {group: ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, 7, 0.5, group), 40), 40)
+            for group in (1, 2)}
+    for head_from, group in ((41, 1), (41, 2), (40, 1)):  # per head: offsets below 41 keys, reduce from 40
+        monkeypatch.setitem(ts.TUNING, "bits_reduce_head_from", head_from)
         got = ts.token_select(a, keys, 7, 0.5, group, bits=True)
-        want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, 7, 0.5, group), 40), 40)
-        assert torch.equal(ma.keep_from_bits(got, 40) & torch.ones(40, 40, dtype=torch.bool).tril(), want)
-    assert calls == [2]
+        assert torch.equal(ma.keep_from_bits(got, 40) & torch.ones(40, 40, dtype=torch.bool).tril(), want[group])
+    assert calls == [2, 1]
     monkeypatch.setitem(ts.TUNING, "bits_kernel", "atomic")
     with pytest.raises(ValueError, match="bits_kernel"):
         ts.token_select(a, keys, 7, 0.5, 2, bits=True)

@@ -113,21 +113,25 @@ if triton is not None:
             tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
 
 
-def bits_write(tuning: dict, group: int) -> str:
-    """Which write ``token_select(..., bits=True)`` takes under ``tuning["bits_kernel"]``: "offsets"
-    (``_token_write``) or "reduce" (this module's); "auto" is reduce per group, offsets per head."""
+def bits_write(tuning: dict, group: int, t: int) -> str:
+    """Which write ``token_select(..., bits=True)`` takes for T = ``t`` under ``tuning["bits_kernel"]``:
+    "offsets" (``_token_write``) or "reduce" (this module's); "auto" is reduce per group, and per head from
+    ``tuning["bits_reduce_head_from"]`` keys (on an H200 reduce was faster per head at T = 32768 and slower at
+    8192, docs/data/perf-h200-prefill-topk-bits.json; the lengths between were not timed)."""
     choice = tuning["bits_kernel"]
     if choice not in ("auto", "offsets", "reduce"):
         raise ValueError(f"TUNING['bits_kernel'] is 'auto', 'offsets' or 'reduce', not {choice!r}")
-    return choice if choice != "auto" else "reduce" if group > 1 else "offsets"
+    if choice != "auto":
+        return choice
+    return "reduce" if group > 1 or t >= tuning["bits_reduce_head_from"] else "offsets"
 
 
 def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: int, softcap: float | None,
                bracket: torch.Tensor, lse: torch.Tensor, tuning: dict, kernel_args: dict) -> torch.Tensor | None:
     """The kept sets of ``token_bracket``'s thresholds as ``token_select``'s bitmask, (B, H // group, T,
     ceil(T / 32)) int32 (words past a row's causal keys are not written); None where ``tuning["bits_kernel"]``
-    picks the offsets write ("offsets", or "auto" per head)."""
-    if bits_write(tuning, group) == "offsets":
+    picks the offsets write ("offsets", or "auto" per head below ``bits_reduce_head_from`` keys)."""
+    if bits_write(tuning, group, a.shape[2]) == "offsets":
         return None
     bsz, h, t = a.shape[:3]
     g = h // group
