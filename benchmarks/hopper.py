@@ -84,10 +84,11 @@ def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str
                for rc in chunks for g in groups])
 
 
-def token_bits_cases(launches, groups=(1, 2)) -> list[tuple[str, dict, int]]:
+def token_bits_cases(launches, groups=(1, 2), atomic: bool = False) -> list[tuple[str, dict, int]]:
     """``bits.py``'s ``_token_bits`` (the bitmask write's sweep) at each (rows, keys per tile, warps) of ``launches``
-    and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps, band 64, gate dim 32, bf16 inputs."""
-    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64)
+    and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps, band 64, gate dim 32, bf16 inputs;
+    ``atomic``: the sweep that puts band keys by atomic slots (``TUNING["bits_band"]``)."""
+    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic)
     return ([("_token_bits", common | dict(BLOCK_M=m, NC=nc, GROUP=g, LOG_NC=nc.bit_length() - 1), w)
              for m, nc, w in launches for g in groups]
             + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1), 4)])
@@ -115,7 +116,7 @@ def main() -> None:
     a = p.parse_args()
     launches = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (16, 64, 4), (16, 32, 4)]
     cases = token_select_cases(launches)
-    bits = token_bits_cases([(64, 64, 4), (32, 64, 4), (64, 64, 8)])
+    bits = token_bits_cases([(64, 64, 4), (32, 64, 4), (64, 64, 8)]) + token_bits_cases([(64, 64, 4)], atomic=True)[:2]
     with tempfile.TemporaryDirectory() as tmp:
         rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES,
                                   TOKEN_SELECT_ALIGNED)

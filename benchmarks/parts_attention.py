@@ -255,8 +255,8 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     """The selection writing a bitmask and the attention over key tiles (``ops.mask_attention``), with and without
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
     a key (what skipping can save). Also both bitmask writes side by side (``select_bits_offsets_s``,
-    ``select_bits_reduce_s`` and two other launches of the second) and whether every one kept the offsets
-    write's sets (``select_bits_same_sets``)."""
+    ``select_bits_reduce_s``, two other launches of the second and its atomic band slots,
+    ``select_bits_reduce_atomic_s``) and whether every one kept the offsets write's sets (``select_bits_same_sets``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
     kept = {}
@@ -265,11 +265,13 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
             row[f"select_bits_{kernel}_s"] = timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True),
                                                    device, reps)
             kept[kernel] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
-    for rows, warps in ((32, 4), (64, 8)):  # other launches of the second (the default: 64 rows, 4 warps)
-        with tuning(ts.TUNING, bits_kernel="reduce", bits_rows=rows, bits_warps=warps):
-            row[f"select_bits_reduce_{rows}x{warps}_s"] = timed(
+    variants = {"32x4": dict(bits_rows=32, bits_warps=4), "64x8": dict(bits_rows=64, bits_warps=8),
+                "atomic": dict(bits_band="atomic")}  # other launches of the second (default 64 x 4), its atomic slots
+    for name, settings in variants.items():
+        with tuning(ts.TUNING, bits_kernel="reduce", **settings):
+            row[f"select_bits_reduce_{name}_s"] = timed(
                 lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)
-            kept[f"reduce_{rows}x{warps}"] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
+            kept[f"reduce_{name}"] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
     words = torch.arange(kept["reduce"].shape[-1], device=device)
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
     row["select_bits_same_sets"] = all(not bool(((kept["offsets"] != other) & causal).any())

@@ -106,11 +106,14 @@ def test_mask_attention_refuses_a_set_shared_across_kv_heads():
     ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
     ("dup", 2, 4, 2, 77, 16, 12, 2),
 ])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic"])
 def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, kernel, monkeypatch):
-    """Both bitmask writes (running offsets; row reductions), on rows of every kind the second one treats
-    apart: the band kept whole, ranked in slots, or one tied value kept by lowest index."""
-    for key, value in (SMALL | {"select_keys": 32, "bits_kernel": kernel, "bits_rows": 16, "bits_keys": 32}).items():
+    """Both bitmask writes (running offsets; row reductions, the band's keys put best first or by atomic slots),
+    on rows of every kind the second one treats apart: the band kept whole, ranked in slots, or one tied value
+    kept by lowest index."""
+    band = "atomic" if kernel.endswith("-atomic") else "extract"
+    for key, value in (SMALL | {"select_keys": 32, "bits_kernel": kernel.split("-")[0], "bits_band": band,
+                                "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
     a, keys = _inputs(kind, b, h, g, t, d, seed=t)
     got = ts.token_select(a, keys, k, 0.5, group, bits=True)
@@ -159,18 +162,22 @@ def test_the_default_bitmask_write_is_by_reductions_per_group_and_for_long_rows_
         got = ts.token_select(a, keys, 7, 0.5, group, bits=True)
         assert torch.equal(ma.keep_from_bits(got, 40) & torch.ones(40, 40, dtype=torch.bool).tril(), want[group])
     assert calls == [2, 1]
+    monkeypatch.setitem(ts.TUNING, "bits_band", "sorted")
+    with pytest.raises(ValueError, match="bits_band"):
+        ts.token_select(a, keys, 7, 0.5, 2, bits=True)
     monkeypatch.setitem(ts.TUNING, "bits_kernel", "atomic")
     with pytest.raises(ValueError, match="bits_kernel"):
         ts.token_select(a, keys, 7, 0.5, 2, bits=True)
 
 
-@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce"])
+@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce", "reduce-atomic"])
 def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch):
     """Scores that underflow to -0.0 are a row's largest: -0.0 and +0.0 compare equal, so the bracket must start
     above both (it started at +0.0 and kept every -0.0 key beyond k; found in review)."""
     for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
-    monkeypatch.setitem(ts.TUNING, "bits_kernel", "offsets" if kernel == "index" else kernel)
+    monkeypatch.setitem(ts.TUNING, "bits_kernel", "offsets" if kernel == "index" else kernel.split("-")[0])
+    monkeypatch.setitem(ts.TUNING, "bits_band", "atomic" if kernel.endswith("-atomic") else "extract")
     t, k = 40, 3
     a, keys = torch.zeros(1, 1, t, 16), torch.zeros(1, 1, t, 16)
     a[..., 0] = -1e-23
@@ -189,11 +196,13 @@ def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic"])
 def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
-    """token_select's bitmask (either write) holds the sets of its index output, and mask_attention equals the
-    reference on CUDA at the default launch settings."""
-    monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel)
+    """token_select's bitmask (either write, the second with either way of putting band keys) holds the sets of its
+    index output, and mask_attention equals the reference on CUDA at the default launch settings."""
+    monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel.split("-")[0])
+    if kernel.endswith("-atomic"):
+        monkeypatch.setitem(ts.TUNING, "bits_band", "atomic")
     bsz, h, g, d = 2, 4, 2, 32
     gen = torch.Generator().manual_seed(t)
     a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
@@ -226,12 +235,13 @@ def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
     from benchmarks.hopper import TOKEN_SELECT_ALIGNED, TOKEN_SELECT_TYPES, compile_for_hopper, token_bits_cases
 
     pytest.importorskip("triton.backends.nvidia")
-    cases = token_bits_cases([(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])])
+    launch = [(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])]
+    cases = token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.bits", cases, TOKEN_SELECT_TYPES,
                              TOKEN_SELECT_ALIGNED)
-    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"]
+    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 2
     assert all(g["local"] == 0 for g in got), got
-    assert all(g["async_copies"] > 0 and g["regs"] < 255 for g in got[:2]), got
+    assert all(g["async_copies"] > 0 and g["regs"] < 255 for i, g in enumerate(got) if i != 2), got
 
 
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):

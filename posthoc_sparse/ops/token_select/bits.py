@@ -15,7 +15,9 @@ too, so a tile's bits are two compares. Only two kinds of row need more:
   before a position found by bisection (row sums).
 
 No tile-sized scan (``tl.cumsum``) and no ranking in the sweep's kernel: compiled for sm_90 those needed about 255
-registers a thread, 2 programs an SM, where the sweep alone needs fewer.
+registers a thread, 2 programs an SM, where the sweep alone needs fewer. ``TUNING["bits_band"] = "atomic"`` puts a
+ranked row's band keys in its scratch without the best-first loop: each takes the slot an atomic add on the row's
+counter returns (the ranking after the sweep orders them anyway); not yet timed on a GPU.
 
 Same sets as ``_token_write`` (and ``token_select_reference``): exactly min(k, causal keys) per row, equal scores
 by the lower index. Chosen by ``TUNING["bits_kernel"]``.
@@ -46,9 +48,11 @@ if triton is not None:
     def _token_bits(A, Bk, LSE, BR, OUT, WORDS, NB, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
                     H, G, T, n_rep_b, scale, softcap, k,
                     DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, LOG_NC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, LOG_NC: tl.constexpr,
+                    ATOMIC: tl.constexpr):
         # One program: BLOCK_M rows, with the thresholds _token_bracket stored (lo, hi, keys at or above each).
-        # No tile-sized scan (tl.cumsum): its registers would bound the sweep's occupancy.
+        # No tile-sized scan (tl.cumsum): its registers would bound the sweep's occupancy. ATOMIC: a ranked row's
+        # band keys take their scratch slots from a counter per row (NB, zeroed) by atomic add, in no order.
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
         lo, hi, quota, band_n, whole, ranked, tied = _row_kinds(BR, T, rows, row_ok, k, BAND)
         any_ranked = tl.max(ranked.to(tl.int32), 0) > 0
@@ -84,7 +88,16 @@ if triton is not None:
             wcols = start // 32 + tl.arange(0, NC // 32)  # the tile's words: distinct powers of two, summed
             words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
             tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
-            if any_ranked:  # a ranked row's band keys to its scratch, best first, one a row per step
+            if ATOMIC:  # a ranked row's band keys to the slots an atomic counter gives them
+                rest = band & ranked[:, None]
+                if tl.max(tl.sum(rest.to(tl.int32), 1), 0) > 0:  # flat: Triton 3.9's layout pass fails on an
+                    put = tl.reshape(rest, [BLOCK_M * NC])  # atomic's result in the tile's layout (for sm_90)
+                    ctr = tl.reshape(NB + tl.program_id(1) * T + rows[:, None] + 0 * pos[None, :], [BLOCK_M * NC])
+                    slot = tl.atomic_add(ctr, 1, mask=put, sem="relaxed")
+                    word = tl.reshape(_packed(tl.where(s == 0.0, 0.0, s), cols[None, :]), [BLOCK_M * NC])
+                    tl.store(tl.reshape(wbase[:, None] + 0 * pos[None, :], [BLOCK_M * NC]) + slot, word,
+                             mask=put & (slot < BAND))
+            elif any_ranked:  # a ranked row's band keys to its scratch, best first, one a row per step
                 rest = band & ranked[:, None]
                 n_put = tl.sum(rest.to(tl.int32), 1)
                 for j in range(0, tl.max(n_put, 0)):  # mostly 0 to 2: a row's band is a few dozen of its keys
@@ -94,7 +107,8 @@ if triton is not None:
                              mask=(j < n_put) & (nb + j < BAND))
                     rest = rest & (cols[None, :] != col[:, None])
                 nb += n_put
-        tl.store(NB + tl.program_id(1) * T + rows, nb, mask=row_ok)
+        if not ATOMIC:
+            tl.store(NB + tl.program_id(1) * T + rows, nb, mask=row_ok)
 
     @triton.jit
     def _bits_rank(BR, OUT, WORDS, NB, sib, sih, sit, G, T, k, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
@@ -137,12 +151,15 @@ def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: in
     g = h // group
     out = torch.empty(bsz, g, t, (t + 31) // 32, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, kernel_args["BAND"], dtype=torch.int64, device=a.device)
-    filled = torch.empty(bsz * g, t, dtype=torch.int32, device=a.device)
+    atomic = tuning["bits_band"] == "atomic"
+    if tuning["bits_band"] not in ("extract", "atomic"):
+        raise ValueError(f"TUNING['bits_band'] is 'extract' or 'atomic', not {tuning['bits_band']!r}")
+    filled = (torch.zeros if atomic else torch.empty)(bsz * g, t, dtype=torch.int32, device=a.device)
     rows, nc = tuning["bits_rows"], max(tuning["bits_keys"], 32)
     _token_bits[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, bracket, out, words, filled, *a.stride()[:3], *b.stride()[:3], *out.stride()[:3], h, g, t,
         h // b.shape[1], float(scale), float(softcap or 1.0), k, **kernel_args, BLOCK_M=rows, NC=nc,
-        LOG_NC=nc.bit_length() - 1, num_warps=tuning["bits_warps"])
+        LOG_NC=nc.bit_length() - 1, ATOMIC=atomic, num_warps=tuning["bits_warps"])
     rank_rows = tuning["write_rows"]  # the old write's ranking block: where its ranking needs the fewest registers
     _bits_rank[(triton.cdiv(t, rank_rows), bsz * g)](
         bracket, out, words, filled, *out.stride()[:3], g, t, k, BLOCK_M=rank_rows, BAND=kernel_args["BAND"],

@@ -41,7 +41,7 @@ except ImportError:  # the naive path serves
 # the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
 # write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce"
 # (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows,
-# keys per tile and warps. attn (gather.py): rows per program, keys per step, warps.
+# keys per tile, warps and how it puts band keys (extract: best first; atomic). attn (gather.py): rows, keys, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
 # docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
 # warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
@@ -55,7 +55,7 @@ TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band"
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4, "bits_reduce_head_from": 16384,
-          "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
+          "bits_band": "extract", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
