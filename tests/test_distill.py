@@ -41,6 +41,8 @@ def test_distillation_lifts_recall_clearly_above_the_random_gate(assets, tmp_pat
     assert cfg["k"] == 4 and cfg["steps"] == 60 and cfg["gate_input"] == "hidden" and cfg["num_layers"] == 2
     log = json.loads((tmp_path / "g" / "distill_log.json").read_text())
     assert len(log["history"]) == 60 and log["train"]["n_windows"] > 0
+    assert log["recall_start"] == {"step": 0, "recall": res.recall_init, "recall_random": res.recall_random}
+    assert log["history"][-1]["recall"] == res.recall
 
 
 def test_distillation_on_sampled_query_blocks_learns(assets, tmp_path):

@@ -188,6 +188,8 @@ def _distill(cfg: DistillConfig, run: OutputRun, procs, on_event) -> DistillResu
         """distill_log.json: the history so far (at every checkpoint, so a log survives a crash) or the whole run."""
         atomic_write_json(out / HISTORY_NAME, {"config": asdict(cfg), "history": history, "train": train_info,
                                                "heldout": held_info, "library_version": __version__,
+                                               "recall_start": {"step": resumed_from, "recall": recall_init,
+                                                                "recall_random": recall_random},
                                                "processes": procs.world, "cuda_graph": graph_info,
                                                "overrides": overrides, "steps_done": done,
                                                "finished": done == total_steps})
