@@ -179,3 +179,31 @@ def test_counting_sweeps_writes_a_row_per_selection_k_and_threshold_count(tmp_pa
         (s, k, c) for s in ("head", "group") for k in (2, 16) for c in (2, 4)]
     assert all(r["programs"] == 4 and 0 <= r["sweeps_mean"] <= r["sweeps_max"] for r in rows)
     assert report["launch"]["select_cands"] == 4 and not out.with_suffix(".tmp").exists()
+
+
+def _eval_report(selection: str, nll: dict, sha: str = "abc") -> dict:
+    """A minimal eval.json: dense and (mode, k) rows with per-window NLL over 2 windows of 11 tokens (10 scored)."""
+    results = [{"mode": mode, "k": k, "window_nll": w, "perplexity": math.exp(sum(w) / 20), "tokens": 20}
+               for (mode, k), w in nll.items()]
+    return {"setup": {"model_fingerprint": "m", "gates": "g", "k": [4], "selection": selection,
+                      "data": {"sha256": sha, "seq_len": 11}}, "results": results}
+
+
+def test_selection_compare_pairs_the_windows_of_two_reports():
+    """group / head per mode and k is the ratio of perplexities over the same windows, with its paired interval;
+    gate / oracle within each selection too; reports of other windows are refused."""
+    from benchmarks.selection_compare import compare
+
+    dense = [10.0, 12.0]
+    head = _eval_report("head", {("dense", None): dense, ("oracle", 4): [11.0, 13.0], ("gate", 4): [12.0, 13.0]})
+    group = _eval_report("group", {("dense", None): dense, ("oracle", 4): [11.0, 14.0], ("gate", 4): [13.0, 14.0]})
+    got = compare(head, group)
+    assert got["dense"] == pytest.approx(math.exp(22 / 20))
+    rows = {r["mode"]: r for r in got["rows"]}
+    assert rows["oracle"]["group_over_head"]["ratio"] == pytest.approx(math.exp(1 / 20))
+    assert rows["gate"]["group_over_head"]["ratio"] == pytest.approx(math.exp(2 / 20))
+    assert rows["gate"]["group_over_head"]["low"] <= rows["gate"]["group_over_head"]["ratio"]
+    assert got["within"]["group"][0]["gate_over_oracle"]["ratio"] == pytest.approx(math.exp(2 / 20))
+    assert got["within"]["head"][0]["oracle_over_dense"]["ratio"] == pytest.approx(math.exp(2 / 20))
+    with pytest.raises(ValueError, match="different windows"):
+        compare(head, _eval_report("group", {("dense", None): dense}, sha="other"))
