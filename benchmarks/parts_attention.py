@@ -259,27 +259,29 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     ``select_bits_reduce_atomic_s``) and whether every one kept the offsets write's sets (``select_bits_same_sets``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
-    kept = {}
-    for kernel in ("offsets", "reduce"):  # the two bitmask writes side by side (the default is one of them)
-        with tuning(ts.TUNING, bits_kernel=kernel):
-            row[f"select_bits_{kernel}_s"] = timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True),
-                                                   device, reps)
-            kept[kernel] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
-    variants = {"32x4": dict(bits_rows=32, bits_warps=4), "64x8": dict(bits_rows=64, bits_warps=8),
-                "atomic": dict(bits_band="atomic")}  # other launches of the second (default 64 x 4), its atomic slots
-    for name, settings in variants.items():
-        with tuning(ts.TUNING, bits_kernel="reduce", **settings):
-            row[f"select_bits_reduce_{name}_s"] = timed(
-                lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True), device, reps)
-            kept[f"reduce_{name}"] = ts.token_select(gq, gk, k, 1.0, group, bits=True)
-    words = torch.arange(kept["reduce"].shape[-1], device=device)
+    words = torch.arange((t + 31) // 32, device=device)
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
-    row["select_bits_same_sets"] = all(not bool(((kept["offsets"] != other) & causal).any())
-                                       for name, other in kept.items() if name != "offsets")
-    default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept above
+    default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept below
+    variants = {"offsets": dict(bits_kernel="offsets"), "reduce": dict(bits_kernel="reduce"),  # the two writes,
+                "reduce_32x4": dict(bits_kernel="reduce", bits_rows=32, bits_warps=4),  # other launches of the
+                "reduce_64x8": dict(bits_kernel="reduce", bits_rows=64, bits_warps=8),  # second (default 64 x 4)
+                "reduce_atomic": dict(bits_kernel="reduce", bits_band="atomic")}  # and its atomic band slots
+    ref, bits, same = None, None, True
+    for name, settings in variants.items():  # each compared with the offsets write's sets as it comes, so at most
+        with tuning(ts.TUNING, **settings):  # three T x T / 32-word bitmasks are held at once, not five
+            row[f"select_bits_{name}_s"] = timed(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True),
+                                                 device, reps)
+            got = ts.token_select(gq, gk, k, 1.0, group, bits=True)
+        if ref is None:
+            ref = got
+        else:
+            same = same and not bool(((ref != got) & causal).any())
+        if name == default:
+            bits = got
+        del got
+    row["select_bits_same_sets"] = same
     row["select_bits_s"] = row[f"select_bits_{default}_s"]
-    bits = kept.pop(default)
-    del kept
+    del ref
     for skip in (True, False):
         with tuning(ma.TUNING, skip=skip):
             row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(

@@ -88,25 +88,25 @@ if triton is not None:
             wcols = start // 32 + tl.arange(0, NC // 32)  # the tile's words: distinct powers of two, summed
             words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
             tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
-            if ATOMIC:  # a ranked row's band keys to the slots an atomic counter gives them
+            if any_ranked:  # a ranked row's band keys to its scratch
                 rest = band & ranked[:, None]
-                if tl.max(tl.sum(rest.to(tl.int32), 1), 0) > 0:  # flat: Triton 3.9's layout pass fails on an
-                    put = tl.reshape(rest, [BLOCK_M * NC])  # atomic's result in the tile's layout (for sm_90)
-                    ctr = tl.reshape(NB + tl.program_id(1) * T + rows[:, None] + 0 * pos[None, :], [BLOCK_M * NC])
-                    slot = tl.atomic_add(ctr, 1, mask=put, sem="relaxed")
-                    word = tl.reshape(_packed(tl.where(s == 0.0, 0.0, s), cols[None, :]), [BLOCK_M * NC])
-                    tl.store(tl.reshape(wbase[:, None] + 0 * pos[None, :], [BLOCK_M * NC]) + slot, word,
-                             mask=put & (slot < BAND))
-            elif any_ranked:  # a ranked row's band keys to its scratch, best first, one a row per step
-                rest = band & ranked[:, None]
-                n_put = tl.sum(rest.to(tl.int32), 1)
-                for j in range(0, tl.max(n_put, 0)):  # mostly 0 to 2: a row's band is a few dozen of its keys
-                    best = tl.max(tl.where(rest, s, float("-inf")), 1)
-                    col = tl.min(tl.where(rest & (s == best[:, None]), cols[None, :], T), 1)  # ties: lower index
-                    tl.store(wbase + nb + j, _packed(tl.where(best == 0.0, 0.0, best), col),
-                             mask=(j < n_put) & (nb + j < BAND))
-                    rest = rest & (cols[None, :] != col[:, None])
-                nb += n_put
+                if ATOMIC:  # each to the slot an atomic add on its row's counter returns, in one masked step
+                    if tl.max(rest.to(tl.int32)) > 0:  # flat: Triton 3.9's layout pass fails on an atomic's
+                        put = tl.reshape(rest, [BLOCK_M * NC])  # result in the tile's layout (for sm_90)
+                        ctr = tl.broadcast_to((NB + tl.program_id(1) * T + rows)[:, None], [BLOCK_M, NC])
+                        slot = tl.atomic_add(tl.reshape(ctr, [BLOCK_M * NC]), 1, mask=put, sem="relaxed")
+                        word = tl.reshape(_packed(tl.where(s == 0.0, 0.0, s), cols[None, :]), [BLOCK_M * NC])
+                        dst = tl.reshape(tl.broadcast_to(wbase[:, None], [BLOCK_M, NC]), [BLOCK_M * NC]) + slot
+                        tl.store(dst, word, mask=put & (slot < BAND))
+                else:  # best first, one a row per step
+                    n_put = tl.sum(rest.to(tl.int32), 1)
+                    for j in range(0, tl.max(n_put, 0)):  # mostly 0 to 2: a row's band is a few dozen of its keys
+                        best = tl.max(tl.where(rest, s, float("-inf")), 1)
+                        col = tl.min(tl.where(rest & (s == best[:, None]), cols[None, :], T), 1)  # ties: lower index
+                        tl.store(wbase + nb + j, _packed(tl.where(best == 0.0, 0.0, best), col),
+                                 mask=(j < n_put) & (nb + j < BAND))
+                        rest = rest & (cols[None, :] != col[:, None])
+                    nb += n_put
         if not ATOMIC:
             tl.store(NB + tl.program_id(1) * T + rows, nb, mask=row_ok)
 
@@ -147,13 +147,13 @@ def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: in
     picks the offsets write ("offsets", or "auto" per head below ``bits_reduce_head_from`` keys)."""
     if bits_write(tuning, group, a.shape[2]) == "offsets":
         return None
+    if tuning["bits_band"] not in ("extract", "atomic"):
+        raise ValueError(f"TUNING['bits_band'] is 'extract' or 'atomic', not {tuning['bits_band']!r}")
+    atomic = tuning["bits_band"] == "atomic"
     bsz, h, t = a.shape[:3]
     g = h // group
     out = torch.empty(bsz, g, t, (t + 31) // 32, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, kernel_args["BAND"], dtype=torch.int64, device=a.device)
-    atomic = tuning["bits_band"] == "atomic"
-    if tuning["bits_band"] not in ("extract", "atomic"):
-        raise ValueError(f"TUNING['bits_band'] is 'extract' or 'atomic', not {tuning['bits_band']!r}")
     filled = (torch.zeros if atomic else torch.empty)(bsz * g, t, dtype=torch.int32, device=a.device)
     rows, nc = tuning["bits_rows"], max(tuning["bits_keys"], 32)
     _token_bits[(triton.cdiv(t, rows), bsz * g)](
