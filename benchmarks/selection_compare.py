@@ -64,7 +64,10 @@ def main() -> None:
     p.add_argument("group", type=Path, help="eval.json of --selection group")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    report = compare(json.loads(a.head.read_text()), json.loads(a.group.read_text()))
+    try:
+        report = compare(json.loads(a.head.read_text()), json.loads(a.group.read_text()))
+    except (OSError, ValueError, KeyError) as e:  # a missing, corrupt or mismatched report: one line, exit 2
+        p.exit(2, f"selection_compare.py: {e}\n")
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     os.replace(tmp, a.out)  # never a half-written file
