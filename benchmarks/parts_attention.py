@@ -255,16 +255,19 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     """The selection writing a bitmask and the attention over key tiles (``ops.mask_attention``), with and without
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
     a key (what skipping can save). Also both bitmask writes side by side (``select_bits_offsets_s``,
-    ``select_bits_reduce_s``, two other launches of the second and its atomic band slots,
-    ``select_bits_reduce_atomic_s``) and whether every one kept the offsets write's sets (``select_bits_same_sets``)."""
+    ``select_bits_reduce_s`` with band keys best first, two other launches of it, and the default, with atomic band
+    slots, ``select_bits_reduce_atomic_s``) and whether every one kept the offsets write's sets
+    (``select_bits_same_sets``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
     words = torch.arange((t + 31) // 32, device=device)
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
     default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept below
-    variants = {"offsets": dict(bits_kernel="offsets"), "reduce": dict(bits_kernel="reduce"),  # the two writes,
-                "reduce_32x4": dict(bits_kernel="reduce", bits_rows=32, bits_warps=4),  # other launches of the
-                "reduce_64x8": dict(bits_kernel="reduce", bits_rows=64, bits_warps=8),  # second (default 64 x 4)
+    default = "reduce_atomic" if default == "reduce" and ts.TUNING["bits_band"] == "atomic" else default
+    extract = dict(bits_kernel="reduce", bits_band="extract")  # the second write, band keys best first
+    variants = {"offsets": dict(bits_kernel="offsets"), "reduce": extract,  # the two writes,
+                "reduce_32x4": extract | dict(bits_rows=32, bits_warps=4),  # other launches of the
+                "reduce_64x8": extract | dict(bits_rows=64, bits_warps=8),  # second (default 64 x 4)
                 "reduce_atomic": dict(bits_kernel="reduce", bits_band="atomic")}  # and its atomic band slots
     ref, bits, same = None, None, True
     for name, settings in variants.items():  # each compared with the offsets write's sets as it comes, so at most
@@ -287,6 +290,28 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
             row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(
                 lambda: ma.mask_attention(q, key, v, bits, scaling), device, reps)
     row["mask_tiles_kept_share"] = ma.kept_tile_share(bits, ma.TUNING["rows"], max(32, ma.TUNING["keys"]))
+    if group == 1:
+        row |= _threshold_path(q, key, v, gq, gk, k, scaling, bits, device, reps)
+    return row
+
+
+def _threshold_path(q, key, v, gq, gk, k: int, scaling: float, bits, device, reps: int) -> dict:
+    """Per head, the sets as a threshold per row (``ts.token_threshold``, band keys put best first and by atomic
+    slots) and the attention recomputing the selection scores against them (``ma.mask_attention(...,
+    threshold=)``), beside the bitmask path above; whether its output equals the bitmask path's bit for bit
+    (the same sets: both kernels score a tile alike) and the largest difference."""
+    row = {}
+    for band in ("extract", "atomic"):
+        with tuning(ts.TUNING, bits_band=band):
+            row[f"select_threshold{'_atomic' if band == 'atomic' else ''}_s"] = timed(
+                lambda: ts.token_threshold(gq, gk, k, 1.0), device, reps)
+    sel = (gq, gk, 1.0, *ts.token_threshold(gq, gk, k, 1.0))
+    row["mask_attention_threshold_s"] = timed(lambda: ma.mask_attention(q, key, v, None, scaling, threshold=sel),
+                                              device, reps)
+    got, want = ma.mask_attention(q, key, v, None, scaling, threshold=sel), ma.mask_attention(q, key, v, bits, scaling)
+    row["threshold_same_output"] = torch.equal(got, want)
+    row["threshold_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+    row["select_and_mask_attention_threshold_s"] = row["select_threshold_s"] + row["mask_attention_threshold_s"]
     return row
 
 
@@ -343,6 +368,10 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                     if row["path"] == "kernels" or t <= 4096:  # the chunked reference: too slow at long context
                         row["total_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
                         row["speedup_vs_sdpa"] = sdpa / row["total_s"]
+                    if kernels and sel == "head" and row.get("mask_path_taken"):  # per-row thresholds, no bitmask
+                        with tuning(ma.TUNING, head_sets="threshold"):
+                            row["total_threshold_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
+                        row["speedup_threshold_vs_sdpa"] = sdpa / row["total_threshold_s"]
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                     torch.cuda.empty_cache()

@@ -48,14 +48,14 @@ except ImportError:  # the naive path serves
 # registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning):
 # 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head,
 # 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each
-# other. The write is now the largest cost (37.8 ms per head at T = 32768, k = 2048, against 21.7 for the counting;
-# perf-h200-prefill-topk-diag.json); a popcount write without tl.cumsum was slower (perf-h200-prefill-topk-popc.json).
-# The guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json).
+# other. The guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json). Atomic band slots
+# beat the best-first loop in every timed case, and with them the reduction write beat the offsets one per head from
+# 8192 keys (perf-h200-prefill-topk-threshold.json); the write is the largest cost (perf-h200-prefill-topk-diag.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
-          "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4, "bits_reduce_head_from": 16384,
-          "bits_band": "extract", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
+          "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4, "bits_reduce_head_from": 8192,
+          "bits_band": "atomic", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
@@ -278,7 +278,7 @@ if triton is not None:
     @triton.jit
     def _band_ranks(wbase, n, use, BLOCK_M: tl.constexpr, BAND: tl.constexpr, RC: tl.constexpr):
         # the first n packed words of each used row's scratch ranked against each other (0: the largest): which
-        # slots hold one, each one's rank and its key
+        # slots hold one, each one's rank, its key and the word
         jb = tl.arange(0, BAND)
         inb = use[:, None] & (jb[None, :] < n[:, None])
         word = tl.load(wbase[:, None] + jb[None, :], mask=inb, other=MIN_WORD)
@@ -288,7 +288,7 @@ if triton is not None:
             other = tl.load(wbase[:, None] + jc[None, :], mask=use[:, None] & (jc[None, :] < n[:, None]),
                             other=MIN_WORD)
             rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
-        return inb, rank, (4294967295 - (word & 4294967295)).to(tl.int32)
+        return inb, rank, (4294967295 - (word & 4294967295)).to(tl.int32), word
 
     @triton.jit
     def _token_write(A, Bk, LSE, BR, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
@@ -334,7 +334,7 @@ if triton is not None:
                          mask=row_ok[:, None] & (jj[None, :] > rows[:, None]) & (jj[None, :] < k))
         if tl.max(ranked.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the words other threads stored
-            inb, rank, col = _band_ranks(wbase, band_n, ranked & row_ok, BLOCK_M, BAND, RC)
+            inb, rank, col, _ = _band_ranks(wbase, band_n, ranked & row_ok, BLOCK_M, BAND, RC)
             if BITS:
                 tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
             else:
