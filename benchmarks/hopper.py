@@ -66,7 +66,7 @@ def compile_for_hopper(tmp_path: Path, module: str, cases: list[tuple[str, dict,
 
 
 TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
-                      "BR": "*i64", "OUT": "*i32", "NB": "*i32", "TAU": "*fp32", "CUTS": "*i32",
+                      "BR": "*i64", "OUT": "*i32", "NB": "*i32",
                       "scale": "fp32", "softcap": "fp32", "guess_step": "fp32"}
 # the ints of a token-level prefill launch that are multiples of 16 there (T = 32768, k = 2048, 16 heads, d = 32)
 TOKEN_SELECT_ALIGNED = ("sab", "sah", "sat", "sbb", "sbh", "sbt", "sib", "sih", "sit", "H", "T", "k")
@@ -84,29 +84,25 @@ def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str
                for rc in chunks for g in groups])
 
 
-def token_bits_cases(launches, groups=(1, 2), atomic: bool = False, cut: bool = False) -> list[tuple[str, dict, int]]:
+def token_bits_cases(launches, groups=(1, 2), atomic: bool = False) -> list[tuple[str, dict, int]]:
     """``bits.py``'s ``_token_bits`` (the bitmask write's sweep) at each (rows, keys per tile, warps) of ``launches``
     and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps, band 64, gate dim 32, bf16 inputs;
-    ``atomic``: the sweep that puts band keys by atomic slots (``TUNING["bits_band"]``); ``cut``: both as
-    ``token_threshold`` runs them (a threshold per row, no bitmask)."""
-    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic, CUT=cut)
+    ``atomic``: the sweep that puts band keys by atomic slots (``TUNING["bits_band"]``)."""
+    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic)
     return ([("_token_bits", common | dict(BLOCK_M=m, NC=nc, GROUP=g, LOG_NC=nc.bit_length() - 1), w)
              for m, nc, w in launches for g in groups]
-            + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1, CUT=cut), 4)])
+            + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1), 4)])
 
 
 MASK_ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BITS": "*i32", "O": "*bf16", "scaling": "fp32",
-                        "softcap": "fp32", "A": "*bf16", "Bk": "*bf16", "TAU": "*fp32", "CUTS": "*i32",
-                        "sel_scale": "fp32"}
+                        "softcap": "fp32"}
 
 
-def mask_attention_cases(launches, stacked=(1, 2), cut: bool = False) -> list[tuple[str, dict, int]]:
+def mask_attention_cases(launches, stacked=(1, 2)) -> list[tuple[str, dict, int]]:
     """``_mask_attn_fwd`` at each (rows of all stacked heads, keys per tile, warps) of ``launches`` and heads sharing a
-    kept set (1, or 2 as under group selection in Qwen3-1.7B), head_dim 128, bf16, tiles tested for skipping;
-    ``cut``: a set per head given by thresholds (gate dim 32), as the policy's "threshold" head sets run it."""
-    return [("_mask_attn_fwd", dict(D=128, HP=hp, BLOCK_M=m // hp, BLOCK_N=n, SOFTCAP=False, SKIP=True, IEEE=False,
-                                    CUT=cut, DS=32, SIEEE=False), w)
-            for m, n, w in launches for hp in ((1,) if cut else stacked)]
+    kept set (1, or 2 as under group selection in Qwen3-1.7B), head_dim 128, bf16, tiles tested for skipping."""
+    return [("_mask_attn_fwd", dict(D=128, HP=hp, BLOCK_M=m // hp, BLOCK_N=n, SOFTCAP=False, SKIP=True, IEEE=False), w)
+            for m, n, w in launches for hp in stacked]
 
 
 def main() -> None:

@@ -290,28 +290,6 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
             row[f"mask_attention{'' if skip else '_noskip'}_s"] = timed(
                 lambda: ma.mask_attention(q, key, v, bits, scaling), device, reps)
     row["mask_tiles_kept_share"] = ma.kept_tile_share(bits, ma.TUNING["rows"], max(32, ma.TUNING["keys"]))
-    if group == 1:
-        row |= _threshold_path(q, key, v, gq, gk, k, scaling, bits, device, reps)
-    return row
-
-
-def _threshold_path(q, key, v, gq, gk, k: int, scaling: float, bits, device, reps: int) -> dict:
-    """Per head, the sets as a threshold per row (``ts.token_threshold``, band keys put best first and by atomic
-    slots) and the attention recomputing the selection scores against them (``ma.mask_attention(...,
-    threshold=)``), beside the bitmask path above; whether its output equals the bitmask path's bit for bit
-    (the same sets: both kernels score a tile alike) and the largest difference."""
-    row = {}
-    for band in ("extract", "atomic"):
-        with tuning(ts.TUNING, bits_band=band):
-            row[f"select_threshold{'_atomic' if band == 'atomic' else ''}_s"] = timed(
-                lambda: ts.token_threshold(gq, gk, k, 1.0), device, reps)
-    sel = (gq, gk, 1.0, *ts.token_threshold(gq, gk, k, 1.0))
-    row["mask_attention_threshold_s"] = timed(lambda: ma.mask_attention(q, key, v, None, scaling, threshold=sel),
-                                              device, reps)
-    got, want = ma.mask_attention(q, key, v, None, scaling, threshold=sel), ma.mask_attention(q, key, v, bits, scaling)
-    row["threshold_same_output"] = torch.equal(got, want)
-    row["threshold_max_abs_diff"] = (got.float() - want.float()).abs().max().item()
-    row["select_and_mask_attention_threshold_s"] = row["select_threshold_s"] + row["mask_attention_threshold_s"]
     return row
 
 
@@ -368,10 +346,6 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                     if row["path"] == "kernels" or t <= 4096:  # the chunked reference: too slow at long context
                         row["total_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
                         row["speedup_vs_sdpa"] = sdpa / row["total_s"]
-                    if kernels and sel == "head" and row.get("mask_path_taken"):  # per-row thresholds, no bitmask
-                        with tuning(ma.TUNING, head_sets="threshold"):
-                            row["total_threshold_s"] = timed(lambda: pol(call), device, max(1, reps // 2))
-                        row["speedup_threshold_vs_sdpa"] = sdpa / row["total_threshold_s"]
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
                     torch.cuda.empty_cache()

@@ -106,9 +106,6 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
         assert row["mask_path_taken"]  # k >= 16 of 96 keys: well above the density the mask path needs
         assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (
             4 if row["selection"] == "head" else 2)
-        if row["selection"] == "head":  # per-row thresholds beside the bitmask: the same sets, so the same output
-            _positive(row, ["select_threshold_s", "select_threshold_atomic_s", "mask_attention_threshold_s"])
-            assert row["threshold_max_abs_diff"] < 1e-5, row["threshold_max_abs_diff"]
 
 
 def test_every_part_is_registered_with_a_plan_per_size():

@@ -247,22 +247,19 @@ def test_gather_attention_kernel_equals_the_reference_per_head_and_shared_by_gro
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["gather", "mask", "threshold"])
+@pytest.mark.parametrize("attention", ["gather", "mask"])
 @pytest.mark.parametrize("selection, selector, k", [("head", "gate", 9), ("group", "gate", 9), ("group", "oracle", 6),
                                                     ("head", "oracle", 200)])
 def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, selector, k, attention, monkeypatch):
     """The policy's ops.token_select path (forced on the CPU: the interpreter runs the kernels) against the chunked
     reference, on a tiny model (4 query heads, 2 KV heads: two heads per group), attending by gathering the kept
-    keys or over key tiles with the kept sets as a bitmask (ops.mask_attention), or per head as thresholds."""
-    if attention == "threshold" and selection == "group":
-        pytest.skip("thresholds serve per-head sets only")
+    keys or over key tiles with the kept sets as a bitmask (ops.mask_attention)."""
     for key, value in SMALL.items():
         monkeypatch.setitem(ts.TUNING, key, value)
     for name in ("min_density", "min_density_head"):
-        monkeypatch.setitem(ma.TUNING, name, 2.0 if attention == "gather" else 0.0)
-    monkeypatch.setitem(ma.TUNING, "head_sets", "threshold" if attention == "threshold" else "bits")
+        monkeypatch.setitem(ma.TUNING, name, 0.0 if attention == "mask" else 2.0)
     masked = []
-    monkeypatch.setattr(ma, "mask_attention", lambda *a, f=ma.mask_attention, **kw: masked.append(kw) or f(*a, **kw))
+    monkeypatch.setattr(ma, "mask_attention", lambda *a, f=ma.mask_attention: masked.append(1) or f(*a))
     monkeypatch.setattr(ts, "kernels_ok", ts.supports)
     monkeypatch.setattr(TopKPolicy, "_plain_prefill", lambda self, call: self._inference_call(call)
                         and call.attention_mask is None)
@@ -273,8 +270,7 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, se
     make = {"oracle": OracleSelector, "gate": lambda: GateSelector(bank)}[selector]
     ids = random_ids(2, 40)
     fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
-    assert taken and bool(masked) == (attention != "gather")  # the kernel path ran, with that attention
-    assert all(("threshold" in kw) == (attention == "threshold") for kw in masked)
+    assert taken and bool(masked) == (attention == "mask")  # the kernel path ran, with that attention
     slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 

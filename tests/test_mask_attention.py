@@ -195,52 +195,6 @@ def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch)
             want, t), t))
 
 
-@pytest.mark.parametrize("kind, b, h, g, t, d, k", [
-    ("randn", 2, 4, 2, 100, 16, 9),  # counting sweeps and ranked bands: the quota-th band key is the threshold
-    ("randn", 1, 4, 4, 40, 16, 33),  # k above most rows' keys: every causal key
-    ("grid", 2, 2, 2, 90, 16, 10),  # ties: the threshold's value kept up to a key found by bisection
-])
-@pytest.mark.parametrize("band", ["extract", "atomic"])
-def test_token_threshold_keeps_the_reference_sets_and_attends_over_them(kind, b, h, g, t, d, k, band, monkeypatch):
-    """Per-head thresholds (tau, cut) in place of the bitmask: the sets they keep are the reference's, and
-    mask_attention, recomputing the selection scores tile by tile against them, equals the reference attention
-    over those sets."""
-    for key, value in (SMALL | {"select_keys": 32, "bits_band": band, "bits_rows": 16, "bits_keys": 32}).items():
-        monkeypatch.setitem(ts.TUNING, key, value)
-    a, keys = _inputs(kind, b, h, g, t, d, seed=t)
-    tau, cut = ts.token_threshold(a, keys, k, 0.5)
-    assert tau.shape == cut.shape == (b, h, t) and tau.dtype == torch.float32 and cut.dtype == torch.int32
-    s = ts.selection_scores_reference(a, keys, 0.5)
-    want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, k, 0.5), t), t)
-    assert torch.equal(ts.threshold_keep(s, tau, cut), want)
-    assert torch.equal(ts.threshold_keep(s, *ts.token_threshold_reference(a, keys, k, 0.5)), want)
-    if kind == "grid":
-        assert ((s == tau[..., None]) & ~want & (torch.arange(t) <= torch.arange(t)[:, None])).any()  # a cut tie
-    if band == "extract":
-        monkeypatch.setitem(ma.TUNING, "rows", 16)
-        gen = torch.Generator().manual_seed(1)
-        q, kk, v = (torch.randn(b, n, t, 32, generator=gen) for n in (h, g, g))
-        out = ma.mask_attention(q, kk, v, None, 0.3, threshold=(a, keys, 0.5, tau, cut)).transpose(1, 2)
-        torch.testing.assert_close(out, ma.mask_attention_reference(q, kk, v, ma.bits_from_keep(want), 0.3),
-                                   atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="per-head"):
-        ts.token_threshold(a, keys, k, 0.5, 2)
-
-
-def test_token_threshold_where_the_largest_score_is_minus_zero(monkeypatch):
-    """-0.0 and +0.0 compare equal: a threshold at either keeps zeros of both signs by lowest index."""
-    for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
-        monkeypatch.setitem(ts.TUNING, key, value)
-    t, k = 40, 3
-    a, keys = torch.zeros(1, 1, t, 16), torch.zeros(1, 1, t, 16)
-    a[..., 0] = -1e-23
-    keys[..., 0] = 1e-22  # a . b * 0.5 underflows to -0.0
-    keys[0, 0, 1::3, 0] = 1.0  # every third key scores below it
-    want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select_reference(a, keys, k, 0.5), t), t)
-    s = ts.selection_scores_reference(a, keys, 0.5)
-    assert torch.equal(ts.threshold_keep(s, *ts.token_threshold(a, keys, k, 0.5)), want)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
@@ -249,8 +203,7 @@ def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
     """token_select's bitmask (either write, the second with either way of putting band keys) holds the sets of its
     index output, and mask_attention equals the reference on CUDA at the default launch settings."""
     monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel.split("-")[0])
-    if kernel.endswith("-atomic"):
-        monkeypatch.setitem(ts.TUNING, "bits_band", "atomic")
+    monkeypatch.setitem(ts.TUNING, "bits_band", "atomic" if kernel.endswith("-atomic") else "extract")
     bsz, h, g, d = 2, 4, 2, 32
     gen = torch.Generator().manual_seed(t)
     a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
@@ -267,37 +220,14 @@ def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t, k", [(1000, 200), (2100, 2048), (2100, 300)])
-@pytest.mark.parametrize("band", ["extract", "atomic"])
-def test_threshold_path_on_gpu(dtype, t, k, band, monkeypatch):
-    """Per head on CUDA: the thresholds keep the bitmask's sets, and the attention recomputing the selection scores
-    against them gives the bitmask path's output bit for bit (both kernels score a tile alike)."""
-    monkeypatch.setitem(ts.TUNING, "bits_band", band)
-    bsz, h, g, d = 2, 4, 2, 32
-    gen = torch.Generator().manual_seed(t)
-    a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
-    keys = torch.randn(bsz, g, t, d, generator=gen).cuda().to(dtype)
-    bits = ts.token_select(a, keys, k, 0.7, bits=True)
-    tau, cut = ts.token_threshold(a, keys, k, 0.7)
-    s = ts.selection_scores_reference(a, keys, 0.7)
-    keep = ma.keep_from_bits(bits, t) & torch.ones(t, t, dtype=torch.bool, device="cuda").tril()
-    mismatch = (ts.threshold_keep(s, tau, cut) != keep).float().mean().item()  # cuBLAS's sums, another order
-    assert mismatch < (1e-4 if dtype == torch.float32 else 1e-3), mismatch  # bf16: more near-ties (0.00017 seen)
-    q = torch.randn(bsz, h, t, 128, generator=gen).cuda().to(dtype)
-    k_, v = (torch.randn(bsz, g, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
-    got = ma.mask_attention(q, k_, v, None, 128**-0.5, threshold=(a, keys, 0.7, tau, cut))
-    assert torch.equal(got, ma.mask_attention(q, k_, v, bits, 128**-0.5))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("launch", MASK_LAUNCHES)
 def test_mask_attention_agrees_with_its_twin_under_every_benchmarked_launch_setting(launch, group, monkeypatch):
     """The settings `benchmarks/perf.py --parts prefill_tuning` times, at T = 1500, k = 600, bf16."""
     for name, value in zip(("rows", "keys", "warps"), launch):
         monkeypatch.setitem(ma.TUNING, name, value)
-    test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group, ts.TUNING["bits_kernel"], monkeypatch)
+    test_mask_path_on_gpu(torch.bfloat16, 1500, 600, group, f"{ts.TUNING['bits_kernel']}-{ts.TUNING['bits_band']}",
+                          monkeypatch)
 
 
 def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
@@ -308,22 +238,20 @@ def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
     launch = [(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])]
-    cases = (token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
-             + token_bits_cases(launch, groups=(1,), cut=True))  # and token_threshold's sweep and ranking
+    cases = token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.bits", cases, TOKEN_SELECT_TYPES,
                              TOKEN_SELECT_ALIGNED)
-    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 3 + ["_bits_rank"]
+    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 2
     assert all(g["local"] == 0 for g in got), got
-    assert all(g["async_copies"] > 0 and g["regs"] < 255 for g in got if g["kernel"] == "_token_bits"), got
+    assert all(g["async_copies"] > 0 and g["regs"] < 255 for i, g in enumerate(got) if i != 2), got
 
 
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):
-    """The attention kernel at its default launch, a kept set per head and per two heads, and per head by
-    thresholds, compiles to sm_90 machine code without local memory (no registers spilled)."""
+    """The attention kernel at its default launch, a kept set per head and per two heads, compiles to sm_90 machine
+    code without local memory (no registers spilled)."""
     from benchmarks.hopper import MASK_ATTENTION_TYPES, compile_for_hopper, mask_attention_cases
 
     pytest.importorskip("triton.backends.nvidia")
-    launch = [(ma.TUNING["rows"], ma.TUNING["keys"], ma.TUNING["warps"])]
-    cases = mask_attention_cases(launch) + mask_attention_cases(launch, cut=True)  # and by thresholds, per head
+    cases = mask_attention_cases([(ma.TUNING["rows"], ma.TUNING["keys"], ma.TUNING["warps"])])
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.mask_attention.triton", cases, MASK_ATTENTION_TYPES)
-    assert len(got) == 3 and all(g["local"] == 0 for g in got), got
+    assert len(got) == 2 and all(g["local"] == 0 for g in got), got

@@ -218,10 +218,6 @@ class TopKPolicy:
         k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
         n_sets = call.query.shape[1] // group
         if ma.dense_enough(call.key.shape[2], k, per_head=group == 1) and ma.supports(call.query, call.key, n_sets):
-            if group == 1 and ma.TUNING["head_sets"] == "threshold":
-                tau, cut = ts.token_threshold(a, b, k, scale, group, softcap)
-                return ma.mask_attention(call.query, call.key, call.value, None, call.scaling, call.softcap,
-                                         threshold=(a, b, scale, tau, cut))
             bits = ts.token_select(a, b, k, scale, group, softcap, bits=True)
             return ma.mask_attention(call.query, call.key, call.value, bits, call.scaling, call.softcap)
         idx = ts.token_select(a, b, k, scale, group, softcap)

@@ -39,25 +39,17 @@ except ImportError:  # the naive path serves
 # (share 0.016) the selection took 53.2 ms with the bitmask and 74.7 with indices, the attention 15.1 over tiles
 # and 7.2 by gathering: 69.2 against 82.8 ms with the gate's projection (perf-h200-prefill-topk-cuts.json; per
 # group there 96.8 against 93.2).
-# head_sets: how the policy hands per-head sets to this kernel, "bits" (token_select's bitmask) or "threshold"
-# (token_threshold's per-row thresholds, the scores recomputed here: no bitmask written or read).
-TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04, "min_density_head": 0.015,
-          "head_sets": "bits"}
+TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04, "min_density_head": 0.015}
 
 
 if triton is not None:
     from ..decode.triton import _logits, _online_step
-    from ..token_select.triton import _scores
 
     @triton.jit
     def _mask_attn_fwd(Q, K, V, BITS, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt,
                        sob, soh, sot, HI, T, n_rep_kv, n_rep_idx, scaling, softcap,
-                       A, Bk, TAU, CUTS, sab, sah, sat, sbb, sbh, sbt, n_rep_b, sel_scale,
                        D: tl.constexpr, HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SOFTCAP: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr,
-                       CUT: tl.constexpr, DS: tl.constexpr, SIEEE: tl.constexpr):
-        # CUT (a set per head, HP 1): no bitmask; each tile's selection scores recomputed from the selection query
-        # A and key Bk, as token_select's kernels compute them, and kept against the rows' thresholds TAU and CUTS
+                       SOFTCAP: tl.constexpr, SKIP: tl.constexpr, IEEE: tl.constexpr):
         bz, ih = tl.program_id(1) // HI, tl.program_id(1) % HI
         rb = tl.num_programs(0) - 1 - tl.program_id(0)  # the last row blocks (the most keys) first
         r = tl.arange(0, HP * BLOCK_M)
@@ -71,103 +63,68 @@ if triton is not None:
         kbase = K + bz * skb + g * skh
         vbase = V + bz * svb + g * svh
         wrow = BITS + bz.to(tl.int64) * swb + ih.to(tl.int64) * swh + t.to(tl.int64) * swt  # > 2**31 words at 128k
-        sel = (Bk, Bk, sel_scale, sbt, 0.0, 0)  # unused without CUT
-        if CUT:  # a set per head (HP 1): the rows t of query head ih
-            offs_s = tl.arange(0, DS)
-            a = tl.load(A + bz * sab + ih * sah + t[:, None] * sat + offs_s[None, :], mask=ok[:, None], other=0.0)
-            tau = tl.load(TAU + tl.program_id(1) * T + t, mask=ok, other=0.0)
-            cut = tl.load(CUTS + tl.program_id(1) * T + t, mask=ok, other=-1)
-            sel = (a, Bk + bz * sbb + (ih // n_rep_b) * sbh, sel_scale, sbt, tau, cut)
         m = tl.full([HP * BLOCK_M], -1.0e30, tl.float32)
         l = tl.zeros([HP * BLOCK_M], tl.float32)
         acc = tl.zeros([HP * BLOCK_M, D], tl.float32)
         full = (rb * BLOCK_M // BLOCK_N) * BLOCK_N  # the tiles wholly before the block's first row: no causal mask
         for start in range(0, full, BLOCK_N):
-            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc, sel,
-                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, False, CUT, DS, SIEEE)
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, False)
         for start in range(full, tl.minimum((rb + 1) * BLOCK_M, T), BLOCK_N):
-            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc, sel,
-                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, True, CUT, DS, SIEEE)
+            m, l, acc = _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, HP * BLOCK_M, BLOCK_N, SOFTCAP, SKIP, IEEE, True)
         out = acc / tl.maximum(l, 1e-30)[:, None]
         tl.store(O + bz * sob + h[:, None] * soh + t[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=ok[:, None])
 
 
     @triton.jit
-    def _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc, sel,
+    def _mask_tile(q, kbase, vbase, wrow, ok, t, start, skt, svt, T, scaling, softcap, m, l, acc,
                    D: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                   SKIP: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr, CUT: tl.constexpr,
-                   DS: tl.constexpr, SIEEE: tl.constexpr):
-        # one tile of keys from start: the rows' kept bits or (CUT) the keys their thresholds keep (and the causal
-        # mask, on tiles that reach the rows: the words past a row's causal keys are not written), then an
-        # online-softmax step, skipped with SKIP where no row keeps a key (not with CUT)
+                   SKIP: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr):
+        # one tile of keys from start: the rows' kept bits (and the causal mask, on tiles that reach the rows: the
+        # words past a row's causal keys are not written), then an online-softmax step, skipped with SKIP where
+        # no row keeps a key
         cols = start + tl.arange(0, BLOCK_N)
-        if CUT:
-            m, l, acc = _mask_step(q, kbase, vbase, cols, cols, skt, svt, T, scaling, softcap, m, l, acc, sel, t,
-                                   D, SOFTCAP, IEEE, CUT, CAUSAL, DS, SIEEE)
+        wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
+        w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
+        w = tl.reshape(tl.broadcast_to(w[:, :, None], [RP, BLOCK_N // 32, 32]), [RP, BLOCK_N])
+        keep = ((w >> (cols % 32)[None, :]) & 1) != 0
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= t[:, None])
+        if SKIP:
+            if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+                m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                                       D, SOFTCAP, IEEE)
         else:
-            wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
-            w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
-            w = tl.reshape(tl.broadcast_to(w[:, :, None], [RP, BLOCK_N // 32, 32]), [RP, BLOCK_N])
-            keep = ((w >> (cols % 32)[None, :]) & 1) != 0
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= t[:, None])
-            if SKIP:
-                if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
-                    m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
-                                           sel, t, D, SOFTCAP, IEEE, CUT, CAUSAL, DS, SIEEE)
-            else:
-                m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc, sel, t,
-                                       D, SOFTCAP, IEEE, CUT, CAUSAL, DS, SIEEE)
+            m, l, acc = _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                                   D, SOFTCAP, IEEE)
         return m, l, acc
 
     @triton.jit
-    def _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc, sel, t,
-                   D: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, CUT: tl.constexpr,
-                   CAUSAL: tl.constexpr, DS: tl.constexpr, SIEEE: tl.constexpr):
-        # CUT: keep (unused on entry) from the selection scores as token_select's kernels compute them, against each
-        # row's threshold (compiled for sm_90, each product is waited for as it is issued, so this one adds to the
-        # tile's latency)
+    def _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
+                   D: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
         offs_d = tl.arange(0, D)
         kt = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
-        lg = _logits(q, kt, scaling, softcap, SOFTCAP, IEEE)
-        if CUT:
-            a, bbase, sel_scale, sbt, tau, cut = sel
-            ss = _scores(a, bbase, cols, sbt, sel_scale, T, DS, SIEEE)
-            keep = (ss > tau[:, None]) | ((ss == tau[:, None]) & (cols[None, :] <= cut[:, None]))
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= t[:, None])
-        s = tl.where(keep, lg, -1.0e30)
+        s = tl.where(keep, _logits(q, kt, scaling, softcap, SOFTCAP, IEEE), -1.0e30)
         vt = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
         return _online_step(s, keep, vt, m, l, acc, IEEE)
 
 
-def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None, threshold=None) -> torch.Tensor:
+def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """Triton twin of ``mask_attention_reference``; forward only. bits (B, H', T, W): a kept set per head, or shared
-    by groups of H // H' query heads that read one KV head. Or, with ``threshold`` = (a, b, scale, tau, cut) and
-    bits None, a set per head given by ``token_threshold``'s thresholds over the selection scores a . b * scale
-    (a (B, H, T, d), b (B, H or G, T, d)), recomputed tile by tile: no bitmask. Returns (B, T, H, D) in q's
-    dtype, the layout transformers' attention functions return."""
+    by groups of H // H' query heads that read one KV head. Returns (B, T, H, D) in q's dtype, the layout
+    transformers' attention functions return."""
     bsz, h, t, d = q.shape
-    if threshold is not None:
-        a, b, sel_scale, tau, cut = threshold
-        if tau.shape[1] != h:
-            raise ValueError("a threshold per row serves per-head sets only")
-        sel = (a, b, tau, cut, *a.stride()[:3], *b.stride()[:3], h // b.shape[1], float(sel_scale))
-        bits, n_sets, ds, sieee = tau, h, a.shape[-1], a.dtype == torch.float32
-    else:
-        sel = (bits, bits, bits, bits, 0, 0, 0, 0, 0, 0, 1, 1.0)
-        n_sets, ds, sieee = bits.shape[1], 16, False
-    n_rep_idx, n_rep_kv = h // n_sets, h // k.shape[1]
+    n_rep_idx, n_rep_kv = h // bits.shape[1], h // k.shape[1]
     if n_rep_kv % n_rep_idx:
         raise ValueError(f"a kept set shared by {n_rep_idx} query heads spans KV heads ({n_rep_kv} per KV head)")
     hp = triton.next_power_of_2(n_rep_idx)
     rows = max(1, TUNING["rows"] // hp)
     out = torch.empty(bsz, t, h, d, dtype=q.dtype, device=q.device)
-    _mask_attn_fwd[(triton.cdiv(t, rows), bsz * n_sets)](
-        q, k, v, bits, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bits.stride()[:2],
-        bits.stride(2) if bits.dim() > 3 else 1, out.stride(0), out.stride(2), out.stride(1), n_sets, t, n_rep_kv,
-        n_rep_idx, float(scaling), float(softcap or 1.0), *sel, D=d, HP=hp, BLOCK_M=rows,
-        BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap), SKIP=TUNING["skip"] and threshold is None,
-        IEEE=q.dtype == torch.float32, CUT=threshold is not None, DS=ds, SIEEE=sieee, num_warps=TUNING["warps"])
+    _mask_attn_fwd[(triton.cdiv(t, rows), bsz * bits.shape[1])](
+        q, k, v, bits, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bits.stride()[:3],
+        out.stride(0), out.stride(2), out.stride(1), bits.shape[1], t, n_rep_kv, n_rep_idx, float(scaling),
+        float(softcap or 1.0), D=d, HP=hp, BLOCK_M=rows, BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap),
+        SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32, num_warps=TUNING["warps"])
     return out

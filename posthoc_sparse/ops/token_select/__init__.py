@@ -8,15 +8,12 @@ from __future__ import annotations
 import torch
 
 from .. import on_gpu, tile_dims_ok
-from .naive import (gather_attention_reference, selection_scores_reference, threshold_keep, token_select_reference,
-                    token_threshold_reference)
-from .bits import token_threshold
+from .naive import gather_attention_reference, selection_scores_reference, token_select_reference
 from .gather import gather_attention
 from .triton import TUNING, token_select
 
 __all__ = ["TUNING", "gather_attention", "gather_attention_reference", "kernels_ok", "selection_scores_reference",
-           "supports", "threshold_keep", "token_select", "token_select_reference", "token_threshold",
-           "token_threshold_reference"]
+           "supports", "token_select", "token_select_reference"]
 
 
 def supports(q: torch.Tensor, key: torch.Tensor, k: int, sel_dim: int) -> bool:

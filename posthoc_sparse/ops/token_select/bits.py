@@ -22,11 +22,6 @@ loop on an H200 (docs/data/perf-h200-prefill-topk-threshold.json).
 
 Same sets as ``_token_write`` (and ``token_select_reference``): exactly min(k, causal keys) per row, equal scores
 by the lower index. Chosen by ``TUNING["bits_kernel"]``.
-
-``token_threshold`` runs the same two kernels without the bitmask: each row's set as one threshold, (tau, cut),
-for ``ops.mask_attention`` to recompute the scores against (per head, ``ops.mask_attention.TUNING["head_sets"]``).
-On an H200 its sweep took about a quarter less time than the bitmask's, but the attention recomputing the scores
-took 2.0 to 2.2 times as long, so the bitmask stays the default (docs/data/perf-h200-prefill-topk-threshold.json).
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ except ImportError:  # the naive path serves
     triton = None
 
 if triton is not None:
-    from ..head_topk.triton import MIN_WORD, _packed
+    from ..head_topk.triton import _packed
     from .triton import _band_ranks, _block, _thresholds, _tile, _unmono
 
     @triton.jit
@@ -51,15 +46,14 @@ if triton is not None:
         return lo, hi, quota, band_n, whole, row_ok & ~whole & (band_n <= BAND), row_ok & ~whole & (band_n > BAND)
 
     @triton.jit
-    def _token_bits(A, Bk, LSE, BR, OUT, WORDS, NB, TAU, CUTS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
+    def _token_bits(A, Bk, LSE, BR, OUT, WORDS, NB, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
                     H, G, T, n_rep_b, scale, softcap, k,
                     DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, LOG_NC: tl.constexpr,
-                    ATOMIC: tl.constexpr, CUT: tl.constexpr):
+                    ATOMIC: tl.constexpr):
         # One program: BLOCK_M rows, with the thresholds _token_bracket stored (lo, hi, keys at or above each).
         # No tile-sized scan (tl.cumsum): its registers would bound the sweep's occupancy. ATOMIC: a ranked row's
         # band keys take their scratch slots from a counter per row (NB, zeroed) by atomic add, in no order.
-        # CUT: no bitmask; each whole or tied row's threshold to TAU and CUTS (a ranked row's: _bits_rank's)
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
         lo, hi, quota, band_n, whole, ranked, tied = _row_kinds(BR, T, rows, row_ok, k, BAND)
         any_ranked = tl.max(ranked.to(tl.int32), 0) > 0
@@ -69,7 +63,6 @@ if triton is not None:
         wbase = WORDS + (tl.program_id(1) * T + rows) * BAND  # (B x H or G, T, BAND) contiguous
         pos = tl.arange(0, NC)
         seen = tl.zeros([BLOCK_M], tl.int32)  # band keys so far, of tied rows
-        cut = tl.full([BLOCK_M], T, tl.int32)  # CUT: a tied row's last kept key; every key at lo for the others
         nb = tl.zeros([BLOCK_M], tl.int32)  # and of ranked rows
         for start in range(0, end, NC):
             cols = start + pos
@@ -82,10 +75,7 @@ if triton is not None:
                 n_t = tl.sum((band & tied[:, None]).to(tl.int32), 1)
                 need = quota - seen
                 take = take | (band & (tied & (n_t <= need))[:, None])
-                if CUT:  # the tile holding its quota-th key
-                    part = tied & (need > 0) & (need <= n_t)
-                else:  # the tile it ends inside
-                    part = tied & (need > 0) & (need < n_t)
+                part = tied & (need > 0) & (need < n_t)
                 if tl.max(part.to(tl.int32), 0) > 0:  # the least p with need band keys before it, by bisection
                     p_lo = tl.zeros([BLOCK_M], tl.int32)
                     p_hi = tl.full([BLOCK_M], NC, tl.int32)
@@ -95,12 +85,10 @@ if triton is not None:
                         p_hi = tl.where(c >= need, mid, p_hi)
                         p_lo = tl.where(c >= need, p_lo, mid)
                     take = take | (band & part[:, None] & (pos[None, :] < p_hi[:, None]))
-                    cut = tl.where(part, start + p_hi - 1, cut)
                 seen += n_t
-            if not CUT:
-                wcols = start // 32 + tl.arange(0, NC // 32)  # the tile's words: distinct powers of two, summed
-                words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
-                tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
+            wcols = start // 32 + tl.arange(0, NC // 32)  # the tile's words: distinct powers of two, summed
+            words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
+            tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
             if any_ranked:  # a ranked row's band keys to its scratch
                 rest = band & ranked[:, None]
                 if ATOMIC:  # each to the slot an atomic add on its row's counter returns, in one masked step
@@ -122,15 +110,11 @@ if triton is not None:
                     nb += n_put
         if not ATOMIC:
             tl.store(NB + tl.program_id(1) * T + rows, nb, mask=row_ok)
-        if CUT:  # keep s > tau, or s == tau at keys <= cut (+0.0 for -0.0: they compare equal)
-            tl.store(TAU + tl.program_id(1) * T + rows, tl.where(lval == 0.0, 0.0, lval), mask=row_ok & ~ranked)
-            tl.store(CUTS + tl.program_id(1) * T + rows, cut, mask=row_ok & ~ranked)
 
     @triton.jit
-    def _bits_rank(BR, OUT, WORDS, NB, TAU, CUTS, sib, sih, sit, G, T, k, BLOCK_M: tl.constexpr,
-                   BAND: tl.constexpr, RC: tl.constexpr, CUT: tl.constexpr):
-        # One program: BLOCK_M rows; a ranked row's scratch ranked, the quota's best keys set in its bitmask (CUT:
-        # the quota-th best key's score and index are the row's threshold)
+    def _bits_rank(BR, OUT, WORDS, NB, sib, sih, sit, G, T, k, BLOCK_M: tl.constexpr, BAND: tl.constexpr,
+                   RC: tl.constexpr):
+        # One program: BLOCK_M rows; a ranked row's scratch ranked, the quota's best keys set in its bitmask
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T
         bz, g = tl.program_id(1) // G, tl.program_id(1) % G
@@ -139,15 +123,9 @@ if triton is not None:
             # the slots filled: band_n, unless a score came out otherwise than in the counting
             nb = tl.minimum(tl.load(NB + tl.program_id(1) * T + rows, mask=row_ok, other=0), BAND)
             wbase = WORDS + (tl.program_id(1) * T + rows) * BAND
-            inb, rank, col, word = _band_ranks(wbase, nb, ranked, BLOCK_M, BAND, RC)
-            if CUT:
-                last = tl.max(tl.where(inb & (rank == quota[:, None] - 1), word, MIN_WORD), 1)
-                tl.store(TAU + tl.program_id(1) * T + rows, _unmono(last >> 32), mask=ranked)
-                tl.store(CUTS + tl.program_id(1) * T + rows, (4294967295 - (last & 4294967295)).to(tl.int32),
-                         mask=ranked)
-            else:
-                out = OUT + bz.to(tl.int64) * sib + g.to(tl.int64) * sih + rows.to(tl.int64) * sit
-                tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
+            inb, rank, col = _band_ranks(wbase, nb, ranked, BLOCK_M, BAND, RC)
+            out = OUT + bz.to(tl.int64) * sib + g.to(tl.int64) * sih + rows.to(tl.int64) * sit
+            tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
 
 
 def bits_write(tuning: dict, group: int, t: int) -> str:
@@ -171,47 +149,21 @@ def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: in
     picks the offsets write ("offsets", or "auto" per head below ``bits_reduce_head_from`` keys)."""
     if bits_write(tuning, group, a.shape[2]) == "offsets":
         return None
-    bsz, h, t = a.shape[:3]
-    out = torch.empty(bsz, h // group, t, (t + 31) // 32, dtype=torch.int32, device=a.device)
-    _sweep_and_rank(a, b, k, scale, softcap, bracket, lse, tuning, kernel_args, out, out, out, False)
-    return out
-
-
-def token_threshold(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
-                    softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``token_threshold_reference``, per head: ``token_select``'s kept sets as one threshold per
-    row, tau (B, H, T) fp32 and cut (B, H, T) int32; a row keeps the causal keys j whose selection score
-    s_j > tau, or s_j == tau and j <= cut (``threshold_keep``). The counting, then the bitmask write's sweep
-    without the bitmask (band keys put as ``TUNING["bits_band"]`` says) and its ranking, which picks a ranked
-    row's quota-th best band key as its threshold. Not per group: the kernels' group scores are sums of
-    probabilities, which no attention kernel recomputes yet."""
-    from .triton import TUNING, _kernel_args, token_bracket  # triton.py imports this module in token_select
-
-    if group != 1:
-        raise ValueError("token_threshold serves per-head selection (group 1) only")
-    bracket, lse, _ = token_bracket(a, b, k, scale, group, softcap)
-    bsz, h, t = a.shape[:3]
-    tau = torch.empty(bsz, h // group, t, dtype=torch.float32, device=a.device)
-    cut = torch.empty(bsz, h // group, t, dtype=torch.int32, device=a.device)
-    _sweep_and_rank(a, b, k, scale, softcap, bracket, lse, TUNING, _kernel_args(a, group, softcap), tau, tau, cut,
-                    True)
-    return tau, cut
-
-
-def _sweep_and_rank(a, b, k, scale, softcap, bracket, lse, tuning, kernel_args, out, tau, cut, as_cut):
     if tuning["bits_band"] not in ("extract", "atomic"):
         raise ValueError(f"TUNING['bits_band'] is 'extract' or 'atomic', not {tuning['bits_band']!r}")
     atomic = tuning["bits_band"] == "atomic"
-    (bsz, h, t), g = a.shape[:3], out.shape[1]
+    bsz, h, t = a.shape[:3]
+    g = h // group
+    out = torch.empty(bsz, g, t, (t + 31) // 32, dtype=torch.int32, device=a.device)
     words = torch.empty(bsz, g, t, kernel_args["BAND"], dtype=torch.int64, device=a.device)
     filled = (torch.zeros if atomic else torch.empty)(bsz * g, t, dtype=torch.int32, device=a.device)
     rows, nc = tuning["bits_rows"], max(tuning["bits_keys"], 32)
-    strides = (*out.stride()[:2], out.stride(2) if out.dim() > 3 else 1)
     _token_bits[(triton.cdiv(t, rows), bsz * g)](
-        a, b, lse, bracket, out, words, filled, tau, cut, *a.stride()[:3], *b.stride()[:3], *strides, h, g, t,
+        a, b, lse, bracket, out, words, filled, *a.stride()[:3], *b.stride()[:3], *out.stride()[:3], h, g, t,
         h // b.shape[1], float(scale), float(softcap or 1.0), k, **kernel_args, BLOCK_M=rows, NC=nc,
-        LOG_NC=nc.bit_length() - 1, ATOMIC=atomic, CUT=as_cut, num_warps=tuning["bits_warps"])
+        LOG_NC=nc.bit_length() - 1, ATOMIC=atomic, num_warps=tuning["bits_warps"])
     rank_rows = tuning["write_rows"]  # the old write's ranking block: where its ranking needs the fewest registers
     _bits_rank[(triton.cdiv(t, rank_rows), bsz * g)](
-        bracket, out, words, filled, tau, cut, *strides, g, t, k, BLOCK_M=rank_rows, BAND=kernel_args["BAND"],
-        RC=tuning["select_rank_chunk"], CUT=as_cut, num_warps=tuning["write_warps"])
+        bracket, out, words, filled, *out.stride()[:3], g, t, k, BLOCK_M=rank_rows, BAND=kernel_args["BAND"],
+        RC=tuning["select_rank_chunk"], num_warps=tuning["write_warps"])
+    return out

@@ -47,28 +47,6 @@ def token_select_reference(a: torch.Tensor, b: torch.Tensor, k: int, scale: floa
     return idx
 
 
-def token_threshold_reference(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, group: int = 1,
-                              softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_select_reference``'s kept sets as one threshold per row: tau, the least kept score (+0.0 for
-    -0.0, which compares equal), and cut, the last kept key scoring tau; (B, H // group, T) fp32 and int32.
-    ``threshold_keep`` over ``selection_scores_reference`` gives the sets back."""
-    s = selection_scores_reference(a, b, scale, group, softcap)
-    idx = token_select_reference(a, b, k, scale, group, softcap).long()
-    kept = s.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("inf"))
-    tau = kept.min(-1).values + 0.0
-    cut = torch.where((kept == tau[..., None]) & (idx >= 0), idx, -1).max(-1).values
-    return tau, cut.to(torch.int32)
-
-
-def threshold_keep(s: torch.Tensor, tau: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-    """The causal keys a row keeps under its threshold: s (..., T, T) selection scores, tau and cut (..., T); key j
-    of row t is kept where s > tau, or s == tau and j <= cut, and j <= t."""
-    t = s.shape[-1]
-    cols = torch.arange(t, device=s.device)
-    keep = (s > tau[..., None]) | ((s == tau[..., None]) & (cols <= cut[..., None]))
-    return keep & torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
-
-
 def gather_attention_reference(q, k, v, idx, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """Softmax attention of each query row over the keys ``idx`` names, in fp32: (B, H, T, D). idx (B, H, T, n)
     per head or (B, G', T, n) shared by each group of H // G' consecutive query heads (-1: none); q (B, H, T, D);

@@ -278,7 +278,7 @@ if triton is not None:
     @triton.jit
     def _band_ranks(wbase, n, use, BLOCK_M: tl.constexpr, BAND: tl.constexpr, RC: tl.constexpr):
         # the first n packed words of each used row's scratch ranked against each other (0: the largest): which
-        # slots hold one, each one's rank, its key and the word
+        # slots hold one, each one's rank and its key
         jb = tl.arange(0, BAND)
         inb = use[:, None] & (jb[None, :] < n[:, None])
         word = tl.load(wbase[:, None] + jb[None, :], mask=inb, other=MIN_WORD)
@@ -288,7 +288,7 @@ if triton is not None:
             other = tl.load(wbase[:, None] + jc[None, :], mask=use[:, None] & (jc[None, :] < n[:, None]),
                             other=MIN_WORD)
             rank += tl.sum((other[:, None, :] > word[:, :, None]).to(tl.int32), 2)
-        return inb, rank, (4294967295 - (word & 4294967295)).to(tl.int32), word
+        return inb, rank, (4294967295 - (word & 4294967295)).to(tl.int32)
 
     @triton.jit
     def _token_write(A, Bk, LSE, BR, IDX, WORDS, sab, sah, sat, sbb, sbh, sbt, sib, sih, sit,
@@ -334,7 +334,7 @@ if triton is not None:
                          mask=row_ok[:, None] & (jj[None, :] > rows[:, None]) & (jj[None, :] < k))
         if tl.max(ranked.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the words other threads stored
-            inb, rank, col, _ = _band_ranks(wbase, band_n, ranked & row_ok, BLOCK_M, BAND, RC)
+            inb, rank, col = _band_ranks(wbase, band_n, ranked & row_ok, BLOCK_M, BAND, RC)
             if BITS:
                 tl.atomic_or(out[:, None] + col // 32, 1 << (col % 32), mask=inb & (rank < quota[:, None]))
             else:
