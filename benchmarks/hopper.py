@@ -84,11 +84,12 @@ def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str
                for rc in chunks for g in groups])
 
 
-def token_bits_cases(launches, groups=(1, 2), atomic: bool = False) -> list[tuple[str, dict, int]]:
+def token_bits_cases(launches, groups=(1, 2), atomic: bool = False, rows: bool = False) -> list[tuple[str, dict, int]]:
     """``bits.py``'s ``_token_bits`` (the bitmask write's sweep) at each (rows, keys per tile, warps) of ``launches``
     and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps, band 64, gate dim 32, bf16 inputs;
-    ``atomic``: the sweep that puts band keys by atomic slots (``TUNING["bits_band"]``)."""
-    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic)
+    ``atomic`` / ``rows``: the sweep that puts band keys by atomic slots / by row reductions
+    (``TUNING["bits_band"]``; else best first)."""
+    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic, ROWS=rows)
     return ([("_token_bits", common | dict(BLOCK_M=m, NC=nc, GROUP=g, LOG_NC=nc.bit_length() - 1), w)
              for m, nc, w in launches for g in groups]
             + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1), 4)])

@@ -256,19 +256,21 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
     a key (what skipping can save). Also both bitmask writes side by side (``select_bits_offsets_s``,
     ``select_bits_reduce_s`` with band keys best first, two other launches of it, and the default, with atomic band
-    slots, ``select_bits_reduce_atomic_s``) and whether every one kept the offsets write's sets
-    (``select_bits_same_sets``)."""
+    slots, ``select_bits_reduce_atomic_s``, and by row reductions, ``select_bits_reduce_rows_s``) and whether every
+    one kept the offsets write's sets (``select_bits_same_sets``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
     words = torch.arange((t + 31) // 32, device=device)
     causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
     default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept below
-    default = "reduce_atomic" if default == "reduce" and ts.TUNING["bits_band"] == "atomic" else default
+    if default == "reduce" and ts.TUNING["bits_band"] != "extract":  # the variant named after the default band
+        default = f"reduce_{ts.TUNING['bits_band']}"
     extract = dict(bits_kernel="reduce", bits_band="extract")  # the second write, band keys best first
     variants = {"offsets": dict(bits_kernel="offsets"), "reduce": extract,  # the two writes,
                 "reduce_32x4": extract | dict(bits_rows=32, bits_warps=4),  # other launches of the
                 "reduce_64x8": extract | dict(bits_rows=64, bits_warps=8),  # second (default 64 x 4)
-                "reduce_atomic": dict(bits_kernel="reduce", bits_band="atomic")}  # and its atomic band slots
+                "reduce_atomic": dict(bits_kernel="reduce", bits_band="atomic"),  # and its atomic band slots,
+                "reduce_rows": dict(bits_kernel="reduce", bits_band="rows")}  # and its band keys by row reductions
     ref, bits, same = None, None, True
     for name, settings in variants.items():  # each compared with the offsets write's sets as it comes, so at most
         with tuning(ts.TUNING, **settings):  # three T x T / 32-word bitmasks are held at once, not five

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import parts_attention, parts_decode, parts_distill, parts_eval  # noqa: F401 - registers the parts
 from benchmarks.harness import PARTS, tuning
@@ -106,6 +107,27 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
         assert row["mask_path_taken"]  # k >= 16 of 96 keys: well above the density the mask path needs
         assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (
             4 if row["selection"] == "head" else 2)
+
+
+def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
+    """benchmarks/sweep_probe.py (what a selection sweep's time goes to): its probe kernels and the real counting
+    and write kernels run through TRITON_INTERPRET=1 on a small shape and write one JSON row; without a GPU or the
+    interpreter it refuses in one line, exit 2."""
+    out = tmp_path / "probe.json"
+    run = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--t", "70", "--k", "9", "--heads", "2",
+                          "--reps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert (row["T"], row["k"], row["heads"]) == (70, 9, 2)
+    _positive(row, ["counting_ms", "bitmask_selection_atomic_ms", "bitmask_selection_extract_ms"]
+              + [f"probe_{m}_ms" for m in ("score", "compares", "words", "guard", "atomic")])
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--out", str(tmp_path / "x.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert not (tmp_path / "x.json").exists()
 
 
 def test_every_part_is_registered_with_a_plan_per_size():

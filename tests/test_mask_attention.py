@@ -106,12 +106,12 @@ def test_mask_attention_refuses_a_set_shared_across_kv_heads():
     ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
     ("dup", 2, 4, 2, 77, 16, 12, 2),
 ])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows"])
 def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, kernel, monkeypatch):
-    """Both bitmask writes (running offsets; row reductions, the band's keys put best first or by atomic slots),
-    on rows of every kind the second one treats apart: the band kept whole, ranked in slots, or one tied value
-    kept by lowest index."""
-    band = "atomic" if kernel.endswith("-atomic") else "extract"
+    """Both bitmask writes (running offsets; row reductions, the band's keys put best first, by atomic slots or
+    each row's first and last of a tile by row reductions), on rows of every kind the second one treats apart: the
+    band kept whole, ranked in slots, or one tied value kept by lowest index."""
+    band = kernel.split("-")[1] if "-" in kernel else "extract"
     for key, value in (SMALL | {"select_keys": 32, "bits_kernel": kernel.split("-")[0], "bits_band": band,
                                 "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
@@ -172,14 +172,14 @@ def test_the_default_bitmask_write_is_by_reductions_per_group_and_for_long_rows_
         ts.token_select(a, keys, 7, 0.5, 2, bits=True)
 
 
-@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce", "reduce-atomic"])
+@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce", "reduce-atomic", "reduce-rows"])
 def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch):
     """Scores that underflow to -0.0 are a row's largest: -0.0 and +0.0 compare equal, so the bracket must start
     above both (it started at +0.0 and kept every -0.0 key beyond k; found in review)."""
     for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
     monkeypatch.setitem(ts.TUNING, "bits_kernel", "offsets" if kernel == "index" else kernel.split("-")[0])
-    monkeypatch.setitem(ts.TUNING, "bits_band", "atomic" if kernel.endswith("-atomic") else "extract")
+    monkeypatch.setitem(ts.TUNING, "bits_band", kernel.split("-")[1] if "-" in kernel else "extract")
     t, k = 40, 3
     a, keys = torch.zeros(1, 1, t, 16), torch.zeros(1, 1, t, 16)
     a[..., 0] = -1e-23
@@ -198,12 +198,12 @@ def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows"])
 def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
-    """token_select's bitmask (either write, the second with either way of putting band keys) holds the sets of its
+    """token_select's bitmask (either write, the second with each way of putting band keys) holds the sets of its
     index output, and mask_attention equals the reference on CUDA at the default launch settings."""
     monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel.split("-")[0])
-    monkeypatch.setitem(ts.TUNING, "bits_band", "atomic" if kernel.endswith("-atomic") else "extract")
+    monkeypatch.setitem(ts.TUNING, "bits_band", kernel.split("-")[1] if "-" in kernel else "extract")
     bsz, h, g, d = 2, 4, 2, 32
     gen = torch.Generator().manual_seed(t)
     a = torch.randn(bsz, h, t, d, generator=gen).cuda().to(dtype)
@@ -238,10 +238,11 @@ def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
     launch = [(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])]
-    cases = token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
+    cases = (token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
+             + token_bits_cases(launch, rows=True)[:2])  # and the row reductions'
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.bits", cases, TOKEN_SELECT_TYPES,
                              TOKEN_SELECT_ALIGNED)
-    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 2
+    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 4
     assert all(g["local"] == 0 for g in got), got
     assert all(g["async_copies"] > 0 and g["regs"] < 255 for i, g in enumerate(got) if i != 2), got
 

@@ -18,7 +18,9 @@ No tile-sized scan (``tl.cumsum``) and no ranking in the sweep's kernel: compile
 registers a thread, 2 programs an SM, where the sweep alone needs fewer. ``TUNING["bits_band"] = "atomic"`` puts a
 ranked row's band keys in its scratch without the best-first loop: each takes the slot an atomic add on the row's
 counter returns (the ranking after the sweep orders them anyway), the default: 0.3 to 18% less time than the best-first
-loop on an H200 (docs/data/perf-h200-prefill-topk-threshold.json).
+loop on an H200 (docs/data/perf-h200-prefill-topk-threshold.json). ``"rows"`` takes each row's first and last band
+key of a tile by row reductions, the keys between them one a row per step: 1.5 to 2% faster at T = 32768, 1.5 to 7%
+slower at 8192 (docs/data/perf-h200-prefill-topk-rows.json).
 
 Same sets as ``_token_write`` (and ``token_select_reference``): exactly min(k, causal keys) per row, equal scores
 by the lower index. Chosen by ``TUNING["bits_kernel"]``.
@@ -50,10 +52,12 @@ if triton is not None:
                     H, G, T, n_rep_b, scale, softcap, k,
                     DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, NC: tl.constexpr, BAND: tl.constexpr, LOG_NC: tl.constexpr,
-                    ATOMIC: tl.constexpr):
+                    ATOMIC: tl.constexpr, ROWS: tl.constexpr):
         # One program: BLOCK_M rows, with the thresholds _token_bracket stored (lo, hi, keys at or above each).
         # No tile-sized scan (tl.cumsum): its registers would bound the sweep's occupancy. ATOMIC: a ranked row's
-        # band keys take their scratch slots from a counter per row (NB, zeroed) by atomic add, in no order.
+        # band keys take their scratch slots from a counter per row (NB, zeroed) by atomic add, in no order. ROWS:
+        # each row's first and last band key of the tile by row reductions, the keys between them (a row with three
+        # or more in one tile) one a row per step.
         rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
         lo, hi, quota, band_n, whole, ranked, tied = _row_kinds(BR, T, rows, row_ok, k, BAND)
         any_ranked = tl.max(ranked.to(tl.int32), 0) > 0
@@ -99,6 +103,23 @@ if triton is not None:
                         word = tl.reshape(_packed(tl.where(s == 0.0, 0.0, s), cols[None, :]), [BLOCK_M * NC])
                         dst = tl.reshape(tl.broadcast_to(wbase[:, None], [BLOCK_M, NC]), [BLOCK_M * NC]) + slot
                         tl.store(dst, word, mask=put & (slot < BAND))
+                elif ROWS:  # a row's first and last band key by row reductions: no tile-sized conversion, no atomics
+                    n_put = tl.sum(rest.to(tl.int32), 1)
+                    first = tl.min(tl.where(rest, cols[None, :], T), 1)
+                    last = tl.max(tl.where(rest, cols[None, :], -1), 1)
+                    # one term each: the sums are exact (and +0.0 for -0.0, as the other ways put it)
+                    sc = tl.sum(tl.where(rest & (cols[None, :] == first[:, None]), s, 0.0), 1)
+                    tl.store(wbase + nb, _packed(sc + 0.0, first), mask=(n_put > 0) & (nb < BAND))
+                    sc = tl.sum(tl.where(rest & (cols[None, :] == last[:, None]), s, 0.0), 1)
+                    tl.store(wbase + nb + 1, _packed(sc + 0.0, last), mask=(n_put > 1) & (nb + 1 < BAND))
+                    if tl.max(n_put, 0) > 2:  # the keys between them
+                        rest = rest & (cols[None, :] > first[:, None]) & (cols[None, :] < last[:, None])
+                        for j in range(2, tl.max(n_put, 0)):
+                            col = tl.min(tl.where(rest, cols[None, :], T), 1)
+                            sc = tl.sum(tl.where(rest & (cols[None, :] == col[:, None]), s, 0.0), 1)
+                            tl.store(wbase + nb + j, _packed(sc + 0.0, col), mask=(j < n_put) & (nb + j < BAND))
+                            rest = rest & (cols[None, :] != col[:, None])
+                    nb += n_put
                 else:  # best first, one a row per step
                     n_put = tl.sum(rest.to(tl.int32), 1)
                     for j in range(0, tl.max(n_put, 0)):  # mostly 0 to 2: a row's band is a few dozen of its keys
@@ -149,8 +170,8 @@ def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: in
     picks the offsets write ("offsets", or "auto" per head below ``bits_reduce_head_from`` keys)."""
     if bits_write(tuning, group, a.shape[2]) == "offsets":
         return None
-    if tuning["bits_band"] not in ("extract", "atomic"):
-        raise ValueError(f"TUNING['bits_band'] is 'extract' or 'atomic', not {tuning['bits_band']!r}")
+    if tuning["bits_band"] not in ("extract", "atomic", "rows"):
+        raise ValueError(f"TUNING['bits_band'] is 'extract', 'atomic' or 'rows', not {tuning['bits_band']!r}")
     atomic = tuning["bits_band"] == "atomic"
     bsz, h, t = a.shape[:3]
     g = h // group
@@ -161,7 +182,7 @@ def write_bits(a: torch.Tensor, b: torch.Tensor, k: int, scale: float, group: in
     _token_bits[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, bracket, out, words, filled, *a.stride()[:3], *b.stride()[:3], *out.stride()[:3], h, g, t,
         h // b.shape[1], float(scale), float(softcap or 1.0), k, **kernel_args, BLOCK_M=rows, NC=nc,
-        LOG_NC=nc.bit_length() - 1, ATOMIC=atomic, num_warps=tuning["bits_warps"])
+        LOG_NC=nc.bit_length() - 1, ATOMIC=atomic, ROWS=tuning["bits_band"] == "rows", num_warps=tuning["bits_warps"])
     rank_rows = tuning["write_rows"]  # the old write's ranking block: where its ranking needs the fewest registers
     _bits_rank[(triton.cdiv(t, rank_rows), bsz * g)](
         bracket, out, words, filled, *out.stride()[:3], g, t, k, BLOCK_M=rank_rows, BAND=kernel_args["BAND"],

@@ -40,8 +40,8 @@ except ImportError:  # the naive path serves
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
 # the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
 # write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce"
-# (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows,
-# keys per tile, warps and how it puts band keys (extract: best first; atomic). attn (gather.py): rows, keys, warps.
+# (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows, keys
+# per tile, warps and how it puts band keys (extract: best first; atomic; rows). attn (gather.py): rows, keys, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
 # docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
 # warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest

@@ -1,0 +1,135 @@
+"""What a token-level selection sweep's time goes to: probe kernels that each do one more piece of the bitmask
+write's per-tile work (docs/performance.md, "What bounds the prefill targets"), timed side by side with the real
+counting and write kernels of ``ops.token_select``, per head, one layer of the Qwen3-1.7B shape (16 heads, gate
+d = 32, bf16, random inputs).
+
+    python benchmarks/sweep_probe.py --out docs/data/sweep-probe-h200.json          # on a GPU: T = 32768, k = 2048
+    TRITON_INTERPRET=1 python benchmarks/sweep_probe.py --t 96 --k 16 --out x.json   # the same on the CPU (tests)
+
+Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles as the real kernels do
+(``_tile``), against the rows' real brackets (``token_bracket``), then per tile:
+
+    score        only a row max of the scores (the least any sweep does)
+    compares     two compares (above the bracket, in it) and their row sums: a counting sweep's kind of work
+    words        the compares, and the kept keys' bitmask words stored (the write's output)
+    guard        the compares, and a test across the block's rows of whether any row has a band key in the tile
+                 (the reduction the write's band handling runs in every tile), with a trivial body
+    atomic       the guard, and under it the band keys put by atomic slots on the tile flattened to one
+                 dimension, as the write does by default (``TUNING["bits_band"]`` "atomic")
+
+The probes compute nothing the product uses: their outputs only keep the compiler from dropping the work. Prints
+and writes one JSON row of milliseconds (median of ``--reps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from benchmarks.harness import timed, tuning  # noqa: E402
+from posthoc_sparse.ops import token_select as ts  # noqa: E402
+from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
+from posthoc_sparse.ops.token_select.triton import _block, _thresholds, _tile, _unmono  # noqa: E402
+
+MODES = ("score", "compares", "words", "guard", "atomic")
+
+
+@triton.jit
+def _probe(A, Bk, BR, OUT, NB, WORDS, sab, sah, sat, sbb, sbh, sbt, G, T, W, n_rep_b, k,
+           DS: tl.constexpr, BLOCK_M: tl.constexpr, NC: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr):
+    rb, bz, g, rows, row_ok, a, end = _block(A, sab, sah, sat, G, T, DS, BLOCK_M)
+    lo, hi, cnt_hi, quota, band_n = _thresholds(BR, T, rows, row_ok, k)
+    lval, hval = _unmono(lo), _unmono(hi)
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    n = tl.zeros([BLOCK_M], tl.int32)
+    out = OUT + (tl.program_id(1) * T + rows).to(tl.int64) * W
+    wbase = WORDS + (tl.program_id(1) * T + rows) * 64
+    for start in range(0, end, NC):
+        cols = start + tl.arange(0, NC)
+        s = _tile(A, Bk, A, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt, G, T,
+                  n_rep_b, 1.0, 1.0, DS, 1, False, IEEE, BLOCK_M, NC)
+        if MODE == 0:
+            best = tl.maximum(best, tl.max(s, 1))
+        else:
+            above = s >= hval[:, None]
+            band = (s >= lval[:, None]) & ~above & row_ok[:, None]
+            n += tl.sum(above.to(tl.int32), 1) + tl.sum(band.to(tl.int32), 1)
+            if MODE == 2:
+                wcols = start // 32 + tl.arange(0, NC // 32)
+                words = tl.sum(tl.reshape((above | band).to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]),
+                               2)
+                tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
+            if MODE >= 3:
+                if tl.max(band.to(tl.int32)) > 0:
+                    if MODE == 3:
+                        n += 1
+                    else:
+                        put = tl.reshape(band, [BLOCK_M * NC])
+                        ctr = tl.broadcast_to((NB + tl.program_id(1) * T + rows)[:, None], [BLOCK_M, NC])
+                        slot = tl.atomic_add(tl.reshape(ctr, [BLOCK_M * NC]), 1, mask=put, sem="relaxed")
+                        val = tl.reshape(s, [BLOCK_M * NC])
+                        dst = tl.reshape(tl.broadcast_to(wbase[:, None], [BLOCK_M, NC]), [BLOCK_M * NC]) + slot
+                        tl.store(dst, val, mask=put & (slot < 64))
+    if MODE != 2:
+        tl.store(out, n + tl.where(best > -1.0e30, best, 0.0).to(tl.int32), mask=row_ok)
+
+
+def probe(a: torch.Tensor, b: torch.Tensor, bracket: torch.Tensor, k: int, mode: str, rows: int = 64,
+          keys: int = 64, warps: int = 4) -> None:
+    """One probe sweep (``MODES``) per head over a (B, H, T, d) and b (B, H or G, T, d), with ``token_bracket``'s
+    brackets for k."""
+    bsz, h, t, ds = a.shape
+    w = (t + 31) // 32
+    out = torch.empty(bsz * h, t, w, dtype=torch.int32, device=a.device)
+    nb = torch.zeros(bsz * h, t, dtype=torch.int32, device=a.device)
+    words = torch.empty(bsz * h, t, 64, dtype=torch.float32, device=a.device)
+    _probe[(triton.cdiv(t, rows), bsz * h)](
+        a, b, bracket, out, nb, words, *a.stride()[:3], *b.stride()[:3], h, t, w, h // b.shape[1], k, DS=ds,
+        BLOCK_M=rows, NC=keys, MODE=MODES.index(mode), IEEE=a.dtype == torch.float32, num_warps=warps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--t", type=int, default=32768)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("sweep_probe.py: needs a CUDA GPU, or TRITON_INTERPRET=1 for a small run on the CPU", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device("cuda" if cuda else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1, args.heads, args.t, 32, generator=gen).to(device, torch.bfloat16 if cuda else torch.float32)
+    b = torch.randn(1, args.heads, args.t, 32, generator=gen).to(device, a.dtype)
+    bracket = ts_triton.token_bracket(a, b, args.k)[0]
+    row = {"T": args.t, "k": args.k, "heads": args.heads, "gate_dim": 32, "dtype": str(a.dtype).replace("torch.", ""),
+           "device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "triton": triton.__version__,
+           "counting_ms": 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)}
+    for band in ("atomic", "extract"):
+        with tuning(ts.TUNING, bits_kernel="reduce", bits_band=band):
+            row[f"bitmask_selection_{band}_ms"] = 1e3 * timed(lambda: ts.token_select(a, b, args.k, bits=True),
+                                                              device, args.reps)
+    for mode in MODES:
+        row[f"probe_{mode}_ms"] = 1e3 * timed(lambda: probe(a, b, bracket, args.k, mode), device, args.reps)
+    row["write_alone_atomic_ms"] = row["bitmask_selection_atomic_ms"] - row["counting_ms"]
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, out)  # never a half-written file
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
