@@ -15,7 +15,8 @@ Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles
     guard        the compares, and a test across the block's rows of whether any row has a band key in the tile
                  (the reduction the write's band handling runs in every tile), with a trivial body
     atomic       the guard, and under it the band keys put by atomic slots on the tile flattened to one
-                 dimension, as the write does by default (``TUNING["bits_band"]`` "atomic")
+                 dimension, as the write does by default (``TUNING["bits_band"]`` "atomic"), storing each key's
+                 score where the write stores a word packed from score and index (one less tile-wide step)
 
 The probes compute nothing the product uses: their outputs only keep the compiler from dropping the work. Prints
 and writes one JSON row of milliseconds (median of ``--reps``).

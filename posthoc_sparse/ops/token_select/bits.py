@@ -93,8 +93,9 @@ if triton is not None:
             wcols = start // 32 + tl.arange(0, NC // 32)  # the tile's words: distinct powers of two, summed
             words = tl.sum(tl.reshape(take.to(tl.int32) << (cols % 32)[None, :], [BLOCK_M, NC // 32, 32]), 2)
             tl.store(out[:, None] + wcols[None, :], words, mask=row_ok[:, None] & (wcols * 32 < T)[None, :])
-            if any_ranked:  # a ranked row's band keys to its scratch
+            if any_ranked:  # a ranked row's band keys to its scratch (the count per row unused with ATOMIC)
                 rest = band & ranked[:, None]
+                n_put = tl.sum(rest.to(tl.int32), 1)
                 if ATOMIC:  # each to the slot an atomic add on its row's counter returns, in one masked step
                     if tl.max(rest.to(tl.int32)) > 0:  # flat: Triton 3.9's layout pass fails on an atomic's
                         put = tl.reshape(rest, [BLOCK_M * NC])  # result in the tile's layout (for sm_90)
@@ -104,7 +105,6 @@ if triton is not None:
                         dst = tl.reshape(tl.broadcast_to(wbase[:, None], [BLOCK_M, NC]), [BLOCK_M * NC]) + slot
                         tl.store(dst, word, mask=put & (slot < BAND))
                 elif ROWS:  # a row's first and last band key by row reductions: no tile-sized conversion, no atomics
-                    n_put = tl.sum(rest.to(tl.int32), 1)
                     first = tl.min(tl.where(rest, cols[None, :], T), 1)
                     last = tl.max(tl.where(rest, cols[None, :], -1), 1)
                     # one term each: the sums are exact (and +0.0 for -0.0, as the other ways put it)
@@ -119,16 +119,14 @@ if triton is not None:
                             sc = tl.sum(tl.where(rest & (cols[None, :] == col[:, None]), s, 0.0), 1)
                             tl.store(wbase + nb + j, _packed(sc + 0.0, col), mask=(j < n_put) & (nb + j < BAND))
                             rest = rest & (cols[None, :] != col[:, None])
-                    nb += n_put
                 else:  # best first, one a row per step
-                    n_put = tl.sum(rest.to(tl.int32), 1)
                     for j in range(0, tl.max(n_put, 0)):  # mostly 0 to 2: a row's band is a few dozen of its keys
                         best = tl.max(tl.where(rest, s, float("-inf")), 1)
                         col = tl.min(tl.where(rest & (s == best[:, None]), cols[None, :], T), 1)  # ties: lower index
                         tl.store(wbase + nb + j, _packed(tl.where(best == 0.0, 0.0, best), col),
                                  mask=(j < n_put) & (nb + j < BAND))
                         rest = rest & (cols[None, :] != col[:, None])
-                    nb += n_put
+                nb += n_put
         if not ATOMIC:
             tl.store(NB + tl.program_id(1) * T + rows, nb, mask=row_ok)
 
