@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -244,6 +246,17 @@ class Bench:
         self._model = self._bank = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def kernel_device(script: str) -> torch.device:
+    """The device a kernel script runs on: CUDA, or the CPU where TRITON_INTERPRET=1 (a small run, for tests);
+    else one line on stderr and exit 2."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print(f"{script}: needs a CUDA GPU, or TRITON_INTERPRET=1 for a small run on the CPU", file=sys.stderr)
+        sys.exit(2)
+    return torch.device("cpu")
 
 
 def report(row: dict, indent: int | None = None) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from benchmarks.harness import timed, tuning  # noqa: E402
+from benchmarks.harness import kernel_device, timed, tuning  # noqa: E402
+from posthoc_sparse.io import atomic_write_json  # noqa: E402
 from posthoc_sparse.ops import token_select as ts  # noqa: E402
 from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
 from posthoc_sparse.ops.token_select.triton import _block, _thresholds, _tile, _unmono  # noqa: E402
@@ -106,11 +106,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("sweep_probe.py: needs a CUDA GPU, or TRITON_INTERPRET=1 for a small run on the CPU", file=sys.stderr)
-        sys.exit(2)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = kernel_device("sweep_probe.py")
+    cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1, args.heads, args.t, 32, generator=gen).to(device, torch.bfloat16 if cuda else torch.float32)
     b = torch.randn(1, args.heads, args.t, 32, generator=gen).to(device, a.dtype)
@@ -125,10 +122,7 @@ def main() -> None:
     for mode in MODES:
         row[f"probe_{mode}_ms"] = 1e3 * timed(lambda: probe(a, b, bracket, args.k, mode), device, args.reps)
     row["write_alone_atomic_ms"] = row["bitmask_selection_atomic_ms"] - row["counting_ms"]
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    os.replace(tmp, out)  # never a half-written file
+    atomic_write_json(Path(args.out), row)  # never a half-written file
     print(json.dumps(row))
 
 

@@ -130,6 +130,36 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
         assert not (tmp_path / "x.json").exists()
 
 
+def test_tile_attention_runs_on_the_cpu_with_the_interpreter_beside_a_baseline(tmp_path):
+    """benchmarks/tile_attention.py (the tile attention against SDPA): through TRITON_INTERPRET=1 on a small shape,
+    with this tree's kernel file as the baseline, it writes a row per kept-set kind and launch, the baseline's output
+    equal to the kernel's and every key kept equal to SDPA; without a GPU or the interpreter, or with a missing
+    baseline file, it refuses in one line, exit 2, writing nothing."""
+    out = tmp_path / "tiles.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    args = [sys.executable, "benchmarks/tile_attention.py", "--t", "70", "--k", "9", "--heads", "4", "--kv-heads", "2",
+            "--head-dim", "16", "--reps", "1", "--out", str(out)]
+    run = subprocess.run(args + ["--baseline", "posthoc_sparse/ops/mask_attention/triton.py"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sets"], r["kernel"]) for r in rows] == [(s, k) for s in ("head", "group", "all")
+                                                        for k in ("baseline", "current", "current")]
+    assert all(r["ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
+    assert all(r["max_abs_diff_vs_baseline"] < 1e-5 for r in rows if r["kernel"] == "baseline")
+    assert all(r["max_abs_diff_vs_sdpa"] < 1e-5 for r in rows if r["sets"] == "all")
+    bad = subprocess.run(args[:-1] + [str(tmp_path / "x.json"), "--baseline", str(tmp_path / "none.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "no baseline file" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
+    if not torch.cuda.is_available():
+        plain = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
+        bad = subprocess.run(args[:-1] + [str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env=plain)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert not (tmp_path / "x.json").exists()
+
+
 def test_every_part_is_registered_with_a_plan_per_size():
     assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
                           "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model",

@@ -41,12 +41,19 @@ if triton is not None:
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
+        l, acc = _accumulate(p, alpha, vt, l, acc, IEEE)
+        return m_new, l, acc
+
+    @triton.jit
+    def _accumulate(p, alpha, vt, l, acc, IEEE: tl.constexpr):
+        # an online-softmax step's sums: the running sum l and output acc rescaled by alpha, plus the tile's
+        # weights p (RP, N) and their values vt (N, D)
         l = l * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        return m_new, l, acc
+        return l, acc
 
     @triton.jit
     def _logits(q, kt, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):

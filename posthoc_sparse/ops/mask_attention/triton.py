@@ -22,28 +22,27 @@ except ImportError:  # the naive path serves
     triton = None
 
 # rows per program (all stacked heads together), keys per tile (at least 32: a tile reads whole words), warps,
-# whether to test each tile for a kept key (a skipped tile costs its bits; a test keeps its loads out of the software
-# pipeline).
+# software-pipeline stages, whether to test each tile for a kept key (a skipped tile costs its bits; a test keeps its
+# loads out of the software pipeline).
 # Timed on an H200 at T = 8192, k = 2048 (prefill_tuning in docs/data/perf-h200-prefill-topk-diag.json): with every
-# tile kept, as on real selections at this share of keys, testing for skips costs about 2x (64 x 64 x 4 warps: 1.14
-# ms without the test, 2.22 with it per head; 1.12 and 2.07 per group), so it is off; 64 x 64 was the fastest per
-# head and within 1% of the fastest per group. The causal mask applies only to the tiles that reach a block's rows
-# (its loop is split in two): that took this launch from 1.74 to 1.14 ms per head at this size (prefill_tuning in
-# perf-h200-prefill-topk-split.json, before it), and the per-layer call at T = 32768 from 23.0 ms (64 x 64) to 15.6
-# (64 x 32).
-# min_density: the share of causal (row, key) pairs kept above which the policy takes this kernel (and the bitmask
-# selection) rather than the index selection and the gather, per KV group. In the same run at k = 256, the gather
-# took 1.84 / 6.91 ms and this kernel (64 x 32, no skip test) 1.29 / 14.84 ms at T = 8192 / 32768 (per group;
-# shares of the pairs kept 0.062 / 0.016): crossovers near 0.043 / 0.034. min_density_head: the same per head, where
-# the bitmask selection costs less than the index selection by more than the gather saves: at T = 32768, k = 256
-# (share 0.016) the selection took 53.2 ms with the bitmask and 74.7 with indices, the attention 15.1 over tiles
-# and 7.2 by gathering: 69.2 against 82.8 ms with the gate's projection (perf-h200-prefill-topk-cuts.json; per
-# group there 96.8 against 93.2).
-TUNING = {"rows": 64, "keys": 64, "warps": 4, "skip": False, "min_density": 0.04, "min_density_head": 0.015}
+# tile kept, as on real selections at this share of keys, testing for skips costs about 2x, so it is off. The causal
+# mask applies only to the tiles that reach a block's rows (its loop is split in two). The online softmax runs in
+# base 2 with the scale folded into the exponent's multiply-add and one select a key (see _mask_step): 9.87 against
+# 14.86 ms per head at T = 32768, k = 2048 (0.65x SDPA's 6.45 instead of 0.43x), 10.54 against 15.55 per group;
+# 64 x 64 at 4 warps and 3 stages was the fastest of 9 launches at T = 8192 and 32768 per head and per group but one
+# (8192 per head: 2 stages, 2% faster) (benchmarks/tile_attention.py, docs/data/tile-attention-h200.json).
+# min_density (per KV group) and min_density_head: the share of causal (row, key) pairs kept from which the policy
+# takes this kernel and the bitmask selection rather than the index selection and the gather. At T = 32768, k = 256
+# (share 0.016) the bitmask path took 46.0 + 9.93 ms per head against 75.4 + 7.1 (selection + attention), and per
+# group 70.7 + 10.6 against 85.4 + 6.6 (docs/data/perf-h200-prefill-topk-lean.json); before the base-2 softmax the
+# tile attention took 15 ms and per group the gather path won there (perf-h200-prefill-topk-cuts.json), so groups
+# started at 0.04. Shares below 0.015 were not timed: the gather path stays there.
+TUNING = {"rows": 64, "keys": 64, "warps": 4, "stages": 3, "skip": False, "min_density": 0.015,
+          "min_density_head": 0.015}
 
 
 if triton is not None:
-    from ..decode.triton import _logits, _online_step
+    from ..decode.triton import _accumulate
 
     @triton.jit
     def _mask_attn_fwd(Q, K, V, BITS, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, swb, swh, swt,
@@ -89,7 +88,7 @@ if triton is not None:
         wc = start // 32 + tl.arange(0, BLOCK_N // 32)  # the tile's words, spread over its keys
         w = tl.load(wrow[:, None] + wc[None, :], mask=ok[:, None] & (wc * 32 < T)[None, :], other=0)
         w = tl.reshape(tl.broadcast_to(w[:, :, None], [RP, BLOCK_N // 32, 32]), [RP, BLOCK_N])
-        keep = ((w >> (cols % 32)[None, :]) & 1) != 0
+        keep = (w & (1 << (tl.arange(0, BLOCK_N) % 32))[None, :]) != 0  # start is a whole number of words
         if CAUSAL:
             keep = keep & (cols[None, :] <= t[:, None])
         if SKIP:
@@ -104,11 +103,28 @@ if triton is not None:
     @triton.jit
     def _mask_step(q, kbase, vbase, keep, cols, skt, svt, T, scaling, softcap, m, l, acc,
                    D: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+        # the online softmax in base 2 (m in log2 units): x the raw products (the softcapped logits with SOFTCAP),
+        # c their scale to log2 units, folded into the exponent's multiply-add; a key no row keeps gets -inf, so
+        # its exp2 is 0 without a second select (m starts finite: no row computes -inf - -inf)
         offs_d = tl.arange(0, D)
         kt = tl.load(kbase + cols[:, None] * skt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
-        s = tl.where(keep, _logits(q, kt, scaling, softcap, SOFTCAP, IEEE), -1.0e30)
+        if IEEE:
+            x = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            x = tl.dot(q, tl.trans(kt))
+        if SOFTCAP:
+            x = x * scaling
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)  # tanh
+            c = 1.4426950408889634
+        else:
+            c = scaling * 1.4426950408889634
+        x = tl.where(keep, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 1) * c)  # c > 0: the max of the scaled products
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(x * c - m_new[:, None])
         vt = tl.load(vbase + cols[:, None] * svt + offs_d[None, :], mask=(cols < T)[:, None], other=0.0)
-        return _online_step(s, keep, vt, m, l, acc, IEEE)
+        l, acc = _accumulate(p, alpha, vt, l, acc, IEEE)
+        return m_new, l, acc
 
 
 def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) -> torch.Tensor:
@@ -126,5 +142,6 @@ def mask_attention(q, k, v, bits, scaling: float, softcap: float | None = None) 
         q, k, v, bits, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bits.stride()[:3],
         out.stride(0), out.stride(2), out.stride(1), bits.shape[1], t, n_rep_kv, n_rep_idx, float(scaling),
         float(softcap or 1.0), D=d, HP=hp, BLOCK_M=rows, BLOCK_N=max(32, TUNING["keys"]), SOFTCAP=bool(softcap),
-        SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32, num_warps=TUNING["warps"])
+        SKIP=TUNING["skip"], IEEE=q.dtype == torch.float32, num_warps=TUNING["warps"],
+        num_stages=TUNING["stages"])
     return out
