@@ -248,6 +248,18 @@ class Bench:
             torch.cuda.empty_cache()
 
 
+def load_baseline(path: str, package: str):
+    """The module of an earlier version of a kernel file at ``path`` (e.g. from ``git show REV:FILE``), loaded as a
+    private module of ``package`` (its package in this tree), so that its relative imports resolve here: a
+    benchmark then times it beside the current kernels in one run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{package}._baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def kernel_device(script: str) -> torch.device:
     """The device a kernel script runs on: CUDA, or the CPU where TRITON_INTERPRET=1 (a small run, for tests);
     else one line on stderr and exit 2."""

@@ -5,6 +5,8 @@ d = 32, bf16, random inputs).
 
     python benchmarks/sweep_probe.py --out docs/data/sweep-probe-h200.json          # on a GPU: T = 32768, k = 2048
     TRITON_INTERPRET=1 python benchmarks/sweep_probe.py --t 96 --k 16 --out x.json   # the same on the CPU (tests)
+    git show REV:posthoc_sparse/ops/token_select/triton.py > old.py
+    python benchmarks/sweep_probe.py --baseline old.py --out x.json                  # and REV's counting beside
 
 Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles as the real kernels do
 (``_tile``), against the rows' real brackets (``token_bracket``), then per tile:
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from benchmarks.harness import kernel_device, timed, tuning  # noqa: E402
+from benchmarks.harness import kernel_device, load_baseline, timed, tuning  # noqa: E402
 from posthoc_sparse.io import atomic_write_json  # noqa: E402
 from posthoc_sparse.ops import token_select as ts  # noqa: E402
 from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
@@ -104,9 +106,13 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--baseline", help="an earlier ops/token_select/triton.py whose counting to time beside")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = kernel_device("sweep_probe.py")
+    if args.baseline and not Path(args.baseline).is_file():
+        print(f"sweep_probe.py: no baseline file {args.baseline}", file=sys.stderr)
+        sys.exit(2)
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1, args.heads, args.t, 32, generator=gen).to(device, torch.bfloat16 if cuda else torch.float32)
@@ -115,6 +121,12 @@ def main() -> None:
     row = {"T": args.t, "k": args.k, "heads": args.heads, "gate_dim": 32, "dtype": str(a.dtype).replace("torch.", ""),
            "device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "triton": triton.__version__,
            "counting_ms": 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)}
+    if args.baseline:  # the earlier counting, then this one's again: each side of it, in one run
+        old = load_baseline(args.baseline, "posthoc_sparse.ops.token_select")
+        row["baseline"] = args.baseline
+        row["counting_baseline_ms"] = 1e3 * timed(lambda: old.token_bracket(a, b, args.k), device, args.reps)
+        row["counting_again_ms"] = 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)
+        row["same_brackets_as_baseline"] = bool(torch.equal(old.token_bracket(a, b, args.k)[0], bracket))
     for band in ("atomic", "extract"):
         with tuning(ts.TUNING, bits_kernel="reduce", bits_band=band):
             row[f"bitmask_selection_{band}_ms"] = 1e3 * timed(lambda: ts.token_select(a, b, args.k, bits=True),

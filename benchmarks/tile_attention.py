@@ -14,7 +14,6 @@ Prints one line per row and writes them as JSON (milliseconds, median of ``--rep
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.harness import kernel_device, timed, tuning  # noqa: E402
+from benchmarks.harness import kernel_device, load_baseline, timed, tuning  # noqa: E402
 from posthoc_sparse.io import atomic_write_json  # noqa: E402
 from posthoc_sparse.ops import mask_attention as ma  # noqa: E402
 from posthoc_sparse.ops import token_select as ts  # noqa: E402
@@ -33,15 +32,6 @@ from posthoc_sparse.ops import token_select as ts  # noqa: E402
 # (rows of all stacked heads, keys per tile, warps, pipeline stages); 128 x 128 at 3 stages needs 233 KB of smem
 LAUNCHES = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2),
             (64, 128, 4, 3), (64, 32, 4, 3), (128, 128, 8, 2)]
-
-
-def load_baseline(path: str):
-    """The module of an earlier ``ops/mask_attention/triton.py`` at ``path``, its relative imports resolved in this
-    package."""
-    spec = importlib.util.spec_from_file_location("posthoc_sparse.ops.mask_attention._baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ms(fn, device, reps) -> dict:
@@ -111,7 +101,7 @@ def main() -> None:
     if args.baseline and not Path(args.baseline).is_file():
         print(f"tile_attention.py: no baseline file {args.baseline}", file=sys.stderr)
         sys.exit(2)
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baseline = load_baseline(args.baseline, "posthoc_sparse.ops.mask_attention") if args.baseline else None
     launches = LAUNCHES if cuda else LAUNCHES[:2]
     rows = []
     for t in (int(x) for x in args.t.split(",")):

@@ -115,13 +115,16 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
     interpreter it refuses in one line, exit 2."""
     out = tmp_path / "probe.json"
     run = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--t", "70", "--k", "9", "--heads", "2",
-                          "--reps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          "--reps", "1", "--baseline", "posthoc_sparse/ops/token_select/triton.py", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     row = json.loads(out.read_text())
     assert (row["T"], row["k"], row["heads"]) == (70, 9, 2)
-    _positive(row, ["counting_ms", "bitmask_selection_atomic_ms", "bitmask_selection_extract_ms"]
-              + [f"probe_{m}_ms" for m in ("score", "compares", "words", "guard", "atomic")])
+    _positive(row, ["counting_ms", "counting_baseline_ms", "counting_again_ms", "bitmask_selection_atomic_ms",
+                    "bitmask_selection_extract_ms"] + [f"probe_{m}_ms" for m in ("score", "compares", "words", "guard",
+                                                                                "atomic")])
+    assert row["same_brackets_as_baseline"] is True  # this tree's file as its own baseline
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
     if not torch.cuda.is_available():
         bad = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--out", str(tmp_path / "x.json")],

@@ -1,26 +1,24 @@
 """Triton kernels of token-level top-k selection for any k, per head or per KV group, and of attention over the
 selected keys. No (T, T) tensor: scores are recomputed from the selection query and key at every sweep.
 
-Letters: B batch, H query heads, G key/value heads, T queries = keys (prefill from position 0), D head_dim,
-d the selection dimension (the gate's d, or D for the oracle), k keys kept per row, n kept slots per row.
+Letters: B batch, H query heads, G key/value heads, T queries = keys (prefill from position 0), D head_dim, d the
+selection dimension (the gate's d, or D for the oracle), k keys kept per row.
 
 Three kernels, twins in ``naive.py``:
 
-    ``_row_lse``        group selection only: each query head's log-sum-exp over each row's causal keys (one
-                        sweep, online), so that a later sweep can form softmax probabilities tile by tile.
-    ``_token_select``   per (head or group, block of rows), threshold selection by counting, no sorting:
+    ``_row_lse``        group selection only: each query head's log-sum-exp over each row's causal keys (online).
+    ``_token_bracket``  per (head or group, block of rows), threshold selection by counting, no sorting:
                         (1) one sweep for each row's least and largest score, the bracket [lo, hi) of its k-th
-                        largest; (2) counting sweeps, each testing R candidate thresholds spread evenly over
-                        the bracket in the monotone int order of fp32 (``head_topk``'s ``_mono``), with one
-                        ``tl.sum`` per candidate; the bracket shrinks to the two candidates around the k-th
-                        score, until at most BAND keys lie in it (or it holds one value, or exactly k keys lie
-                        at or above lo); (3) a last sweep writes the keys at or above hi (all kept) by a
-                        running offset per row, and the band's keys either directly (all of them when they
-                        fit, or the lowest indices when they all tie) or as packed words (score above,
-                        complement of the index below) to a BAND-slot scratch, ranked against each other
-                        afterwards. Exactly k keys per row (all causal keys where fewer), equal scores by lower
-                        index; indices in key order, not by score. Group selection scores a key by the sum
-                        over the group's heads of softmax(a . b * scale) (the mean's order).
+                        largest, and a normal guess at it; (2) counting sweeps, each testing R candidate
+                        thresholds (around the guess first, then spread over the bracket in the monotone int
+                        order of fp32, ``head_topk``'s ``_mono``), one ``tl.sum`` per candidate, until at most
+                        BAND keys lie in the bracket (or it holds one value, or exactly k keys lie at or above lo).
+    ``_token_write``    (3) a last sweep writes the keys at or above hi (all kept) by a running offset per row,
+                        and the band's keys either directly (all when they fit, or the lowest indices when they
+                        all tie) or as packed words (score above, complement of the index below) to a BAND-slot
+                        scratch, ranked afterwards (``bits.py``: the bitmask write without running offsets).
+                        Exactly min(k, causal keys) per row, equal scores by lower index, in key order. Group
+                        selection scores a key by the sum over its heads of softmax(a . b * scale).
 
 The attention over the kept keys by gathering them is in ``gather.py``; over key tiles, ``ops.mask_attention``.
 """
@@ -185,23 +183,25 @@ if triton is not None:
         smax = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s1 = tl.zeros([BLOCK_M], tl.float32)
         s2 = tl.zeros([BLOCK_M], tl.float32)
-        nf = tl.zeros([BLOCK_M], tl.float32)
+        full = (rb * BLOCK_M // NC) * NC  # the tiles wholly before the block's first row: no causal mask
+        nf = tl.zeros([BLOCK_M], tl.float32) + (full if GROUP == 1 else 0)  # a head's scores there: all finite
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
             s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt,
                       H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             smax = tl.maximum(smax, tl.max(s, 1))
-            smin = tl.minimum(smin, tl.min(tl.where(s == float("-inf"), float("inf"), s), 1))
-            if GUESS:
-                if GROUP == 1:
-                    fin = s > float("-inf")
-                    f = tl.where(fin, s, 0.0)
-                else:
-                    fin = s > 0.0
-                    f = tl.where(fin, tl.log(tl.where(fin, s, 1.0)), 0.0)
-                s1 += tl.sum(f, 1)
-                s2 += tl.sum(f * f, 1)
-                nf += tl.sum(fin.to(tl.float32), 1)
+            if GROUP == 1 and start < full:  # only the tests a tile needs: fewer operations a score
+                smin = tl.minimum(smin, tl.min(s, 1))
+                if GUESS:
+                    s1, s2 = s1 + tl.sum(s, 1), s2 + tl.sum(s * s, 1)
+            else:
+                smin = tl.minimum(smin, tl.min(tl.where(s == float("-inf"), float("inf"), s), 1))
+                if GUESS:
+                    fin = s > (float("-inf") if GROUP == 1 else 0.0)
+                    f = tl.where(fin, s if GROUP == 1 else tl.log(tl.where(fin, s, 1.0)), 0.0)
+                    s1 += tl.sum(f, 1)
+                    s2 += tl.sum(f * f, 1)
+                    nf += tl.sum(fin.to(tl.float32), 1)
         lo = _mono(smin)
         hi = _mono(tl.where(smax == 0.0, 0.0, smax)) + 1  # past -0.0 and +0.0 alike: they compare equal
         nf = tl.maximum(nf, 1.0)
