@@ -19,7 +19,8 @@ demo: setup
 	$(BIN)/sparsify eval --gates gates/demo --k 16,32,64 --max-windows 4 --output reports/demo --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -c "import xdist" 2>/dev/null || $(BIN)/pip install -q pytest-xdist   # a venv made before it
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) gates reports

@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the test processes sharing the cores (pytest-xdist, `-n`):
+    torch.set_num_threads(1)  # torch's threads would stall the other worker's (tiny matrices gain nothing from them)
+    os.environ["OMP_NUM_THREADS"] = "1"  # nor in the commands the tests start
 
 from .tiny import ARCHS, tiny_model, train_tiny_lm, write_corpus
 
