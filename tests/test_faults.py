@@ -2,16 +2,18 @@
 models), rerun with --resume, and compare the final artifacts with an uninterrupted run's; Ctrl-C (SIGINT) at
 safe points and at once; two writers on one output folder.
 
-Each run is a child of one fork server that imported torch, transformers and the CLI once, so a run costs a
-fraction of a second instead of a fresh interpreter's seconds. ``POSTHOC_SPARSE_FAULT`` tells the child where to
-die (``posthoc_sparse.io.fault_point``, called before every write and rename): the uninterrupted run logs its
-points, then one run is killed at each distinct point (the first and the last time each write or rename happens).
+Each run is a child of one fork server that imported torch, transformers, the CLI and what its commands import
+once, so a run costs about a second instead of a fresh interpreter's several. ``POSTHOC_SPARSE_FAULT`` tells the
+child where to die (``posthoc_sparse.io.fault_point``, called before every write and rename): the uninterrupted run
+logs its points, then one run is killed at each distinct point (the first and the last time each write or rename
+happens).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import signal
@@ -24,9 +26,22 @@ import torch
 from .tiny import tiny_tokenizer, write_corpus
 
 CTX = multiprocessing.get_context("forkserver")
-CTX.set_forkserver_preload(["tests.test_faults"])
+CTX.set_forkserver_preload(["tests.test_faults", "sparsify_cli.main", "sparsify_cli.distill", "sparsify_cli.evaluate",
+                            "sparsify_cli.sweep", "sparsify_cli.pretrain", "posthoc_sparse.distill.loop",
+                            "posthoc_sparse.evaluate.perplexity", "posthoc_sparse.experiments.sweep",
+                            "posthoc_sparse.experiments.pretrain", "datasets", "matplotlib"])  # what the runs import
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 IN_FLIGHT = re.compile(r"\.(tmp|new|ready|old)-|\.lock$|^\.write-test-")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fork_server():
+    """The fork server, started with the runs' environment: the libraries it imports read settings such as offline
+    mode when imported, as they would in a run that imported them itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in ENV.items():
+            mp.setenv(key, value)
+        multiprocessing.forkserver.ensure_running()
 
 
 def _child(argv: list[str], fault: str | None, log: str) -> None:
