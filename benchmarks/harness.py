@@ -101,10 +101,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable], device, reps: int, warmup: int = 1, contexts: dict | None = None,
+def default_warmup() -> int:
+    """Warm-up calls before timing: one (compiles, caches, allocator), none under TRITON_INTERPRET=1, where the
+    kernels run through the interpreter on the CPU, nothing compiles and the times only show that a part runs."""
+    return 0 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+
+
+def interleaved(fns: dict[str, Callable], device, reps: int, warmup: int | None = None, contexts: dict | None = None,
                 host: bool = False) -> dict[str, float]:
     """Median seconds of each function (its name ends in "_s"), timed in ``reps`` rounds that run every function
-    once in turn, so that the host's noise falls on all alike. ``contexts[name]()``: a context manager entered
+    once in turn (after ``warmup`` calls each, ``default_warmup()`` when None), so that the host's noise falls on
+    all alike. ``contexts[name]()``: a context manager entered
     around that function's calls, outside the timed span. ``host``: also each function's host time,
     "<name>_host_s" (from the start until the call returns, before the GPU is waited for: when it is close to
     the wall time, the host's launches bind)."""
@@ -123,7 +130,7 @@ def interleaved(fns: dict[str, Callable], device, reps: int, warmup: int = 1, co
             times[name[:-2] + "_host_s"].append(t1 - t0)
 
     for name, fn in fns.items():
-        for _ in range(warmup):
+        for _ in range(default_warmup() if warmup is None else warmup):
             run(name, fn)
     times = {key: [] for name in fns for key in (name, name[:-2] + "_host_s")}
     for _ in range(reps):
@@ -132,8 +139,8 @@ def interleaved(fns: dict[str, Callable], device, reps: int, warmup: int = 1, co
     return {name: statistics.median(ts) for name, ts in times.items() if host or not name.endswith("_host_s")}
 
 
-def timed(fn: Callable, device, reps: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+def timed(fn: Callable, device, reps: int, warmup: int | None = None) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (``default_warmup()`` when None)."""
     return interleaved({"fn_s": fn}, device, reps, warmup)["fn_s"]
 
 
