@@ -66,7 +66,7 @@ def compile_for_hopper(tmp_path: Path, module: str, cases: list[tuple[str, dict,
 
 
 TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32", "WORDS": "*i64", "SWEEPS": "*i32",
-                      "BR": "*i64", "OUT": "*i32", "NB": "*i32",
+                      "BR": "*i64", "OUT": "*i32", "NB": "*i32", "KEYS": "*i64",
                       "scale": "fp32", "softcap": "fp32", "guess_step": "fp32"}
 # the ints of a token-level prefill launch that are multiples of 16 there (T = 32768, k = 2048, 16 heads, d = 32)
 TOKEN_SELECT_ALIGNED = ("sab", "sah", "sat", "sbb", "sbh", "sbt", "sib", "sih", "sit", "H", "T", "k")
@@ -84,15 +84,16 @@ def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str
                for rc in chunks for g in groups])
 
 
-def token_bits_cases(launches, groups=(1, 2), atomic: bool = False, rows: bool = False) -> list[tuple[str, dict, int]]:
+def token_bits_cases(launches, groups=(1, 2), atomic: bool = False, rows: bool = False,
+                     words: bool = False) -> list[tuple[str, dict, int]]:
     """``bits.py``'s ``_token_bits`` (the bitmask write's sweep) at each (rows, keys per tile, warps) of ``launches``
-    and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps, band 64, gate dim 32, bf16 inputs;
-    ``atomic`` / ``rows``: the sweep that puts band keys by atomic slots / by row reductions
-    (``TUNING["bits_band"]``; else best first)."""
-    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic, ROWS=rows)
+    and group size, then ``_bits_rank`` (its ranking) at 16 rows and 4 warps per head, band 64, gate dim 32, bf16
+    inputs; ``atomic`` / ``rows`` / ``words``: the sweep that puts band keys by atomic slots / by row reductions /
+    as words, whose keys the ranking scores again (``TUNING["bits_band"]``; else best first)."""
+    common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64, ATOMIC=atomic, ROWS=rows, BAND_WORDS=words)
     return ([("_token_bits", common | dict(BLOCK_M=m, NC=nc, GROUP=g, LOG_NC=nc.bit_length() - 1), w)
              for m, nc, w in launches for g in groups]
-            + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1), 4)])
+            + [("_bits_rank", dict(BLOCK_M=16, BAND=64, RC=1, DS=32, GROUP=1, SOFTCAP=False, BAND_WORDS=words), 4)])
 
 
 MASK_ATTENTION_TYPES = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "BITS": "*i32", "O": "*bf16", "scaling": "fp32",

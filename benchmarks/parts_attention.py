@@ -251,13 +251,39 @@ def _prefill_work(t: int, h: int, g: int, d_sel: int, d: int, k: int, group: int
     }
 
 
+def _topk_gap(gq, gk, bits, rows, group: int, limit: int = 2048) -> float:
+    """How far the bitmask ``bits`` is from a top-k set of the fp32 reference scores on ``rows`` (B x H // group,
+    T) index pairs (the first ``limit``): the largest score a row leaves out less the least it keeps (0 or below for
+    a top-k set; ties within rounding give a few ulps), relative to the row's largest score, the most over them."""
+    t, n_sel, n_rep = gq.shape[2], bits.shape[1], gq.shape[1] // gk.shape[1]
+    gap = float("-inf")
+    rows = rows[:limit]
+    for sel in rows[:, 0].unique().tolist():  # the rows of one index set share its keys
+        r = rows[rows[:, 0] == sel, 1]
+        bz, g = sel // n_sel, sel % n_sel
+        causal = torch.arange(t, device=gq.device)[None, :] <= r[:, None]
+        s = torch.zeros(r.shape[0], t, device=gq.device)
+        for h in range(g * group, (g + 1) * group):  # selection_scores_reference's, without its (T, T) tensor
+            si = gq[bz, h, r].float() @ gk[bz, h // n_rep].float().T
+            s += si if group == 1 else torch.softmax(si.masked_fill(~causal, float("-inf")), -1) / group
+        keep = ma.keep_from_bits(bits[bz, g, r], t) & causal
+        out_max = s.masked_fill(keep | ~causal, float("-inf")).amax(-1)
+        in_min = s.masked_fill(~keep, float("inf")).amin(-1)
+        top = s.masked_fill(~causal, float("-inf")).amax(-1).abs().clamp(min=1e-30)
+        gap = max(gap, ((out_max - in_min) / top).max().item())
+    return gap if rows.shape[0] else 0.0
+
+
 def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, reps: int) -> dict:
     """The selection writing a bitmask and the attention over key tiles (``ops.mask_attention``), with and without
     the test that skips a tile no row of the block keeps, and the share of (row block, key tile) pairs that keep
     a key (what skipping can save). Also both bitmask writes side by side (``select_bits_offsets_s``,
     ``select_bits_reduce_s`` with band keys best first, two other launches of it, and the default, with atomic band
-    slots, ``select_bits_reduce_atomic_s``, and by row reductions, ``select_bits_reduce_rows_s``) and whether every
-    one kept the offsets write's sets (``select_bits_same_sets``)."""
+    slots, ``select_bits_reduce_atomic_s``, by row reductions, ``select_bits_reduce_rows_s``, and as words,
+    ``select_bits_reduce_words_s``) and whether every one kept the offsets write's sets (``select_bits_same_sets``).
+    The words' keys are ranked by their scores summed again, in another order than the tile's product: where they
+    differ, the rows and how far each write's sets are from a top-k set of fp32 reference scores there
+    (``select_bits_words_rows_differing``, ``select_bits_{offsets,words}_topk_gap``, ``_topk_gap``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
     words = torch.arange((t + 31) // 32, device=device)
@@ -270,7 +296,8 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
                 "reduce_32x4": extract | dict(bits_rows=32, bits_warps=4),  # other launches of the
                 "reduce_64x8": extract | dict(bits_rows=64, bits_warps=8),  # second (default 64 x 4)
                 "reduce_atomic": dict(bits_kernel="reduce", bits_band="atomic"),  # and its atomic band slots,
-                "reduce_rows": dict(bits_kernel="reduce", bits_band="rows")}  # and its band keys by row reductions
+                "reduce_rows": dict(bits_kernel="reduce", bits_band="rows"),  # and its band keys by row reductions,
+                "reduce_words": dict(bits_kernel="reduce", bits_band="words")}  # and as words, scored again
     ref, bits, same = None, None, True
     for name, settings in variants.items():  # each compared with the offsets write's sets as it comes, so at most
         with tuning(ts.TUNING, **settings):  # three T x T / 32-word bitmasks are held at once, not five
@@ -280,6 +307,11 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
             got = last.pop("bits")
         if ref is None:
             ref = got
+        elif name == "reduce_words":  # ties within rounding may fall otherwise: measured, not required equal
+            rows = ((ref != got) & causal).any(-1).flatten(0, 1).nonzero()
+            row["select_bits_words_rows_differing"] = rows.shape[0]
+            row["select_bits_offsets_topk_gap"] = _topk_gap(gq, gk, ref, rows, group)
+            row["select_bits_words_topk_gap"] = _topk_gap(gq, gk, got, rows, group)
         else:
             same = same and not bool(((ref != got) & causal).any())
         if name == default:

@@ -127,7 +127,7 @@ def main() -> None:
         row["counting_baseline_ms"] = 1e3 * timed(lambda: old.token_bracket(a, b, args.k), device, args.reps)
         row["counting_again_ms"] = 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)
         row["same_brackets_as_baseline"] = bool(torch.equal(old.token_bracket(a, b, args.k)[0], bracket))
-    for band in ("atomic", "extract"):
+    for band in ("atomic", "extract", "words"):
         with tuning(ts.TUNING, bits_kernel="reduce", bits_band=band):
             row[f"bitmask_selection_{band}_ms"] = 1e3 * timed(lambda: ts.token_select(a, b, args.k, bits=True),
                                                               device, args.reps)

@@ -103,6 +103,8 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
                         "mask_attention_noskip_s", "select_and_mask_attention_speedup_vs_sdpa",
                         "select_bits_offsets_s", "select_bits_reduce_s", "select_bits_reduce_32x4_s"])
         assert row["select_bits_same_sets"] is True  # every bitmask write and launch kept the same sets
+        assert row["select_bits_words_rows_differing"] >= 0  # the words' sets: top-k sets up to rounding
+        assert row["select_bits_words_topk_gap"] <= 1e-5 and row["select_bits_offsets_topk_gap"] <= 1e-5
         assert 0 < row["mask_tiles_kept_share"] <= 1  # at T = 96 every causal tile keeps a key
         assert row["mask_path_taken"]  # k >= 16 of 96 keys: well above the density the mask path needs
         assert row["select_sweeps_max"] >= 0 and row["index_bytes"] == row["T"] * row["k"] * 4 * (

@@ -108,7 +108,7 @@ def test_mask_attention_refuses_a_set_shared_across_kv_heads():
     ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
     ("dup", 2, 4, 2, 77, 16, 12, 2),
 ])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows", "reduce-words"])
 def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, kernel, monkeypatch):
     """Both bitmask writes (running offsets; row reductions, the band's keys put best first, by atomic slots or
     each row's first and last of a tile by row reductions), on rows of every kind the second one treats apart: the
@@ -138,15 +138,16 @@ def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, g
 def test_the_default_bitmask_write_is_by_reductions_per_group_and_for_long_rows_per_head(monkeypatch):
     """TUNING["bits_kernel"] "auto": the reduction write per group (25% faster than the offsets one on an H200 at
     T = 32768, docs/data/perf-h200-prefill-topk-reduce.json), and per head from TUNING["bits_reduce_head_from"]
-    keys (with its band keys by atomic slots, the default, faster at T = 8192 and 32768,
-    docs/data/perf-h200-prefill-topk-threshold.json), else the offsets write; both keep the reference's sets;
-    another value is refused."""
+    keys (with its band keys by atomic slots faster at T = 8192 and 32768,
+    docs/data/perf-h200-prefill-topk-threshold.json; as words, the default now, faster again:
+    docs/data/sweep-probe-h200-32k-words.json), else the offsets write; both keep the reference's sets; another
+    value is refused."""
     from posthoc_sparse.ops.token_select import bits as ts_bits
 
     for key, value in (SMALL | {"select_keys": 32, "bits_rows": 16, "bits_keys": 32}).items():
         monkeypatch.setitem(ts.TUNING, key, value)
     assert ts.TUNING["bits_kernel"] == "auto" and ts.TUNING["bits_reduce_head_from"] == 8192
-    assert ts.TUNING["bits_band"] == "atomic"
+    assert ts.TUNING["bits_band"] == "words"
     assert [ts_bits.bits_write(ts.TUNING, g, t) for g, t in ((1, 4096), (1, 8192), (2, 4096), (4, 40))] == [
         "offsets", "reduce", "reduce", "reduce"]
     calls = []
@@ -174,7 +175,7 @@ def test_the_default_bitmask_write_is_by_reductions_per_group_and_for_long_rows_
         ts.token_select(a, keys, 7, 0.5, 2, bits=True)
 
 
-@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce", "reduce-atomic", "reduce-rows"])
+@pytest.mark.parametrize("kernel", ["index", "offsets", "reduce", "reduce-atomic", "reduce-rows", "reduce-words"])
 def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch):
     """Scores that underflow to -0.0 are a row's largest: -0.0 and +0.0 compare equal, so the bracket must start
     above both (it started at +0.0 and kept every -0.0 key beyond k; found in review)."""
@@ -200,10 +201,12 @@ def test_token_select_where_the_largest_score_is_minus_zero(kernel, monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (2100, 2048, 1), (2100, 300, 2)])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows"])
+@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows", "reduce-words"])
 def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
     """token_select's bitmask (either write, the second with each way of putting band keys) holds the sets of its
-    index output, and mask_attention equals the reference on CUDA at the default launch settings."""
+    index output, and mask_attention equals the reference on CUDA at the default launch settings. Band keys put as
+    words are ranked by scores summed again in another order than the tile's product: there, sets may differ where
+    scores tie within rounding, so rows are compared by the scores they keep."""
     monkeypatch.setitem(ts.TUNING, "bits_kernel", kernel.split("-")[0])
     monkeypatch.setitem(ts.TUNING, "bits_band", kernel.split("-")[1] if "-" in kernel else "extract")
     bsz, h, g, d = 2, 4, 2, 32
@@ -213,7 +216,15 @@ def test_mask_path_on_gpu(dtype, t, k, group, kernel, monkeypatch):
     bits = ts.token_select(a, keys, k, 0.7, group, bits=True)
     causal = torch.ones(t, t, dtype=torch.bool, device="cuda").tril()
     want = ma.keep_from_bits(ma.bits_from_indices(ts.token_select(a, keys, k, 0.7, group), t), t)
-    assert torch.equal(ma.keep_from_bits(bits, t) & causal, want)
+    got = ma.keep_from_bits(bits, t) & causal
+    if kernel.endswith("words"):
+        assert torch.equal(got.sum(-1), want.sum(-1))  # exactly min(k, causal keys) a row
+        assert (got == want).all(-1).float().mean() > 0.99
+        s = ts.selection_scores_reference(a, keys, 0.7, group).masked_fill(~causal, 0.0)
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close((s * got).sum(-1), (s * want).sum(-1), atol=tol, rtol=1e-4)
+    else:
+        assert torch.equal(got, want)
     q = torch.randn(bsz, h, t, 128, generator=gen).cuda().to(dtype)
     k_, v = (torch.randn(bsz, g, t, 128, generator=gen).cuda().to(dtype) for _ in range(2))
     out = ma.mask_attention(q, k_, v, bits, 128**-0.5).transpose(1, 2).float()
@@ -242,12 +253,14 @@ def test_the_bitmask_write_kernels_compile_for_hopper(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     launch = [(ts.TUNING["bits_rows"], ts.TUNING["bits_keys"], ts.TUNING["bits_warps"])]
     cases = (token_bits_cases(launch) + token_bits_cases(launch, atomic=True)[:2]  # and the atomic slots' sweep
-             + token_bits_cases(launch, rows=True)[:2])  # and the row reductions'
+             + token_bits_cases(launch, rows=True)[:2] + token_bits_cases(launch, words=True))  # and the others
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.token_select.bits", cases, TOKEN_SELECT_TYPES,
                              TOKEN_SELECT_ALIGNED)
-    assert [g["kernel"] for g in got] == ["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 4
+    assert [g["kernel"] for g in got] == (["_token_bits"] * 2 + ["_bits_rank"] + ["_token_bits"] * 6
+                                          + ["_bits_rank"])
     assert all(g["local"] == 0 for g in got), got
-    assert all(g["async_copies"] > 0 and g["regs"] < 255 for i, g in enumerate(got) if i != 2), got
+    assert all(g["async_copies"] > 0 and g["regs"] < 255 for g in got if g["kernel"] == "_token_bits"), got
+    assert got[-3]["regs"] < got[3]["regs"], got  # the band as words: far fewer registers than by atomic slots
 
 
 def test_the_mask_attention_kernel_compiles_for_hopper(tmp_path):

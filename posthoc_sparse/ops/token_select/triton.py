@@ -38,8 +38,8 @@ except ImportError:  # the naive path serves
 # each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
 # the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
 # write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce"
-# (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows, keys
-# per tile, warps and how it puts band keys (extract: best first; atomic; rows). attn (gather.py): rows, keys, warps.
+# (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows,
+# keys, warps, how it puts band keys (words, extract: best first, atomic, rows). attn (gather.py): rows, keys, warps.
 # The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
 # docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
 # warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
@@ -47,13 +47,13 @@ except ImportError:  # the naive path serves
 # 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head,
 # 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each
 # other. The guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json). Atomic band slots
-# beat the best-first loop in every timed case, and with them the reduction write beat the offsets one per head from
-# 8192 keys (perf-h200-prefill-topk-threshold.json); the write is the largest cost (perf-h200-prefill-topk-diag.json).
+# beat best first everywhere timed, and with them the reduction write beat the offsets one per head from 8192 keys
+# (perf-h200-prefill-topk-threshold.json); band words then beat atomic slots (bits.py).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4, "bits_reduce_head_from": 8192,
-          "bits_band": "atomic", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
+          "bits_band": "words", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
 
 
 if triton is not None:
