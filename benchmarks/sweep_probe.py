@@ -21,7 +21,9 @@ Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles
                  score where the write stores a word packed from score and index (one less tile-wide step)
 
 The probes compute nothing the product uses: their outputs only keep the compiler from dropping the work. Prints
-and writes one JSON row of milliseconds (median of ``--reps``).
+and writes one JSON row of milliseconds (median of ``--reps``). ``--bits-launches``: also the bitmask selection
+with band keys as words (the default) under each launch of ``BITS_LAUNCHES`` (rows, keys per tile, warps of its
+sweep), each with whether it kept the default launch's sets (tile products of another shape may round otherwise).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
 from posthoc_sparse.ops.token_select.triton import _block, _thresholds, _tile, _unmono  # noqa: E402
 
 MODES = ("score", "compares", "words", "guard", "atomic")
+BITS_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 64, 8), (128, 64, 4), (32, 64, 4), (64, 32, 4), (64, 128, 8)]
 
 
 @triton.jit
@@ -107,6 +110,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--baseline", help="an earlier ops/token_select/triton.py whose counting to time beside")
+    p.add_argument("--bits-launches", action="store_true", help="also time the words write under BITS_LAUNCHES")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     device = kernel_device("sweep_probe.py")
@@ -134,6 +138,28 @@ def main() -> None:
     for mode in MODES:
         row[f"probe_{mode}_ms"] = 1e3 * timed(lambda: probe(a, b, bracket, args.k, mode), device, args.reps)
     row["write_alone_atomic_ms"] = row["bitmask_selection_atomic_ms"] - row["counting_ms"]
+    row["write_alone_words_ms"] = row["bitmask_selection_words_ms"] - row["counting_ms"]
+    if args.bits_launches:
+        launches, first = [], None
+        words = torch.arange((args.t + 31) // 32, device=device)
+        causal = words[None, :] * 32 <= torch.arange(args.t, device=device)[:, None]  # the words written
+        for rows, keys, warps in BITS_LAUNCHES:
+            entry = {"rows": rows, "keys": keys, "warps": warps}
+            with tuning(ts.TUNING, bits_kernel="reduce", bits_band="words", bits_rows=rows, bits_keys=keys,
+                        bits_warps=warps):
+                last = {}  # the last timed call's bitmask
+                try:
+                    entry["bitmask_selection_words_ms"] = 1e3 * timed(
+                        lambda: last.update(bits=ts.token_select(a, b, args.k, bits=True)), device, args.reps)
+                except Exception as e:  # noqa: BLE001 - a launch the compiler rejects: recorded, the others run
+                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if "bits" in last:
+                got = last.pop("bits")
+                first = got if first is None else first
+                entry["same_sets_as_first"] = not bool(((got != first) & causal).any())
+                del got
+            launches.append(entry)
+        row["bits_launches"] = launches
     atomic_write_json(Path(args.out), row)  # never a half-written file
     print(json.dumps(row))
 

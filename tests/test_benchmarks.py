@@ -117,7 +117,8 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
     interpreter it refuses in one line, exit 2."""
     out = tmp_path / "probe.json"
     run = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--t", "70", "--k", "9", "--heads", "2",
-                          "--reps", "1", "--baseline", "posthoc_sparse/ops/token_select/triton.py", "--out", str(out)],
+                          "--reps", "1", "--baseline", "posthoc_sparse/ops/token_select/triton.py", "--bits-launches",
+                          "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -127,6 +128,10 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
                     "bitmask_selection_extract_ms"] + [f"probe_{m}_ms" for m in ("score", "compares", "words", "guard",
                                                                                 "atomic")])
     assert row["same_brackets_as_baseline"] is True  # this tree's file as its own baseline
+    from benchmarks.sweep_probe import BITS_LAUNCHES
+
+    assert [(r["rows"], r["keys"], r["warps"]) for r in row["bits_launches"]] == BITS_LAUNCHES
+    assert all(r["bitmask_selection_words_ms"] > 0 and r["same_sets_as_first"] for r in row["bits_launches"])
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
     if not torch.cuda.is_available():
         bad = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--out", str(tmp_path / "x.json")],

@@ -365,7 +365,7 @@ def test_token_select_guess_keeps_the_sets_and_saves_counting_sweeps(group, monk
         assert torch.equal(_sets(idx), want)
         sweeps[guess] = sw.float().mean().item()
     assert sweeps[True] < sweeps[False], sweeps
-    for step in (0.005, 0.05, 1.0):  # the guess's spacing moves its thresholds, never the sets
+    for step in (0.005, 1.0):  # the guess's spacing moves its thresholds, never the sets
         monkeypatch.setitem(ts.TUNING, "select_guess_step", step)
         idx, sw = ts.token_select(a, keys, 24, 0.5, group, sweeps=True)
         assert torch.equal(_sets(idx), want)

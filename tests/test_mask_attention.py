@@ -101,18 +101,23 @@ def test_mask_attention_refuses_a_set_shared_across_kv_heads():
         ma.mask_attention(q, k, k, torch.zeros(1, 2, 8, 1, dtype=torch.int32), 1.0)
 
 
-@pytest.mark.parametrize("kind, b, h, g, t, d, k, group", [
+BITMASK_CASES = [
     ("randn", 2, 4, 2, 100, 16, 9, 1),  # counting sweeps and the ranked band (set by atomic or)
     ("randn", 2, 4, 2, 77, 32, 12, 2),  # per group
     ("randn", 1, 4, 4, 40, 16, 33, 2),  # k above most rows' keys
     ("grid", 2, 2, 2, 90, 16, 10, 1),  # ties: the lowest indices
     ("dup", 2, 4, 2, 77, 16, 12, 2),
-])
-@pytest.mark.parametrize("kernel", ["offsets", "reduce", "reduce-atomic", "reduce-rows", "reduce-words"])
+]
+
+
+@pytest.mark.parametrize("kind, b, h, g, t, d, k, group, kernel", [
+    case + (kernel,) for kernel in ("offsets", "reduce-words") for case in BITMASK_CASES  # the two defaults
+] + [  # the other ways of putting band keys differ only there: on a ranked band per head, and per group with ties
+    BITMASK_CASES[i] + (kernel,) for kernel in ("reduce", "reduce-atomic", "reduce-rows") for i in (0, 4)])
 def test_token_select_bitmask_holds_the_reference_sets(kind, b, h, g, t, d, k, group, kernel, monkeypatch):
-    """Both bitmask writes (running offsets; row reductions, the band's keys put best first, by atomic slots or
-    each row's first and last of a tile by row reductions), on rows of every kind the second one treats apart: the
-    band kept whole, ranked in slots, or one tied value kept by lowest index."""
+    """Both bitmask writes (running offsets; row reductions, the band's keys put as words, best first, by atomic
+    slots or each row's first and last of a tile by row reductions), on rows of every kind the second one treats
+    apart: the band kept whole, ranked in slots, or one tied value kept by lowest index."""
     band = kernel.split("-")[1] if "-" in kernel else "extract"
     for key, value in (SMALL | {"select_keys": 32, "bits_kernel": kernel.split("-")[0], "bits_band": band,
                                 "bits_rows": 16, "bits_keys": 32}).items():
