@@ -118,7 +118,8 @@ def main() -> None:
     a = p.parse_args()
     launches = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (16, 64, 4), (16, 32, 4)]
     cases = token_select_cases(launches)
-    bits = token_bits_cases([(64, 64, 4), (32, 64, 4), (64, 64, 8)]) + token_bits_cases([(64, 64, 4)], atomic=True)[:2]
+    bits = (token_bits_cases([(64, 64, 4), (32, 64, 4), (64, 64, 8)]) + token_bits_cases([(64, 64, 4)], atomic=True)[:2]
+            + token_bits_cases([(64, 64, 4)], words=True))  # the band as words, and its ranking (BAND_WORDS)
     with tempfile.TemporaryDirectory() as tmp:
         rows = compile_for_hopper(Path(tmp), "posthoc_sparse.ops.token_select.triton", cases, TOKEN_SELECT_TYPES,
                                   TOKEN_SELECT_ALIGNED)
@@ -136,7 +137,8 @@ def main() -> None:
     for r in rows:
         c = r["constexprs"]
         print(f"{r['kernel']:<15} rows {c['BLOCK_M']:>3} keys {c.get('NC', '-'):>2} warps {r['warps']} group "
-              f"{c.get('GROUP', '-')} rank chunk {c.get('RC', '-')}: {r['regs']} registers, local {r['local']} B, "
+              f"{c.get('GROUP', '-')} rank chunk {c.get('RC', '-')} band words {c.get('BAND_WORDS', '-')}: "
+              f"{r['regs']} registers, local {r['local']} B, "
               f"{r['programs_per_sm_by_registers']} programs an SM (by registers), {r['async_copies']} async copies")
 
 if __name__ == "__main__":

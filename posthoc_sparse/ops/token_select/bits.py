@@ -22,11 +22,12 @@ row's band keys reach the scratch:
   nonzero word stored with its index to the row's next slot (a scan over the tile's NC / 32 words, no atomics, no
   tile-wide step). ``_bits_rank`` then takes the words' keys lowest bit first (``_band_keys``), scores each again
   (``_key_scores``: a row sum in fp32) and ranks those. The sweep compiles to 128 registers instead of the atomic
-  slots' 229 (sm_90, Triton 3.9), and the whole bitmask selection per head at T = 32768, k = 2048 took 36.7 ms
-  against 51.4 on an H200 (docs/data/sweep-probe-h200-32k-words.json; at 8192: 3.28 against 3.97). The scores
-  it ranks by are summed in another order than the tile's product, so where band keys tie within rounding
-  another of them may be kept than by the other ways: measured by ``benchmarks/perf.py`` (prefill_topk,
-  ``select_bits_words_topk_gap``) and held to the reference by the kept scores in the GPU tests;
+  slots' 229 (sm_90, Triton 3.9: docs/data/kernel-registers-sm90-words.json), and the whole bitmask selection per
+  head at T = 32768, k = 2048 took 36.7 ms against 51.4 on an H200 (docs/data/sweep-probe-h200-32k-words.json; at
+  8192: 3.28 against 3.97). The scores it ranks by are summed in another order than the tile's product, so where
+  band keys tie within rounding another of them may be kept than by the other ways: measured by
+  ``benchmarks/perf.py`` (prefill_topk, ``select_bits_words_topk_gap``) and held to the reference by the kept
+  scores in the GPU tests;
 - ``"atomic"``: each band key takes the slot an atomic add on the row's counter returns (the ranking orders them
   anyway): 0.3 to 18% less time than best first (docs/data/perf-h200-prefill-topk-threshold.json);
 - ``"rows"``: each row's first and last band key of a tile by row reductions, the keys between them one a row per
