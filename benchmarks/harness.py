@@ -144,6 +144,20 @@ def timed(fn: Callable, device, reps: int, warmup: int | None = None) -> float:
     return interleaved({"fn_s": fn}, device, reps, warmup)["fn_s"]
 
 
+def timed_result(fn: Callable, device, reps: int) -> tuple[float, object]:
+    """``timed(fn, ...)`` and what the last timed call of ``fn()`` returned (no call again for the result)."""
+    last = {}
+    seconds = timed(lambda: last.update(out=fn()), device, reps)
+    return seconds, last["out"]
+
+
+def written_words(t: int, device) -> torch.Tensor:
+    """(T, ceil(T / 32)) bool: the bitmask words a row's causal keys reach, the only ones ``token_select(...,
+    bits=True)`` writes (compare bitmasks there)."""
+    words = torch.arange((t + 31) // 32, device=device)
+    return words[None, :] * 32 <= torch.arange(t, device=device)[:, None]
+
+
 def back_to_back(fn: Callable, device, reps: int, n: int = 8) -> float:
     """Median seconds per call of ``n`` calls of ``fn()`` issued back to back between two waits for the GPU,
     as the layers of a model forward issue theirs: the host's launches overlap the GPU's earlier work."""

@@ -12,7 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Bench, back_to_back, gpu_busy, layer_call, part, report, timed, tuning
+from benchmarks.harness import (Bench, back_to_back, gpu_busy, layer_call, part, report, timed, timed_result,
+                                tuning, written_words)
 from posthoc_sparse.attention.call import LayerCall
 from posthoc_sparse.attention.policies import policy_for
 from posthoc_sparse.errors import first_line
@@ -286,8 +287,7 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     (``select_bits_words_rows_differing``, ``select_bits_{offsets,words}_topk_gap``, ``_topk_gap``)."""
     t = q.shape[2]
     row = {"mask_path_taken": ma.dense_enough(t, k, per_head=group == 1)}
-    words = torch.arange((t + 31) // 32, device=device)
-    causal = words[None, :] * 32 <= torch.arange(t, device=device)[:, None]  # the words a row's keys reach
+    causal = written_words(t, device)
     default = bits_write(ts.TUNING, group, t)  # the write the policy takes: timed and kept below
     if default == "reduce" and ts.TUNING["bits_band"] != "extract":  # the variant named after the default band
         default = f"reduce_{ts.TUNING['bits_band']}"
@@ -301,10 +301,8 @@ def _mask_path(q, key, v, gq, gk, k: int, group: int, scaling: float, device, re
     ref, bits, same = None, None, True
     for name, settings in variants.items():  # each compared with the offsets write's sets as it comes, so at most
         with tuning(ts.TUNING, **settings):  # three T x T / 32-word bitmasks are held at once, not five
-            last = {}  # the last timed call's bitmask
-            row[f"select_bits_{name}_s"] = timed(lambda: last.update(
-                bits=ts.token_select(gq, gk, k, 1.0, group, bits=True)), device, reps)
-            got = last.pop("bits")
+            row[f"select_bits_{name}_s"], got = timed_result(lambda: ts.token_select(gq, gk, k, 1.0, group, bits=True),
+                                                             device, reps)
         if ref is None:
             ref = got
         elif name == "reduce_words":  # ties within rounding may fall otherwise: measured, not required equal
@@ -357,12 +355,10 @@ def prefill_topk(bench: Bench, plan: dict) -> list[dict]:
                     if kernels:
                         gq, gk = pol.selector.prepare(call)
                         row["prepare_s"] = timed(lambda: pol.selector.prepare(call), device, reps)
-                        last = {}  # the last timed call's sets and counting sweeps
-                        row["select_s"] = timed(lambda: last.update(
-                            out=ts.token_select(gq, gk, kk, 1.0, group, sweeps=True)), device, reps)
+                        row["select_s"], (idx, sweeps) = timed_result(
+                            lambda: ts.token_select(gq, gk, kk, 1.0, group, sweeps=True), device, reps)
                         row["select_count_s"] = timed(lambda: ts_triton.token_bracket(gq, gk, kk, 1.0, group),
                                                       device, reps)  # the write is the rest
-                        idx, sweeps = last.pop("out")
                         row["select_sweeps_mean"] = sweeps.float().mean().item()
                         row["select_sweeps_max"] = int(sweeps.max())
                         row["attention_s"] = timed(lambda: ts.gather_attention(q, key, v, idx, call.scaling),

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from benchmarks.harness import kernel_device, load_baseline, timed, tuning  # noqa: E402
+from benchmarks.harness import kernel_device, load_baseline, timed, timed_result, tuning, written_words  # noqa: E402
+from posthoc_sparse.errors import first_line  # noqa: E402
 from posthoc_sparse.io import atomic_write_json  # noqa: E402
 from posthoc_sparse.ops import token_select as ts  # noqa: E402
 from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
@@ -140,23 +141,20 @@ def main() -> None:
     row["write_alone_atomic_ms"] = row["bitmask_selection_atomic_ms"] - row["counting_ms"]
     row["write_alone_words_ms"] = row["bitmask_selection_words_ms"] - row["counting_ms"]
     if args.bits_launches:
-        launches, first = [], None
-        words = torch.arange((args.t + 31) // 32, device=device)
-        causal = words[None, :] * 32 <= torch.arange(args.t, device=device)[:, None]  # the words written
+        launches, first, causal = [], None, written_words(args.t, device)
         for rows, keys, warps in BITS_LAUNCHES:
             entry = {"rows": rows, "keys": keys, "warps": warps}
             with tuning(ts.TUNING, bits_kernel="reduce", bits_band="words", bits_rows=rows, bits_keys=keys,
                         bits_warps=warps):
-                last = {}  # the last timed call's bitmask
                 try:
-                    entry["bitmask_selection_words_ms"] = 1e3 * timed(
-                        lambda: last.update(bits=ts.token_select(a, b, args.k, bits=True)), device, args.reps)
+                    sec, got = timed_result(lambda: ts.token_select(a, b, args.k, bits=True), device, args.reps)
                 except Exception as e:  # noqa: BLE001 - a launch the compiler rejects: recorded, the others run
-                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            if "bits" in last:
-                got = last.pop("bits")
+                    entry["error"] = f"{type(e).__name__}: {first_line(e, 160)}"
+                    got = None
+            if got is not None:
                 first = got if first is None else first
-                entry["same_sets_as_first"] = not bool(((got != first) & causal).any())
+                entry |= {"bitmask_selection_words_ms": 1e3 * sec,
+                          "same_sets_as_first": not bool(((got != first) & causal).any())}
                 del got
             launches.append(entry)
         row["bits_launches"] = launches
