@@ -7,6 +7,7 @@ d = 32, bf16, random inputs).
     TRITON_INTERPRET=1 python benchmarks/sweep_probe.py --t 96 --k 16 --out x.json   # the same on the CPU (tests)
     git show REV:posthoc_sparse/ops/token_select/triton.py > old.py
     python benchmarks/sweep_probe.py --baseline old.py --out x.json                  # and REV's counting beside
+                                                                    # (per head, and per group of 2 heads)
 
 Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles as the real kernels do
 (``_tile``), against the rows' real brackets (``token_bracket``), then per tile:
@@ -126,12 +127,18 @@ def main() -> None:
     row = {"T": args.t, "k": args.k, "heads": args.heads, "gate_dim": 32, "dtype": str(a.dtype).replace("torch.", ""),
            "device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)", "triton": triton.__version__,
            "counting_ms": 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)}
-    if args.baseline:  # the earlier counting, then this one's again: each side of it, in one run
-        old = load_baseline(args.baseline, "posthoc_sparse.ops.token_select")
+    if args.baseline:  # the earlier counting, then this one's again: each side of it, in one run; per head, then
+        old = load_baseline(args.baseline, "posthoc_sparse.ops.token_select")  # per pair of heads (group selection)
         row["baseline"] = args.baseline
-        row["counting_baseline_ms"] = 1e3 * timed(lambda: old.token_bracket(a, b, args.k), device, args.reps)
-        row["counting_again_ms"] = 1e3 * timed(lambda: ts_triton.token_bracket(a, b, args.k), device, args.reps)
-        row["same_brackets_as_baseline"] = bool(torch.equal(old.token_bracket(a, b, args.k)[0], bracket))
+        for group, tag in ((1, ""), (2, "_group")):
+            def count(module, group=group):
+                return module.token_bracket(a, b, args.k, scale=32**-0.5 if group > 1 else 1.0, group=group)
+
+            if group > 1:
+                row["counting_group_ms"] = 1e3 * timed(lambda: count(ts_triton), device, args.reps)
+            row[f"counting{tag}_baseline_ms"] = 1e3 * timed(lambda: count(old), device, args.reps)
+            row[f"counting{tag}_again_ms"] = 1e3 * timed(lambda: count(ts_triton), device, args.reps)
+            row[f"same{tag}_brackets_as_baseline"] = bool(torch.equal(count(old)[0], count(ts_triton)[0]))
     for band in ("atomic", "extract", "words"):
         with tuning(ts.TUNING, bits_kernel="reduce", bits_band=band):
             row[f"bitmask_selection_{band}_ms"] = 1e3 * timed(lambda: ts.token_select(a, b, args.k, bits=True),

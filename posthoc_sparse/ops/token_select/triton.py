@@ -11,7 +11,7 @@ Three kernels, twins in ``naive.py``:
                         (1) one sweep for each row's least and largest score, the bracket [lo, hi) of its k-th
                         largest, and a normal guess at it; (2) counting sweeps, each testing R candidate
                         thresholds (around the guess first, then spread over the bracket in the monotone int
-                        order of fp32, ``head_topk``'s ``_mono``), one ``tl.sum`` per candidate, until at most
+                        order of fp32, ``head_topk``'s ``_mono``), a byte each, one ``tl.sum`` per 4, until at most
                         BAND keys lie in the bracket (or it holds one value, or exactly k keys lie at or above lo).
     ``_token_write``    (3) a last sweep writes the keys at or above hi (all kept) by a running offset per row,
                         and the band's keys either directly (all when they fit, or the lowest indices when they
@@ -33,22 +33,18 @@ try:
 except ImportError:  # the naive path serves
     triton = None
 
-# Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile, candidate
-# thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band slots
-# each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score), and
-# the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out).
-# write (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce"
-# (bits.py) or "auto" (reduce per group and per head from bits_reduce_head_from keys, bits.bits_write), its rows,
-# keys, warps, how it puts band keys (words, extract: best first, atomic, rows). attn (gather.py): rows, keys, warps.
-# The defaults were first chosen from how the kernels compile for sm_90 on the CPU (benchmarks/hopper.py,
-# docs/data/kernel-registers-sm90.json: the counting kernel at 64 rows x 64 keys and 4 warps lays a tile out with the
-# warps across rows, so a row sum stays in one warp; the write keeps 16 rows, where its ranking needs the fewest
-# registers), then timed on an H200 at T = 8192, k = 2048 (docs/data/perf-h200-prefill-topk-split.json, prefill_tuning):
-# 64 x 64 at 4 warps was the fastest counting launch, and 4 thresholds a sweep beat 8 (6.64 against 7.60 ms per head,
-# 6.21 against 6.69 per group: 1.63 and 1.48 sweeps against 1.53 and 1.44); the write's launches were within 2% of each
-# other. The guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json). Atomic band slots
-# beat best first everywhere timed, and with them the reduction write beat the offsets one per head from 8192 keys
-# (perf-h200-prefill-topk-threshold.json); band words then beat atomic slots (bits.py).
+# Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile (at most 128),
+# candidate thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band
+# slots each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score),
+# and the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out). write
+# (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce" (bits.py)
+# or "auto" (reduce per group, and per head from bits_reduce_head_from keys), its rows, keys, warps, and how it puts
+# band keys (words, extract: best first, atomic, rows). attn (gather.py): rows, keys, warps. The defaults come from
+# sm_90 compiles on the CPU (benchmarks/hopper.py, docs/data/kernel-registers-sm90*.json) and H200 timings at T = 8192
+# and 32768, k = 2048 (docs/data/perf-h200-prefill-topk-*.json; docs/performance.md, "Token-level prefill at any
+# k"): 64 x 64 at 4 warps and 4 thresholds a sweep the fastest counting launch (4 beat 8: 6.64 against 7.60 ms per
+# head at 8192), the write's launches within 2% of each other, band words ahead of atomic slots and those ahead of
+# best first; the guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
           "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
@@ -227,9 +223,17 @@ if triton is not None:
                 cols = start + tl.arange(0, NC)
                 s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh,
                           sbt, H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
+                # the candidates' counts a byte each, four to an int32 (a tile's count <= NC <= 128 never carries):
+                # they rise, so the last one a key passes sets the bytes of all it passes; one row sum a word
+                w0 = tl.zeros([BLOCK_M, NC], tl.int32)
+                w1 = tl.zeros([BLOCK_M, NC], tl.int32)
                 for r in tl.static_range(R):
-                    c = _unmono(tl.sum(tl.where(rr[None, :] == r, cand, 0), 1))  # exact: one term
-                    v = tl.sum((s >= c[:, None]).to(tl.int32), 1).to(tl.int64) << (21 * (r % 3))
+                    c = _unmono(tl.sum(tl.where(rr[None, :] == r, cand, 0), 1))[:, None]  # exact: one term
+                    w0 = tl.where(s >= c, (256 ** (r + 1) - 1) // 255, w0) if r < 4 else w0
+                    w1 = w1 if r < 4 else tl.where(s >= c, (256 ** (r - 3) - 1) // 255, w1)
+                x0, x1 = tl.sum(w0, 1), tl.sum(w1, 1)
+                for r in tl.static_range(R):
+                    v = (((x0 if r < 4 else x1) >> (8 * (r % 4))) & 0xFF).to(tl.int64) << (21 * (r % 3))
                     if r // 3 == 0:
                         p0 += v
                     elif r // 3 == 1:
@@ -238,12 +242,7 @@ if triton is not None:
                         p2 += v
             cnt = tl.zeros([BLOCK_M, R], tl.int32)
             for r in tl.static_range(R):
-                if r // 3 == 0:
-                    p = p0
-                elif r // 3 == 1:
-                    p = p1
-                else:
-                    p = p2
+                p = p0 if r // 3 == 0 else (p1 if r // 3 == 1 else p2)
                 cnt = tl.where(rr[None, :] == r, ((p >> (21 * (r % 3))) & 0x1FFFFF).to(tl.int32)[:, None], cnt)
             ge = cnt >= k  # counts fall as candidates rise: the largest such is the new lo, the least other hi
             new_lo = tl.maximum(lo, tl.max(tl.where(ge, cand, -(2**40)), 1))
@@ -252,10 +251,8 @@ if triton is not None:
             new_cnt_hi = tl.maximum(cnt_hi, tl.max(tl.where(ge, -1, cnt), 1))
             nge = tl.sum(ge.to(tl.int32), 1)  # after a guess: R, the k-th lies above every candidate; 0, below
             mode = tl.where(mode == 1, tl.where(nge == R, 2, tl.where(nge == 0, 3, 0)), 0)
-            lo = tl.where(active, new_lo, lo)
-            cnt_lo = tl.where(active, new_cnt_lo, cnt_lo)
-            hi = tl.where(active, new_hi, hi)
-            cnt_hi = tl.where(active, new_cnt_hi, cnt_hi)
+            lo, cnt_lo = tl.where(active, new_lo, lo), tl.where(active, new_cnt_lo, cnt_lo)
+            hi, cnt_hi = tl.where(active, new_hi, hi), tl.where(active, new_cnt_hi, cnt_hi)
             active = row_ok & (cnt_lo > k) & (hi - lo > 1) & (cnt_lo - cnt_hi > BAND)
         tl.store(SWEEPS + tl.program_id(1) * tl.num_programs(0) + rb, sweeps)
         br = BR + (tl.program_id(1) * T + rows) * 4
@@ -357,8 +354,9 @@ def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, 
     g = h // group
     ieee = a.dtype == torch.float32
     nc, rows = TUNING["select_keys"], TUNING["select_rows"]
-    if TUNING["select_cands"] not in (2, 4, 8) or t >= 2**21:
-        raise ValueError("token_select counts 2, 4 or 8 candidates per sweep, over fewer than 2**21 keys")
+    if TUNING["select_cands"] not in (2, 4, 8) or t >= 2**21 or nc > 128:
+        raise ValueError("token_select counts 2, 4 or 8 candidates a sweep, over fewer than 2**21 keys, tiles of "
+                         "at most 128")
     lse = torch.empty(bsz, h, t if group > 1 else 0, dtype=torch.float32, device=a.device)
     counted = torch.empty(bsz, g, triton.cdiv(t, rows), dtype=torch.int32, device=a.device)
     if group > 1:
