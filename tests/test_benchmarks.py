@@ -20,6 +20,7 @@ from benchmarks.perf import main
 from posthoc_sparse.ops import head_topk as ht
 
 ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = [sys.executable, "-m", "tests.interpreted"]  # a script as __main__, the Triton interpreter sped up
 EVAL_POLICIES = ["oracle", "gate", "random"] + [f"{mode}_block{b}" for mode in ("oracle", "gate", "random")
                                                 for b in (16, 64)] + ["gate_block64exact"]
 DISTILL_TIMES = ["forward", "decoder_forward", "record_forward", "distill_step_eager"]  # each with its host time
@@ -88,7 +89,7 @@ def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
     """The token-level prefill part (issue 21) on the CPU: the kernels through TRITON_INTERPRET=1, the policy's
     reference path against SDPA, and the work counted per piece."""
     out = tmp_path / "prefill.json"
-    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "prefill_topk", "--reps",
+    run = subprocess.run([*INTERPRETED, "benchmarks/perf.py", "--size", "cpu", "--parts", "prefill_topk", "--reps",
                           "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -116,7 +117,7 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
     and write kernels run through TRITON_INTERPRET=1 on a small shape and write one JSON row; without a GPU or the
     interpreter it refuses in one line, exit 2."""
     out = tmp_path / "probe.json"
-    run = subprocess.run([sys.executable, "benchmarks/sweep_probe.py", "--t", "70", "--k", "9", "--heads", "2",
+    run = subprocess.run([*INTERPRETED, "benchmarks/sweep_probe.py", "--t", "70", "--k", "9", "--heads", "2",
                           "--reps", "1", "--baseline", "posthoc_sparse/ops/token_select/triton.py", "--bits-launches",
                           "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -148,7 +149,7 @@ def test_tile_attention_runs_on_the_cpu_with_the_interpreter_beside_a_baseline(t
     baseline file, it refuses in one line, exit 2, writing nothing."""
     out = tmp_path / "tiles.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    args = [sys.executable, "benchmarks/tile_attention.py", "--t", "70", "--k", "9", "--heads", "4", "--kv-heads", "2",
+    args = [*INTERPRETED, "benchmarks/tile_attention.py", "--t", "70", "--k", "9", "--heads", "4", "--kv-heads", "2",
             "--head-dim", "16", "--reps", "1", "--out", str(out)]
     run = subprocess.run(args + ["--baseline", "posthoc_sparse/ops/mask_attention/triton.py"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
@@ -215,7 +216,7 @@ def test_selection_structure_runs_on_the_embedded_model(tmp_path):
     save_gates(tmp_path / "gates", bank, {"base_model": EMBEDDED_MODEL, "k": 8, "random_seed": 1,
                                           "model_fingerprint": model_fingerprint(model.config)})
     out = tmp_path / "structure.json"
-    run = subprocess.run([sys.executable, "benchmarks/selection_structure.py", "--gates", str(tmp_path / "gates"),
+    run = subprocess.run([*INTERPRETED, "benchmarks/selection_structure.py", "--gates", str(tmp_path / "gates"),
                           "--seq-len", "128", "--layers", "0", "--sweep-heads", "1", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -233,7 +234,7 @@ def test_counting_sweeps_writes_a_row_per_selection_k_and_threshold_count(tmp_pa
     """benchmarks/counting_sweeps.py at T = 256 (the interpreter): per head and per group, k = T / 128 and T / 16, 2
     and 4 thresholds; whole programs counted, the default launch recorded, no temporary file left."""
     out = tmp_path / "sweeps.json"
-    run = subprocess.run([sys.executable, "benchmarks/counting_sweeps.py", "--T", "256", "--cands", "2,4", "--out",
+    run = subprocess.run([*INTERPRETED, "benchmarks/counting_sweeps.py", "--T", "256", "--cands", "2,4", "--out",
                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
