@@ -8,6 +8,9 @@ d = 32, bf16, random inputs).
     git show REV:posthoc_sparse/ops/token_select/triton.py > old.py
     python benchmarks/sweep_probe.py --baseline old.py --out x.json                  # and REV's counting beside
                                                                     # (per head, and per group of 2 heads)
+(since the scoring moved to scores.py, a baseline triton.py of this tree imports this tree's scores.py.) With
+--baseline it also times the counting with the guess's moments from every tile (``select_moments_every`` and
+``select_moments_every_group`` 1).
 
 Every probe scores each causal (row, key) pair of 64-row blocks and 64-key tiles as the real kernels do
 (``_tile``), against the rows' real brackets (``token_bracket``), then per tile:
@@ -45,7 +48,8 @@ from posthoc_sparse.errors import first_line  # noqa: E402
 from posthoc_sparse.io import atomic_write_json  # noqa: E402
 from posthoc_sparse.ops import token_select as ts  # noqa: E402
 from posthoc_sparse.ops.token_select import triton as ts_triton  # noqa: E402
-from posthoc_sparse.ops.token_select.triton import _block, _thresholds, _tile, _unmono  # noqa: E402
+from posthoc_sparse.ops.token_select.scores import _tile  # noqa: E402
+from posthoc_sparse.ops.token_select.triton import _block, _thresholds, _unmono  # noqa: E402
 
 MODES = ("score", "compares", "words", "guard", "atomic")
 BITS_LAUNCHES = [(64, 64, 4), (128, 64, 8), (64, 64, 8), (128, 64, 4), (32, 64, 4), (64, 32, 4), (64, 128, 8)]
@@ -138,6 +142,8 @@ def main() -> None:
                 row["counting_group_ms"] = 1e3 * timed(lambda: count(ts_triton), device, args.reps)
             row[f"counting{tag}_baseline_ms"] = 1e3 * timed(lambda: count(old), device, args.reps)
             row[f"counting{tag}_again_ms"] = 1e3 * timed(lambda: count(ts_triton), device, args.reps)
+            with tuning(ts.TUNING, select_moments_every=1, select_moments_every_group=1):  # moments of every tile
+                row[f"counting{tag}_all_moments_ms"] = 1e3 * timed(lambda: count(ts_triton), device, args.reps)
             row[f"same{tag}_brackets_as_baseline"] = bool(torch.equal(count(old)[0], count(ts_triton)[0]))
     for band in ("atomic", "extract", "words"):
         with tuning(ts.TUNING, bits_kernel="reduce", bits_band=band):

@@ -126,7 +126,8 @@ def test_sweep_probe_runs_on_the_cpu_with_the_interpreter(tmp_path):
     row = json.loads(out.read_text())
     assert (row["T"], row["k"], row["heads"]) == (70, 9, 2)
     _positive(row, ["counting_ms", "counting_baseline_ms", "counting_again_ms", "counting_group_ms",
-                    "counting_group_baseline_ms", "counting_group_again_ms", "bitmask_selection_atomic_ms",
+                    "counting_group_baseline_ms", "counting_group_again_ms", "counting_all_moments_ms",
+                    "counting_group_all_moments_ms", "bitmask_selection_atomic_ms",
                     "bitmask_selection_extract_ms"] + [f"probe_{m}_ms" for m in ("score", "compares", "words", "guard",
                                                                                 "atomic")])
     assert row["same_brackets_as_baseline"] and row["same_group_brackets_as_baseline"]  # this tree's file as its own

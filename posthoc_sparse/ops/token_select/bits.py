@@ -51,7 +51,8 @@ except ImportError:  # the naive path serves
 
 if triton is not None:
     from ..head_topk.triton import _packed
-    from .triton import _band_ranks, _block, _capped, _thresholds, _tile, _unmono
+    from .scores import _capped, _tile
+    from .triton import _band_ranks, _block, _thresholds, _unmono
 
     @triton.jit
     def _row_kinds(BR, T, rows, row_ok, k, BAND: tl.constexpr):

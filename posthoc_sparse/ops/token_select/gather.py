@@ -20,7 +20,7 @@ except ImportError:  # the naive path serves
 
 
 if triton is not None:
-    from .triton import _capped
+    from .scores import _capped
 
     @triton.jit
     def _gather_attn_fwd(Q, K, V, IDX, O, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sib, sih, sit,

@@ -4,12 +4,12 @@ selected keys. No (T, T) tensor: scores are recomputed from the selection query 
 Letters: B batch, H query heads, G key/value heads, T queries = keys (prefill from position 0), D head_dim, d the
 selection dimension (the gate's d, or D for the oracle), k keys kept per row.
 
-Three kernels, twins in ``naive.py``:
+Two kernels, twins in ``naive.py`` (a tile's scores, and group selection's log-sum-exp pass: ``scores.py``):
 
-    ``_row_lse``        group selection only: each query head's log-sum-exp over each row's causal keys (online).
     ``_token_bracket``  per (head or group, block of rows), threshold selection by counting, no sorting:
                         (1) one sweep for each row's least and largest score, the bracket [lo, hi) of its k-th
-                        largest, and a normal guess at it; (2) counting sweeps, each testing R candidate
+                        largest, and a normal guess at it (the mean and variance of its scores; per group of
+                        every fourth tile's and the diagonal tile's); (2) counting sweeps, each testing R candidate
                         thresholds (around the guess first, then spread over the bracket in the monotone int
                         order of fp32, ``head_topk``'s ``_mono``), a byte each, one ``tl.sum`` per 4, until at most
                         BAND keys lie in the bracket (or it holds one value, or exactly k keys lie at or above lo).
@@ -36,7 +36,10 @@ except ImportError:  # the naive path serves
 # Launch settings. select (the counting kernel, _token_bracket): rows per program, keys per tile (at most 128),
 # candidate thresholds per counting sweep (2, 4 or 8), band slots ranked (a power of two), warps, ranking chunk (band
 # slots each ranking step compares at once), whether a row's first sweep guesses (a normal guess at its k-th score),
-# and the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out). write
+# the guess's innermost thresholds, in sds of the row's scores (the others 4, 16 and 64 times as far out), and which
+# tiles its moments take, per head and per group (every n-th before the diagonal, 1: all; a group's moments take a
+# logarithm a score: every fourth tile saved 5.6 of 27.2 ms at T = 32768, a head's guess lost more sweeps than the
+# moments cost, docs/data/sweep-probe-h200-32k-moments.json). write
 # (_token_write): rows, keys per tile, warps. bits: the bitmask's write, "offsets" (_token_write), "reduce" (bits.py)
 # or "auto" (reduce per group, and per head from bits_reduce_head_from keys), its rows, keys, warps, and how it puts
 # band keys (words, extract: best first, atomic, rows). attn (gather.py): rows, keys, warps. The defaults come from
@@ -46,7 +49,8 @@ except ImportError:  # the naive path serves
 # head at 8192), the write's launches within 2% of each other, band words ahead of atomic slots and those ahead of
 # best first; the guess cut the counting sweeps on SmolLM2 (docs/data/selection-structure-smollm2.json).
 TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band": 64, "select_warps": 4,
-          "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02,
+          "select_rank_chunk": 1, "select_guess": True, "select_guess_step": 0.02, "select_moments_every": 1,
+          "select_moments_every_group": 4,
           "write_rows": 16, "write_keys": 64, "write_warps": 4,
           "bits_kernel": "auto", "bits_rows": 64, "bits_keys": 64, "bits_warps": 4, "bits_reduce_head_from": 8192,
           "bits_band": "words", "attn_rows": 16, "attn_keys": 8, "attn_warps": 8}
@@ -54,74 +58,13 @@ TUNING = {"select_rows": 64, "select_keys": 64, "select_cands": 4, "select_band"
 
 if triton is not None:
     from ..head_topk.triton import MIN_WORD, _mono, _packed
+    from .scores import _row_lse, _tile
 
     @triton.jit
     def _unmono(m):
         # int64 of _mono's order (in the int32 range) -> the fp32 it stands for (_mono's bit flip is an involution)
         m32 = m.to(tl.int32)
         return (m32 ^ ((m32 >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _capped(s, softcap, SOFTCAP: tl.constexpr):
-        if SOFTCAP:
-            s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # tanh
-        return s
-
-    @triton.jit
-    def _row_lse(A, Bk, LSE, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale, softcap,
-                 DS: tl.constexpr, NC: tl.constexpr, BLOCK_M: tl.constexpr, SOFTCAP: tl.constexpr,
-                 IEEE: tl.constexpr):
-        # One program: BLOCK_M rows of one query head; log-sum-exp of its (softcapped) scores over causal keys.
-        bh = tl.program_id(1)
-        bz, h = bh // H, bh % H
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < T
-        offs_d = tl.arange(0, DS)
-        a = tl.load(A + bz * sab + h * sah + rows[:, None] * sat + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        bbase = Bk + bz * sbb + (h // n_rep_b) * sbh
-        end = tl.minimum((tl.program_id(0) + 1) * BLOCK_M, T)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, end, NC):  # the first tile holds key 0, which every row sees: m is finite after it
-            cols = start + tl.arange(0, NC)
-            s = _capped(_scores(a, bbase, cols, sbt, scale, T, DS, IEEE), softcap, SOFTCAP)
-            s = tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-            m = m_new
-        tl.store(LSE + bh * T + rows, m + tl.log(l), mask=row_ok)
-
-    @triton.jit
-    def _scores(a, bbase, cols, sbt, scale, T, DS: tl.constexpr, IEEE: tl.constexpr):
-        # a (rows, DS) . keys cols -> (rows, NC) fp32; the key tile loaded as (DS, NC), the product's right operand
-        offs_d = tl.arange(0, DS)
-        kb = tl.load(bbase + cols[None, :] * sbt + offs_d[:, None], mask=(cols < T)[None, :], other=0.0)
-        if IEEE:
-            return tl.dot(a, kb, input_precision="ieee") * scale
-        return tl.dot(a, kb) * scale
-
-    @triton.jit
-    def _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, row0, cols, sab, sah, sat, sbb, sbh, sbt, H, T, n_rep_b, scale,
-              softcap, DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, NC: tl.constexpr):
-        # the selection scores of the block's rows at keys cols (from start), (BLOCK_M, NC) fp32, -inf where a row
-        # may not look: only a tile that reaches the block's first row, row0, needs the causal mask
-        if GROUP == 1:
-            s = _scores(a, Bk + bz * sbb + (g // n_rep_b) * sbh, cols, sbt, scale, T, DS, IEEE)
-        else:  # the group's summed softmax probabilities
-            offs_d = tl.arange(0, DS)
-            s = tl.zeros([BLOCK_M, NC], tl.float32)
-            for i in tl.static_range(GROUP):
-                h = g * GROUP + i
-                ai = tl.load(A + bz * sab + h * sah + rows[:, None] * sat + offs_d[None, :], mask=row_ok[:, None],
-                             other=0.0)
-                si = _capped(_scores(ai, Bk + bz * sbb + (h // n_rep_b) * sbh, cols, sbt, scale, T, DS, IEEE),
-                             softcap, SOFTCAP)
-                lse = tl.load(LSE + (bz * H + h) * T + rows, mask=row_ok, other=0.0)
-                s += tl.exp(si - lse[:, None])
-        if start + NC > row0:
-            s = tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s, float("-inf"))
-        return s
 
     @triton.jit
     def _upper_quantile(p):
@@ -167,7 +110,7 @@ if triton is not None:
     def _token_bracket(A, Bk, LSE, BR, SWEEPS, sab, sah, sat, sbb, sbh, sbt, H, G, T, n_rep_b, scale, softcap, k,
                        guess_step, DS: tl.constexpr, GROUP: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, NC: tl.constexpr, R: tl.constexpr, BAND: tl.constexpr,
-                       GUESS: tl.constexpr):
+                       GUESS: tl.constexpr, EVERY: tl.constexpr):
         # One program: BLOCK_M rows of one head (GROUP 1) or one group of GROUP query heads; the last row
         # blocks (the most keys) are launched first. Invariant per row: at least k causal keys score >= lo
         # (cnt_lo of them; all, at the start), fewer than k score >= hi (cnt_hi), thresholds as _mono ints
@@ -180,30 +123,36 @@ if triton is not None:
         s1 = tl.zeros([BLOCK_M], tl.float32)
         s2 = tl.zeros([BLOCK_M], tl.float32)
         full = (rb * BLOCK_M // NC) * NC  # the tiles wholly before the block's first row: no causal mask
-        nf = tl.zeros([BLOCK_M], tl.float32) + (full if GROUP == 1 else 0)  # a head's scores there: all finite
+        nf = tl.zeros([BLOCK_M], tl.float32)  # the scores the moments took: every EVERY-th tile's, the diagonal's
+        ns = tl.zeros([BLOCK_M], tl.float32)  # per group, the causal keys of those tiles (some of p = 0)
         for start in range(0, end, NC):
             cols = start + tl.arange(0, NC)
             s = _tile(A, Bk, LSE, a, bz, g, rows, row_ok, start, rb * BLOCK_M, cols, sab, sah, sat, sbb, sbh, sbt,
                       H, T, n_rep_b, scale, softcap, DS, GROUP, SOFTCAP, IEEE, BLOCK_M, NC)
             smax = tl.maximum(smax, tl.max(s, 1))
+            moments = ((start // NC) % EVERY == 0) | (start + NC > rb * BLOCK_M)
             if GROUP == 1 and start < full:  # only the tests a tile needs: fewer operations a score
                 smin = tl.minimum(smin, tl.min(s, 1))
-                if GUESS:
-                    s1, s2 = s1 + tl.sum(s, 1), s2 + tl.sum(s * s, 1)
+                if GUESS and moments:  # a head's scores there: all finite
+                    s1, s2, nf = s1 + tl.sum(s, 1), s2 + tl.sum(s * s, 1), nf + NC
             else:
                 smin = tl.minimum(smin, tl.min(tl.where(s == float("-inf"), float("inf"), s), 1))
-                if GUESS:
+                if GUESS and moments:
                     fin = s > (float("-inf") if GROUP == 1 else 0.0)
                     f = tl.where(fin, s if GROUP == 1 else tl.log(tl.where(fin, s, 1.0)), 0.0)
                     s1 += tl.sum(f, 1)
                     s2 += tl.sum(f * f, 1)
                     nf += tl.sum(fin.to(tl.float32), 1)
+                    if GROUP > 1:
+                        ns += tl.sum((s > float("-inf")).to(tl.float32), 1)
         lo = _mono(smin)
         hi = _mono(tl.where(smax == 0.0, 0.0, smax)) + 1  # past -0.0 and +0.0 alike: they compare equal
         nf = tl.maximum(nf, 1.0)
         mu = s1 / nf
         sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
-        gc = mu + sd * _upper_quantile(tl.minimum(tl.maximum(k / nf, 1e-6), 1.0 - 1e-6))
+        # k of the row's keys (per group, of those with p > 0: as many as the sampled tiles' share of them)
+        keys = (rows + 1).to(tl.float32) * (nf / tl.maximum(ns, 1.0) if GROUP > 1 else 1.0)
+        gc = mu + sd * _upper_quantile(tl.minimum(tl.maximum(k / keys, 1e-6), 1.0 - 1e-6))
         cnt_lo = rows + 1  # every causal key scores at least the least
         cnt_hi = tl.zeros([BLOCK_M], tl.int32)
         # 2. counting sweeps, R candidates each, until at most BAND keys lie in [lo, hi)
@@ -367,7 +316,9 @@ def token_bracket(a: torch.Tensor, b: torch.Tensor, k: int, scale: float = 1.0, 
     _token_bracket[(triton.cdiv(t, rows), bsz * g)](
         a, b, lse, bracket, counted, *a.stride()[:3], *b.stride()[:3], h, g, t, h // b.shape[1], float(scale),
         float(softcap or 1.0), k, float(TUNING["select_guess_step"]), **_kernel_args(a, group, softcap),
-        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], GUESS=TUNING["select_guess"], num_warps=TUNING["select_warps"])
+        BLOCK_M=rows, NC=nc, R=TUNING["select_cands"], GUESS=TUNING["select_guess"],
+        EVERY=TUNING["select_moments_every_group" if group > 1 else "select_moments_every"],
+        num_warps=TUNING["select_warps"])
     return bracket, lse, counted
 
 
