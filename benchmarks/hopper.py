@@ -76,11 +76,11 @@ DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32
 def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str, dict, int]]:
     """``_token_bracket`` (the counting sweeps) at each (rows, keys per tile, warps) of ``launches`` and group size,
     then ``_token_write`` (the write and the ranking) at the same and each ranking chunk, with 8 candidates, the
-    guess from every fourth tile's moments, band 64, gate dim 32, bf16 inputs."""
+    guess's moments from every tile per head and every fourth per group (the defaults), band 64, gate dim 32, bf16
+    inputs."""
     common = dict(DS=32, SOFTCAP=False, IEEE=False, BAND=64)
-    return ([("_token_bracket", common | dict(BLOCK_M=m, NC=nc, R=8, GROUP=g, GUESS=True, EVERY=4), w)
-             for m, nc, w in launches
-             for g in groups]
+    return ([("_token_bracket", common | dict(BLOCK_M=m, NC=nc, R=8, GROUP=g, GUESS=True, EVERY=4 if g > 1 else 1), w)
+             for m, nc, w in launches for g in groups]
             + [("_token_write", common | dict(BLOCK_M=m, NC=nc, GROUP=g, RC=rc, BITS=False), w) for m, nc, w in launches
                for rc in chunks for g in groups])
 
