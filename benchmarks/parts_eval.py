@@ -74,12 +74,15 @@ class NoAttention:
         return call.query.new_empty(b, t, h, call.value.shape[-1])  # (B, T, H, D)
 
 
-@part("model", gpu={"T": [4096, 16384, 32768], "k": [64, 256, 2048]}, cpu={"T": [128, 256], "k": [16, 64]})
+@part("model", gpu={"T": [4096, 16384, 32768], "k": [64, 256, 2048], "token": ["head", "group"]},
+      cpu={"T": [128], "k": [16], "token": ["head", "group"]})
 def whole_model(bench: Bench, plan: dict, block_sizes: tuple[int, ...] = (16, 64)) -> list[dict]:
-    """The decoder forward, block-gated top-k in every layer / dense SDPA, and all layers' attention alone.
+    """The decoder forward, block-gated / token-level top-k in every layer / dense SDPA, and all layers' attention.
 
     The attention alone (on a GPU): a whole forward's GPU time less that of a forward that skips attention
-    (``NoAttention``). Plan: {"T": window lengths, "k": keys kept}."""
+    (``NoAttention``). Token-level selection per head and per KV group (plan "token") is what a long prompt's
+    prefill under ``apply_gates`` runs with ``--selection head`` / ``group`` (``head_topk`` at k <= 128,
+    ``token_select`` above). Plan: {"T": window lengths, "k": keys kept, "token": selections}."""
     model, bank, device, reps = bench.model, bench.bank, bench.device, bench.reps
     gpu = device.type == "cuda"
     rows = []
@@ -107,6 +110,10 @@ def whole_model(bench: Bench, plan: dict, block_sizes: tuple[int, ...] = (16, 64
                     row[f"block{blk}_attention_gpu_s"] = gpu_busy(lambda: forward(pol)) - rest
                     row[f"block{blk}_attention_speedup_whole_model"] = (dense_attention
                                                                         / row[f"block{blk}_attention_gpu_s"])
+            for sel in plan.get("token", []):
+                pol = policy_for("gate", kk, bank, selection=sel)
+                row[f"{sel}_s"] = timed(lambda: forward(pol), device, reps)
+                row[f"{sel}_speedup_vs_dense"] = dense / row[f"{sel}_s"]
             rows.append(report(row))
     return rows
 

@@ -31,10 +31,10 @@ def _positive(row: dict, keys: list[str]) -> None:
         assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
 
 
-def test_perf_runs_eval_and_distill_at_the_cpu_size(tmp_path):
+def test_perf_runs_eval_distill_and_model_at_the_cpu_size(tmp_path):
     out = tmp_path / "perf.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the test's and the run's threads would stall each other on 2 cores
-    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "eval,distill",
+    run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts", "eval,distill,model",
                           "--reps", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_perf_runs_eval_and_distill_at_the_cpu_size(tmp_path):
     assert result["size"] == "cpu" and result["device"] == "cpu" and result["dtype"] == "torch.float32"
     assert {"torch", "transformers", "posthoc_sparse"} <= set(result["versions"])
     assert result["config"]["num_hidden_layers"] == 4 and result["seconds"] > 0
-    assert list(result["parts"]) == ["eval", "distill"]
+    assert list(result["parts"]) == ["eval", "distill", "model"]
 
     evals = result["parts"]["eval"]
     plan = [t if isinstance(t, tuple) else (t, 1) for t in PARTS["eval"].plans["cpu"]]
@@ -61,6 +61,13 @@ def test_perf_runs_eval_and_distill_at_the_cpu_size(tmp_path):
         assert row["distill_step_s"] == row["distill_step_eager_s"]  # no CUDA graph: the step as the loop runs it
         _positive(row, ["time_ratio", "time_ratio_eager", "time_ratio_vs_decoder"])
         assert row["distill_peak_bytes"] is None and "error" not in row  # peak memory is measured on a GPU
+    models = result["parts"]["model"]
+    plan = PARTS["model"].plans["cpu"]
+    assert [(row["T"], row["k"]) for row in models] == [(t, k) for t in plan["T"] for k in plan["k"]]
+    for row in models:  # dense, block-gated and token-level gated forwards, each timed against dense
+        _positive(row, ["dense_decoder_s", *(f"{sel}{end}" for sel in ("block16", "block64", *plan["token"])
+                                             for end in ("_s", "_speedup_vs_dense"))])
+        assert row["head_speedup_vs_dense"] == pytest.approx(row["dense_decoder_s"] / row["head_s"])
     assert "\neval {'T': 64" in run.stdout and "\ndistill {'T': 64" in run.stdout  # the closing table
 
 
