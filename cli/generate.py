@@ -8,6 +8,8 @@ from .common import esc, fmt, print_note, print_table
 from .app import app, console, out_console
 from .options import config_command
 
+PROMPT_SHOWN = 300  # characters of a longer prompt shown before its continuation
+
 
 @app.command()
 @config_command(GenerateConfig, recipes=False)
@@ -18,10 +20,13 @@ def generate(cfg: GenerateConfig) -> None:
     res = generate_text(cfg)
     label = "dense" if res.mode == "dense" else f"{res.mode}@{res.k}"
     width = max(len(label), len("dense")) + 1
+    prompt = esc(res.prompt)
+    if len(res.prompt) > PROMPT_SHOWN:  # a long context: its end, where the continuation starts
+        prompt = f"[dim]({len(res.prompt):,} characters; the last {PROMPT_SHOWN:,}:)[/] " + esc(res.prompt[-PROMPT_SHOWN:])
     # soft-wrapped (app.py): the text is one line however long, for logs and pipes
-    out_console.print(f"{label + ':':<{width}} [bold]{esc(res.prompt)}[/]{esc(res.text)}", highlight=False)
+    out_console.print(f"{label + ':':<{width}} [bold]{prompt}[/]{esc(res.text)}", highlight=False)
     if res.dense_text is not None:
-        out_console.print(f"{'dense:':<{width}} [bold]{esc(res.prompt)}[/]{esc(res.dense_text)}", highlight=False)
+        out_console.print(f"{'dense:':<{width}} [bold]{prompt}[/]{esc(res.dense_text)}", highlight=False)
     if res.dense_equivalent and res.mode != "dense":
         print_note({"message": f"k={res.k} >= the {res.context}-token context, so every query kept all its keys: "
                                "attention was dense. Use a longer prompt or a smaller --k to see the gate at work."})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,8 @@ class GenerateConfig:
     gates: str | None = option(None, "Gate folder from `sparsify distill`.")
     model: str | None = option(None, "Model; if not given, the gate's base model (else the embedded model).")
     prompt: str = option("The capital of France is", "Text to continue.")
+    prompt_file: str | None = option(None, "Read the text to continue from this UTF-8 file instead of --prompt (a "
+                                           "long context: a command line holds at most 128 KiB an argument).")
     max_new_tokens: int = option(50, "Tokens to generate.", gt=0)
     k: int | None = option(None, "Keys kept per query; if not given, the gate's k (else 64).", gt=0)
     mode: str = option("gate", "gate, random, oracle or dense.")
@@ -32,6 +35,8 @@ class GenerateConfig:
     temperature: float = option(1.0, "Sampling temperature (with --sample).", gt=0)
     top_p: float = option(1.0, "Nucleus sampling threshold (with --sample).", gt=0, le=1)
     seed: int = option(0, "Sampling seed.", ge=0, le=SEED_MAX)
+    cache: str = option("dynamic", "KV cache: dynamic (grows), or static (preallocated; on CUDA transformers then "
+                                   "compiles the decode step).", choices=("dynamic", "static"))
     dtype: str = option("auto", "auto, float32, bfloat16, float16.")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
     trust_remote_code: bool = option(False, "Allow the model's own code.")
@@ -88,7 +93,8 @@ def _timed_generate(model, inputs, cfg: GenerateConfig, pad_id: int) -> tuple[to
     torch.manual_seed(cfg.seed)
     clock = _StepClock(model.device)
     t0 = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+    static = {"cache_implementation": "static"} if cfg.cache == "static" else {}
+    out = model.generate(**inputs, **static, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                          temperature=cfg.temperature if cfg.do_sample else None,
                          top_p=cfg.top_p if cfg.do_sample else None, pad_token_id=pad_id,
                          logits_processor=LogitsProcessorList([clock]))
@@ -101,6 +107,25 @@ def _timed_generate(model, inputs, cfg: GenerateConfig, pad_id: int) -> tuple[to
                         prefill_seconds=first - t0)
 
 
+def read_prompt(cfg: GenerateConfig) -> str:
+    """The text to continue: ``cfg.prompt``, or the contents of ``cfg.prompt_file``; UserError if it is empty or
+    the file cannot be read as UTF-8 text."""
+    if cfg.prompt_file is None:
+        if not cfg.prompt.strip():
+            raise UserError("--prompt is empty; give the text to continue")
+        return cfg.prompt
+    path = Path(cfg.prompt_file).expanduser()
+    if not path.is_file():
+        raise UserError(f"--prompt-file {cfg.prompt_file}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {cfg.prompt_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UserError(f"--prompt-file {cfg.prompt_file} is empty; give the text to continue")
+    return text
+
+
 @torch.no_grad()
 def generate_text(cfg: GenerateConfig) -> GenerateResult:
     """Generate under the gate; with ``compare_dense`` also dense, and score the difference."""
@@ -108,30 +133,31 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
     from .loading import load_model
 
     check_fields(cfg)
-    if not cfg.prompt.strip():
-        raise UserError("--prompt is empty; give the text to continue")
+    prompt = read_prompt(cfg)
     gate_cfg = read_gate_config(cfg.gates) if cfg.gates else {}
     k = cfg.k or gate_cfg.get("k") or 64
     loaded = load_model(cfg.model or gate_cfg.get("base_model") or EMBEDDED_MODEL, dtype=cfg.dtype,
                         device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
-    inputs = tok(cfg.prompt, return_tensors="pt").to(model.device)
+    inputs = tok(prompt, return_tensors="pt").to(model.device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
         new, timing = _timed_generate(model, inputs, cfg, pad_id)
     context = inputs["input_ids"].shape[1] + len(new) - 1
     kept = -(-k // cfg.block_size) * cfg.block_size if cfg.selection == "block" else k  # block: whole blocks
-    result = GenerateResult(prompt=cfg.prompt, text=tok.decode(new, skip_special_tokens=True),
+    result = GenerateResult(prompt=prompt, text=tok.decode(new, skip_special_tokens=True),
                             tokens=new.tolist(), seconds_per_token=timing.seconds_per_token,
                             tokens_per_second=timing.tokens_per_second, prefill_seconds=timing.prefill_seconds,
                             k=k, mode=cfg.mode, context=context, dense_equivalent=cfg.mode == "dense" or kept >= context)
     if cfg.compare_dense:
         dense_new, dense = _timed_generate(model, inputs, cfg, pad_id)
         full = torch.cat([inputs["input_ids"][0], new]).unsqueeze(0)  # (1, prompt + N)
-        n_prompt = inputs["input_ids"].shape[1]
-        logits_dense = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()  # (N, V)
+        # the logits that chose the N new tokens: the last N + 1 positions less the last (not the whole (T, V) of a
+        # long prompt: 10 GB at 32k tokens and a 152k vocabulary)
+        keep = {"use_cache": False, "logits_to_keep": len(new) + 1}
+        logits_dense = model(full, **keep).logits[0, :-1].float()  # (N, V)
         with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
-            logits_sparse = model(full, use_cache=False).logits[0, n_prompt - 1 : -1].float()
+            logits_sparse = model(full, **keep).logits[0, :-1].float()
         logp, logq = logits_dense.log_softmax(-1), logits_sparse.log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # (N,)
         n = min(len(new), len(dense_new))
