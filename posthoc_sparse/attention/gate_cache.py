@@ -9,8 +9,11 @@ its values) whenever the model updates the original with K and V. The mirror the
 positions where the KV cache returns K: a StaticCache's full preallocated length (written in place at its
 positions, zeros past them, which the attention mask excludes), a DynamicCache's concatenation, a sliding
 window's trimming or rolling. No position is worked out here, so nothing reads the device: a static-cache step
-stays free of host synchronisation (CUDA graphs, torch.compile). Mirrors live as long as their KV cache layer
-(weak keys), so a new ``generate`` call starts a new gate cache.
+stays free of host synchronisation (CUDA graphs, torch.compile). A mirror is an attribute of its KV cache layer
+(``MIRROR``), so it lives as long as that layer and a new ``generate`` call starts a new gate cache. Under
+torch.compile the mirror is then reached from the step's own input (the cache) and guarded as one: a new cache
+of the same sizes reuses the compiled step. (Kept in a dictionary of this object's, weakly keyed by the layer,
+each new cache invalidated the guards on its keys, and every ``generate`` call compiled its step again.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import weakref
 
 import torch
+
+MIRROR = "_posthoc_sparse_gate_keys"  # the attribute of a KV cache layer that holds its gate keys' mirror layer
 
 
 def _mirror(layer) -> object | None:
@@ -38,7 +43,7 @@ class GateKeyCache:
     """Per KV cache layer, the gate keys of every position that layer holds."""
 
     def __init__(self):
-        self._mirrors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._mirrors: list[weakref.ref] = []  # the mirrors made, in order, while their KV cache layers live
         self._plain: dict[int, torch.Tensor] = {}  # layers without a mirror: appended, trimmed to the key length
 
     def keys(self, layer: int, kv_layer, new: torch.Tensor, s: int) -> torch.Tensor:
@@ -48,9 +53,12 @@ class GateKeyCache:
             if new.shape[2] != s:
                 raise RuntimeError(f"layer {layer}: {new.shape[2]} gate keys for {s} keys, and no KV cache to follow")
             return new
-        mirror = self._mirrors.get(kv_layer, False)
-        if mirror is False:
-            mirror = self._mirrors[kv_layer] = _mirror(kv_layer)
+        mirror = getattr(kv_layer, MIRROR, False)
+        if mirror is False:  # the layer's first call (a prefill, eager even under a compiled generate)
+            mirror = _mirror(kv_layer)
+            setattr(kv_layer, MIRROR, mirror)
+            if mirror is not None:
+                self._mirrors = [r for r in self._mirrors if r() is not None] + [weakref.ref(mirror)]
         if mirror is not None:
             empty = new.new_empty(*new.shape[:3], 0)  # (B, H, T, 0): values the mirror stores for nothing
             keys, _ = mirror.update(new.detach(), empty, {})
@@ -62,7 +70,7 @@ class GateKeyCache:
 
     def mirrors(self) -> list:
         """The mirror layers alive (one per KV cache layer seen): their ``keys`` are the gate key cache."""
-        return [m for m in self._mirrors.values() if m is not None]
+        return [m for m in (r() for r in self._mirrors) if m is not None]
 
     def _appended(self, layer: int, new: torch.Tensor, s: int) -> torch.Tensor:
         """Cache layers of a class the mirror cannot build: new keys appended, the last S kept (dynamic and
