@@ -180,6 +180,76 @@ def test_static_cache_decode_step_traces_as_one_graph():
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+@pytest.mark.parametrize("selection", ["head", "group", "block"])
+def test_a_static_caches_prefill_gives_the_logits_of_a_prefill_without_a_cache(selection):
+    """transformers (5.24 here) passes no mask for a prompt's prefill into an empty StaticCache, leaving it to SDPA's
+    causal alignment from the first key, while the cache hands attention all its preallocated keys. The gated
+    paths read a missing mask as causal over the last T of S keys, so every query saw keys past its own, and the
+    logits parted from a prefill without a cache (by 0.43 on this model); now the call holds the prompt's keys."""
+    from transformers import StaticCache
+
+    model = tiny_model("qwen3")
+    ids = random_ids(2, 40)
+    with torch.no_grad(), apply_gates(model, _bank(model, "hidden"), k=8, selection=selection, block_size=16):
+        plain = model(ids, use_cache=False).logits
+        static = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=48), use_cache=True).logits
+    torch.testing.assert_close(static, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_an_explicit_mask_over_a_static_caches_prompt_is_recognised_as_plain_causal():
+    """Older transformers (5.17) pass a static cache's prefill an explicit mask over the whole preallocated length:
+    where it is causal over the prompt and masks the rest, ``causal_prefix`` gives the call over the prompt's keys
+    (what the prefill kernels serve); any other mask (padding, a window, a key past the prompt) stays as it is."""
+    from posthoc_sparse.attention.call import LayerCall, causal_prefix
+
+    b, h, t, s, d = 2, 4, 6, 9, 8
+    q, k = torch.randn(b, h, t, d), torch.randn(b, 2, s, d)
+
+    def call(mask):
+        return LayerCall(module=None, layer=0, query=q, key=k, value=k, attention_mask=mask, scaling=1.0,
+                         dropout=0.0, kwargs={})
+
+    causal = torch.zeros(b, 1, t, s, dtype=torch.bool)
+    causal[..., :t] = torch.ones(t, t, dtype=torch.bool).tril()
+    got = causal_prefix(call(causal))
+    assert got.key.shape[2] == got.value.shape[2] == t and got.attention_mask is None and got.cached_keys == s
+    additive = torch.zeros(b, 1, t, s).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert causal_prefix(call(additive)) is not None
+    for change in ((0, 0, 0, 7), (1, 0, 2, 4), (1, 0, 0, 0)):  # a key past the prompt, a future key, padding
+        other = causal.clone()
+        other[change] = not other[change]
+        assert causal_prefix(call(other)) is None, change
+    assert causal_prefix(call(None)) is None
+
+
+def test_a_compiled_decode_step_is_reused_by_a_new_static_cache():
+    """Every ``generate`` call makes a new StaticCache: the compiled decode step must take it without compiling
+    again. Under a hidden gate the step reads the gate key cache, whose mirrors the guards must see as parts of
+    the cache (its input), not as entries of a dictionary the new cache invalidates (each call then compiled the
+    step anew: 48 s a call for Qwen3-1.7B's shape on an H200, benchmarks/compiled_generate.py)."""
+    from transformers import StaticCache
+
+    model = tiny_model("qwen3")
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(model, backend=backend)
+    ids = random_ids(2, 10)
+    with torch.no_grad(), apply_gates(model, _bank(model), k=4):
+        for _ in range(3):  # three generate calls' caches, two decode steps each
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # eager prefill
+            for pos in (10, 11):
+                nxt = step(nxt, past_key_values=cache, use_cache=True,
+                           position_ids=torch.full((2, 1), pos)).logits[:, -1:].argmax(-1)
+    torch._dynamo.reset()
+    assert len(compiles) == 1
+
+
 @pytest.mark.parametrize("max_memory", ["cpu=200KB", "cpu=1KB"])
 def test_apply_gates_on_a_model_offloaded_by_a_device_map(tmp_path, max_memory):
     """With Accelerate's device map putting layers (or everything) on disk, each gate layer goes where its

@@ -276,6 +276,48 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path(selection, se
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
+def _forced_token_kernels(monkeypatch, note) -> list:
+    """ops.token_select's path of the policy forced on the CPU (the interpreter runs the kernels, at SMALL's
+    launch); returns the list that gets ``note(call)`` of every call the path serves."""
+    for key, value in SMALL.items():
+        monkeypatch.setitem(ts.TUNING, key, value)
+    monkeypatch.setattr(ts, "kernels_ok", ts.supports)
+    monkeypatch.setattr(TopKPolicy, "_plain_prefill", lambda self, call: self._inference_call(call)
+                        and call.attention_mask is None)
+    seen = []
+    monkeypatch.setattr(TopKPolicy, "_tokens", lambda self, call, f=TopKPolicy._tokens:
+                        seen.append(note(call)) or f(self, call))
+    return seen
+
+
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_a_static_caches_prefill_takes_the_token_kernels_over_the_prompts_keys(selection, monkeypatch):
+    """generate(..., cache_implementation="static") prefills with a mask over the cache's whole preallocated
+    length (or, from transformers 5.24, no mask at all), which sent every such prompt to the chunked reference
+    (about 40 s for a 32k prompt of Qwen3-1.7B's shape on an H200, docs/data/generate-h200-static-32k.json). The
+    policy now serves the prompt's keys alone through ops.token_select (forced on the CPU), with the logits of a
+    prefill without a cache, and the gate key cache holds the prompt for the decode step after."""
+    from transformers import StaticCache
+
+    seen = _forced_token_kernels(monkeypatch, lambda call: (call.key.shape[2], call.cached_keys))
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(2, 40)
+
+    def reference(x):
+        return _run(model, TopKPolicy(GateSelector(bank), 9, observer=lambda *a: None, selection=selection), x)
+
+    cache = StaticCache(config=model.config, max_cache_len=48)
+    with torch.no_grad(), SparseAttention(model, TopKPolicy(GateSelector(bank), 9, selection=selection)):
+        got = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        nxt = got[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+                     position_ids=torch.full((2, 1), 40)).logits
+    assert seen == [(40, 48)] * model.config.num_hidden_layers  # every layer: the prompt's 40 keys of 48
+    torch.testing.assert_close(got, reference(ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step, reference(torch.cat([ids, nxt], 1))[:, -1:], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t, k, group", [(1000, 200, 1), (1000, 700, 2), (517, 130, 2), (2100, 2048, 1)])
@@ -329,6 +371,47 @@ def test_token_kernel_path_of_the_policy_equals_the_reference_path_on_gpu(select
     fast = _run(model, TopKPolicy(make(), k, selection=selection), ids)
     slow = _run(model, TopKPolicy(make(), k, observer=lambda *a: None, selection=selection), ids)
     torch.testing.assert_close(fast, slow, atol=1e-2, rtol=1e-2)
+
+
+def test_a_static_caches_explicit_mask_takes_the_token_kernels_over_the_prompts_keys(monkeypatch):
+    """Older transformers (5.17) give a static cache's prefill a mask over the whole preallocated length: where it
+    is plain causal over the prompt the policy serves the prompt's keys through ops.token_select (forced on the
+    CPU), with the reference's output over all the keys and the mask."""
+    from posthoc_sparse.attention.call import LayerCall
+
+    taken = _forced_token_kernels(monkeypatch, lambda call: call.key.shape[2])
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, s, 16, generator=gen) for n, s in ((4, 20), (2, 26), (2, 26)))
+    mask = torch.zeros(1, 1, 20, 26, dtype=torch.bool)
+    mask[..., :20] = torch.ones(20, 20, dtype=torch.bool).tril()
+
+    def run(**kw):
+        call = LayerCall(module=None, layer=0, query=q, key=k, value=v, attention_mask=mask, scaling=0.25,
+                         dropout=0.0, kwargs={})
+        return TopKPolicy(OracleSelector(), 6, selection="group", **kw)(call)
+
+    fast = run()
+    assert taken == [20]
+    torch.testing.assert_close(fast, run(observer=lambda *a: None), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection, k", [("head", 150), ("group", 24)])
+def test_a_static_caches_prefill_takes_the_token_kernels_on_gpu(selection, k, monkeypatch):
+    """A prompt's prefill into a StaticCache on CUDA runs ops.token_select over the prompt's keys (whether
+    transformers passes no mask or one over the whole cache), with the logits of a prefill without a cache."""
+    from transformers import StaticCache
+
+    taken = []
+    monkeypatch.setattr(TopKPolicy, "_tokens", lambda self, call, f=TopKPolicy._tokens: taken.append(1) or f(self, call))
+    model = tiny_model("qwen3").cuda()
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    ids = random_ids(2, 300).cuda()
+    with torch.no_grad(), SparseAttention(model, TopKPolicy(GateSelector(bank), k, selection=selection)):
+        static = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=320), use_cache=True).logits
+    assert len(taken) == model.config.num_hidden_layers
+    plain = _run(model, TopKPolicy(GateSelector(bank), k, observer=lambda *a: None, selection=selection), ids)
+    torch.testing.assert_close(static, plain, atol=1e-2, rtol=1e-2)
 
 
 def test_the_token_select_kernel_compiles_for_hopper(tmp_path):

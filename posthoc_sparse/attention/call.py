@@ -7,7 +7,7 @@ Letters: B batch, H query heads, Hkv key/value heads, T queries, S keys, C query
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,7 @@ class LayerCall:
     cos: torch.Tensor | None = None  # (B, T, rotary_dim)
     sin: torch.Tensor | None = None
     cache: object | None = None  # the layer's transformers cache layer (KV cache), if captured with a cache
+    cached_keys: int | None = None  # served on the first T of a static cache's S keys (``causal_prefix``): S
 
     @property
     def softcap(self) -> float | None:
@@ -43,6 +44,23 @@ class LayerCall:
     def allowed(self, a: int = 0, e: int | None = None) -> torch.Tensor:
         b, _, t, _ = self.query.shape
         return allowed_keys(self.attention_mask, b, t, self.key.shape[2], self.query.device, a, e)  # (B, 1, C, S)
+
+
+def causal_prefix(call: LayerCall) -> LayerCall | None:
+    """``call`` as a plain causal call over its first T keys, where it is a prompt's prefill into a longer,
+    preallocated KV cache (a StaticCache: S > T keys, the mask letting query i see keys 0..i and nothing else, in
+    every row); None otherwise. The mask is checked on the device, one read back: prefill only, never a decode
+    step (T = 1)."""
+    b, _, t, _ = call.query.shape
+    s = call.key.shape[2]
+    if call.attention_mask is None or t < 2 or s <= t or call.cached_keys is not None:
+        return None
+    allowed = call.allowed()  # (B, 1, T, S)
+    head = allowed[..., :t]
+    ok = ~allowed[..., t:].any() & (head.sum() == b * head.shape[1] * t * (t + 1) // 2) & ~torch.triu(head, 1).any()
+    if not bool(ok):
+        return None
+    return replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], attention_mask=None, cached_keys=s)
 
 
 def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:

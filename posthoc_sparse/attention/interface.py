@@ -41,10 +41,17 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     cap = binding.captured
+    t, s = query.shape[2], key.shape[2]
+    cached = None
+    if attention_mask is None and 1 < t < s:
+        # a prompt's prefill into an empty preallocated (static) cache: transformers leaves the mask to SDPA's
+        # causal alignment from the first key, under which no query sees a key past T (empty slots). The policies
+        # read a None mask as plain causal over as many keys as queries: hand them those T keys
+        key, value, cached = key[:, :, :t], value[:, :, :t], s
     call = LayerCall(
         module=module, layer=binding.layer, query=query, key=key, value=value, attention_mask=attention_mask,
         scaling=float(scaling), dropout=dropout, kwargs=kwargs, x=cap.get("x"), cos=cap.get("cos"), sin=cap.get("sin"),
-        cache=_cache_layer(cap.get("cache"), getattr(module, "layer_idx", None)),
+        cache=_cache_layer(cap.get("cache"), getattr(module, "layer_idx", None)), cached_keys=cached,
     )
     cap.clear()
     return binding.policy(call), None

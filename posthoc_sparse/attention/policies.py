@@ -9,6 +9,8 @@ Policies never compute losses; an optional observer sees per-chunk scores and se
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -19,7 +21,7 @@ from ..ops import decode as dc
 from ..ops import head_topk as ht
 from ..ops import mask_attention as ma
 from ..ops import token_select as ts
-from .call import LayerCall, Observer, chunked_attention, query_chunk_size
+from .call import LayerCall, Observer, causal_prefix, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
 from .selectors import GateSelector, OracleSelector
 
@@ -94,6 +96,7 @@ class TopKPolicy:
             return self._blocks(call)
         if self._decode_kernels(call):
             return self._decode(call)
+        call = self._static_prefill(call)
         if self.selection == "head" and self._head_kernels(call):
             return self._heads(call)
         if self._token_kernels(call):
@@ -108,6 +111,20 @@ class TopKPolicy:
             return masked_softmax(s, keep)
 
         return chunked_attention(call, probs, self.query_chunk)
+
+    def _static_prefill(self, call: LayerCall) -> LayerCall:
+        """A prompt's prefill into a static cache (``generate(..., cache_implementation="static")``) comes with a
+        mask over the cache's whole preallocated length; where it is plain causal over the prompt's keys
+        (``causal_prefix``) and the prefill kernels serve that, the call over those keys alone, else ``call``
+        (the chunked reference then serves it, as any masked call)."""
+        if call.attention_mask is None or call.query.shape[2] < 2 or self.selection not in ("head", "group") \
+                or not self._plain_prefill(replace(call, attention_mask=None)):
+            return call
+        prefix = causal_prefix(call)
+        if prefix is None or not ((self.selection == "head" and self._head_kernels(prefix))
+                                  or self._token_kernels(prefix)):
+            return call
+        return prefix
 
     def _inference_call(self, call: LayerCall) -> bool:
         """Nothing needs gradients or per-chunk scores (an observer), values of the head dim: what the Triton

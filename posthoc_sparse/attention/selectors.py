@@ -83,8 +83,14 @@ class GateSelector:
         with _half_autocast(call.query):
             gq, gk = gate.project(call.x, call.query, call.key, call.cos, call.sin)  # (B, H, T, d), (B, H, T|S, d)
         if gate.spec.gate_input == "hidden":  # gate keys of the call's T tokens: the cache holds the others
-            gk = self.key_cache.keys(call.layer, call.cache, gk, call.key.shape[2])
+            gk = self._cached(call, gk)
         return gq, gk
+
+    def _cached(self, call: LayerCall, new: torch.Tensor) -> torch.Tensor:
+        """The gate key cache's keys after ``new`` (B, H, T, d), aligned with the call's keys: a static cache's
+        prefill served on its first T keys (``call.cached_keys``) records all S and gives back the first T."""
+        s = call.key.shape[2]
+        return self.key_cache.keys(call.layer, call.cache, new, call.cached_keys or s)[:, :, :s]
 
     def decode_inputs(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
         """``prepare`` of one decode step for a "hidden" gate, through ``ops.rope``'s kernel (one launch for the
@@ -94,7 +100,7 @@ class GateSelector:
         q = call.query
         y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
         g = gate_rope(y, call.cos, call.sin, gate.freq_idx)  # (2, B, H, 1, d)
-        return g[0, :, :, 0], self.key_cache.keys(call.layer, call.cache, g[1], call.key.shape[2])
+        return g[0, :, :, 0], self._cached(call, g[1])
 
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         gq, gk = prepared
@@ -116,7 +122,7 @@ class GateSelector:
             y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
             rope = (call.cos, call.sin, gate.freq_idx) if call.cos is not None and gate.freq_idx.numel() else None
             gq2, gkb, gk = bsp.gate_summaries_fused(y, rope, block)
-            self.key_cache.keys(call.layer, call.cache, gk, call.key.shape[2])
+            self._cached(call, gk)
             return bsp.block_mass_fused(gq2, gkb, block)
         gq, gk = self.prepare(call)
         gq, gkb = bsp.pool_bound(gq, gk, block)
