@@ -16,11 +16,14 @@ from .deploy import apply_gates
 from .errors import UserError
 
 
+DEFAULT_PROMPT = "The capital of France is"
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     gates: str | None = option(None, "Gate folder from `sparsify distill`.")
     model: str | None = option(None, "Model; if not given, the gate's base model (else the embedded model).")
-    prompt: str = option("The capital of France is", "Text to continue.")
+    prompt: str = option(DEFAULT_PROMPT, "Text to continue.")
     prompt_file: str | None = option(None, "Read the text to continue from this UTF-8 file instead of --prompt (a "
                                            "long context: a command line holds at most 128 KiB an argument).")
     max_new_tokens: int = option(50, "Tokens to generate.", gt=0)
@@ -114,9 +117,12 @@ def read_prompt(cfg: GenerateConfig) -> str:
         if not cfg.prompt.strip():
             raise UserError("--prompt is empty; give the text to continue")
         return cfg.prompt
+    if cfg.prompt != DEFAULT_PROMPT:
+        raise UserError("give --prompt or --prompt-file, not both")
     path = Path(cfg.prompt_file).expanduser()
     if not path.is_file():
-        raise UserError(f"--prompt-file {cfg.prompt_file}: no such file")
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UserError(f"--prompt-file {cfg.prompt_file}: {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

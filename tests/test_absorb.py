@@ -400,6 +400,13 @@ def _acfg(assets, out, **kw):
     return AbsorbConfig(**(base | kw))
 
 
+def test_bad_gate_settings_of_absorb_are_refused_before_the_dense_arm_trains(assets, tmp_path):
+    for kw in ({"d_g": 7}, {"tau": 0.0}):
+        with pytest.raises(UserError, match="--d-g must be even and --tau positive"):
+            run_absorb(_acfg(assets, tmp_path / "r", **kw))
+        assert not (tmp_path / "r").exists()
+
+
 @pytest.fixture(scope="module")
 def absorbed(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("absorb-run") / "report"

@@ -82,6 +82,10 @@ def test_bad_prompt_files(gates, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8"):
         generate_text(GenerateConfig(**base, prompt_file=str(tmp_path / "latin1.txt")))
+    with pytest.raises(UserError, match="a folder"):
+        generate_text(GenerateConfig(**base, prompt_file=str(tmp_path)))
+    with pytest.raises(UserError, match="not both"):
+        generate_text(GenerateConfig(**base, prompt="the city", prompt_file=str(tmp_path / "empty.txt")))
     with pytest.raises(UserError, match="cache"):
         generate_text(GenerateConfig(**base, cache="paged"))
 

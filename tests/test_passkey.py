@@ -105,6 +105,22 @@ def test_bad_settings_are_user_errors(checkpoint):
         run_passkey(PasskeyConfig(model=str(checkpoint), modes="dense", lengths="1k"))
 
 
+def test_a_corrupt_gate_is_refused_before_any_run(checkpoint, tmp_path):
+    """The gate is loaded and checked against the model before the dense and oracle runs, not when the gate's
+    turn comes."""
+    from posthoc_sparse.gates.io import gate_spec_for_model, save_gates
+    from posthoc_sparse.gates.modules import GateBank
+
+    save_gates(tmp_path / "g", GateBank(gate_spec_for_model(tiny_model("llama"), d_g=8)).reset_random(0), {"k": 4})
+    (tmp_path / "g" / "gates.safetensors").write_bytes(b"\x00" * 64)
+    events = []
+    with pytest.raises(UserError, match="corrupt|safetensors|read"):
+        run_passkey(PasskeyConfig(model=str(checkpoint), gates=str(tmp_path / "g"), modes="dense,oracle,gate",
+                                  k="4", lengths="96", depths=1, trials=1),
+                    on_event=lambda kind, info: events.append(kind))
+    assert "result" not in events
+
+
 def test_cli_passkey_prints_the_reports_numbers(checkpoint, tmp_path, capsys):
     from sparsify_cli.main import main
 

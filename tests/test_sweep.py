@@ -13,6 +13,7 @@ import torch
 from posthoc_sparse.attention.interface import SparseAttention
 from posthoc_sparse.attention.policies import GateSelector, TopKPolicy
 from posthoc_sparse.data import build_windows
+from posthoc_sparse.errors import UserError
 from posthoc_sparse.experiments.sweep import (SweepConfig, choose_layers, lm_train, loss_summary, run_sweep,
                                               trainable_parameters)
 from posthoc_sparse.gates.io import load_gates
@@ -83,6 +84,15 @@ def test_loss_summary_blocks_and_last_quarter():
     assert odd["block"] == 3 and len(odd["curve"]) == 14 and odd["curve"][-1] == pytest.approx(40.5)
     assert odd["change_last_quarter"] == pytest.approx((sum(range(32, 42)) - sum(range(22, 32))) / sum(range(22, 32)))
     assert loss_summary([1.0, 2.0, 3.0])["change_last_quarter"] is None
+
+
+def test_a_which_list_outside_the_model_is_refused_before_any_work(gated, tmp_path):
+    model_dir, corpus, gates = gated
+    for source in (dict(model=str(model_dir)), dict(gates=str(gates))):
+        out = tmp_path / "s"
+        with pytest.raises(UserError, match="outside 0..1"):
+            run_sweep(SweepConfig(**source, dataset=str(corpus), which="0,5", distill_steps=1000, output=str(out)))
+        assert not out.exists()
 
 
 def test_sweep_points_gap_and_resume(gated, tmp_path):

@@ -116,7 +116,7 @@ def _evaluate_tasks(cfg: TasksConfig, emit: Callable[[str, dict], None], out: Pa
 
     from ..deploy import apply_gates
     from ..devices import device_summary
-    from ..gates.io import read_gate_config
+    from ..gates.io import load_gates, read_gate_config
     from ..io import write_report
     from ..loading import load_model
     from ..training import versions
@@ -133,11 +133,15 @@ def _evaluate_tasks(cfg: TasksConfig, emit: Callable[[str, dict], None], out: Pa
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=cfg.batch_size)
     emit("loaded", {"model": loaded.source, "device": device_summary(loaded.model), "dtype": loaded.dtype,
                     "tasks": tasks, "runs": len(runs)})
+    bank = None  # a gate that does not fit the model, or a corrupt one, refused before any run
+    if any(cfg.gates_for(mode) is not None for mode, _ in runs):
+        bank = load_gates(cfg.gates, model=loaded.model)[0]
+    random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
     results, raw = {}, {}
     for mode, k in runs:
         t0 = time.perf_counter()
-        with apply_gates(loaded.model, cfg.gates_for(mode), k=k or 1, mode=mode, random_seed=cfg.random_seed,
-                         selection=cfg.selection, block_size=cfg.block_size):
+        with apply_gates(loaded.model, bank if cfg.gates_for(mode) is not None else None, k=k or 1, mode=mode,
+                         random_seed=random_seed, selection=cfg.selection, block_size=cfg.block_size):
             res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                           task_manager=manager, log_samples=False, bootstrap_iters=1000,
                                           random_seed=cfg.seed, numpy_random_seed=cfg.seed,

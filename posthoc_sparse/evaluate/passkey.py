@@ -166,7 +166,7 @@ def run_passkey(cfg: PasskeyConfig, on_event: Callable[[str, dict], None] | None
 def _passkey(cfg: PasskeyConfig, emit: Callable[[str, dict], None], out: Path | None) -> PasskeyReport:
     from ..deploy import apply_gates
     from ..devices import device_summary, input_device
-    from ..gates.io import read_gate_config
+    from ..gates.io import load_gates, read_gate_config
     from ..io import write_report
     from ..loading import load_model, text_config
     from ..training import versions
@@ -183,10 +183,13 @@ def _passkey(cfg: PasskeyConfig, emit: Callable[[str, dict], None], out: Path | 
     emit("loaded", {"model": loaded.source, "device": device_summary(model), "dtype": loaded.dtype,
                     "prompts": len(prompts), "runs": len(runs) * len(lengths)})
     random_seed = cfg.random_seed if cfg.random_seed is not None else gate_cfg.get("random_seed", 1)
+    bank = None  # a gate that does not fit the model, or a corrupt one, refused before any run
+    if any(cfg.gates_for(mode) is not None for mode, _ in runs):
+        bank = load_gates(cfg.gates, model=model)[0]
     samples = []
     for mode, k in runs:
-        with apply_gates(model, cfg.gates_for(mode), k=k or 1, mode=mode, random_seed=random_seed,
-                         selection=cfg.selection, block_size=cfg.block_size):
+        with apply_gates(model, bank if cfg.gates_for(mode) is not None else None, k=k or 1, mode=mode,
+                         random_seed=random_seed, selection=cfg.selection, block_size=cfg.block_size):
             for length in lengths:
                 t0 = time.perf_counter()
                 mine = [p for p in prompts if p.length == length]

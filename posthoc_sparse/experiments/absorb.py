@@ -101,6 +101,8 @@ class AbsorbConfig:
         self.experiment_list()
         if self.k >= self.seq_len:
             raise UserError(f"--k {self.k} keeps every key of a {self.seq_len}-token window; choose k < --seq-len")
+        if self.d_g % 2 or not self.tau > 0:  # the gated arms' settings, checked before the dense arm trains
+            raise UserError(f"--d-g must be even and --tau positive, got {self.d_g} and {self.tau}")
         if self.distill_every > self.distill_steps:
             raise UserError(f"--distill-every {self.distill_every} exceeds --distill-steps {self.distill_steps}")
         self.pretrain_config("dense", 0, "x").validate()

@@ -210,10 +210,29 @@ def run_sweep(cfg: SweepConfig, on_event: Callable[[str, dict], None] | None = N
     """Run every (fraction, gate) point; returns the report dict also written to ``sweep.json``. The output folder
     is locked for the run; a failed run keeps only finished points and the distilled gate (``runs.output_run``)."""
     cfg.validate()
+    _check_which(cfg)
     procs = Processes(cfg.device)
     with output_run(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, main=procs.is_main, barrier=procs.barrier,
                     resumable=_saved_state) as run:
         return _sweep(cfg, procs, on_event, run.work)
+
+
+def _check_which(cfg: SweepConfig) -> None:
+    """An explicit ``--which`` list checked against the layer count before any model is loaded or gate distilled,
+    where a file says it: the gate's config, or a local model folder's config.json (a hub id or a GGUF file is
+    checked once the model is loaded)."""
+    if cfg.which in ("spread", "first", "last"):
+        return
+    n = None
+    if cfg.gates is not None and (Path(cfg.gates).expanduser() / GATE_CONFIG_NAME).is_file():
+        n = read_gate_config(cfg.gates).get("num_layers")
+    elif cfg.model and (Path(cfg.model).expanduser() / "config.json").is_file():
+        from transformers import AutoConfig
+
+        from ..loading import text_config
+
+        n = getattr(text_config(AutoConfig.from_pretrained(Path(cfg.model).expanduser())), "num_hidden_layers", None)
+    choose_layers(n if isinstance(n, int) else 1 << 30, 1.0, cfg.which)  # UserError for a bad list
 
 
 def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
