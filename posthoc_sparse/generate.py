@@ -136,7 +136,7 @@ def read_prompt(cfg: GenerateConfig) -> str:
 def generate_text(cfg: GenerateConfig) -> GenerateResult:
     """Generate under the gate; with ``compare_dense`` also dense, and score the difference."""
     from .gates.io import read_gate_config
-    from .loading import load_model
+    from .loading import load_model, positions_are_learned, text_config
 
     check_fields(cfg)
     prompt = read_prompt(cfg)
@@ -146,6 +146,10 @@ def generate_text(cfg: GenerateConfig) -> GenerateResult:
                         device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
     inputs = tok(prompt, return_tensors="pt").to(model.device)
+    limit, n = getattr(text_config(model.config), "max_position_embeddings", None), inputs["input_ids"].shape[1]
+    if positions_are_learned(model) and limit and n + cfg.max_new_tokens > limit:  # refuse, not crash
+        raise UserError(f"the prompt's {n} tokens and --max-new-tokens {cfg.max_new_tokens} exceed the model's "
+                        f"{limit} learned positions; shorten the prompt or generate fewer tokens")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with apply_gates(model, cfg.gates, k=k, mode=cfg.mode, selection=cfg.selection, block_size=cfg.block_size):
         new, timing = _timed_generate(model, inputs, cfg, pad_id)

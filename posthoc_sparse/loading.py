@@ -282,6 +282,13 @@ def check_positions(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> 
                         f"{flag} {limit} or less")
 
 
+def positions_are_learned(model: nn.Module) -> bool:
+    """Whether the model's positions are a learned table (GPT-2's), which no position past its end can index, as
+    opposed to rotary embeddings, which run past ``max_position_embeddings`` (with what quality the user judges)."""
+    cfg = text_config(model.config)
+    return getattr(cfg, "rope_parameters", None) is None and getattr(cfg, "rope_theta", None) is None
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The model without its LM head (what a forward that needs attention inputs, not logits, runs)."""
     return getattr(model, getattr(model, "base_model_prefix", ""), model)

@@ -105,6 +105,24 @@ def test_bad_settings_are_user_errors(checkpoint):
         run_passkey(PasskeyConfig(model=str(checkpoint), modes="dense", lengths="1k"))
 
 
+def test_prompts_past_a_learned_position_table_are_refused(tmp_path):
+    """GPT-2's positions are a learned table: a prompt past its end crashed (IndexError, exit 1) in passkey and
+    generate; it is a user error now. (Rotary models run past max_position_embeddings, with a note.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from posthoc_sparse.generate import GenerateConfig, generate_text
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB)).save_pretrained(
+        tmp_path / "m")
+    passkey_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(UserError, match="exceed the model's 64 learned positions"):
+        run_passkey(PasskeyConfig(model=str(tmp_path / "m"), modes="dense", lengths="96", depths=1, trials=1))
+    with pytest.raises(UserError, match="exceed the model's 64 learned positions"):
+        generate_text(GenerateConfig(model=str(tmp_path / "m"), mode="dense", prompt="the key is " * 20,
+                                     max_new_tokens=8))
+
+
 def test_a_corrupt_gate_is_refused_before_any_run(checkpoint, tmp_path):
     """The gate is loaded and checked against the model before the dense and oracle runs, not when the gate's
     turn comes."""

@@ -168,7 +168,7 @@ def _passkey(cfg: PasskeyConfig, emit: Callable[[str, dict], None], out: Path | 
     from ..devices import device_summary, input_device
     from ..gates.io import load_gates, read_gate_config
     from ..io import write_report
-    from ..loading import load_model, text_config
+    from ..loading import load_model, positions_are_learned, text_config
     from ..training import versions
 
     ks, modes, lengths, runs = cfg.k_list(), cfg.mode_list(), cfg.length_list(), cfg.runs()
@@ -178,6 +178,9 @@ def _passkey(cfg: PasskeyConfig, emit: Callable[[str, dict], None], out: Path | 
     model, device = loaded.model, input_device(loaded.model)
     prompts = build_prompts(loaded.tokenizer, cfg)
     trained = getattr(text_config(model.config), "max_position_embeddings", None)
+    if positions_are_learned(model) and trained and max(lengths) + cfg.digits > trained:  # refuse, not crash
+        raise UserError(f"--lengths {max(lengths)} and the answer's {cfg.digits} digits exceed the model's {trained} "
+                        f"learned positions; use --lengths {trained - cfg.digits} or less")
     if trained and max(lengths) + cfg.digits > trained:
         emit("note", {"message": f"lengths above {trained} tokens exceed the model's max_position_embeddings"})
     emit("loaded", {"model": loaded.source, "device": device_summary(model), "dtype": loaded.dtype,
