@@ -222,6 +222,31 @@ def test_an_explicit_mask_over_a_static_caches_prompt_is_recognised_as_plain_cau
     assert causal_prefix(call(None)) is None
 
 
+def test_the_static_prefill_mask_is_checked_in_row_chunks_once_per_mask(monkeypatch):
+    """The check reads the mask a few rows at a time (a (B, T, S) int64 sum of a 32k prompt at batch 8 took 64 GiB
+    on an H200) and gives the same answer at any chunk size; every layer of a forward gets one mask object, and it
+    is checked once."""
+    from posthoc_sparse.attention import call as call_mod
+
+    b, t, s = 3, 7, 11
+    causal = torch.zeros(b, 1, t, s, dtype=torch.bool)
+    causal[..., :t] = torch.ones(t, t, dtype=torch.bool).tril()
+    late = causal.clone()
+    late[2, 0, 6, 3] = False  # the last row of the last sequence, seen only by the last chunk
+    for rows in (1, 2, 3, 7, 100):
+        assert call_mod._plain_causal(causal, t, s, rows) and not call_mod._plain_causal(late, t, s, rows), rows
+    checks = []
+    monkeypatch.setattr(call_mod, "_plain_causal", lambda *a: checks.append(a) or True)
+    q, k = torch.randn(b, 4, t, 8), torch.randn(b, 2, s, 8)
+    layer = [call_mod.LayerCall(module=None, layer=i, query=q, key=k, value=k, attention_mask=causal, scaling=1.0,
+                                dropout=0.0, kwargs={}) for i in range(3)]
+    assert all(call_mod.causal_prefix(c) is not None for c in layer)
+    assert len(checks) == 1
+    call_mod.causal_prefix(call_mod.LayerCall(module=None, layer=0, query=q, key=k, value=k,
+                                              attention_mask=causal.clone(), scaling=1.0, dropout=0.0, kwargs={}))
+    assert len(checks) == 2  # a new mask object is checked anew
+
+
 def test_a_compiled_decode_step_is_reused_by_a_new_static_cache():
     """Every ``generate`` call makes a new StaticCache: the compiled decode step must take it without compiling
     again. Under a hidden gate the step reads the gate key cache, whose mirrors the guards must see as parts of

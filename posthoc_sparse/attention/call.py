@@ -7,6 +7,7 @@ Letters: B batch, H query heads, Hkv key/value heads, T queries, S keys, C query
 from __future__ import annotations
 
 from collections.abc import Callable
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,18 +50,39 @@ class LayerCall:
 def causal_prefix(call: LayerCall) -> LayerCall | None:
     """``call`` as a plain causal call over its first T keys, where it is a prompt's prefill into a longer,
     preallocated KV cache (a StaticCache: S > T keys, the mask letting query i see keys 0..i and nothing else, in
-    every row); None otherwise. The mask is checked on the device, one read back: prefill only, never a decode
-    step (T = 1)."""
+    every row); None otherwise. Prefill only, never a decode step (T = 1). The mask is checked on the device in
+    row chunks (never a (B, T, S) tensor beyond the mask itself), with one read back, once per mask: every layer
+    of a forward gets the same mask object, and the answer for the last one checked is kept."""
     b, _, t, _ = call.query.shape
     s = call.key.shape[2]
-    if call.attention_mask is None or t < 2 or s <= t or call.cached_keys is not None:
+    mask = call.attention_mask
+    if mask is None or t < 2 or s <= t or call.cached_keys is not None:
         return None
-    allowed = call.allowed()  # (B, 1, T, S)
-    head = allowed[..., :t]
-    ok = ~allowed[..., t:].any() & (head.sum() == b * head.shape[1] * t * (t + 1) // 2) & ~torch.triu(head, 1).any()
-    if not bool(ok):
+    seen = _CHECKED_MASK.get("last")
+    if seen is not None and seen[0]() is mask and seen[1:3] == (t, s):
+        ok = seen[3]
+    else:
+        ok = _plain_causal(mask, t, s)
+        _CHECKED_MASK["last"] = (weakref.ref(mask), t, s, ok)
+    if not ok:
         return None
     return replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], attention_mask=None, cached_keys=s)
+
+
+_CHECKED_MASK: dict = {}  # "last": (weak reference to a mask, T, S, whether it is plain causal over T of S keys)
+
+
+def _plain_causal(mask: torch.Tensor, t: int, s: int, rows: int | None = None) -> bool:
+    """Whether ``mask`` lets query i (of T) see keys 0..i of S and nothing else, in every row of every sequence;
+    ``rows`` query rows at a time."""
+    kpos = torch.arange(s, device=mask.device)
+    bad = torch.zeros((), dtype=torch.bool, device=mask.device)
+    step = rows or query_chunk_size(mask.shape[0], 1, s)  # rows whose bool (B, 1, C, S) stays near 64 MiB
+    for a in range(0, t, step):
+        e = min(t, a + step)
+        causal = kpos[None, :] <= torch.arange(a, e, device=mask.device)[:, None]  # (C, S)
+        bad |= (allowed_keys(mask, mask.shape[0], t, s, mask.device, a, e) != causal).any()
+    return not bool(bad)
 
 
 def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:
