@@ -30,10 +30,19 @@ def make_config(cls, recipe: str | None, sets: list[str] | None, flags: dict[str
                         recipe=recipe)
 
 
+class _Bar(Progress):
+    """A progress bar whose ``stop`` does nothing unless it was started: out of a terminal rich ends a stopped bar
+    with a newline, which before an error that came first was a blank line above the one-line message."""
+
+    def stop(self) -> None:
+        if self.live.is_started:
+            super().stop()
+
+
 def progress_bar() -> Progress:
     from .app import console
 
-    return Progress(
+    return _Bar(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=False,

@@ -73,6 +73,17 @@ def _ctrl_c_before_a_run(signum, frame) -> None:
     os._exit(130)
 
 
+def _click_message(e) -> str:
+    """A click usage error (bad type, unknown option or command) as one line, naming the help to read: click's own
+    rendering is a usage box of four lines."""
+    message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if ctx is None:
+        return message
+    command = "sparsify" + ctx.command_path[len(ctx.find_root().command_path):]  # not `python -m ...`'s name
+    return f"{message}; see '{command} --help'"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: exit 0 on success, 2 on a user error (one line), 130 on Ctrl-C, 1 on an internal
     error."""
@@ -96,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"[bold yellow]{INTERRUPTED_HINT}[/]", 130, own_process)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # click's (or Typer's vendored click's) usage errors
-            e.show()
-            sys.exit(e.exit_code)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `sparsify` alone: the help
+                e.show()
+                sys.exit(e.exit_code)
+            _fail(f"[bold red]error:[/] {_esc(_click_message(e))}", e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(1)
         if debug:

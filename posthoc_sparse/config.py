@@ -276,10 +276,22 @@ def load_recipe(name_or_path: str) -> dict:
         raise UserError(f"recipe {path} is not valid TOML: {e}") from None
 
 
+def comma_items(text: str, flag: str) -> list[str]:
+    """The stripped items of a comma list (none for blank text); an empty item (``16,,32``, ``16,32,``) is one
+    UserError naming ``flag``, never silently dropped."""
+    items = [x.strip() for x in str(text).split(",")]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise UserError(f"{flag} has an empty item in {text!r}; separate the values with single commas")
+    return items
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """Sorted distinct positive integers of a comma list (``--k 16,32,64``), or one UserError naming ``flag``."""
+    items = comma_items(text, flag)
     try:
-        values = sorted({int(x) for x in str(text).split(",") if x.strip()})
+        values = sorted({int(x) for x in items})
     except ValueError:
         raise UserError(f"{flag} takes integers separated by commas, got {text!r}") from None
     if not values or values[0] <= 0:
@@ -289,7 +301,7 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def name_list(text: str, choices, flag: str) -> list[str]:
     """The names of a comma list, in the user's order, each one of ``choices``; or one UserError naming ``flag``."""
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    names = comma_items(text, flag)
     if not names or any(n not in choices for n in names):
         raise UserError(f"{flag} takes a comma list of {', '.join(choices)}, got {text!r}")
     return names

@@ -34,9 +34,9 @@ def apply_gates(model: nn.Module, gates: str | Path | GateBank | None, k: int, m
     ``.remove()``; removal restores the model's attention exactly.
     """
     if mode not in MODES:
-        raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if k <= 0:
-        raise UserError(f"k must be a positive number of keys, got {k}")
+        raise UserError(f"--k must be a positive number of keys, got {k}")
     check_selection(selection, block_size, block_score)
     bank, config = None, {}
     if isinstance(gates, GateBank):

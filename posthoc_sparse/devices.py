@@ -7,6 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .config import comma_items
 from .errors import UserError
 
 
@@ -32,9 +33,7 @@ def parse_max_memory(spec: dict | str) -> dict:
     if isinstance(spec, dict):
         return spec
     out: dict = {}
-    for item in str(spec).split(","):
-        if not item.strip():
-            continue
+    for item in comma_items(spec, "--max-memory"):
         key, sep, size = item.partition("=")
         key, size = key.strip(), size.strip()
         if not sep or not key or not size:

@@ -47,7 +47,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in _DTYPES:
-        raise UserError(f"dtype must be auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16), got {dtype!r}")
+        raise UserError(f"--dtype must be auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16), got {dtype!r}")
     return _DTYPES[dtype]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -42,11 +43,23 @@ def check_resume(saved: dict, cfg, keys: tuple[str, ...], checkpoint: Path, *, r
              if key not in overridable and saved.get(key) != value]
     if diffs:
         raise UserError(f"cannot resume {checkpoint}: settings differ ({'; '.join(diffs)}); rerun with the "
-                        "checkpoint's settings, or without --resume to start over")
+                        "checkpoint's settings, or with --overwrite instead of --resume to start over")
     return {key: [saved.get(key), value] for key, value in now.items() if key in overridable and saved.get(key) != value}
 
 
+def nested_error(error: UserError, command: str, passed: tuple[str, ...], fix: str) -> UserError:
+    """``error`` of a run that a command started for itself (the sweep's own distillation), its advice made true
+    for that command: the flags it names that the command does not pass on (those not in ``passed``) are said to
+    be ``command``'s, followed by ``fix``; an error naming no such flag is returned as it is."""
+    foreign = [f for f in dict.fromkeys(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", str(error))) if f not in passed]
+    if not foreign:
+        return error
+    return type(error)(f"{error} ({', '.join(foreign)} {'is a flag' if len(foreign) == 1 else 'are flags'} of "
+                       f"`{command}`: {fix})")
+
+
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"  # a training checkpoint (distill/checkpoint.py)
+START_OVER = "rerun with --overwrite instead of --resume to start over"  # when a checkpoint cannot be resumed
 
 
 def checkpoint_status(folder: Path) -> tuple[int, bool] | None:

@@ -223,6 +223,27 @@ def test_a_bad_flag_value_is_a_usage_error(capsys):
     assert "Invalid value for '--k'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, start", [
+    (["distill", "--k", "4.5"], "error: Invalid value for '--k': "),
+    (["eval", "--no-such-flag"], "error: No such option: --no-such-flag"),
+    (["no-such-command"], "error: No such command 'no-such-command'"),
+], ids=["bad type", "unknown option", "unknown command"])
+def test_a_usage_error_is_one_line_naming_the_help_and_exit_2(argv, start, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    command = " ".join(["sparsify", *argv[:1]]) if argv[0] != "no-such-command" else "sparsify"
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Usage:" not in err, err  # not click's usage box
+    assert err.startswith(start) and err.endswith(f"; see '{command} --help'\n"), err
+
+
+def test_sparsify_alone_still_prints_the_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("Usage: ") and "Commands:" in err and "distill" in err, err
+
+
 def test_help_into_a_pipe_is_plain_text_that_wraps(capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     main(["eval", "--help"])

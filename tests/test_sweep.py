@@ -95,6 +95,23 @@ def test_a_which_list_outside_the_model_is_refused_before_any_work(gated, tmp_pa
         assert not out.exists()
 
 
+def test_the_sweeps_own_distillation_names_no_flag_the_sweep_lacks(gated, tmp_path, capsys):
+    """Without --gates the sweep distills its gate with distill's defaults; an error whose advice names a flag of
+    `sparsify distill` alone (d_g 32 on this model's 8 rotary pairs: --d-g 16) says whose flag it is, and what to do."""
+    from sparsify_cli.main import main
+
+    model_dir, corpus, _ = gated
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as stop:
+        main(["unfreeze-sweep", "--model", str(model_dir), "--dataset", str(corpus), "--k", "4", "--seq-len", "32",
+              "--output", str(out)])
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and lines[-1] == (
+        "error: d_g=32 needs 16 rotary frequencies but the model has 8; use --d-g 16 (--d-g is a flag of "
+        "`sparsify distill`: distill the gate there, pass it as --gates)"), lines
+    assert not out.exists()
+
+
 def test_sweep_points_gap_and_resume(gated, tmp_path):
     model_dir, corpus, gates = gated
     cfg = SweepConfig(gates=str(gates), dataset=str(corpus), layers="0,0.5", steps=4, lr=1e-2, eval_windows=3,

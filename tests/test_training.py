@@ -107,3 +107,15 @@ def test_resume_allows_a_recorded_learning_rate_override():
 
 def test_versions_name_the_library_and_its_frameworks():
     assert set(versions()) == {"posthoc_sparse", "torch", "transformers"}
+
+
+def test_a_nested_runs_error_names_the_flags_its_command_does_not_pass_on():
+    from posthoc_sparse.training import nested_error
+
+    passed = ("--k", "--seq-len")
+    error = UserError("k=600 keeps every key; choose --k < --seq-len")
+    assert nested_error(error, "sparsify distill", passed, "distill it there") is error  # the sweep has both flags
+    error = UserError("d_g=32 needs 16 pairs; use --d-g 16, --lr 0.1 or --d-g 8 (in /tmp/a--b)")
+    assert str(nested_error(error, "sparsify distill", passed, "distill it there")) == (
+        "d_g=32 needs 16 pairs; use --d-g 16, --lr 0.1 or --d-g 8 (in /tmp/a--b) (--d-g, --lr are flags of "
+        "`sparsify distill`: distill it there)")

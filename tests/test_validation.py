@@ -81,6 +81,43 @@ def test_a_bad_value_from_any_source_is_one_line_naming_it_and_exit_2(argv, reci
     assert not (tmp_path / "out").exists()
 
 
+EMPTY_ITEMS = [  # (arguments, the flag, its value): a comma list with an empty item
+    (["eval", "--k"], "--k", "16,,32"),
+    (["eval", "--k"], "--k", "16,32,"),
+    (["eval", "--modes"], "--modes", ",dense"),
+    (["passkey", "--modes", "dense", "--lengths"], "--lengths", "64,,128"),
+    (["unfreeze-sweep", "--layers"], "--layers", "0,,0.2"),
+    (["unfreeze-sweep", "--which"], "--which", "0,5,"),
+    (["absorb", "--experiments"], "--experiments", "hard,"),
+    (["corpus", "--sources"], "--sources", "wiki,,tiny"),
+    (["lm-eval", "--tasks"], "--tasks", "hellaswag,,arc_easy"),
+    (["distill", "--device-map", "auto", "--max-memory"], "--max-memory", "0=1GiB,,cpu=2GiB"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, value", EMPTY_ITEMS, ids=[f"{a[0]} {f} {v}" for a, f, v in EMPTY_ITEMS])
+def test_a_comma_list_with_an_empty_item_is_refused_in_one_line(argv, flag, value, tmp_path, capsys):
+    """Never dropped silently (`--k 16,,32` was `--k 16,32`); the one line has no blank line above it."""
+    try:
+        main([*argv, value, "--output", str(tmp_path / "out")])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"error: {flag} has an empty item in {value!r}; separate the values with single "
+                              "commas\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_dtype_or_mode_names_its_flag(tiny_gates, capsys):
+    gates = tiny_gates[2]
+    code, lines = _cli(["generate", "--gates", gates, "--dtype", "float8", "--max-new-tokens", "2"], capsys)
+    assert (code, lines) == (2, ["error: --dtype must be auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16), "
+                                 "got 'float8'"])
+    code, lines = _cli(["generate", "--gates", gates, "--mode", "sideways", "--max-new-tokens", "2"], capsys)
+    assert (code, lines) == (2, ["error: --mode must be one of dense, oracle, gate, random, got 'sideways'"])
+
+
 def _gate_config(gates: Path, **changes) -> Path:
     folder = gates.parent / f"bad-{len(list(gates.parent.iterdir()))}"
     shutil.copytree(gates, folder)
@@ -174,6 +211,22 @@ def test_resume_refuses_changed_results_and_malformed_checkpoints_but_takes_a_lo
     res = distill(_distill_cfg(trained_tiny, out, resume=True, steps=8, lr=1e-3))  # a lower --lr: an override
     log = json.loads((out / "distill_log.json").read_text())
     assert res.resumed_from == 4 and log["overrides"] == [{"step": 4, "lr": [1e-2, 1e-3], "steps": [4, 8]}]
+
+
+def test_a_corrupt_checkpoint_advises_the_flag_that_starts_over_and_that_advice_works(trained_tiny, tmp_path, capsys):
+    out = tmp_path / "d"
+    argv = ["distill", "--model", trained_tiny[0], "--dataset", trained_tiny[1], "--k", "4", "--seq-len", "32",
+            "--d-g", "8", "--steps", "4", "--val-every", "1000", "--val-windows", "2", "--checkpoint-every", "2",
+            "--gate-init", "random", "--output", out]
+    assert _cli(argv, capsys)[0] == 0
+    (out / "checkpoint" / "state.safetensors").write_bytes(b"truncated")
+    code, lines = _cli(argv + ["--resume"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: checkpoint {out / 'checkpoint'} is corrupt (") and lines[0].endswith(
+        "); rerun with --overwrite instead of --resume to start over"), lines
+    assert _cli(argv, capsys)[0] == 2  # without --resume alone: the folder exists
+    code, lines = _cli(argv + ["--overwrite"], capsys)  # what the error advised
+    assert code == 0 and json.loads((out / GATE_CONFIG_NAME).read_text())["steps"] == 4, lines
 
 
 def test_a_diverging_run_stops_before_the_gate_is_written_and_its_advice_works(trained_tiny, tmp_path, capsys):

@@ -272,5 +272,5 @@ def policy_for(mode: str, k: int | None = None, bank: GateBank | None = None, *,
             raise ValueError(f"mode {mode!r} needs a gate bank")
         selector = GateSelector(bank, block_score=block_score)
     else:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     return TopKPolicy(selector, k, observer, selection=selection, block=block_size)

@@ -18,7 +18,7 @@ import torch
 from ..config import Rule, check_value
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, write_safetensors
-from ..training import STATE_JSON, STATE_TENSORS, check_resume, stop_advice
+from ..training import START_OVER, STATE_JSON, STATE_TENSORS, check_resume, stop_advice
 
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")  # what AdamW keeps per parameter (both loops use AdamW)
 
@@ -70,10 +70,9 @@ def load_checkpoint(folder: Path, opt: torch.optim.Optimizer, expected: dict[str
         doc = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS))
     except FileNotFoundError:
-        raise UserError(f"no checkpoint in {folder} to resume from; run without --resume") from None
+        raise UserError(f"no checkpoint in {folder} to resume from; {START_OVER}") from None
     except Exception as e:  # a truncated or corrupt checkpoint
-        raise UserError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {str(e)[:120]}); rerun without "
-                        "--resume") from None
+        raise UserError(f"checkpoint {folder} is corrupt ({type(e).__name__}: {str(e)[:120]}); {START_OVER}") from None
     meta, opt_meta = _check_document(doc, folder, total_steps)
     changed = check_resume(meta["config"], None, (), folder, resolved=settings, overridable=overridable)
     params = {k.removeprefix("params."): v for k, v in tensors.items() if k.startswith("params.")}
@@ -82,7 +81,7 @@ def load_checkpoint(folder: Path, opt: torch.optim.Optimizer, expected: dict[str
     for key, value in [(k, v) for k, v in tensors.items() if k.startswith("optim.")] + list(opt_meta["scalars"].items()):
         idx, _, name = key.removeprefix("optim.").partition(".")
         if not idx.isdigit() or not name:
-            raise UserError(f"checkpoint {folder} is corrupt (optimizer entry {key!r}); rerun without --resume")
+            raise UserError(f"checkpoint {folder} is corrupt (optimizer entry {key!r}); {START_OVER}")
         state.setdefault(int(idx), {})[name] = value
     _check_optimizer(state, opt_meta["param_groups"], opt, folder, meta["step"])
     opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})  # moves state to param devices
@@ -95,7 +94,7 @@ def _check_document(doc, folder: Path, total_steps: int) -> tuple[dict, dict]:
     meta = doc.get("meta") if isinstance(doc, dict) else None
     opt_meta = doc.get("optimizer") if isinstance(doc, dict) else None
     if not isinstance(meta, dict) or not isinstance(opt_meta, dict):
-        raise UserError(f"{where} lacks its meta or optimizer part; the checkpoint is corrupt (rerun without --resume)")
+        raise UserError(f"{where} lacks its meta or optimizer part; the checkpoint is corrupt ({START_OVER})")
     step = check_value(meta.get("step"), Rule("int", ge=0), f"step in {where}")
     if step > total_steps:
         raise UserError(f"checkpoint {folder} is at step {step}, beyond --steps {total_steps}; pass --steps {step} or "
@@ -103,15 +102,15 @@ def _check_document(doc, folder: Path, total_steps: int) -> tuple[dict, dict]:
     for key, kind in (("sampler", dict), ("history", list), ("config", dict), ("evals", list)):
         if (key in meta or key != "evals") and not isinstance(meta.get(key), kind):
             raise UserError(f"{key} in {where} must be a JSON {'object' if kind is dict else 'list'}, got "
-                            f"{type(meta.get(key)).__name__}; the checkpoint is corrupt (rerun without --resume)")
+                            f"{type(meta.get(key)).__name__}; the checkpoint is corrupt ({START_OVER})")
     for key in ("epoch", "position"):
         check_value(meta["sampler"].get(key), Rule("int", ge=0), f"sampler {key} in {where}")
     if not all(isinstance(h, dict) for h in meta["history"] + meta.get("evals", [])):
-        raise UserError(f"history in {where} must hold JSON objects; the checkpoint is corrupt (rerun without --resume)")
+        raise UserError(f"history in {where} must hold JSON objects; the checkpoint is corrupt ({START_OVER})")
     groups, scalars = opt_meta.get("param_groups"), opt_meta.get("scalars")
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                 for g in groups) or not isinstance(scalars, dict):
-        raise UserError(f"the optimizer part of {where} is malformed; the checkpoint is corrupt (rerun without --resume)")
+        raise UserError(f"the optimizer part of {where} is malformed; the checkpoint is corrupt ({START_OVER})")
     return meta, opt_meta
 
 
@@ -119,12 +118,12 @@ def _check_tensors(params: dict[str, torch.Tensor], expected: dict[str, torch.Te
     missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or unexpected:
         raise UserError(f"checkpoint {folder} does not fit this run (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); rerun without --resume")
+                        f"{unexpected[:3]}); {START_OVER}")
     for name, tensor in params.items():
         want = expected[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
             raise UserError(f"checkpoint {folder}: {name} has shape {tuple(tensor.shape)} {tensor.dtype}, expected "
-                            f"{tuple(want.shape)} {want.dtype}; rerun without --resume")
+                            f"{tuple(want.shape)} {want.dtype}; {START_OVER}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"checkpoint {folder}: {name} holds NaN or inf; rerun with a lower --lr and --overwrite")
 
@@ -133,17 +132,14 @@ def _check_optimizer(state: dict[int, dict], groups: list[dict], opt: torch.opti
                      step: int) -> None:
     ours = [p for g in opt.param_groups for p in g["params"]]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
-        raise UserError(f"checkpoint {folder}: its optimizer has other parameter groups than this run; rerun without "
-                        "--resume")
+        raise UserError(f"checkpoint {folder}: its optimizer has other parameter groups than this run; {START_OVER}")
     if step > 0 and not state:
-        raise UserError(f"checkpoint {folder} holds no optimizer state at step {step}; it is incomplete (rerun "
-                        "without --resume)")
+        raise UserError(f"checkpoint {folder} holds no optimizer state at step {step}; it is incomplete ({START_OVER})")
     for idx, st in state.items():
         lacking = ", ".join(name for name in _ADAM_STATE if name not in st) or "no such parameter"
         if not 0 <= idx < len(ours) or lacking != "no such parameter":
-            raise UserError(f"checkpoint {folder}: optimizer state {idx} is incomplete ({lacking}); rerun without "
-                            "--resume")
+            raise UserError(f"checkpoint {folder}: optimizer state {idx} is incomplete ({lacking}); {START_OVER}")
         for name in ("exp_avg", "exp_avg_sq"):
             if not torch.is_tensor(st[name]) or st[name].shape != ours[idx].shape:
                 raise UserError(f"checkpoint {folder}: optimizer state {idx}.{name} does not fit its parameter "
-                                f"{tuple(ours[idx].shape)}; rerun without --resume")
+                                f"{tuple(ours[idx].shape)}; {START_OVER}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attention.policies import MODES
-from ..config import EMBEDDED_MODEL, option
+from ..config import EMBEDDED_MODEL, comma_items, option
 from ..errors import UserError, first_line
 from .modes import ModesConfig, label
 
@@ -38,7 +38,7 @@ class TasksConfig(ModesConfig):
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def task_list(self) -> list[str]:
-        names = [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
+        names = comma_items(self.tasks or "", "--tasks")
         if not names:
             raise UserError("--tasks is required: lm-evaluation-harness task names, e.g. --tasks hellaswag,arc_easy")
         return names

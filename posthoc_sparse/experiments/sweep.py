@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..attention.interface import SparseAttention, attention_modules
 from ..attention.policies import policy_for
 from ..config import (EMBEDDED_DATASET, EMBEDDED_MODEL, REPORT_TO, REPORT_TO_HELP, SEED_MAX, TEXT_FIELD_HELP,
-                      DistillConfig, check_fields, option)
+                      DistillConfig, check_fields, comma_items, option)
 from ..distill.checkpoint import describe_checkpoint
 from ..errors import UserError
 from ..evaluate.perplexity import windows_nll
@@ -33,8 +33,8 @@ from ..gates.modules import random_control
 from ..io import atomic_write_json, write_report
 from ..parallel import Processes
 from ..runs import output_run
-from ..training import (DivergenceGuard, Tracker, check_report_to, check_resume, lr_at, resume_settings, step_seed,
-                        versions)
+from ..training import (DivergenceGuard, Tracker, check_report_to, check_resume, lr_at, nested_error, resume_settings,
+                        step_seed, versions)
 
 POINTS_DIR = "points"
 REPORT_NAME = "sweep.json"
@@ -45,6 +45,9 @@ LOSS_BLOCKS = 20  # a point keeps its training loss as the means of this many eq
 # What a saved point must share with the run resuming it (with the model, data, k and seq_len it resolved).
 _POINT_KEYS = ("gates", "which", "params", "steps", "batch_size", "grad_accum", "lr", "warmup", "eval_windows", "seed",
                "dtype")
+# The flags of `sparsify distill` that the sweep's own distillation (no --gates) takes from the sweep's.
+_DISTILL_FLAGS = ("--model", "--dataset", "--text-field", "--report-to", "--k", "--seq-len", "--seed", "--dtype",
+                  "--device", "--output", "--resume", "--overwrite", "--trust-remote-code")
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,13 @@ class SweepConfig:
         check_report_to(self.report_to)  # the tracker's package is installed
         self.fractions()
         if self.which not in ("spread", "first", "last"):
-            try:
-                [int(x) for x in self.which.split(",") if x.strip()]
-            except ValueError:
-                raise UserError(f"--which must be spread, first, last or a list like 0,5,9, got {self.which!r}") from None
+            choose_layers(1 << 30, 1.0, self.which)  # a list of integers (checked against the layers in _check_which)
         if self.params not in ("attention", "layer"):
             raise UserError(f"--params must be attention or layer, got {self.params!r}")
 
     def fractions(self) -> list[float]:
         try:
-            fs = [float(x) for x in self.layers.split(",") if x.strip()]
+            fs = [float(x) for x in comma_items(self.layers, "--layers")]
         except ValueError:
             raise UserError(f"--layers takes fractions separated by commas, got {self.layers!r}") from None
         if not fs or any(not 0 <= f <= 1 for f in fs):
@@ -107,7 +107,7 @@ def choose_layers(num_layers: int, fraction: float, which: str) -> list[int]:
     """The layers to unfreeze: round(f * L) of them, evenly spread, first, last, or an explicit list."""
     if which not in ("spread", "first", "last"):
         try:
-            chosen = sorted({int(x) for x in which.split(",") if x.strip()})
+            chosen = sorted({int(x) for x in comma_items(which, "--which")})
         except ValueError:
             raise UserError(f"--which must be spread, first, last or a list like 0,5,9, got {which!r}") from None
         if any(not 0 <= i < num_layers for i in chosen):
@@ -255,7 +255,10 @@ def _sweep(cfg: SweepConfig, procs: Processes, on_event, out: Path) -> dict:
                                  steps=cfg.distill_steps, dtype=cfg.dtype, device=cfg.device, resume=cfg.resume,
                                  trust_remote_code=cfg.trust_remote_code)
             emit("distill", {"output": gate_path, "steps": dcfg.resolved_steps()})
-            distill(dcfg, on_event=lambda kind, info: emit(f"distill.{kind}", info))
+            try:
+                distill(dcfg, on_event=lambda kind, info: emit(f"distill.{kind}", info))
+            except UserError as e:  # its advice may name flags of distill alone
+                raise nested_error(e, "sparsify distill", _DISTILL_FLAGS, "distill the gate there, pass it as --gates")
     gate_cfg = read_gate_config(gate_path)
     k = cfg.k or gate_cfg["k"]
     seq_len = cfg.seq_len or gate_cfg.get("seq_len") or 512
