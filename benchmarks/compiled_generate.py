@@ -1,12 +1,14 @@
 """``model.generate(..., cache_implementation="static")`` compiled (transformers' default on CUDA), gated against
 dense, as a user calls it: the first call (which compiles), then repeated calls, and how many graphs torch.compile
-made (a step that recompiles at every new token would show here as many graphs and slow repeated calls).
+made (a step that recompiles at every new token would show here as many graphs and slow repeated calls). Each
+call's tokens are timed as they come (a streamer that waits for the GPU at each token, which generate's stopping
+check does anyway): the prefill (to the first new token) and the decode steps after it, tokens/s per sequence.
 
     python benchmarks/compiled_generate.py --out x.json                      # on a GPU: Qwen3-1.7B shape
     python benchmarks/compiled_generate.py --size cpu --s 2048 --out x.json  # the small model, on a GPU
 
 Random-init model (``harness.SIZES``), random gate (d = 32), random prompt ids of ``--s`` tokens, ``--new`` new
-tokens, greedy, batch 1. Run with ``TORCH_LOGS=recompiles`` to see why a graph was remade.
+tokens, greedy, ``--batch`` sequences of one length. Run with ``TORCH_LOGS=recompiles`` to see why a graph was remade.
 """
 
 from __future__ import annotations
@@ -30,12 +32,53 @@ def _graphs() -> dict:
     return {"unique_graphs": int(counters["stats"]["unique_graphs"])}
 
 
+class _Clock:
+    """A ``generate`` streamer that records when each new token is ready (the first ``put`` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def split(self) -> dict:
+        """Prefill seconds (prompt in to first token out) and decode seconds per step after it."""
+        t = self.times
+        return {"prefill_s": t[1] - t[0], "decode_s_per_step": (t[-1] - t[1]) / max(len(t) - 2, 1)}
+
+
+def _timed(model, ids, kw: dict) -> tuple[float, dict]:
+    """One ``generate`` call: its seconds, and its prefill and decode split (``_Clock``) with decode tokens/s."""
+    t0, clock = time.perf_counter(), _Clock()
+    model.generate(ids, streamer=clock, **kw)
+    torch.cuda.synchronize()
+    split = clock.split()
+    return time.perf_counter() - t0, {**split, "decode_tokens_per_s": 1 / split["decode_s_per_step"]}
+
+
+def _save(out: str, result: dict) -> None:
+    """Writes ``result`` with each gated mode's speedups over dense, for the calls both have made so far."""
+    dense = result["modes"].get("dense", {})
+    for mode, row in result["modes"].items():
+        kinds = [kind for kind in ("eager", "compiled_last_call") if kind in row and kind in dense]
+        if mode != "dense" and kinds:
+            row["vs_dense"] = {f"{kind}_{part}_speedup": dense[kind][key] / row[kind][key]
+                               for kind in kinds for part, key in (("decode", "decode_s_per_step"),
+                                                                   ("prefill", "prefill_s"))}
+    atomic_write_json(Path(out), result)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="gpu")
     ap.add_argument("--s", type=int, default=8192, help="prompt tokens")
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--modes", default="dense,gate")
     ap.add_argument("--out", default="compiled-generate.json")
@@ -49,33 +92,29 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda")
     model = build_model(args.size, device, torch.bfloat16)
     bank = GateBank(gate_spec_for_model(model, d_g=32)).reset_random(0).to(device)
-    ids = ids_for(model, args.s, device)
+    ids = ids_for(model, args.s, device, args.batch)
+    # an explicit mask: without one, generate takes every prompt token equal to pad_token_id for padding (two of
+    # the eight random 32k prompts hold id 0), and a padded prefill takes the gated path's chunked reference
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0,
-              cache_implementation="static")
+              attention_mask=torch.ones_like(ids), cache_implementation="static")
     result = {"device": torch.cuda.get_device_name(device), "size": args.size, "s": args.s, "k": args.k,
-              "new_tokens": args.new, "torch": torch.__version__,
+              "new_tokens": args.new, "batch": args.batch, "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "modes": {}}
     for mode in [m for m in args.modes.split(",") if m]:
         torch._dynamo.reset()
         before = _graphs()
-        calls = []
+        row = result["modes"][mode] = {"compiled_calls_s": []}
         with torch.no_grad(), apply_gates(model, bank, k=args.k, mode=mode):
-            eager_t0 = time.perf_counter()
-            model.generate(ids, disable_compile=True, **kw)
-            torch.cuda.synchronize()
-            eager = time.perf_counter() - eager_t0
+            # the row is written after each call, so a run cut off by a time limit keeps what it measured
+            row["eager_call_s"], row["eager"] = _timed(model, ids, dict(kw, disable_compile=True))
+            _save(args.out, result)
             for _ in range(args.calls):
-                t0 = time.perf_counter()
-                model.generate(ids, **kw)
-                torch.cuda.synchronize()
-                calls.append(time.perf_counter() - t0)
-        after = _graphs()
-        row = {"eager_call_s": eager, "compiled_calls_s": calls,
-               "graphs_made": after["unique_graphs"] - before["unique_graphs"],
-               "compiled_over_eager_last_call": calls[-1] / eager}
-        result["modes"][mode] = row
+                seconds, row["compiled_last_call"] = _timed(model, ids, kw)
+                row["compiled_calls_s"].append(seconds)
+                row["graphs_made"] = _graphs()["unique_graphs"] - before["unique_graphs"]
+                row["compiled_over_eager_last_call"] = seconds / row["eager_call_s"]
+                _save(args.out, result)
         print(mode, row, flush=True)
-        atomic_write_json(Path(args.out), result)
     return result
 
 

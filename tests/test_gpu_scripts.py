@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "CUDA=${CUDA_VISIBLE_DEVICES:-} ARGS=$*" >> "$FAKE_LOG"
 [[ "$1" == -c || "$1" == -m ]] && exit 0
-if [[ "$1" == benchmarks/perf.py ]]; then  # --out FILE somewhere among its options
+if [[ "$1" == benchmarks/perf.py || "$1" == benchmarks/compiled_generate.py ]]; then  # --out FILE among them
     while [[ $# -gt 0 ]]; do [[ "$1" == --out ]] && echo '{}' > "$2"; shift; done
     exit 0
 fi
@@ -51,7 +51,7 @@ def repo(tmp_path):
     """A copy of the two scripts in a repository-shaped folder, a corpus manifest, and the stand-ins on PATH."""
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
-    for name in ("gpu_units.sh", "gpu_lanes.sh", "gpu_env.sh", "gpu_decode.sh"):
+    for name in ("gpu_units.sh", "gpu_lanes.sh", "gpu_env.sh", "gpu_decode.sh", "gpu_generate.sh"):
         shutil.copy(ROOT / "benchmarks" / name, root / "benchmarks" / name)
     (root / "data" / "offline-en-plus").mkdir(parents=True)
     (root / "data" / "offline-en-plus" / "manifest.json").write_text("{}")
@@ -73,6 +73,21 @@ def _run(repo, script: str, *args: str, **env) -> tuple[subprocess.CompletedProc
                           text=True, timeout=60)
     calls = [line for line in log.read_text().splitlines() if "ARGS=-c" not in line] if log.exists() else []
     return proc, calls
+
+
+def test_the_generate_call_runs_the_static_tests_then_each_batch(repo, tmp_path):
+    """benchmarks/gpu_generate.sh: the GPU-marked static-cache tests (unless TESTS=0), then compiled_generate.py
+    once per batch of BATCHES, each writing its own JSON under $OUT."""
+    proc, calls = _run(repo, "gpu_generate.sh", BATCHES="1 8", S="4096", K="256")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any("-m pytest" in c and "-m gpu" in c and "static_caches" in c for c in calls)
+    runs = [c for c in calls if "benchmarks/compiled_generate.py" in c]
+    assert len(runs) == 2 and all("--s 4096 --k 256" in c for c in runs)
+    assert "--batch 1 " in runs[0] and "--batch 8 " in runs[1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("compiled-*.json")) == ["compiled-b1.json", "compiled-b8.json"]
+    proc, calls = _run(repo, "gpu_generate.sh", BATCHES="8", TESTS="0")
+    assert proc.returncode == 0 and sum("-m pytest" in c for c in calls) == 1  # the log holds both calls: no new tests
+    assert [c for c in calls if "compiled_generate.py" in c][-1].count("--batch 8 ") == 1
 
 
 def test_lanes_run_each_job_on_its_gpu_and_bring_back_one_archive(repo, tmp_path):
