@@ -222,21 +222,29 @@ def test_an_explicit_mask_over_a_static_caches_prompt_is_recognised_as_plain_cau
     assert causal_prefix(call(None)) is None
 
 
-def test_the_static_prefill_mask_is_checked_in_row_chunks_once_per_mask(monkeypatch):
+def test_the_prefill_mask_is_checked_in_row_chunks_once_per_mask(monkeypatch):
     """The check reads the mask a few rows at a time (a (B, T, S) int64 sum of a 32k prompt at batch 8 took 64 GiB
-    on an H200) and gives the same answer at any chunk size; every layer of a forward gets one mask object, and it
-    is checked once."""
+    on an H200) and gives the same answer at any chunk size: each sequence's left padding where every row is
+    causal after it (rows of padding see nothing), else None; every layer of a forward gets one mask object, and
+    it is checked once."""
     from posthoc_sparse.attention import call as call_mod
 
     b, t, s = 3, 7, 11
     causal = torch.zeros(b, 1, t, s, dtype=torch.bool)
     causal[..., :t] = torch.ones(t, t, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[1, ..., :2] = False  # two tokens of padding
+    padded[2] = False  # a row of padding only
     late = causal.clone()
     late[2, 0, 6, 3] = False  # the last row of the last sequence, seen only by the last chunk
+    sees_pad = padded.clone()
+    sees_pad[1, 0, 1, 1] = True  # a row of padding that sees a key
     for rows in (1, 2, 3, 7, 100):
-        assert call_mod._plain_causal(causal, t, s, rows) and not call_mod._plain_causal(late, t, s, rows), rows
+        assert call_mod._left_pads(causal, t, s, rows) == [0, 0, 0], rows
+        assert call_mod._left_pads(padded, t, s, rows) == [0, 2, t], rows
+        assert call_mod._left_pads(late, t, s, rows) is None and call_mod._left_pads(sees_pad, t, s, rows) is None
     checks = []
-    monkeypatch.setattr(call_mod, "_plain_causal", lambda *a: checks.append(a) or True)
+    monkeypatch.setattr(call_mod, "_left_pads", lambda *a: checks.append(a) or [0, 0, 0])
     q, k = torch.randn(b, 4, t, 8), torch.randn(b, 2, s, 8)
     layer = [call_mod.LayerCall(module=None, layer=i, query=q, key=k, value=k, attention_mask=causal, scaling=1.0,
                                 dropout=0.0, kwargs={}) for i in range(3)]

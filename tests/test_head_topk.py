@@ -395,6 +395,48 @@ def test_a_static_caches_explicit_mask_takes_the_token_kernels_over_the_prompts_
     torch.testing.assert_close(fast, run(observer=lambda *a: None), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("selection, cache, kernels", [("head", "dynamic", "_token_attention"),
+                                                      ("group", "static", "_token_attention"),
+                                                      ("head", "static", "_head_attention")])
+def test_a_left_padded_batchs_prefill_takes_the_kernels_one_sequence_at_a_time(selection, cache, kernels,
+                                                                                monkeypatch):
+    """A batch of prompts of different lengths (left padding) prefilled through the chunked reference: at a 32k
+    prompt and batch 8 an H200 had not ended that prefill after 7 minutes (docs/data/compiled-generate-h200-32k-
+    b8.json). Each sequence's unpadded queries and keys now take ops.token_select or ops.head_topk (forced on the
+    CPU), with the
+    reference's logits at every real position, zeros at the rows of padding, and the same generated tokens
+    (the gate key cache filled for every row, dynamic and static caches)."""
+    _forced_token_kernels(monkeypatch, lambda call: None)
+    if kernels == "_head_attention":
+        monkeypatch.setattr(ht, "kernels_ok", ht.supports)
+    lengths = []
+    monkeypatch.setattr(TopKPolicy, kernels, lambda self, call, inputs, f=getattr(TopKPolicy, kernels):
+                        lengths.append((call.query.shape[0], call.key.shape[2])) or f(self, call, inputs))
+    model = tiny_model("qwen3")
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0)
+    ids = random_ids(3, 24)
+    mask = torch.ones_like(ids)
+    mask[1, :5], mask[2, :11] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+
+    def run(**kw):
+        with torch.no_grad(), SparseAttention(model, TopKPolicy(GateSelector(bank), 6, selection=selection, **kw)):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            new = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 cache_implementation=cache)
+        return logits, new
+
+    fast, fast_new = run()
+    per_layer = [(1, 24), (1, 19), (1, 13)]  # each sequence over its own tokens
+    assert lengths == per_layer * model.config.num_hidden_layers * 2  # the forward, then generate's prefill
+    lengths.clear()
+    slow, slow_new = run(observer=lambda *a: None)
+    assert lengths == []
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], slow[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(fast_new, slow_new)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("selection, k", [("head", 150), ("group", 24)])
 def test_a_static_caches_prefill_takes_the_token_kernels_on_gpu(selection, k, monkeypatch):
@@ -412,6 +454,47 @@ def test_a_static_caches_prefill_takes_the_token_kernels_on_gpu(selection, k, mo
     assert len(taken) == model.config.num_hidden_layers
     plain = _run(model, TopKPolicy(GateSelector(bank), k, observer=lambda *a: None, selection=selection), ids)
     torch.testing.assert_close(static, plain, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection, k", [("head", 150), ("group", 24), ("head", 16)])
+def test_a_left_padded_batchs_prefill_takes_the_kernels_on_gpu(selection, k):
+    """On CUDA a left-padded batch's prefill (dynamic and static caches) takes the prefill kernels one sequence at
+    a time, with the reference's logits at every real position and its generated tokens."""
+    model = tiny_model("qwen3").cuda()  # fp32: the kernels' products are exact fp32 (ieee)
+    bank = GateBank(gate_spec_for_model(model, d_g=16)).reset_random(0).cuda()
+    ids = random_ids(3, 300).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :37], mask[2, :201] = 0, 0
+    ids = ids.masked_fill(mask == 0, 0)
+    policy = TopKPolicy(GateSelector(bank), k, selection=selection)
+    assert policy._left_pads(_padded_layer_call(model, bank, ids, mask)) == [0, 37, 201]
+
+    def run(cache, **kw):
+        with torch.no_grad(), SparseAttention(model, TopKPolicy(GateSelector(bank), k, selection=selection, **kw)):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            new = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 cache_implementation=cache, disable_compile=True)
+        return logits, new
+
+    real = mask.bool()
+    for cache in ("dynamic", "static"):
+        (fast, fast_new), (slow, slow_new) = run(cache), run(cache, observer=lambda *a: None)
+        torch.testing.assert_close(fast[real], slow[real], atol=1e-3, rtol=1e-3)
+        assert torch.equal(fast_new, slow_new), cache
+
+
+def _padded_layer_call(model, bank, ids, mask):
+    """Layer 0's call of a padded batch's forward, as the policy receives it."""
+    from posthoc_sparse.attention.call import LayerCall
+
+    calls = []
+    with torch.no_grad(), SparseAttention(model, lambda call: calls.append(call) or torch.zeros(
+            call.query.shape[0], call.query.shape[2], call.query.shape[1], call.value.shape[-1],
+            device=call.query.device)):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert isinstance(calls[0], LayerCall)
+    return calls[0]
 
 
 def test_the_token_select_kernel_compiles_for_hopper(tmp_path):

@@ -50,39 +50,56 @@ class LayerCall:
 def causal_prefix(call: LayerCall) -> LayerCall | None:
     """``call`` as a plain causal call over its first T keys, where it is a prompt's prefill into a longer,
     preallocated KV cache (a StaticCache: S > T keys, the mask letting query i see keys 0..i and nothing else, in
-    every row); None otherwise. Prefill only, never a decode step (T = 1). The mask is checked on the device in
-    row chunks (never a (B, T, S) tensor beyond the mask itself), with one read back, once per mask: every layer
-    of a forward gets the same mask object, and the answer for the last one checked is kept."""
-    b, _, t, _ = call.query.shape
-    s = call.key.shape[2]
-    mask = call.attention_mask
-    if mask is None or t < 2 or s <= t or call.cached_keys is not None:
-        return None
-    seen = _CHECKED_MASK.get("last")
-    if seen is not None and seen[0]() is mask and seen[1:3] == (t, s):
-        ok = seen[3]
-    else:
-        ok = _plain_causal(mask, t, s)
-        _CHECKED_MASK["last"] = (weakref.ref(mask), t, s, ok)
-    if not ok:
+    every row: ``causal_pads`` all 0); None otherwise."""
+    t, s = call.query.shape[2], call.key.shape[2]
+    pads = causal_pads(call) if s > t else None
+    if pads is None or any(pads):
         return None
     return replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], attention_mask=None, cached_keys=s)
 
 
-_CHECKED_MASK: dict = {}  # "last": (weak reference to a mask, T, S, whether it is plain causal over T of S keys)
+def causal_pads(call: LayerCall) -> list[int] | None:
+    """Where ``call`` is a prompt's prefill (T >= 2 queries over the first T of S >= T keys, the cache empty
+    before it) of left-padded sequences: query i of sequence b sees keys p_b..i and nothing else (the rows of
+    padding, i < p_b, see nothing), the p_b (B values, 0 without padding; T for a row of padding only). None for
+    any other mask, no mask, a decode step. The mask is checked on the device in row chunks (never a (B, T, S)
+    tensor beyond the mask itself), with one read back, once per mask: every layer of a forward gets the same
+    mask object, and the answer for the last one checked is kept."""
+    b, _, t, _ = call.query.shape
+    s = call.key.shape[2]
+    mask = call.attention_mask
+    if mask is None or t < 2 or s < t or call.cached_keys is not None or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    seen = _CHECKED_MASK.get("last")
+    if seen is not None and seen[0]() is mask and seen[1:3] == (t, s):
+        pads = seen[3]
+    else:
+        pads = _left_pads(mask, t, s)
+        _CHECKED_MASK["last"] = (weakref.ref(mask), t, s, pads)
+    if pads is None or len(pads) not in (1, b):
+        return None
+    return pads * b if len(pads) == 1 else pads
 
 
-def _plain_causal(mask: torch.Tensor, t: int, s: int, rows: int | None = None) -> bool:
-    """Whether ``mask`` lets query i (of T) see keys 0..i of S and nothing else, in every row of every sequence;
-    ``rows`` query rows at a time."""
-    kpos = torch.arange(s, device=mask.device)
-    bad = torch.zeros((), dtype=torch.bool, device=mask.device)
-    step = rows or query_chunk_size(mask.shape[0], 1, s)  # rows whose bool (B, 1, C, S) stays near 64 MiB
+_CHECKED_MASK: dict = {}  # "last": (weak reference to a mask, T, S, its causal_pads)
+
+
+def _left_pads(mask: torch.Tensor, t: int, s: int, rows: int | None = None) -> list[int] | None:
+    """Each sequence's left padding p (the first key its last query sees) where ``mask`` (B, 1, T, S) lets query
+    i see keys p..i of S and nothing else, in every row; else None. ``rows`` query rows at a time."""
+    n, device = mask.shape[0], mask.device
+    last = allowed_keys(mask, n, t, s, device, t - 1, t)[:, 0, 0]  # (B, S)
+    pads = torch.where(last.any(-1), last.int().argmax(-1), t)  # (B,): argmax gives the first True
+    kpos = torch.arange(s, device=device)
+    after_pad = kpos[None, None, :] >= pads[:, None, None]  # (B, 1, S)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    step = rows or query_chunk_size(n, 1, s)  # rows whose bool (B, C, S) stays near 64 MiB
     for a in range(0, t, step):
         e = min(t, a + step)
-        causal = kpos[None, :] <= torch.arange(a, e, device=mask.device)[:, None]  # (C, S)
-        bad |= (allowed_keys(mask, mask.shape[0], t, s, mask.device, a, e) != causal).any()
-    return not bool(bad)
+        want = (kpos[None, :] <= torch.arange(a, e, device=device)[:, None])[None] & after_pad  # (B, C, S)
+        bad |= (allowed_keys(mask, n, t, s, device, a, e)[:, 0] != want).any()
+    found = torch.cat([bad.view(1).long(), pads.long()]).tolist()
+    return None if found[0] else found[1:]
 
 
 def query_chunk_size(b: int, h: int, s: int, budget_bytes: int = 1 << 28) -> int:

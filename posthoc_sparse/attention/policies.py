@@ -21,7 +21,7 @@ from ..ops import decode as dc
 from ..ops import head_topk as ht
 from ..ops import mask_attention as ma
 from ..ops import token_select as ts
-from .call import LayerCall, Observer, causal_prefix, chunked_attention, query_chunk_size
+from .call import LayerCall, Observer, causal_pads, causal_prefix, chunked_attention, query_chunk_size
 from .reference import group_scores, masked_softmax, scores, topk_keep
 from .selectors import GateSelector, OracleSelector
 
@@ -101,6 +101,9 @@ class TopKPolicy:
             return self._heads(call)
         if self._token_kernels(call):
             return self._tokens(call)
+        pads = self._left_pads(call)
+        if pads is not None:
+            return self._padded(call, pads)
         prepared = self.selector.prepare(call)
         n_rep = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
 
@@ -215,21 +218,60 @@ class TopKPolicy:
         a, b = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, b))
         return a, b, scale
 
+    def _left_pads(self, call: LayerCall) -> list[int] | None:
+        """A left-padded batch's prefill (``causal_pads``: every row causal after its sequence's padding) where
+        the prefill kernels serve each sequence's unpadded part: each sequence's padding; None otherwise (the
+        chunked reference then serves it)."""
+        t = call.query.shape[2]
+        if (call.attention_mask is None or t < 2 or self.selection not in ("head", "group")
+                or self._prefill_dim(call) is None or call.key.shape[2] < t):
+            return None
+        plain = replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], attention_mask=None)
+        if not ((self.selection == "head" and self._head_kernels(plain)) or self._token_kernels(plain)):
+            return None
+        return causal_pads(call)
+
+    def _padded(self, call: LayerCall, pads: list[int]) -> torch.Tensor:
+        """A left-padded batch's prefill, one sequence at a time over its unpadded queries and keys through the
+        prefill kernels, as ``_heads`` or ``_tokens`` serve a plain one (the selection inputs made once for the
+        batch, so a gate key cache records every row); the rows of padding see no key: zeros, as the reference
+        gives them. A static cache's prefill is served on the prompt's T keys, as ``causal_prefix`` does."""
+        t, s = call.query.shape[2], call.key.shape[2]
+        if s > t:
+            call = replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], cached_keys=s)
+        a, b, scale = self._selection_inputs(call)
+        q, key, value = call.query, call.key, call.value
+        heads = self.selection == "head" and self._head_kernels(replace(call, attention_mask=None))
+        attention = self._head_attention if heads else self._token_attention
+        out = q.new_zeros(q.shape[0], t, q.shape[1], value.shape[-1], dtype=value.dtype)  # (B, T, H, D)
+        for i, p in enumerate(pads):
+            if p < t:
+                one = replace(call, query=q[i:i + 1, :, p:], key=key[i:i + 1, :, p:], value=value[i:i + 1, :, p:],
+                              attention_mask=None)
+                out[i:i + 1, p:] = attention(one, (a[i:i + 1, :, p:], b[i:i + 1, :, p:], scale))
+        return out
+
     def _heads(self, call: LayerCall) -> torch.Tensor:
+        return self._head_attention(call, self._selection_inputs(call))
+
+    def _head_attention(self, call: LayerCall, inputs: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
         """Per-head top-k through ``ops.head_topk``: the k causal keys of largest selection score per row and
         head (exactly min(k, causal keys), as ``topk_keep``), then attention over those keys. (The softcap keeps
         the order of the oracle's scores.)"""
-        a, b, scale = self._selection_inputs(call)
+        a, b, scale = inputs
         idx = ht.head_topk(a, b, self.k, scale)
         return ht.index_attention(call.query, call.key, call.value, idx, call.scaling, call.softcap)
 
     def _tokens(self, call: LayerCall) -> torch.Tensor:
+        return self._token_attention(call, self._selection_inputs(call))
+
+    def _token_attention(self, call: LayerCall, inputs: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
         """Top-k per head or per KV group through ``ops.token_select``: the k causal keys of largest selection
         score per row (per group: of the group's summed softmax of the selection scores, softcapped for the
         oracle, the order of ``group_scores``' mean), then attention over them, a group's heads sharing theirs:
         over key tiles on the tensor cores (``ops.mask_attention``, the kept sets as a bitmask) where top-k keeps a
         large enough share of the causal pairs (``ma.dense_enough``), else by gathering each row's kept keys."""
-        a, b, scale = self._selection_inputs(call)
+        a, b, scale = inputs
         group = call.query.shape[1] // call.key.shape[1] if self.selection == "group" else 1
         softcap = call.softcap if type(self.selector) is OracleSelector else None
         k = min(self.k, call.key.shape[2])  # no row has more keys: no slots that could only hold -1
