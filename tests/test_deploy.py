@@ -226,7 +226,7 @@ def test_the_prefill_mask_is_checked_in_row_chunks_once_per_mask(monkeypatch):
     """The check reads the mask a few rows at a time (a (B, T, S) int64 sum of a 32k prompt at batch 8 took 64 GiB
     on an H200) and gives the same answer at any chunk size: each sequence's left padding where every row is
     causal after it (rows of padding see nothing), else None; every layer of a forward gets one mask object, and
-    it is checked once."""
+    it is checked once (a model of sliding-window and full layers hands a forward two, in turn)."""
     from posthoc_sparse.attention import call as call_mod
 
     b, t, s = 3, 7, 11
@@ -250,9 +250,11 @@ def test_the_prefill_mask_is_checked_in_row_chunks_once_per_mask(monkeypatch):
                                 dropout=0.0, kwargs={}) for i in range(3)]
     assert all(call_mod.causal_prefix(c) is not None for c in layer)
     assert len(checks) == 1
-    call_mod.causal_prefix(call_mod.LayerCall(module=None, layer=0, query=q, key=k, value=k,
-                                              attention_mask=causal.clone(), scaling=1.0, dropout=0.0, kwargs={}))
-    assert len(checks) == 2  # a new mask object is checked anew
+    other = causal.clone()  # a new mask object is checked anew; two masks in turn (sliding and full layers), once
+    for mask in (other, causal, other, causal):
+        call_mod.causal_prefix(call_mod.LayerCall(module=None, layer=0, query=q, key=k, value=k, attention_mask=mask,
+                                                  scaling=1.0, dropout=0.0, kwargs={}))
+    assert len(checks) == 2
 
 
 def test_a_compiled_decode_step_is_reused_by_a_new_static_cache():

@@ -64,24 +64,27 @@ def causal_pads(call: LayerCall) -> list[int] | None:
     padding, i < p_b, see nothing), the p_b (B values, 0 without padding; T for a row of padding only). None for
     any other mask, no mask, a decode step. The mask is checked on the device in row chunks (never a (B, T, S)
     tensor beyond the mask itself), with one read back, once per mask: every layer of a forward gets the same
-    mask object, and the answer for the last one checked is kept."""
+    mask object (a model of sliding-window and full layers: one of two), and the answers for the last four
+    masks checked are kept."""
     b, _, t, _ = call.query.shape
     s = call.key.shape[2]
     mask = call.attention_mask
     if mask is None or t < 2 or s < t or call.cached_keys is not None or mask.dim() != 4 or mask.shape[1] != 1:
         return None
-    seen = _CHECKED_MASK.get("last")
-    if seen is not None and seen[0]() is mask and seen[1:3] == (t, s):
-        pads = seen[3]
+    seen = [c for c in _CHECKED_MASKS if c[0]() is mask and c[1:3] == (t, s)]
+    if seen:
+        pads = seen[0][3]
     else:
         pads = _left_pads(mask, t, s)
-        _CHECKED_MASK["last"] = (weakref.ref(mask), t, s, pads)
+        _CHECKED_MASKS[:] = [c for c in _CHECKED_MASKS if c[0]() is not None][-3:] + [(weakref.ref(mask), t, s, pads)]
     if pads is None or len(pads) not in (1, b):
         return None
     return pads * b if len(pads) == 1 else pads
 
 
-_CHECKED_MASK: dict = {}  # "last": (weak reference to a mask, T, S, its causal_pads)
+# (weak reference to a mask, T, S, its causal_pads) of the last four masks checked: a model of sliding-window and
+# full layers (Gemma 3) hands each forward two masks, in turn
+_CHECKED_MASKS: list[tuple] = []
 
 
 def _left_pads(mask: torch.Tensor, t: int, s: int, rows: int | None = None) -> list[int] | None:
