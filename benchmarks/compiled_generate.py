@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--modes", default="dense,gate")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed eager calls of 2 new tokens per mode first (Triton's compilation, CUDA's warm-up)")
     ap.add_argument("--out", default="compiled-generate.json")
     args = ap.parse_args(argv)
     from posthoc_sparse.deploy import apply_gates
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids), cache_implementation="static")
     result = {"device": torch.cuda.get_device_name(device), "size": args.size, "s": args.s, "k": args.k,
-              "new_tokens": args.new, "batch": args.batch, "torch": torch.__version__,
+              "new_tokens": args.new, "batch": args.batch, "warmup_calls": args.warmup, "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "modes": {}}
     for mode in [m for m in args.modes.split(",") if m]:
         torch._dynamo.reset()
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         row = result["modes"][mode] = {"compiled_calls_s": []}
         with torch.no_grad(), apply_gates(model, bank, k=args.k, mode=mode):
             # the row is written after each call, so a run cut off by a time limit keeps what it measured
+            for _ in range(args.warmup):  # else the eager call's first steps compile the mode's kernels
+                model.generate(ids, disable_compile=True, **dict(kw, max_new_tokens=2, min_new_tokens=2))
             row["eager_call_s"], row["eager"] = _timed(model, ids, dict(kw, disable_compile=True))
             _save(args.out, result)
             for _ in range(args.calls):
