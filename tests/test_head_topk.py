@@ -437,6 +437,29 @@ def test_a_left_padded_batchs_prefill_takes_the_kernels_one_sequence_at_a_time(s
     assert torch.equal(fast_new, slow_new)
 
 
+def test_a_plain_causal_mask_spelt_out_takes_the_token_kernels_for_the_whole_batch(monkeypatch):
+    """A prefill handed an explicit plain causal mask (no padding, no cache) takes the kernels on the whole batch at
+    once, with the reference's output; before, any mask sent it to the chunked reference."""
+    from posthoc_sparse.attention.call import LayerCall
+
+    _forced_token_kernels(monkeypatch, lambda call: None)
+    shapes = []
+    monkeypatch.setattr(TopKPolicy, "_token_attention", lambda self, call, inputs, f=TopKPolicy._token_attention:
+                        shapes.append(tuple(call.query.shape[:3])) or f(self, call, inputs))
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, n, 20, 16, generator=gen) for n in (4, 2, 2))
+    mask = torch.ones(20, 20, dtype=torch.bool).tril().expand(3, 1, 20, 20)
+
+    def run(**kw):
+        call = LayerCall(module=None, layer=0, query=q, key=k, value=v, attention_mask=mask, scaling=0.25,
+                         dropout=0.0, kwargs={})
+        return TopKPolicy(OracleSelector(), 6, selection="group", **kw)(call)
+
+    fast = run()
+    assert shapes == [(3, 4, 20)]
+    torch.testing.assert_close(fast, run(observer=lambda *a: None), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("selection, k", [("head", 150), ("group", 24)])
 def test_a_static_caches_prefill_takes_the_token_kernels_on_gpu(selection, k, monkeypatch):

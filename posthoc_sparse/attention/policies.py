@@ -235,7 +235,8 @@ class TopKPolicy:
         """A left-padded batch's prefill, one sequence at a time over its unpadded queries and keys through the
         prefill kernels, as ``_heads`` or ``_tokens`` serve a plain one (the selection inputs made once for the
         batch, so a gate key cache records every row); the rows of padding see no key: zeros, as the reference
-        gives them. A static cache's prefill is served on the prompt's T keys, as ``causal_prefix`` does."""
+        gives them. A static cache's prefill is served on the prompt's T keys, as ``causal_prefix`` does; a mask
+        with no padding (plain causal, spelt out) on the whole batch at once."""
         t, s = call.query.shape[2], call.key.shape[2]
         if s > t:
             call = replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], cached_keys=s)
@@ -243,6 +244,8 @@ class TopKPolicy:
         q, key, value = call.query, call.key, call.value
         heads = self.selection == "head" and self._head_kernels(replace(call, attention_mask=None))
         attention = self._head_attention if heads else self._token_attention
+        if not any(pads):  # a plain causal mask spelt out: the batch at once
+            return attention(replace(call, attention_mask=None), (a, b, scale))
         out = q.new_zeros(q.shape[0], t, q.shape[1], value.shape[-1], dtype=value.dtype)  # (B, T, H, D)
         for i, p in enumerate(pads):
             if p < t:
