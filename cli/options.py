@@ -15,6 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from posthoc_sparse.runs import check_resume_folder
+
 from .common import make_config
 
 
@@ -52,7 +54,10 @@ def config_command(cls, *, recipes: bool = True) -> Callable[[Callable[[Any], No
         def command(ctx: typer.Context, recipe: str | None = None, set_: list[str] | None = None, **values: Any):
             given = {name: value for name, value in values.items()
                      if ctx.get_parameter_source(name).name == "COMMANDLINE"}  # not a default: the user typed it
-            return body(make_config(cls, recipe, set_, given))
+            cfg = make_config(cls, recipe, set_, given)
+            if getattr(cfg, "resume", False):  # the library starts a run that has nothing to resume; a typed
+                check_resume_folder(cfg.output)  # --resume of a folder that does not exist is a mistake
+            return body(cfg)
 
         ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         params = [ctx_param, *config_parameters(cls), *(_RECIPE_PARAMETERS if recipes else [])]

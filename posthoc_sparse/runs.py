@@ -251,6 +251,18 @@ def _clean_up(path: Path, work: Path | None, staged: bool, existed: bool, before
     return f"nothing resumable was saved yet; {path} was left as it was"
 
 
+def check_resume_folder(path: str | Path) -> None:
+    """``--resume`` as a person types it: a folder that does not exist (no run wrote there, or a run that failed
+    before saving anything removed it) holds nothing to resume, so that is one UserError rather than a fresh run
+    (a typo in --output). A folder that exists is resumed, or started in when it holds nothing resumable yet (a run
+    killed before its first checkpoint); so is one that does not exist in ``output_run``, for the runs a command
+    starts for itself."""
+    path = Path(path)
+    if not path.exists() and not any(path.parent.glob(f".{glob.escape(path.name)}.ready-*")):  # an unfinished swap
+        raise UserError(f"--resume: output folder {path} does not exist, so there is nothing to resume; run without "
+                        "--resume to start")
+
+
 @contextlib.contextmanager
 def report_folder(output: str | Path | None, overwrite: bool = False, main: bool = True,
                   barrier: Callable[[], None] = lambda: None) -> Iterator[Path | None]:

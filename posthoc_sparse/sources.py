@@ -96,6 +96,8 @@ def _read_group(builder: str, files: list[Path], text_field: str) -> list[str]:
     import datasets
 
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is the one line below, not a log line too
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # noqa: BLE001 - a bad file: one line naming it and why
@@ -108,9 +110,13 @@ def _read_group(builder: str, files: list[Path], text_field: str) -> list[str]:
         if isinstance(cause, UnicodeDecodeError):
             raise UserError(f"{files[0]} is not UTF-8 text (binary, or another encoding such as UTF-16 or "
                             "latin-1); convert it to UTF-8 or leave it out") from None
+        if builder == "json" and (where := _json_problem(files[0])):
+            raise UserError(f"could not read {files[0]} as JSON: {where}; check the file") from None
         kind = "JSON" if builder == "json" else builder
         raise UserError(f"could not read {files[0]} as {kind} ({type(cause).__name__}: {first_line(cause, 160)}); "
                         "check the file") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if builder == "text":
         return [doc for text in ds["text"] for doc in _split_paragraphs(text)]
     if text_field not in ds.column_names:
@@ -123,6 +129,37 @@ def _read_group(builder: str, files: list[Path], text_field: str) -> list[str]:
         raise UserError(f"field {text_field!r} of {files[0]} holds {type(bad).__name__} values, not text; choose "
                         "the text field with --text-field")
     return [v or "" for v in values]
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where ``path`` (JSON Lines, or one JSON document) stops being JSON, as "line N is not valid JSON (why)"; None
+    when it parses (what datasets refused is then something else) or cannot be read as UTF-8 text."""
+    import gzip
+
+    def why(e: json.JSONDecodeError) -> str:
+        return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} column {e.colno}"
+
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            first = True
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    if not first:
+                        return f"line {n} is not valid JSON ({why(e)})"
+                    f.seek(0)  # one JSON document over several lines (or a bad first line)
+                    try:
+                        json.loads(f.read())
+                    except json.JSONDecodeError as whole:
+                        return f"line {whole.lineno} is not valid JSON ({why(whole)})"
+                    return None
+                first = False
+    except Exception:  # noqa: BLE001 - unreadable (not UTF-8, a broken .gz): the message without a line stands
+        return None
+    return None
 
 
 def local_documents(source: str, text_field: str) -> tuple[list[str], list[Path]]:

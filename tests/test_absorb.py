@@ -487,3 +487,31 @@ def test_cli_absorb_runs_one_experiment_and_exits_2_on_errors(assets, tmp_path):
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "r2"), "--experiments", "nope"], capture_output=True, text=True,
                          env=WIDE, timeout=120)
     assert bad.returncode == 2 and "experiments" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("command, flags, flag", [
+    ("pretrain", ["--gate-mode", "hard-topk", "--gate-k", "4"], "--gate-d-g"),
+    ("absorb", ["--experiments", "hard", "--k", "4"], "--d-g"),
+], ids=["pretrain", "absorb"])
+def test_a_gate_wider_than_the_heads_is_refused_naming_the_commands_own_flag(assets, tmp_path, capsys, command,
+                                                                              flags, flag):
+    """A llama model of d_model 32 and 2 heads has 8 rotary frequencies; the default gate (32 dims) needs 16. The
+    advice names the flag of that command (pretrain's --gate-d-g, absorb's --d-g), before any data is read or run
+    trained; the run in the loop (``training_gate``) names pretrain's flag as well."""
+    from sparsify_cli.main import main
+
+    from posthoc_sparse.experiments.in_loop import training_gate
+    from posthoc_sparse.experiments.lm import build_model
+
+    tok, corpus = assets
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--dataset", str(corpus), "--tokenizer", str(tok), "--arch", "llama", "--n-layer", "1",
+              "--d-model", "32", "--n-head", "2", "--d-ff", "64", "--seq-len", "32", "--steps", "2", *flags,
+              "--output", str(out)])
+    assert (stop.value.code, capsys.readouterr().err) == (
+        2, f"error: d_g=32 needs 16 rotary frequencies but the model has 8; use {flag} 16\n")
+    assert not out.exists()
+    cfg = PretrainConfig(arch="llama", n_layer=1, d_model=32, n_head=2, d_ff=64, seq_len=32, gate_mode="hard-topk")
+    with pytest.raises(UserError, match="; use --gate-d-g 16$"):
+        training_gate(cfg, build_model(cfg, vocab_size=50))

@@ -180,7 +180,8 @@ def _run(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_every_flag_reaches_the_config_and_no_flag_gives_the_defaults(name, monkeypatch):
+def test_every_flag_reaches_the_config_and_no_flag_gives_the_defaults(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a --resume needs its --output folder to exist (made here, not in the repository)
     cls = COMMANDS[name][0]
     seen = _capture(monkeypatch, name)
     _run([name])
@@ -191,6 +192,8 @@ def test_every_flag_reaches_the_config_and_no_flag_gives_the_defaults(name, monk
         if field.name in params:
             values[field.name], args = _other_value(field, kinds[field.name], params[field.name])
             argv += args
+    if values.get("resume"):
+        Path(values["output"]).mkdir(parents=True)
     _run(argv)
     assert seen.pop() == cls(**values)
 

@@ -146,15 +146,37 @@ def test_cli_push_uploads_the_gate_files_with_the_eval_given(gate_folder, tmp_pa
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "--gates is required"),
-    (["--gates", "GATES"], "--repo must be a hub repository user/name"),
-    (["--gates", "GATES", "--repo", "user/x@v1"], "--repo must be a hub repository user/name"),
-    (["--gates", "/no/such/folder", "--repo", "user/x"], "is not a folder"),
-])
-def test_cli_push_refuses_bad_arguments_in_one_line(gate_folder, args, message, capsys):
+    ([], "--gates is required: the gate folder to push"),
+    (["--gates", "GATES"], "--repo is required: the hub repository to push to, user/name (or org/name)"),
+    (["--gates", "GATES", "--repo", "tiny-gates"], "--repo must be a hub repository user/name (or org/name), got "
+                                                   "'tiny-gates'"),
+    (["--gates", "GATES", "--repo", "user/x@v1"], "--repo takes no @revision, got 'user/x@v1'; pass --repo user/x "
+                                                  "--revision v1"),
+    (["--gates", "/no/such/folder", "--repo", "user/x"], "--gates /no/such/folder is not a folder; pass the folder "
+                                                         "`sparsify distill` wrote"),
+    (["--gates", "EMPTY", "--repo", "user/x"], "EMPTY/gate_config.json is missing; EMPTY is not a gate folder written "
+                                               "by `sparsify distill`"),
+], ids=["no gates", "no repo", "not user/name", "a revision", "no folder", "no gate_config.json"])
+def test_cli_push_refuses_bad_arguments_in_one_line(gate_folder, args, message, tmp_path, capsys):
     from sparsify_cli.main import main
 
-    args = [str(gate_folder[2]) if a == "GATES" else a for a in args]
+    (tmp_path / "empty").mkdir()
+    names = {"GATES": str(gate_folder[2]), "EMPTY": str(tmp_path / "empty")}
     with pytest.raises(SystemExit) as stop:
-        main(["push", *args])
-    assert stop.value.code == 2 and message in capsys.readouterr().err
+        main(["push", *[names.get(a, a) for a in args]])
+    assert (stop.value.code, capsys.readouterr().err) == (2, "error: " + message.replace("EMPTY", names["EMPTY"]) +
+                                                          "\n")
+
+
+def test_cli_push_offline_says_so_rather_than_to_log_in(gate_folder, monkeypatch, capsys):
+    """HF_HUB_OFFLINE=1: huggingface_hub refuses the request before any network use; no login would help."""
+    from sparsify_cli.main import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")  # a login does not change it
+    with pytest.raises(SystemExit) as stop:
+        main(["push", "--gates", str(gate_folder[2]), "--repo", "user/tiny-gates"])
+    assert (stop.value.code, capsys.readouterr().err) == (2, (
+        "error: could not push to user/tiny-gates: the hub is in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE "
+        "is set) and a push needs the network; unset it, then push again\n"))

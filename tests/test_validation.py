@@ -229,6 +229,55 @@ def test_a_corrupt_checkpoint_advises_the_flag_that_starts_over_and_that_advice_
     assert code == 0 and json.loads((out / GATE_CONFIG_NAME).read_text())["steps"] == 4, lines
 
 
+@pytest.mark.parametrize("command", ["distill", "pretrain", "unfreeze-sweep", "absorb"])
+def test_resume_of_an_output_folder_that_does_not_exist_is_refused_in_one_line(command, tmp_path, capsys):
+    """Not a fresh run under a mistyped --output (nor under the default one, in the current folder); a folder that
+    exists but holds nothing resumable yet (a run killed before its first checkpoint) is still started in
+    (test_faults.py), as are the runs a command starts for itself (absorb's, the sweep's own distillation)."""
+    out = tmp_path / "no-such-run"
+    code = 0
+    try:
+        main([command, "--output", str(out), "--resume"])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"error: --resume: output folder {out} does not exist, so there is nothing to resume; "
+                              "run without --resume to start\n")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_resume_of_a_folder_with_nothing_resumable_yet_starts_the_run(trained_tiny, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()  # as a run killed before its first write leaves it
+    code, lines = _cli(["distill", "--model", trained_tiny[0], "--dataset", trained_tiny[1], "--k", "4", "--seq-len",
+                        "32", "--d-g", "8", "--steps", "2", "--val-every", "1000", "--val-windows", "2",
+                        "--gate-init", "random", "--output", out, "--resume"], capsys)
+    assert code == 0 and json.loads((out / GATE_CONFIG_NAME).read_text())["steps"] == 2, lines
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.jsonl", '{"text": "ok"}\n{"text": "cut\n{"text": "x"}\n',
+     "line 2 is not valid JSON (Unterminated string starting at column 10)"),
+    ("doc.json", '[\n  {"text": "a"},\n  {"text": "b" "c"}\n]\n',
+     "line 3 is not valid JSON (Expecting ',' delimiter at column 16)"),
+], ids=["json lines", "one json document"])
+def test_a_corrupt_json_dataset_is_one_line_naming_the_line(name, text, where, trained_tiny, tmp_path):
+    """Not also the datasets library's own log line (its handler holds the stderr of the process: a command run
+    apart); the library's verbosity is restored after the load."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / name
+    bad.write_text(text)
+    code = ("import sys, datasets; from sparsify_cli.main import main; before = datasets.logging.get_verbosity()\n"
+            "try:\n    main(sys.argv[1:])\nfinally:\n    assert datasets.logging.get_verbosity() == before")
+    argv = ["distill", "--model", str(trained_tiny[0]), "--dataset", str(bad), "--k", "4", "--seq-len", "32", "--d-g",
+            "8", "--steps", "2", "--output", str(tmp_path / "out")]
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stderr) == (2, f"error: could not read {bad} as JSON: {where}; check the file\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverging_run_stops_before_the_gate_is_written_and_its_advice_works(trained_tiny, tmp_path, capsys):
     out = tmp_path / "d"
     argv = ["distill", "--model", trained_tiny[0], "--dataset", trained_tiny[1], "--k", "4", "--seq-len", "32",

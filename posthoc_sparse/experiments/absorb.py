@@ -34,6 +34,7 @@ import torch
 
 from ..config import REPORT_TO_HELP, TEXT_FIELD_HELP, _positive, check_fields, name_list, option
 from ..errors import UserError
+from ..gates.io import check_rotary_width
 from ..training import check_report_to, versions
 from .absorb_summary import summary_markdown
 from .pretrain import GATE_DIR, LOG_NAME, PretrainConfig
@@ -106,6 +107,8 @@ class AbsorbConfig:
         if self.distill_every > self.distill_steps:
             raise UserError(f"--distill-every {self.distill_every} exceeds --distill-steps {self.distill_steps}")
         self.pretrain_config("dense", 0, "x").validate()
+        if self.arch == "llama":  # every experiment puts a gate of --d-g dims on the model; refused before any run
+            check_rotary_width(self.d_g, self.d_model // self.n_head, "--d-g")
 
     def pretrain_config(self, mode: str, seed: int, output: str) -> PretrainConfig:
         return PretrainConfig(

@@ -29,7 +29,7 @@ def training_gate(cfg: PretrainConfig, model):
         return None, None
     if cfg.gate_mode == "stochastic":
         return None, TopKPolicy(RandomScoreSelector(), cfg.gate_k)
-    bank = GateBank(gate_spec_for_model(model, cfg.gate_d_g, "hidden")).reset_random(cfg.seed)
+    bank = GateBank(gate_spec_for_model(model, cfg.gate_d_g, "hidden", flag="--gate-d-g")).reset_random(cfg.seed)
     if cfg.gate_mode == "soft-random":
         bank.requires_grad_(False)
     if cfg.gate_mode == "hard-topk":

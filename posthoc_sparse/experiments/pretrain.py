@@ -26,6 +26,7 @@ import torch
 
 from ..config import LOSS_RATIO_HELP, REPORT_TO, REPORT_TO_HELP, SEED_MAX, TEXT_FIELD_HELP, check_fields, option
 from ..errors import UserError
+from ..gates.io import check_rotary_width
 from ..runs import OutputRun, output_run
 from ..tokenizers import EMBEDDED_TOKENIZER, load_tokenizer
 from ..training import (STATE_JSON, DivergenceGuard, Tracker, after_step, check_report_to, lr_at, resume_settings,
@@ -129,6 +130,8 @@ class PretrainConfig:
             if self.gate_d_g % 2 or not self.gate_tau > 0 or self.gate_tau_end < 0:
                 raise UserError(f"need an even --gate-d-g, --gate-tau > 0 and --gate-tau-end >= 0, got "
                                 f"{self.gate_d_g}, {self.gate_tau}, {self.gate_tau_end}")
+            if self.arch == "llama" and self.gate_mode != "stochastic":  # before any data is read
+                check_rotary_width(self.gate_d_g, self.d_model // self.n_head, "--gate-d-g")
 
 
 @dataclass

@@ -107,6 +107,10 @@ def push_gates(gates: str | Path, repo_id: str, *, private: bool = False, revisi
             info = api.upload_folder(repo_id=repo_id, folder_path=str(stage), revision=revision,
                                      commit_message=commit_message or f"Upload top-k gates (k={config.get('k')})")
         except Exception as e:  # noqa: BLE001 - auth, network, permissions: one clear line
+            if type(e).__name__ == "OfflineModeIsEnabled":  # no login would help
+                raise UserError(f"could not push to {repo_id}: the hub is in offline mode (HF_HUB_OFFLINE or "
+                                "TRANSFORMERS_OFFLINE is set) and a push needs the network; unset it, then push "
+                                "again") from None
             raise UserError(f"could not push to {repo_id} ({type(e).__name__}: {first_line(e, 200)}); log in with "
                             "`hf auth login` or set HF_TOKEN, and check the repository name") from None
     return str(getattr(info, "commit_url", info))
@@ -127,8 +131,14 @@ class PushConfig:
     def validate(self) -> None:
         if not self.gates:
             raise UserError("--gates is required: the gate folder to push")
-        if not self.repo or not _REPO.match(self.repo) or "@" in self.repo:
-            raise UserError(f"--repo must be a hub repository user/name, got {self.repo!r}")
+        if not self.repo:
+            raise UserError("--repo is required: the hub repository to push to, user/name (or org/name)")
+        name, at, branch = self.repo.partition("@")
+        if at and _REPO.match(name):
+            raise UserError(f"--repo takes no @revision, got {self.repo!r}; pass --repo {name} --revision {branch}"
+                            if branch else f"--repo takes no @revision, got {self.repo!r}; pass --repo {name}")
+        if not _REPO.match(self.repo):
+            raise UserError(f"--repo must be a hub repository user/name (or org/name), got {self.repo!r}")
         if not Path(self.gates).is_dir():
             raise UserError(f"--gates {self.gates} is not a folder; pass the folder `sparsify distill` wrote")
 

@@ -57,8 +57,18 @@ def default_d_g(model: nn.Module, preferred: int = 32) -> int:
     return max(2, min(preferred, width - width % 2))
 
 
-def gate_spec_for_model(model: nn.Module, d_g: int = 32, gate_input: str = "hidden") -> GateSpec:
-    """The gate shapes for ``model``: layers, heads, head_dim, hidden size and its rotary width."""
+def check_rotary_width(d_g: int, rotary_dim: int, flag: str = "--d-g") -> None:
+    """A "hidden" gate of ``d_g`` dims reads d_g / 2 rotary frequencies: one UserError when the heads have fewer,
+    its advice naming ``flag``, the flag of ``d_g`` in the command that set it."""
+    if rotary_dim // 2 < d_g // 2:
+        raise UserError(f"d_g={d_g} needs {d_g // 2} rotary frequencies but the model has {rotary_dim // 2}; "
+                        f"use {flag} {rotary_dim}")
+
+
+def gate_spec_for_model(model: nn.Module, d_g: int = 32, gate_input: str = "hidden", *, flag: str = "--d-g"
+                        ) -> GateSpec:
+    """The gate shapes for ``model``: layers, heads, head_dim, hidden size and its rotary width (``flag``: the flag
+    of ``d_g``, for the advice when the model's heads are too small for it)."""
     if d_g <= 0 or d_g % 2:
         raise UserError(f"d_g must be a positive even number, got {d_g}")
     if gate_input not in GATE_INPUTS:
@@ -68,8 +78,8 @@ def gate_spec_for_model(model: nn.Module, d_g: int = 32, gate_input: str = "hidd
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rotary = any("RotaryEmbedding" in type(m).__name__ for m in model.modules())
     rot_dim = int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0)) if rotary else 0
-    if rotary and (rot_dim // 2) < d_g // 2 and gate_input == "hidden":
-        raise UserError(f"d_g={d_g} needs {d_g // 2} rotary frequencies but the model has {rot_dim // 2}; use --d-g {rot_dim}")
+    if rotary and gate_input == "hidden":
+        check_rotary_width(d_g, rot_dim, flag)
     return GateSpec(
         num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
