@@ -40,8 +40,9 @@ _PROBE = ".write-test-"
 def fault_point(site: str, path: Path | str | None = None) -> None:
     """The fault-injection hook, called before each write and rename. Does nothing unless the environment
     variable POSTHOC_SPARSE_FAULT is set, to ``log:FILE`` (append "N<TAB>site name" for each point), or to
-    ``kill:N``, ``int:N``, ``pause:N:FILE`` or ``errno:N:NAME``: at the N-th point of this process send itself
-    SIGKILL, send itself SIGINT (as Ctrl-C does), write its pid to FILE and wait to be killed, or fail as the
+    ``kill:N``, ``int:N``, ``term:N``, ``pause:N:FILE`` or ``errno:N:NAME``: at the N-th point of this process send
+    itself SIGKILL, SIGINT (as Ctrl-C does) or SIGTERM (as a scheduler does), write its pid to FILE and wait to be
+    killed, or fail as the
     system would with the error NAME (ENOSPC, EFBIG, EROFS, EACCES; N counts the writes and renames only)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or (spec.startswith("errno:") and path is None):  # an errno needs a file: writes and renames only
@@ -58,8 +59,8 @@ def fault_point(site: str, path: Path | str | None = None) -> None:
         return
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif mode == "int":
-        os.kill(os.getpid(), signal.SIGINT)
+    elif mode in ("int", "term"):
+        os.kill(os.getpid(), signal.SIGINT if mode == "int" else signal.SIGTERM)
     elif mode == "pause":
         Path(marker).write_text(str(os.getpid()))
         while True:

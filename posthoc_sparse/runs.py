@@ -11,9 +11,10 @@ Every workflow that writes a folder runs inside ``output_run(path, ...)``:
   (``run.work``), swapped in when the run succeeds (``io.replace_dir``): the old folder stays whole until then.
 * A run that fails or is stopped removes what it created, unless ``resumable(run.work)`` names resumable state
   there (a checkpoint, finished points); a folder that existed is left as it was.
-* Ctrl-C: after ``run.defer_interrupts()`` the first SIGINT only sets ``run.stop_requested`` and the training loop
-  stops at the end of its step, after a checkpoint; elsewhere it stops at once. Either way the run ends with
-  ``errors.Interrupted``, whose message says where the resumable state is (the CLI exits with code 130).
+* Ctrl-C, and SIGTERM alike (a scheduler preempting the job, ``kill``): after ``run.defer_interrupts()`` the first
+  SIGINT or SIGTERM only sets ``run.stop_requested`` and the training loop stops at the end of its step, after a
+  checkpoint; elsewhere it stops at once. Either way the run ends with ``errors.Interrupted``, whose message says
+  where the resumable state is (the CLI exits with code 130), and the folder's lock is released.
 """
 
 from __future__ import annotations
@@ -141,15 +142,17 @@ class OutputRun:
 
 @contextlib.contextmanager
 def _sigint(handler) -> Iterator[None]:
-    """SIGINT goes to ``handler`` (SIG_IGN: ignored) within; only the main thread can set handlers."""
+    """SIGINT and SIGTERM (a scheduler's preemption, ``kill``) go to ``handler`` (SIG_IGN: ignored) within; only
+    the main thread can set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -262,6 +262,23 @@ def test_ctrl_c_in_training_stops_after_a_checkpoint_of_that_step_and_resume_fin
     report("ctrl-c training", run, [])
 
 
+def test_sigterm_in_training_stops_like_ctrl_c_after_a_checkpoint_and_releases_the_lock(assets, tmp_path):
+    """A scheduler preempting the job (SIGTERM) used to end the process at once: no checkpoint of the step under
+    way, and the folder's lock file left behind. It now stops as Ctrl-C does, and resume finishes the run."""
+    model, corpus, _ = assets
+    run = Runner(tmp_path)
+    ref, out = tmp_path / "ref", tmp_path / "term"
+    points = run.points(_distill(model, corpus, ref))
+    third_step = [i for i, p in enumerate(points, 1) if p == "step"][2]
+    code, log = run(_distill(model, corpus, out), f"term:{third_step}")
+    assert code == 130 and "Traceback" not in log, log[-2000:]
+    assert re.search(r"interrupted: the checkpoint of step 3 .* is kept in", _message(log)[-1]), log[-2000:]
+    assert not leftovers(out), leftovers(out)  # the lock released, nothing in flight
+    code, log = run(_distill(model, corpus, out, "--resume"))
+    assert code == 0 and same_distill(ref, out) and not leftovers(out), log[-2000:]
+    report("sigterm training", run, [])
+
+
 def test_ctrl_c_before_anything_resumable_leaves_nothing_and_exits_130(assets, tmp_path):
     model, corpus, tok = assets
     run = Runner(tmp_path)
