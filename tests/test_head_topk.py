@@ -437,6 +437,34 @@ def test_a_left_padded_batchs_prefill_takes_the_kernels_one_sequence_at_a_time(s
     assert torch.equal(fast_new, slow_new)
 
 
+@pytest.mark.parametrize("selection, head_kernels", [("head", False), ("group", False), ("head", True)])
+def test_a_padded_sequence_of_one_two_or_no_real_tokens_takes_the_kernels_like_the_reference(selection, head_kernels,
+                                                                                            monkeypatch):
+    """The shortest sequences a padded batch hands the kernels: two real tokens, one, none (all padding: zeros)."""
+    from posthoc_sparse.attention.call import LayerCall
+
+    _forced_token_kernels(monkeypatch, lambda call: None)
+    if head_kernels:
+        monkeypatch.setattr(ht, "kernels_ok", ht.supports)
+    padded = []
+    monkeypatch.setattr(TopKPolicy, "_padded", lambda self, call, pads, f=TopKPolicy._padded:
+                        padded.append(pads) or f(self, call, pads))
+    gen = torch.Generator().manual_seed(5)
+    t = 10
+    q, k, v = (torch.randn(2, n, t, 16, generator=gen) for n in (4, 2, 2))
+    for pad in (8, 9, 10):
+        mask = torch.ones(t, t, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+        mask[1, 0, :, :pad] = False
+
+        def run(**kw):
+            call = LayerCall(module=None, layer=0, query=q, key=k, value=v, attention_mask=mask, scaling=0.25,
+                             dropout=0.0, kwargs={})
+            return TopKPolicy(OracleSelector(), 3, selection=selection, **kw)(call)
+
+        torch.testing.assert_close(run(), run(observer=lambda *a: None), atol=1e-4, rtol=1e-4)
+    assert padded == [[0, 8], [0, 9], [0, 10]]  # the kernels' path each time; the reference not
+
+
 def test_a_plain_causal_mask_spelt_out_takes_the_token_kernels_for_the_whole_batch(monkeypatch):
     """A prefill handed an explicit plain causal mask (no padding, no cache) takes the kernels on the whole batch at
     once, with the reference's output; before, any mask sent it to the chunked reference."""
