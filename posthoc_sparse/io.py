@@ -42,8 +42,8 @@ def fault_point(site: str, path: Path | str | None = None) -> None:
     variable POSTHOC_SPARSE_FAULT is set, to ``log:FILE`` (append "N<TAB>site name" for each point), or to
     ``kill:N``, ``int:N``, ``term:N``, ``pause:N:FILE`` or ``errno:N:NAME``: at the N-th point of this process send
     itself SIGKILL, SIGINT (as Ctrl-C does) or SIGTERM (as a scheduler does), write its pid to FILE and wait to be
-    killed, or fail as the
-    system would with the error NAME (ENOSPC, EFBIG, EROFS, EACCES; N counts the writes and renames only)."""
+    killed, or fail as the system would with the error NAME (ENOSPC, EFBIG, EROFS, EACCES; N counts the writes and
+    renames only)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec or (spec.startswith("errno:") and path is None):  # an errno needs a file: writes and renames only
         return

@@ -6,8 +6,8 @@ Letters: B batch, H query heads, Hkv key/value heads, T queries, S keys, C query
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch

@@ -223,13 +223,17 @@ class TopKPolicy:
         the prefill kernels serve each sequence's unpadded part: each sequence's padding; None otherwise (the
         chunked reference then serves it)."""
         t = call.query.shape[2]
-        if (call.attention_mask is None or t < 2 or self.selection not in ("head", "group")
-                or self._prefill_dim(call) is None or call.key.shape[2] < t):
+        if call.attention_mask is None or t < 2 or call.key.shape[2] < t:
             return None
         plain = replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], attention_mask=None)
-        if not ((self.selection == "head" and self._head_kernels(plain)) or self._token_kernels(plain)):
-            return None
-        return causal_pads(call)
+        return None if self._kernel_attention(plain) is None else causal_pads(call)
+
+    def _kernel_attention(self, call: LayerCall):
+        """The prefill kernels' attention that serves ``call`` (``_head_attention`` where ``_head_kernels`` does,
+        else ``_token_attention`` where ``_token_kernels`` does), or None."""
+        if self.selection == "head" and self._head_kernels(call):
+            return self._head_attention
+        return self._token_attention if self._token_kernels(call) else None
 
     def _padded(self, call: LayerCall, pads: list[int]) -> torch.Tensor:
         """A left-padded batch's prefill, one sequence at a time over its unpadded queries and keys through the
@@ -242,8 +246,7 @@ class TopKPolicy:
             call = replace(call, key=call.key[:, :, :t], value=call.value[:, :, :t], cached_keys=s)
         a, b, scale = self._selection_inputs(call)
         q, key, value = call.query, call.key, call.value
-        heads = self.selection == "head" and self._head_kernels(replace(call, attention_mask=None))
-        attention = self._head_attention if heads else self._token_attention
+        attention = self._kernel_attention(replace(call, attention_mask=None))
         if not any(pads):  # a plain causal mask spelt out: the batch at once
             return attention(replace(call, attention_mask=None), (a, b, scale))
         out = q.new_zeros(q.shape[0], t, q.shape[1], value.shape[-1], dtype=value.dtype)  # (B, T, H, D)
