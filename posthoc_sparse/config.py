@@ -201,7 +201,8 @@ class DistillConfig:
                              ge=0)
     max_train_windows: int | None = option(None, "Use at most N training windows (if not given: all).", gt=0)
     max_loss_ratio: float = option(10.0, LOSS_RATIO_HELP, ge=0)
-    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    resume: bool = option(False, "Continue from the checkpoint in --output, which must exist (Ctrl-C or SIGTERM "
+                                  "checkpoints the step under way first).")
     overwrite: bool = option(False, "Replace an existing --output folder.")
     trust_remote_code: bool = option(False, "Allow the model's own code.")
     revision: str | None = option(None, "Hub revision of --model.")

@@ -87,7 +87,8 @@ class AbsorbConfig:
                                        "`sparsify pretrain --gate-compile` (equal to eager within fp32 rounding).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
     report_to: str = option("none", REPORT_TO_HELP + " Each training run and distillation logs in its own folder.")
-    resume: bool = option(False, "Keep finished runs, gates and evaluations; continue the rest.")
+    resume: bool = option(False, "Keep finished runs, gates and evaluations in --output, which must exist; continue "
+                                  "the rest.")
     overwrite: bool = option(False, "Start over in an existing --output folder.")
 
     def experiment_list(self) -> list[str]:

@@ -109,7 +109,8 @@ class PretrainConfig:
     gate_d_g: int = option(32, "Gate dimension per head.")
     gate_compile: bool = option(False, "torch.compile the soft relaxation (soft-* modes): its elementwise work fused "
                                        "into a few kernels; equal to the eager path within fp32 rounding.")
-    resume: bool = option(False, "Continue from the checkpoint in --output.")
+    resume: bool = option(False, "Continue from the checkpoint in --output, which must exist (Ctrl-C or SIGTERM "
+                                  "checkpoints the step under way first).")
     overwrite: bool = option(False, "Replace an existing --output folder.")
 
     def validate(self) -> None:

@@ -77,7 +77,8 @@ class SweepConfig:
     seed: int = option(0, "Seed for the data order.", ge=0, le=SEED_MAX)
     report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     output: str = option("sweeps/default", "Folder for sweep.json, sweep.png, points/.", flags=("--output", "-o"))
-    resume: bool = option(False, "Skip the points already saved in --output (made with the same settings).")
+    resume: bool = option(False, "Skip the points already saved in --output, which must exist (made with the same "
+                                  "settings).")
     overwrite: bool = option(False, "Replace an existing --output folder.")
     dtype: str = option("auto", "Weights dtype: auto (fp32 weights, bf16 autocast on GPU).")
     device: str = option("auto", "auto, cpu, cuda, cuda:N.")
