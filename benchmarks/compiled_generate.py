@@ -72,6 +72,39 @@ def _save(out: str, result: dict) -> None:
     atomic_write_json(Path(out), result)
 
 
+def _profile(model, ids, kw: dict, steps: int):
+    """torch.profiler's events of one compiled ``generate`` call of ``steps`` new tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, **dict(kw, max_new_tokens=steps, min_new_tokens=steps))
+        torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def _kernels(events) -> list:
+    return sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.self_device_time_total, reverse=True)
+
+
+def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
+    """Two more compiled calls under torch.profiler, of 1 and of 1 + ``steps`` new tokens: how the decode steps
+    reach the GPU (graph replays against kernel launches from the host) and the GPU's kernel time per decode step
+    (the difference of the two calls' kernel times, over ``steps``), against the step's wall time measured
+    without the profiler (``wall_s_per_step``): far below it, the step waits for the host. A step replayed as a
+    CUDA graph shows as one ``cudaGraphLaunch``; a step inductor did not capture, as hundreds of kernel launches."""
+    short, long = _profile(model, ids, kw, 1), _profile(model, ids, kw, 1 + steps)
+    per_call = [sum(e.self_device_time_total for e in _kernels(ev)) / 1e3 for ev in (short, long)]
+    device_ms = (per_call[1] - per_call[0]) / steps
+    kernels = _kernels(long)
+    return {"steps": steps, "host_launches": {e.key: e.count for e in long
+                                              if "GraphLaunch" in e.key or "LaunchKernel" in e.key},
+            "kernel_ms_per_call": per_call, "decode_kernel_ms_per_step": device_ms,
+            "decode_kernel_share_of_wall": device_ms / 1e3 / wall_s_per_step,
+            "top_kernels": [{"name": e.key[:120], "calls": e.count, "device_ms": e.self_device_time_total / 1e3}
+                            for e in kernels[:20]]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="gpu")
@@ -83,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", default="dense,gate")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed eager calls of 2 new tokens per mode first (Triton's compilation, CUDA's warm-up)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="then compiled calls of 1 and 1 + this many new tokens under torch.profiler: the "
+                         "decode steps' kernel time against their wall time (0: none)")
     ap.add_argument("--out", default="compiled-generate.json")
     args = ap.parse_args(argv)
     from posthoc_sparse.deploy import apply_gates
@@ -117,6 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
                 row["compiled_calls_s"].append(seconds)
                 row["graphs_made"] = _graphs()["unique_graphs"] - before["unique_graphs"]
                 row["compiled_over_eager_last_call"] = seconds / row["eager_call_s"]
+                _save(args.out, result)
+            if args.profile:
+                row["profile"] = _profiled(model, ids, kw, args.profile,
+                                           row["compiled_last_call"]["decode_s_per_step"])
                 _save(args.out, result)
         print(mode, row, flush=True)
     return result

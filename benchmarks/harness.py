@@ -311,8 +311,21 @@ def _parser() -> argparse.ArgumentParser:
                     help="gpu: Qwen3-1.7B's shape in bf16; cpu: a small model in fp32, to check the parts")
     ap.add_argument("--parts", default=DEFAULT_PARTS, help=f"comma list (default {DEFAULT_PARTS})")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (medians), after warm-up calls")
+    ap.add_argument("--plan", type=json.loads, default={}, metavar="JSON",
+                    help='overrides of each part\'s plan for the run\'s size, e.g. \'{"S": [32768]}\' (keys it lacks '
+                         'are refused)')
     ap.add_argument("--out", default="perf.json", help="the JSON, rewritten after every part")
     return ap
+
+
+def _plan(entry: Part, size: str, overrides: dict, ap: argparse.ArgumentParser):
+    """The part's plan for ``size`` with ``--plan``'s overrides (a dict plan only, and only keys it has)."""
+    plan = entry.plans[size]
+    if not overrides:
+        return plan
+    if not isinstance(plan, dict) or not isinstance(overrides, dict) or set(overrides) - set(plan):
+        ap.error(f"--plan: part {entry.name}'s plan is {plan!r}; {overrides!r} does not override its keys")
+    return {**plan, **overrides}
 
 
 def _table(result: dict) -> None:
@@ -334,11 +347,14 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--parts takes a comma list of {', '.join(PARTS)}; got {args.parts!r}")
     if args.reps < 1:
         ap.error(f"--reps must be at least 1, got {args.reps}")
+    plans = {name: _plan(PARTS[name], args.size, args.plan, ap) for name in names}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bench = Bench(args.size, device, args.reps)
     result = {"size": args.size, "config": SIZES[args.size],
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(bench.dtype), "versions": versions(), "parts": {}}
+    if args.plan:
+        result["plan_overrides"] = args.plan
     out = Path(args.out)
     t0 = time.perf_counter()
     for name in names:
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: skipped, its kernels run on a GPU only", flush=True)
             rows = []
         else:
-            rows = entry.run(bench, entry.plans[args.size])
+            rows = entry.run(bench, plans[name])
         result["parts"][name] = rows
         result["seconds"] = time.perf_counter() - t0
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())

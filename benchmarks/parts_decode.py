@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -29,6 +30,9 @@ from posthoc_sparse.ops import decode as dc
 
 GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8}
 CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2}
+# SDPA's kernels for a decode step on CUDA, each timed as a baseline: PyTorch's eager SDPA picks the memory-efficient
+# kernel for a masked single query, and inductor lowers the same call to cuDNN's (transformers' compiled generate)
+SDPA_BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def _frozen_gate(bench: Bench) -> GateBank:
@@ -130,6 +134,7 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
     base = {"S": s_len, "batch": batch, "sdpa_s": timed(sdpa, device, reps)}
     if device.type == "cuda":
         base["sdpa_graph_s"] = timed(cuda_graphed(sdpa, device), device, reps)
+        base |= _sdpa_backends(sdpa, base["sdpa_graph_s"], device, reps)
     rows = []
     for kk in ks:
         for selection in ("head", "group"):
@@ -146,12 +151,28 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
             if device.type == "cuda":
                 row["gated_graph_s"] = timed(cuda_graphed(gated, device), device, reps)
                 row["graph_speedup_vs_sdpa"] = base["sdpa_graph_s"] / row["gated_graph_s"]
+                row["graph_speedup_vs_fastest_sdpa"] = base["sdpa_fastest_graph_s"] / row["gated_graph_s"]
                 for mode in ("single", "split"):  # the whole call with each radix select, captured the same way
                     with _select_mode(mode):
                         row[f"gated_graph_{mode}_s"] = timed(cuda_graphed(gated, device), device, reps)
                 row |= _pieces(call, selector, reset, kk, selection == "group", device, reps)
             rows.append(report(row))
     return rows
+
+
+def _sdpa_backends(sdpa, default_s: float, device, reps: int) -> dict:
+    """SDPA's call replayed as a CUDA graph with each of ``SDPA_BACKENDS`` forced (``sdpa_<name>_graph_s``; a
+    backend that refuses the call gets ``sdpa_<name>_error``), and the fastest of them and of the default
+    (``default_s``): ``sdpa_fastest_graph_s`` and its name ``sdpa_fastest``, the baseline a gated step must beat."""
+    row, times = {}, {"default": default_s}
+    for name, backend in SDPA_BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                times[name] = row[f"sdpa_{name}_graph_s"] = timed(cuda_graphed(sdpa, device), device, reps)
+        except RuntimeError as e:
+            row[f"sdpa_{name}_error"] = first_line(e, 160)
+    fastest = min(times, key=times.get)
+    return row | {"sdpa_fastest": fastest, "sdpa_fastest_graph_s": times[fastest]}
 
 
 @part("decode_attention", gpu=GPU_PLAN, cpu=CPU_PLAN)
@@ -176,14 +197,18 @@ def decode_attention(bench: Bench, plan: dict) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _bound(model, policy, rewind):
-    """Around one timed call: the cache rewound, and the policy attached (none: the model's own SDPA)."""
+def _bound(model, policy, rewind, backend=None):
+    """Around one timed call: the cache rewound, and the policy attached (none: the model's own SDPA, with
+    ``backend`` forced when given)."""
     rewind()
-    if policy is None:
-        yield
-    else:
+    if policy is not None:
         with SparseAttention(model, policy):
             yield
+    elif backend is not None:
+        with sdpa_kernel([backend]):
+            yield
+    else:
+        yield
 
 
 def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> dict:
@@ -206,13 +231,16 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
             layer.cumulative_length.fill_(s_len)
         pos.fill_(s_len)
 
-    variants = {"dense": None, **policies}
+    # dense as the model runs it (eager SDPA's choice) and with cuDNN's kernel forced (compiled generate's choice)
+    dense = {"dense": None, **({"dense_cudnn": SDPA_BACKENDS["cudnn"]} if device.type == "cuda" else {})}
+    variants = {**{name: (None, backend) for name, backend in dense.items()},
+                **{name: (pol, None) for name, pol in policies.items()}}
     modes = ("", "_graph") if device.type == "cuda" else ("",)
-    steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol)
-             for mode in modes for name, pol in variants.items()}
-    times = interleaved({key: (lambda st=st: [st() for _ in range(n)]) for key, (st, _) in steps.items()}, device,
-                        bench.reps, contexts={key: (lambda pol=pol: _bound(model, pol, rewind))
-                                              for key, (_, pol) in steps.items()})
+    steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol, backend)
+             for mode in modes for name, (pol, backend) in variants.items()}
+    times = interleaved({key: (lambda st=st: [st() for _ in range(n)]) for key, (st, _, _) in steps.items()},
+                        device, bench.reps, contexts={key: (lambda pol=pol, be=be: _bound(model, pol, rewind, be))
+                                                      for key, (_, pol, be) in steps.items()})
     row = {"S": s_len, "batch": batch, "steps": n, "kv_cache_bytes": _bytes(cache.layers),
            "gate_cache_bytes": _bytes(mirrors)}
     row["gate_cache_over_kv_cache_ratio"] = row["gate_cache_bytes"] / row["kv_cache_bytes"]
@@ -221,8 +249,10 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
         row[f"{name}_s_per_token"] = t / n
         row[f"{name}_tokens_per_s"] = batch * n / t
     for mode in modes:
+        fastest = min(times[f"{d}{mode}_s"] for d in dense)
         for name in policies:
             row[f"{name}{mode}_speedup_vs_dense"] = times[f"dense{mode}_s"] / times[f"{name}{mode}_s"]
+            row[f"{name}{mode}_speedup_vs_fastest_dense"] = fastest / times[f"{name}{mode}_s"]
     return row
 
 

@@ -73,14 +73,18 @@ def test_perf_runs_eval_distill_and_model_at_the_cpu_size(tmp_path):
 
 def test_decode_parts_run_at_the_cpu_size(tmp_path):
     """The decode parts (issue 21) on the CPU: the policy's reference path against SDPA for one layer, and the
-    whole model's decode loop dense and gated; every time positive, the gate key cache measured."""
+    whole model's decode loop dense and gated; every time positive, the gate key cache measured. The contexts are
+    --plan's, not the plan's."""
     out = tmp_path / "decode.json"
     run = subprocess.run([sys.executable, "benchmarks/perf.py", "--size", "cpu", "--parts",
-                          "decode_attention,decode_model", "--reps", "1", "--out", str(out)], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          "decode_attention,decode_model", "--reps", "1", "--plan", '{"S": [80]}', "--out", str(out)],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    parts = json.loads(out.read_text())["parts"]
-    plan = PARTS["decode_model"].plans["cpu"]
+    result = json.loads(out.read_text())
+    parts = result["parts"]
+    plan = {**PARTS["decode_model"].plans["cpu"], "S": [80]}
+    assert result["plan_overrides"] == {"S": [80]}
     assert [(r["S"], r["batch"]) for r in parts["decode_model"]] == [(s, b) for s in plan["S"] for b in plan["batch"]]
     assert len(parts["decode_attention"]) == len(plan["S"]) * len(plan["batch"]) * len(plan["k"]) * 2
     for row in parts["decode_attention"]:
@@ -90,6 +94,13 @@ def test_decode_parts_run_at_the_cpu_size(tmp_path):
         _positive(row, ["dense_tokens_per_s", "gate_k16_tokens_per_s", "gate_k16_speedup_vs_dense"])
         # the small model's gate (4 heads x d 32) against its KV cache (2 x 2 heads x 64) per token
         assert row["gate_cache_over_kv_cache_ratio"] == 0.5 and not any("graph" in key for key in row)
+
+
+def test_a_plan_override_the_part_lacks_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--size", "cpu", "--parts", "decode_model,eval", "--plan", '{"S": [64]}', "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and "part eval's plan" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_prefill_topk_part_runs_at_the_cpu_size_with_the_interpreter(tmp_path):
