@@ -61,23 +61,32 @@ def _timed(model, ids, kw: dict) -> tuple[float, dict]:
 
 
 def _save(out: str, result: dict) -> None:
-    """Writes ``result`` with each gated mode's speedups over dense, for the calls both have made so far."""
-    dense = result["modes"].get("dense", {})
-    for mode, row in result["modes"].items():
-        kinds = [kind for kind in ("eager", "compiled_last_call") if kind in row and kind in dense]
-        if mode != "dense" and kinds:
-            row["vs_dense"] = {f"{kind}_{part}_speedup": dense[kind][key] / row[kind][key]
-                               for kind in kinds for part, key in (("decode", "decode_s_per_step"),
-                                                                   ("prefill", "prefill_s"))}
+    """Writes ``result`` with each gated mode's speedups over each dense mode (``vs_dense``, ``vs_dense_gqa``), for
+    the calls both have made so far."""
+    for base, dense in [(m, r) for m, r in result["modes"].items() if m.startswith("dense")]:
+        for mode, row in result["modes"].items():
+            kinds = [kind for kind in ("eager", "compiled_last_call") if kind in row and kind in dense]
+            if not mode.startswith("dense") and kinds:
+                row[f"vs_{base}"] = {f"{kind}_{part}_speedup": dense[kind][key] / row[kind][key]
+                                     for kind in kinds for part, key in (("decode", "decode_s_per_step"),
+                                                                         ("prefill", "prefill_s"))}
     atomic_write_json(Path(out), result)
 
 
 def _profile(model, ids, kw: dict, steps: int):
-    """torch.profiler's events of one compiled ``generate`` call of ``steps`` new tokens."""
+    """torch.profiler's events of one compiled ``generate`` call stopped after ``steps`` new tokens. The call keeps
+    the timed calls' ``max_new_tokens`` (so their static cache's length: the same graph, not another compiled
+    for another length) and a stopping criterion ends it early."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = input_ids.shape[1] >= ids.shape[1] + steps
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, **dict(kw, max_new_tokens=steps, min_new_tokens=steps))
+        model.generate(ids, stopping_criteria=StoppingCriteriaList([StopAfter()]), **kw)
         torch.cuda.synchronize()
     return prof.key_averages()
 
@@ -87,12 +96,30 @@ def _kernels(events) -> list:
                   key=lambda e: e.self_device_time_total, reverse=True)
 
 
+def _host_ops(short, long, steps: int, top: int = 25) -> list:
+    """The host's work per decode step: each CPU event's calls and self time in the long call less the short
+    one's, over ``steps``, the most costly first (what the host does beyond replaying the step's graph)."""
+    before = {e.key: e for e in short if e.device_type == torch.autograd.DeviceType.CPU}
+    rows = []
+    for e in long:
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        b = before.get(e.key)
+        ms = (e.self_cpu_time_total - (b.self_cpu_time_total if b else 0)) / 1e3 / steps
+        calls = (e.count - (b.count if b else 0)) / steps
+        rows.append({"name": e.key[:120], "calls_per_step": calls, "self_host_ms_per_step": ms})
+    return sorted(rows, key=lambda r: r["self_host_ms_per_step"], reverse=True)[:top]
+
+
 def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
     """Two more compiled calls under torch.profiler, of 1 and of 1 + ``steps`` new tokens: how the decode steps
     reach the GPU (graph replays against kernel launches from the host) and the GPU's kernel time per decode step
     (the difference of the two calls' kernel times, over ``steps``), against the step's wall time measured
     without the profiler (``wall_s_per_step``): far below it, the step waits for the host. A step replayed as a
-    CUDA graph shows as one ``cudaGraphLaunch``; a step inductor did not capture, as hundreds of kernel launches."""
+    CUDA graph shows as one ``cudaGraphLaunch``; a step inductor did not capture, as hundreds of kernel launches.
+    ``host_ops``: where the host's time per step goes (``_host_ops``)."""
+    if steps >= kw["max_new_tokens"]:
+        raise ValueError(f"--profile {steps} needs --new above it")
     short, long = _profile(model, ids, kw, 1), _profile(model, ids, kw, 1 + steps)
     per_call = [sum(e.self_device_time_total for e in _kernels(ev)) / 1e3 for ev in (short, long)]
     device_ms = (per_call[1] - per_call[0]) / steps
@@ -101,6 +128,7 @@ def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
                                               if "GraphLaunch" in e.key or "LaunchKernel" in e.key},
             "kernel_ms_per_call": per_call, "decode_kernel_ms_per_step": device_ms,
             "decode_kernel_share_of_wall": device_ms / 1e3 / wall_s_per_step,
+            "host_ops": _host_ops(short, long, steps),
             "top_kernels": [{"name": e.key[:120], "calls": e.count, "device_ms": e.self_device_time_total / 1e3}
                             for e in kernels[:20]]}
 
@@ -113,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
-    ap.add_argument("--modes", default="dense,gate")
+    ap.add_argument("--modes", default="dense,gate",
+                    help="comma list of apply_gates' modes, and dense_gqa: the dense model with SDPA's own GQA "
+                         "(benchmarks/parts_decode.py's GQA_IMPL), no copy of K and V")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed eager calls of 2 new tokens per mode first (Triton's compilation, CUDA's warm-up)")
     ap.add_argument("--profile", type=int, default=0,
@@ -121,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "decode steps' kernel time against their wall time (0: none)")
     ap.add_argument("--out", default="compiled-generate.json")
     args = ap.parse_args(argv)
+    from benchmarks.parts_decode import GQA_IMPL, _attention_impl
     from posthoc_sparse.deploy import apply_gates
     from posthoc_sparse.gates.io import gate_spec_for_model
     from posthoc_sparse.gates.modules import GateBank
@@ -142,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         before = _graphs()
         row = result["modes"][mode] = {"compiled_calls_s": []}
-        with torch.no_grad(), apply_gates(model, bank, k=args.k, mode=mode):
+        bound = (_attention_impl(model, GQA_IMPL) if mode == "dense_gqa"
+                 else apply_gates(model, bank, k=args.k, mode=mode))
+        with torch.no_grad(), bound:
             # the row is written after each call, so a run cut off by a time limit keeps what it measured
             for _ in range(args.warmup):  # else the eager call's first steps compile the mode's kernels
                 model.generate(ids, disable_compile=True, **dict(kw, max_new_tokens=2, min_new_tokens=2))

@@ -19,6 +19,6 @@ if [ "${TESTS:-1}" = 1 ]; then  # TESTS=0 skips them (a second call for another 
 fi
 for b in ${BATCHES:-1 8}; do
     timeout "${GEN_TIMEOUT:-220}" env TORCH_LOGS=recompiles,perf_hints "$PY" benchmarks/compiled_generate.py --size gpu --s "$S" \
-        --k "$K" --new "$NEW" --batch "$b" --calls "${CALLS:-2}" --profile "${PROFILE:-8}" --out "$OUT/compiled-b$b.json" 2>&1 \
+        --k "$K" --new "$NEW" --modes "${MODES:-dense,gate}" --batch "$b" --calls "${CALLS:-2}" --profile "${PROFILE:-8}" --out "$OUT/compiled-b$b.json" 2>&1 \
         | tail -40 | tee "$OUT/compiled-b$b.log"
 done

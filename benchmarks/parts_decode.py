@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from benchmarks.harness import Bench, cuda_graphed, interleaved, part, report, timed
@@ -134,7 +136,7 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
     base = {"S": s_len, "batch": batch, "sdpa_s": timed(sdpa, device, reps)}
     if device.type == "cuda":
         base["sdpa_graph_s"] = timed(cuda_graphed(sdpa, device), device, reps)
-        base |= _sdpa_backends(sdpa, base["sdpa_graph_s"], device, reps)
+        base |= _sdpa_backends(_dense_calls(call, sdpa), base["sdpa_graph_s"], device, reps)
     rows = []
     for kk in ks:
         for selection in ("head", "group"):
@@ -160,17 +162,42 @@ def _attention_rows(bench: Bench, s_len: int, batch: int, ks: list[int]) -> list
     return rows
 
 
-def _sdpa_backends(sdpa, default_s: float, device, reps: int) -> dict:
-    """SDPA's call replayed as a CUDA graph with each of ``SDPA_BACKENDS`` forced (``sdpa_<name>_graph_s``; a
-    backend that refuses the call gets ``sdpa_<name>_error``), and the fastest of them and of the default
-    (``default_s``): ``sdpa_fastest_graph_s`` and its name ``sdpa_fastest``, the baseline a gated step must beat."""
+def _dense_calls(call, sdpa) -> dict:
+    """Dense decode attention of one layer, the ways a dense model can call SDPA for one query per sequence:
+    "" transformers' call as the stock model makes it (``sdpa``: with a mask, transformers 5.17 repeats K and V for
+    GQA, a copy of the cache), "gqa_" SDPA's own GQA (``enable_gqa``, no copy), "packed_" the query heads of a KV
+    group as SDPA's query rows against the group's K and V (no copy; transformers' own call since 5.2x), and
+    "compiled_" transformers' call through ``torch.compile`` (what ``generate`` runs with a static cache)."""
+    q, key, v, mask = call.query, call.key, call.value, call.attention_mask
+    b, h, _, d = q.shape
+    g = key.shape[1]
+
+    def gqa():
+        return F.scaled_dot_product_attention(q, key, v, attn_mask=mask, scale=call.scaling, enable_gqa=True)
+
+    def packed():
+        out = F.scaled_dot_product_attention(q.reshape(b, g, h // g, d), key, v, attn_mask=mask, scale=call.scaling)
+        return out.reshape(b, h, 1, d)
+
+    return {"": sdpa, "gqa_": gqa, "packed_": packed, "compiled_": torch.compile(sdpa, fullgraph=True)}
+
+
+def _sdpa_backends(calls: dict, default_s: float, device, reps: int) -> dict:
+    """Each of ``calls`` (``_dense_calls``) replayed as a CUDA graph with SDPA's default choice and with each of
+    ``SDPA_BACKENDS`` forced (``sdpa_<call><backend>_graph_s``; one that refuses gets ``sdpa_<call><backend>_error``;
+    the compiled call with the default only), and the fastest of all with the stock call's default (``default_s``):
+    ``sdpa_fastest_graph_s`` and its name ``sdpa_fastest``, the baseline a gated step must beat."""
     row, times = {}, {"default": default_s}
-    for name, backend in SDPA_BACKENDS.items():
-        try:
-            with sdpa_kernel([backend]):
-                times[name] = row[f"sdpa_{name}_graph_s"] = timed(cuda_graphed(sdpa, device), device, reps)
-        except RuntimeError as e:
-            row[f"sdpa_{name}_error"] = first_line(e, 160)
+    for prefix, fn in calls.items():
+        for name, backend in [("default", None), *SDPA_BACKENDS.items()]:
+            if (prefix == "" and backend is None) or (prefix == "compiled_" and backend is not None):
+                continue  # the stock call's default is default_s
+            label = f"{prefix}{name}".removesuffix("_default")
+            try:
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+                    times[label] = row[f"sdpa_{label}_graph_s"] = timed(cuda_graphed(fn, device), device, reps)
+            except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
+                row[f"sdpa_{label}_error"] = first_line(e, 160)
     fastest = min(times, key=times.get)
     return row | {"sdpa_fastest": fastest, "sdpa_fastest_graph_s": times[fastest]}
 
@@ -196,18 +223,45 @@ def decode_attention(bench: Bench, plan: dict) -> list[dict]:
     return rows
 
 
+# a dense model whose SDPA call uses SDPA's own GQA (``enable_gqa``) with the static cache's mask, where
+# transformers 5.17 repeats K and V for GQA whenever there is a mask: the fastest dense decode per layer measured
+# (``decode_attention``'s sdpa_gqa rows); registered through transformers' AttentionInterface like the gated path
+GQA_IMPL = "posthoc_bench_sdpa_gqa"
+
+
+def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
-def _bound(model, policy, rewind, backend=None):
-    """Around one timed call: the cache rewound, and the policy attached (none: the model's own SDPA, with
-    ``backend`` forced when given)."""
+def _attention_impl(model, name: str):
+    AttentionInterface.register(name, _sdpa_gqa_forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _dense_variants(model, device) -> dict:
+    """Dense decode's contexts: the model as it runs (transformers' SDPA call), with cuDNN's kernel forced (on
+    CUDA: what inductor calls in compiled generate), and with SDPA's own GQA (``GQA_IMPL``)."""
+    variants = {"dense": contextlib.nullcontext, "dense_gqa": lambda: _attention_impl(model, GQA_IMPL)}
+    if device.type == "cuda":
+        variants["dense_cudnn"] = lambda: sdpa_kernel([SDPA_BACKENDS["cudnn"]])
+    return variants
+
+
+@contextlib.contextmanager
+def _bound(model, policy, rewind, dense=contextlib.nullcontext):
+    """Around one timed call: the cache rewound, and the policy attached (none: dense, in context ``dense()``)."""
     rewind()
-    if policy is not None:
-        with SparseAttention(model, policy):
-            yield
-    elif backend is not None:
-        with sdpa_kernel([backend]):
-            yield
-    else:
+    with SparseAttention(model, policy) if policy is not None else dense():
         yield
 
 
@@ -231,9 +285,8 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
             layer.cumulative_length.fill_(s_len)
         pos.fill_(s_len)
 
-    # dense as the model runs it (eager SDPA's choice) and with cuDNN's kernel forced (compiled generate's choice)
-    dense = {"dense": None, **({"dense_cudnn": SDPA_BACKENDS["cudnn"]} if device.type == "cuda" else {})}
-    variants = {**{name: (None, backend) for name, backend in dense.items()},
+    dense = _dense_variants(model, device)
+    variants = {**{name: (None, ctx) for name, ctx in dense.items()},
                 **{name: (pol, None) for name, pol in policies.items()}}
     modes = ("", "_graph") if device.type == "cuda" else ("",)
     steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol, backend)

@@ -96,6 +96,42 @@ def test_decode_parts_run_at_the_cpu_size(tmp_path):
         assert row["gate_cache_over_kv_cache_ratio"] == 0.5 and not any("graph" in key for key in row)
 
 
+def test_the_dense_decode_baselines_compute_the_stock_calls_attention():
+    # the ways benchmarks/parts_decode.py times dense decode must be the same attention, else the ratio means little
+    from benchmarks.harness import Bench
+
+    call, _, _ = parts_decode._layer_decode(Bench("cpu", torch.device("cpu"), 1), 40, 2)
+    assert call.key.shape[1] < call.query.shape[1]  # GQA, where the calls differ
+    assert not call.attention_mask.all()  # the static cache's free slot is masked
+
+    def stock():
+        out, _ = parts_decode.sdpa_attention_forward(call.module, call.query, call.key, call.value,
+                                                     call.attention_mask, scaling=call.scaling)
+        return out.transpose(1, 2)  # transformers returns (B, 1, H, D)
+
+    calls = parts_decode._dense_calls(call, stock)
+    assert set(calls) == {"", "gqa_", "packed_", "compiled_"}
+    want = stock()
+    for prefix in ("gqa_", "packed_"):
+        torch.testing.assert_close(calls[prefix](), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_dense_gqa_model_variant_gives_the_stock_models_logits():
+    from benchmarks.harness import build_model
+
+    model = build_model("cpu", torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: the mask reaches the attention
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with parts_decode._attention_impl(model, parts_decode.GQA_IMPL):
+            assert model.config._attn_implementation == parts_decode.GQA_IMPL
+            got = model(ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got[:, 5:], want[:, 5:], rtol=1e-4, atol=1e-4)
+
+
 def test_a_plan_override_the_part_lacks_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--size", "cpu", "--parts", "decode_model,eval", "--plan", '{"S": [64]}', "--out", str(tmp_path / "x")])
