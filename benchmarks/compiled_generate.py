@@ -112,20 +112,23 @@ def _host_ops(short, long, steps: int, top: int = 25) -> list:
 
 
 def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
-    """Two more compiled calls under torch.profiler, of 1 and of 1 + ``steps`` new tokens: how the decode steps
+    """Two more compiled calls under torch.profiler, stopped after 2 and after 2 + ``steps`` new tokens (the
+    prefill and the first decode step in both, so the difference holds only steady steps): how the decode steps
     reach the GPU (graph replays against kernel launches from the host) and the GPU's kernel time per decode step
     (the difference of the two calls' kernel times, over ``steps``), against the step's wall time measured
     without the profiler (``wall_s_per_step``): far below it, the step waits for the host. A step replayed as a
     CUDA graph shows as one ``cudaGraphLaunch``; a step inductor did not capture, as hundreds of kernel launches.
-    ``host_ops``: where the host's time per step goes (``_host_ops``)."""
-    if steps >= kw["max_new_tokens"]:
-        raise ValueError(f"--profile {steps} needs --new above it")
-    short, long = _profile(model, ids, kw, 1), _profile(model, ids, kw, 1 + steps)
+    ``host_ops``: where the host's time per step goes (``_host_ops``); ``graph_records``: the CUDA graphs each call
+    recorded (``CUDAGraphNode.record``; 1 in the short call means every ``generate`` call records its step anew)."""
+    if steps + 2 > kw["max_new_tokens"]:
+        raise ValueError(f"--profile {steps} needs --new of at least {steps + 2}")
+    short, long = _profile(model, ids, kw, 2), _profile(model, ids, kw, 2 + steps)
     per_call = [sum(e.self_device_time_total for e in _kernels(ev)) / 1e3 for ev in (short, long)]
     device_ms = (per_call[1] - per_call[0]) / steps
     kernels = _kernels(long)
     return {"steps": steps, "host_launches": {e.key: e.count for e in long
                                               if "GraphLaunch" in e.key or "LaunchKernel" in e.key},
+            "graph_records": [sum(e.count for e in ev if "CUDAGraphNode.record" in e.key) for ev in (short, long)],
             "kernel_ms_per_call": per_call, "decode_kernel_ms_per_step": device_ms,
             "decode_kernel_share_of_wall": device_ms / 1e3 / wall_s_per_step,
             "host_ops": _host_ops(short, long, steps),
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed eager calls of 2 new tokens per mode first (Triton's compilation, CUDA's warm-up)")
     ap.add_argument("--profile", type=int, default=0,
-                    help="then compiled calls of 1 and 1 + this many new tokens under torch.profiler: the "
+                    help="then compiled calls of 2 and 2 + this many new tokens under torch.profiler: the "
                          "decode steps' kernel time against their wall time (0: none)")
     ap.add_argument("--out", default="compiled-generate.json")
     args = ap.parse_args(argv)
