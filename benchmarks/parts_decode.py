@@ -32,8 +32,9 @@ from posthoc_sparse.ops import decode as dc
 
 GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8}
 CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2}
-# SDPA's kernels for a decode step on CUDA, each timed as a baseline: PyTorch's eager SDPA picks the memory-efficient
-# kernel for a masked single query, and inductor lowers the same call to cuDNN's (transformers' compiled generate)
+# SDPA's kernels for a decode step on CUDA, each forced as a baseline beside SDPA's own choice (for a masked single
+# query on an H200 with torch 2.11 its choice ran at cuDNN's speed, the memory-efficient kernel at a quarter of it;
+# inductor calls cuDNN's in transformers' compiled generate)
 SDPA_BACKENDS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
@@ -166,7 +167,7 @@ def _dense_calls(call, sdpa) -> dict:
     """Dense decode attention of one layer, the ways a dense model can call SDPA for one query per sequence:
     "" transformers' call as the stock model makes it (``sdpa``: with a mask, transformers 5.17 repeats K and V for
     GQA, a copy of the cache), "gqa_" SDPA's own GQA (``enable_gqa``, no copy), "packed_" the query heads of a KV
-    group as SDPA's query rows against the group's K and V (no copy; transformers' own call since 5.2x), and
+    group as SDPA's query rows against the group's K and V (no copy; transformers 5.24's eager decode), and
     "compiled_" transformers' call through ``torch.compile`` (what ``generate`` runs with a static cache)."""
     q, key, v, mask = call.query, call.key, call.value, call.attention_mask
     b, h, _, d = q.shape
@@ -289,11 +290,11 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
     variants = {**{name: (None, ctx) for name, ctx in dense.items()},
                 **{name: (pol, None) for name, pol in policies.items()}}
     modes = ("", "_graph") if device.type == "cuda" else ("",)
-    steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol, backend)
-             for mode in modes for name, (pol, backend) in variants.items()}
+    steps = {f"{name}{mode}_s": (DecodeStep(model, cache, ids, pos, mask, graph=bool(mode)), pol, ctx)
+             for mode in modes for name, (pol, ctx) in variants.items()}
     times = interleaved({key: (lambda st=st: [st() for _ in range(n)]) for key, (st, _, _) in steps.items()},
-                        device, bench.reps, contexts={key: (lambda pol=pol, be=be: _bound(model, pol, rewind, be))
-                                                      for key, (_, pol, be) in steps.items()})
+                        device, bench.reps, contexts={key: (lambda pol=pol, ctx=ctx: _bound(model, pol, rewind, ctx))
+                                                      for key, (_, pol, ctx) in steps.items()})
     row = {"S": s_len, "batch": batch, "steps": n, "kv_cache_bytes": _bytes(cache.layers),
            "gate_cache_bytes": _bytes(mirrors)}
     row["gate_cache_over_kv_cache_ratio"] = row["gate_cache_bytes"] / row["kv_cache_bytes"]
