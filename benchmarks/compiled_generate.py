@@ -85,9 +85,10 @@ def _profile(model, ids, kw: dict, steps: int):
             done = input_ids.shape[1] >= ids.shape[1] + steps
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if ids.is_cuda else [])]) as prof:
         model.generate(ids, stopping_criteria=StoppingCriteriaList([StopAfter()]), **kw)
-        torch.cuda.synchronize()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
     return prof.key_averages()
 
 

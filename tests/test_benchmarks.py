@@ -132,6 +132,25 @@ def test_the_dense_gqa_model_variant_gives_the_stock_models_logits():
     torch.testing.assert_close(got[:, 5:], want[:, 5:], rtol=1e-4, atol=1e-4)
 
 
+def test_the_generate_profile_stops_its_calls_and_differences_them_per_step():
+    # benchmarks/compiled_generate.py's profile (its GPU run needs CUDA; the calls and the arithmetic do not)
+    from benchmarks import compiled_generate as cg
+    from benchmarks.harness import build_model, ids_for
+
+    model = build_model("cpu", torch.device("cpu"), torch.float32)
+    ids = ids_for(model, 24, torch.device("cpu"))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids), cache_implementation="static", disable_compile=True)
+    with torch.no_grad():
+        short, long = cg._profile(model, ids, kw, 2), cg._profile(model, ids, kw, 5)
+    linears = [sum(e.count for e in ev if e.key == "aten::linear") for ev in (short, long)]
+    per_token = model.config.num_hidden_layers * 7 + 1  # q, k, v, o, gate, up, down, and the head
+    assert linears[1] - linears[0] == 3 * per_token  # stopped after 2 and 5 new tokens, not at max_new_tokens
+    rows = {r["name"]: r for r in cg._host_ops(short, long, 3, top=1000)}
+    assert rows["aten::linear"]["calls_per_step"] == per_token
+    assert list(rows) == sorted(rows, key=lambda n: -rows[n]["self_host_ms_per_step"])
+
+
 def test_a_plan_override_the_part_lacks_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--size", "cpu", "--parts", "decode_model,eval", "--plan", '{"S": [64]}', "--out", str(tmp_path / "x")])
