@@ -121,12 +121,10 @@ def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
     CUDA graph shows as one ``cudaGraphLaunch``; a step inductor did not capture, as hundreds of kernel launches.
     ``host_ops``: where the host's time per step goes (``_host_ops``); ``graph_records``: the CUDA graphs each call
     recorded (``CUDAGraphNode.record``; 1 in the short call means every ``generate`` call records its step anew)."""
-    if steps + 2 > kw["max_new_tokens"]:
-        raise ValueError(f"--profile {steps} needs --new of at least {steps + 2}")
     short, long = _profile(model, ids, kw, 2), _profile(model, ids, kw, 2 + steps)
-    per_call = [sum(e.self_device_time_total for e in _kernels(ev)) / 1e3 for ev in (short, long)]
+    kernels = [_kernels(ev) for ev in (short, long)]
+    per_call = [sum(e.self_device_time_total for e in ks) / 1e3 for ks in kernels]
     device_ms = (per_call[1] - per_call[0]) / steps
-    kernels = _kernels(long)
     return {"steps": steps, "host_launches": {e.key: e.count for e in long
                                               if "GraphLaunch" in e.key or "LaunchKernel" in e.key},
             "graph_records": [sum(e.count for e in ev if "CUDAGraphNode.record" in e.key) for ev in (short, long)],
@@ -134,7 +132,7 @@ def _profiled(model, ids, kw: dict, steps: int, wall_s_per_step: float) -> dict:
             "decode_kernel_share_of_wall": device_ms / 1e3 / wall_s_per_step,
             "host_ops": _host_ops(short, long, steps),
             "top_kernels": [{"name": e.key[:120], "calls": e.count, "device_ms": e.self_device_time_total / 1e3}
-                            for e in kernels[:20]]}
+                            for e in kernels[1][:20]]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--modes", default="dense,gate",
                     help="comma list of apply_gates' modes, and dense_gqa: the dense model with SDPA's own GQA "
-                         "(benchmarks/parts_decode.py's GQA_IMPL), no copy of K and V")
+                         "(benchmarks/parts_decode.py's dense_gqa), no copy of K and V")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed eager calls of 2 new tokens per mode first (Triton's compilation, CUDA's warm-up)")
     ap.add_argument("--profile", type=int, default=0,
@@ -155,7 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "decode steps' kernel time against their wall time (0: none)")
     ap.add_argument("--out", default="compiled-generate.json")
     args = ap.parse_args(argv)
-    from benchmarks.parts_decode import GQA_IMPL, _attention_impl
+    if args.profile < 0 or (args.profile and args.profile + 2 > args.new):
+        ap.error(f"--profile {args.profile} needs --new of at least {args.profile + 2} (its calls stop after 2 and "
+                 f"2 + --profile new tokens), and is not negative")
+    from benchmarks.parts_decode import dense_gqa
     from posthoc_sparse.deploy import apply_gates
     from posthoc_sparse.gates.io import gate_spec_for_model
     from posthoc_sparse.gates.modules import GateBank
@@ -177,8 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         before = _graphs()
         row = result["modes"][mode] = {"compiled_calls_s": []}
-        bound = (_attention_impl(model, GQA_IMPL) if mode == "dense_gqa"
-                 else apply_gates(model, bank, k=args.k, mode=mode))
+        bound = dense_gqa(model) if mode == "dense_gqa" else apply_gates(model, bank, k=args.k, mode=mode)
         with torch.no_grad(), bound:
             # the row is written after each call, so a run cut off by a time limit keeps what it measured
             for _ in range(args.warmup):  # else the eager call's first steps compile the mode's kernels

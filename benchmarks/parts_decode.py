@@ -238,11 +238,12 @@ def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 @contextlib.contextmanager
-def _attention_impl(model, name: str):
-    AttentionInterface.register(name, _sdpa_gqa_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+def dense_gqa(model):
+    """The dense ``model`` with SDPA's own GQA (``GQA_IMPL``) inside the context, its own attention after."""
+    AttentionInterface.register(GQA_IMPL, _sdpa_gqa_forward)
+    AttentionMaskInterface.register(GQA_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    model.set_attn_implementation(GQA_IMPL)
     try:
         yield
     finally:
@@ -252,7 +253,7 @@ def _attention_impl(model, name: str):
 def _dense_variants(model, device) -> dict:
     """Dense decode's contexts: the model as it runs (transformers' SDPA call), with cuDNN's kernel forced (on
     CUDA: what inductor calls in compiled generate), and with SDPA's own GQA (``GQA_IMPL``)."""
-    variants = {"dense": contextlib.nullcontext, "dense_gqa": lambda: _attention_impl(model, GQA_IMPL)}
+    variants = {"dense": contextlib.nullcontext, "dense_gqa": lambda: dense_gqa(model)}
     if device.type == "cuda":
         variants["dense_cudnn"] = lambda: sdpa_kernel([SDPA_BACKENDS["cudnn"]])
     return variants

@@ -125,7 +125,7 @@ def test_the_dense_gqa_model_variant_gives_the_stock_models_logits():
     mask[1, :5] = 0  # a left-padded row: the mask reaches the attention
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        with parts_decode._attention_impl(model, parts_decode.GQA_IMPL):
+        with parts_decode.dense_gqa(model):
             assert model.config._attn_implementation == parts_decode.GQA_IMPL
             got = model(ids, attention_mask=mask).logits
     assert model.config._attn_implementation == "sdpa"
@@ -149,6 +149,15 @@ def test_the_generate_profile_stops_its_calls_and_differences_them_per_step():
     rows = {r["name"]: r for r in cg._host_ops(short, long, 3, top=1000)}
     assert rows["aten::linear"]["calls_per_step"] == per_token
     assert list(rows) == sorted(rows, key=lambda n: -rows[n]["self_host_ms_per_step"])
+
+
+def test_a_profile_longer_than_the_new_tokens_is_refused_before_the_model_is_built(tmp_path, capsys):
+    from benchmarks import compiled_generate as cg
+
+    with pytest.raises(SystemExit) as stop:
+        cg.main(["--new", "9", "--profile", "8", "--out", str(tmp_path / "x.json")])
+    assert stop.value.code == 2 and "--profile 8 needs --new of at least 10" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_a_plan_override_the_part_lacks_is_refused_before_anything_runs(tmp_path, capsys):
