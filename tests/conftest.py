@@ -13,12 +13,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the test processes sharing t
     torch.set_num_threads(1)  # torch's threads would stall the other worker's (tiny matrices gain nothing from them)
     os.environ["OMP_NUM_THREADS"] = "1"  # nor in the commands the tests start
 
-from .interpreted import patch_the_interpreter_once_per_launch
+from .interpreted import patch_the_interpreter_dot, patch_the_interpreter_once_per_launch
 from .tiny import ARCHS, tiny_model, train_tiny_lm, write_corpus
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     patch_the_interpreter_once_per_launch()
+    patch_the_interpreter_dot()
 
 
 @pytest.fixture(params=ARCHS)

@@ -1,10 +1,12 @@
-"""Triton's interpreter, made faster for the tests: ``patch_the_interpreter_once_per_launch`` (applied by conftest
-in the test processes), and a runner for the scripts the tests start under TRITON_INTERPRET=1, which applies it there
+"""Triton's interpreter, made faster for the tests: ``patch_the_interpreter_once_per_launch``, and its ``tl.dot``
+made independent of the tiles' shapes as a GPU's is: ``patch_the_interpreter_dot`` (both applied by conftest in the
+test processes), and a runner for the scripts the tests start under TRITON_INTERPRET=1, which applies them there
 too before running the script as ``__main__``:
 
     python -m tests.interpreted benchmarks/sweep_probe.py --t 70 ...    (from the repository root)
 
-The patch changes no result, only how often the interpreter re-patches ``triton.language``."""
+The first patch changes no result, only how often the interpreter re-patches ``triton.language``; the second
+rounds each dot once, from float64."""
 
 from __future__ import annotations
 
@@ -63,11 +65,43 @@ def patch_the_interpreter_once_per_launch() -> None:
     interpreter.GridExecutor.__call__ = counted_launch
 
 
+def patch_the_interpreter_dot() -> None:
+    """Make the interpreter's ``tl.dot`` give each element the same bits whatever the shape of the tiles around it,
+    as a GPU's does (for a given reduction length, a tensor-core or FMA dot adds an element's products in one
+    order, whatever the tile's rows and columns). The interpreter calls ``np.matmul``, whose BLAS may add them in
+    an order that depends on the matrix shape and the CPU (seen on an AMD EPYC: a score computed by two kernels with
+    different tiles differed in its last bit, and the token selection, which counts band keys in one kernel and
+    writes them in another, read a slot it never wrote). Here floating dots of 16 bits and more are computed in
+    float64 (each product exact, the sum's rounding far below float32's) and rounded once to the accumulator's
+    type. Left as it is where the interpreter lacks these names (another Triton version)."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    dot = getattr(builder, "create_dot", None)
+    handle = getattr(interpreter, "TensorHandle", None)
+    if dot is None or handle is None or getattr(dot, "shape_independent", False):
+        return
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.is_floating() and b.dtype.is_floating() and min(a.dtype.primitive_bitwidth,
+                                                                     b.dtype.primitive_bitwidth) >= 16:
+            out = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)).astype(d.data.dtype)
+            return handle(out + d.data, d.dtype.scalar)
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot.shape_independent = True
+    builder.create_dot = create_dot
+
+
 def main(argv: list[str]) -> None:
     """Run the script argv[0] as ``__main__`` with the arguments after it, the interpreter patched first."""
     if not argv:
         raise SystemExit("usage: python -m tests.interpreted SCRIPT [ARGS...]")
     patch_the_interpreter_once_per_launch()
+    patch_the_interpreter_dot()
     sys.argv = list(argv)
     runpy.run_path(argv[0], run_name="__main__")
 
