@@ -30,9 +30,12 @@ def _mass(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return scores.gather(-1, idx.long().clamp(min=0)).masked_fill(idx < 0, 0).sum(-1)
 
 
-@pytest.mark.parametrize("hs, cap", [(4, None), (2, None), (2, 3.0)])
-def test_score_kernel_equals_the_reference(hs, cap):
-    """Selection keys per query head (a hidden gate's) or per KV head (the oracle's, GQA), softcap, padding."""
+@pytest.mark.parametrize("hs, cap, products", [(4, None, False), (4, None, True), (4, 3.0, True), (2, None, False),
+                                               (2, 3.0, False)])
+def test_score_kernel_equals_the_reference(monkeypatch, hs, cap, products):
+    """Selection keys per query head (a hidden gate's: by tl.dot, or by products summed) or per KV head (the
+    oracle's, GQA), softcap, padding."""
+    monkeypatch.setitem(dc.TUNING, "score_products", products)
     sq, sk, *_, valid = _data(hs=hs, s=131)
     sc, pm, pl = dc.decode_scores(sq, sk, valid, 0.5, cap, stats=True)
     want = dc.decode_scores_reference(sq, sk, valid, 0.5, cap)
@@ -316,7 +319,7 @@ def test_compiled_static_generate_runs_the_fused_path():
 
 
 def test_the_radix_select_kernels_compile_for_hopper(tmp_path):
-    """The split select's atomics and 512-bin histograms, the one-program select and the group scores compile
+    """The split select's atomics and 256-bin histograms, the one-program select and the group scores compile
     down to sm_90 machine code (which the interpreter does not check), without spilling to local memory."""
     from benchmarks.hopper import DECODE_TYPES, compile_for_hopper
 
@@ -329,3 +332,19 @@ def test_the_radix_select_kernels_compile_for_hopper(tmp_path):
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.decode.radix", cases, DECODE_TYPES)
     assert [g["kernel"] for g in got] == [c[0] for c in cases]
     assert all(g["local"] == 0 and 0 < g["regs"] <= 255 for g in got), got
+
+
+def test_the_score_kernel_compiles_for_hopper(tmp_path):
+    """``_score`` at the default launch (tiles of 256 keys, 8 warps) compiles to sm_90 without spilling: one row by
+    products (a hidden gate's keys), per head and with the split statistics (per group), and two rows by tl.dot on
+    head_dim keys (the oracle's, GQA)."""
+    from benchmarks.hopper import compile_for_hopper
+
+    pytest.importorskip("triton.backends.nvidia")
+    types = {"SQ": "*bf16", "SK": "*bf16", "VALID": "*u8", "SC": "*fp32", "PM": "*fp32", "PL": "*fp32",
+             "sel_scale": "fp32", "sel_cap": "fp32"}
+    common = dict(BLOCK_S=dc.TUNING["block_s"], HAS_MASK=True, SOFTCAP=False, IEEE=False)
+    cases = [("_score", common | dict(R=1, RP=1, DS=32, STATS=stats), dc.TUNING["score_warps"]) for stats in (0, 1)]
+    cases.append(("_score", common | dict(R=2, RP=16, DS=128, STATS=True), dc.TUNING["score_warps"]))
+    got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.decode.triton", cases, types)
+    assert len(got) == 3 and all(g["local"] == 0 and 0 < g["regs"] <= 255 for g in got), got

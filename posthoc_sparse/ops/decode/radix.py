@@ -12,7 +12,8 @@
                 With few rows (batch 1: 16 heads or 8 groups, for 132 SMs) one program per row leaves the GPU
                 idle, so below TUNING["split_rows"] rows the same select runs split over the keys instead:
                 ``_split_pass`` x 4 (grid (splits, rows): each program histograms its split's keys that match
-                the prefix and adds the counts to the row's by integer atomics, exact in any order; each reads
+                the prefix (256 bins, the keys off it taken off digit 0) and adds the counts to the row's by
+                integer atomics, exact in any order; each reads
                 the earlier passes' row histograms to know the prefix) and ``_split_write`` (each split's first
                 slot from the kept and equal keys of the splits before it, known from the last pass's per-split
                 histograms), after ``_group_split`` for per-group selection: five or six launches, the same
@@ -168,26 +169,30 @@ if triton is not None:
     @triton.jit
     def _split_pass(SRC, HSUM, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr):
         # pass P of the split select, program (split, row): the histogram of the next digit over its split's keys
-        # that match the prefix (keys off it go to bins 256+, dropped), added to the row's; the last pass also keeps
-        # its split's own histogram and the count of its keys above the 24-bit prefix, for the write's offsets
+        # that match the prefix (keys off it counted in digit 0, then taken off: 256 bins, not 512 with a bin for
+        # them, halve the histogram's work), added to the row's (its nonzero bins); the last pass also keeps its
+        # split's own histogram and the count of its keys above the 24-bit prefix, for the write's offsets
         sp = tl.program_id(0)
         row = tl.program_id(1)
         prefix, want, kk = _chain(HSUM, row, k, P)
         shift = 24 - 8 * P
         src = SRC + row.to(tl.int64) * S
-        hist = tl.zeros([512], tl.int32)
+        hist = tl.zeros([256], tl.int32)
+        off = row * 0  # keys off the prefix
         above = row * 0
         for start in range(sp * chunk, sp * chunk + chunk, BLOCK):  # chunk: a multiple of BLOCK
             u = _keys(src, start + tl.arange(0, BLOCK), S)
             match = (u >> (shift + 8)) == prefix  # every key in pass 0
-            hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 256), 512)
+            hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
+            off += BLOCK - tl.sum(match.to(tl.int32), 0)
             if P == 3:
                 above += tl.sum(((u >> 8) > prefix).to(tl.int32), 0)
-        bins = tl.arange(0, 512)
-        tl.atomic_add(HSUM + (row.to(tl.int64) * 4 + P) * 256 + bins, hist, mask=bins < 256)
+        bins = tl.arange(0, 256)
+        hist -= tl.where(bins == 0, off, 0)
+        tl.atomic_add(HSUM + (row.to(tl.int64) * 4 + P) * 256 + bins, hist, mask=hist != 0)
         if P == 3:
             nsp = tl.num_programs(0)
-            tl.store(H3 + (row.to(tl.int64) * nsp + sp) * 256 + bins, hist, mask=bins < 256)
+            tl.store(H3 + (row.to(tl.int64) * nsp + sp) * 256 + bins, hist)
             tl.store(A24 + row * nsp + sp, above)
 
     @triton.jit

@@ -7,8 +7,9 @@ grids, no value read back), so a static-cache step can be captured as a CUDA gra
     ``_score``    grid (splits of S, B x Hs). Flash-decoding style: each program reads one contiguous split of
                   one selection-key head's cached keys (tiles of BLOCK_S rows, skipping invalid keys: masked
                   loads fetch nothing) and scores the H / Hs query rows that use that head (one ``tl.dot``, the
-                  rows padded to 16). Writes the fp32 scores (B, H, S), -inf where invalid; for per-group
-                  selection also each split's running max and sum of exp (for the heads' log-sum-exp).
+                  rows padded to 16; or one row, a hidden gate's, by products summed: TUNING). Writes the fp32
+                  scores (B, H, S), -inf where invalid; for per-group selection also each split's running max and
+                  sum of exp (for the heads' log-sum-exp).
     ``_select``   the exact top k of each row (radix select: ``radix.py``, one launch, or five to six
                   split over the keys when the rows are few).
     ``_attend``   grid (splits of the k slots, B x H or B x G). Each program gathers its slots' K and V rows (one
@@ -63,6 +64,11 @@ if triton is not None:
             s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(kt)) * scale
+        return _capped(s, cap, SOFTCAP)
+
+    @triton.jit
+    def _capped(s, cap, SOFTCAP: tl.constexpr):
+        # s tanh-capped at cap with SOFTCAP, as fp32
         if SOFTCAP:
             s = cap * (2.0 / (1.0 + tl.exp(-2.0 * s / cap)) - 1.0)  # tanh
         return s.to(tl.float32)  # inductor passes Python floats (scale, cap) as fp64 scalars, which would promote s
@@ -87,7 +93,11 @@ if triton is not None:
             if HAS_MASK:
                 ok = ok & (tl.load(VALID + b * svb + cols * svs, mask=ok, other=0) != 0)
             kt = tl.load(SK + b * skb + g * skh + cols[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.where(ok[None, :], _logits(q, kt, sel_scale, sel_cap, SOFTCAP, IEEE), float("-inf"))
+            if RP == 1:  # one query row (a hidden gate's keys per query head): products summed, no padded tl.dot
+                s = _capped(tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1)[None, :] * sel_scale, sel_cap, SOFTCAP)
+            else:
+                s = _logits(q, kt, sel_scale, sel_cap, SOFTCAP, IEEE)
+            s = tl.where(ok[None, :], s, float("-inf"))
             tl.store(SC + (b * H + rows[:, None]) * S + cols[None, :], s, mask=(r < R)[:, None] & (cols < S)[None, :])
             if STATS:
                 m_new = tl.maximum(m, tl.max(s, 1))
@@ -150,6 +160,11 @@ def _rows(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot takes at least 16 rows
 
 
+def one_row(h: int, hs: int) -> bool:
+    """Whether ``_score`` scores one query row per selection-key head by products summed (TUNING)."""
+    return h == hs and TUNING["score_products"]
+
+
 def decode_scores(sq: torch.Tensor, sk: torch.Tensor, valid: torch.Tensor | None, sel_scale: float = 1.0,
                   sel_softcap: float | None = None, stats: bool = False):
     """``_score``: the selection scores (B, H, S) fp32 (-inf where invalid) and, with ``stats``, each split's
@@ -166,8 +181,9 @@ def decode_scores(sq: torch.Tensor, sk: torch.Tensor, valid: torch.Tensor | None
     _score[(nsp, bsz * hs)](
         sq, sk, mask, sc, pm, pl, sq.stride(0), sq.stride(1), sk.stride(0), sk.stride(1), sk.stride(2),
         mask.stride(0), mask.stride(-1), h, hs, s_len, split, float(sel_scale), float(sel_softcap or 1.0),
-        R=h // hs, RP=_rows(h // hs), DS=ds, BLOCK_S=TUNING["block_s"], HAS_MASK=valid is not None,
-        SOFTCAP=bool(sel_softcap), STATS=stats, IEEE=sq.dtype == torch.float32, num_warps=TUNING["score_warps"])
+        R=h // hs, RP=1 if one_row(h, hs) else _rows(h // hs), DS=ds, BLOCK_S=TUNING["block_s"],
+        HAS_MASK=valid is not None, SOFTCAP=bool(sel_softcap), STATS=stats, IEEE=sq.dtype == torch.float32,
+        num_warps=TUNING["score_warps"])
     return sc, pm, pl
 
 
