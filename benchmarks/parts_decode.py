@@ -30,8 +30,11 @@ from posthoc_sparse.errors import first_line
 from posthoc_sparse.gates.modules import GateBank, random_control
 from posthoc_sparse.ops import decode as dc
 
-GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8}
-CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2}
+# "selection": decode_model's gated selections ("head": gate_k<k>, "group": gate_k<k>_group); decode_attention
+# times both always
+GPU_PLAN = {"S": [8192, 16384, 32768, 65536], "batch": [1, 8], "k": [256, 2048], "steps": 8,
+            "selection": ["head", "group"]}
+CPU_PLAN = {"S": [96], "batch": [1, 2], "k": [16], "steps": 2, "selection": ["head", "group"]}
 # SDPA's kernels for a decode step on CUDA, each forced as a baseline beside SDPA's own choice (for a masked single
 # query on an H200 with torch 2.11 its choice ran at cuDNN's speed, the memory-efficient kernel at a quarter of it;
 # inductor calls cuDNN's in transformers' compiled generate)
@@ -211,7 +214,8 @@ def decode_attention(bench: Bench, plan: dict) -> list[dict]:
     Per context S, batch B and k: SDPA as the stock model calls it (the padding mask over the cache's length)
     and the deployed policy's call (gate projection and rotary, the gate key cache's write, scoring, top-k,
     attention), each call waited for, and on a GPU also replayed as a CUDA graph (no host launches), with the
-    fused path's parts alone. On a CPU the policy takes the reference path. Plan: {"S", "batch", "k", "steps"}."""
+    fused path's parts alone. On a CPU the policy takes the reference path. Plan: {"S", "batch", "k", "steps",
+    "selection"} (the last two decode_model's)."""
     rows = []
     for s_len in plan["S"]:
         for batch in plan["batch"]:
@@ -267,13 +271,15 @@ def _bound(model, policy, rewind, dense=contextlib.nullcontext):
         yield
 
 
-def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> dict:
-    """Tokens/s of N greedy decode steps after S tokens, dense and gated at each k, eager and (on a GPU) each step
-    replayed as a CUDA graph, all in interleaved rounds on one StaticCache (rewound before every call)."""
+def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int, selections: list[str]) -> dict:
+    """Tokens/s of N greedy decode steps after S tokens, dense and gated at each k and selection, eager and (on a
+    GPU) each step replayed as a CUDA graph, all in interleaved rounds on one StaticCache (rewound before every
+    call)."""
     model, device = bench.model, bench.device
     cache = StaticCache(config=model.config, max_cache_len=s_len + n + 1)
     selector = GateSelector(_frozen_gate(bench))  # one gate key cache for every k
-    policies = {f"gate_k{kk}": TopKPolicy(selector, kk) for kk in ks}
+    policies = {f"gate_k{kk}{'' if sel == 'head' else '_' + sel}": TopKPolicy(selector, kk, selection=sel)
+                for sel in selections for kk in ks}
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros_like(ids)
     mask = torch.ones(batch, s_len + n + 1, dtype=torch.long, device=device)  # (B, L): no padding
@@ -314,17 +320,17 @@ def _model_row(bench: Bench, s_len: int, batch: int, ks: list[int], n: int) -> d
 @part("decode_model", gpu=GPU_PLAN, cpu=CPU_PLAN)
 @torch.no_grad()
 def decode_model(bench: Bench, plan: dict) -> list[dict]:
-    """The whole model's decode tokens/s with a StaticCache of S tokens, gated (per head) / dense.
+    """The whole model's decode tokens/s with a StaticCache of S tokens, gated (per head and per group) / dense.
 
     Every step is one token per sequence through all layers and the LM head (``attention.graphs.DecodeStep``, the
     loop of greedy ``generate`` without its host bookkeeping), N steps per timed call; eager (both as transformers
     runs them) and each step replayed as a CUDA graph (both captured the same way). Also the bytes of the gate key
-    cache against the KV cache's. Plan: {"S", "batch", "k", "steps"}."""
+    cache against the KV cache's. Plan: {"S", "batch", "k", "steps", "selection"}."""
     rows = []
     for s_len in plan["S"]:
         for batch in plan["batch"]:
             try:
-                rows.append(report(_model_row(bench, s_len, batch, plan["k"], plan["steps"])))
+                rows.append(report(_model_row(bench, s_len, batch, plan["k"], plan["steps"], plan["selection"])))
             except torch.OutOfMemoryError as e:
                 rows.append(report({"S": s_len, "batch": batch, "error": first_line(e, 160)}))
             if bench.device.type == "cuda":

@@ -7,8 +7,8 @@
 The harness (registry, timing, model, JSON) is ``benchmarks/harness.py``; the parts are registered by
 ``parts_distill.py`` (distill, distill_sampled, memory, sweep), ``parts_eval.py`` (eval, model, host) and
 ``parts_attention.py`` (attention, kernel, head_tuning, attention_tuning,
-prefill_topk, prefill_tuning) and ``parts_decode.py`` (decode_attention,
-decode_model).
+prefill_topk, prefill_tuning), ``parts_decode.py`` (decode_attention,
+decode_model) and ``parts_decode_profile.py`` (decode_profile).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks import parts_attention, parts_decode, parts_distill, parts_eval  # noqa: F401 - registers the parts
+    from benchmarks import (  # noqa: F401 - registers the parts
+        parts_attention, parts_decode, parts_decode_profile, parts_distill, parts_eval)
     from benchmarks.harness import main as run
 
     return run(argv)

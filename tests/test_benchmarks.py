@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import parts_attention, parts_decode, parts_distill, parts_eval  # noqa: F401 - registers the parts
+from benchmarks import (  # noqa: F401 - registers the parts
+    parts_attention, parts_decode, parts_decode_profile, parts_distill, parts_eval)
 from benchmarks.harness import PARTS, tuning
 from benchmarks.perf import main
 from posthoc_sparse.ops import head_topk as ht
@@ -91,7 +92,8 @@ def test_decode_parts_run_at_the_cpu_size(tmp_path):
         assert row["path"] == "reference" and row["selection"] in ("head", "group")  # the kernels need a GPU
         _positive(row, ["sdpa_s", "gated_s", "speedup_vs_sdpa"])
     for row in parts["decode_model"]:
-        _positive(row, ["dense_tokens_per_s", "gate_k16_tokens_per_s", "gate_k16_speedup_vs_dense"])
+        _positive(row, ["dense_tokens_per_s", "gate_k16_tokens_per_s", "gate_k16_speedup_vs_dense",
+                        "gate_k16_group_tokens_per_s", "gate_k16_group_speedup_vs_dense"])
         # the small model's gate (4 heads x d 32) against its KV cache (2 x 2 heads x 64) per token
         assert row["gate_cache_over_kv_cache_ratio"] == 0.5 and not any("graph" in key for key in row)
 
@@ -258,10 +260,24 @@ def test_tile_attention_runs_on_the_cpu_with_the_interpreter_beside_a_baseline(t
 def test_every_part_is_registered_with_a_plan_per_size():
     assert set(PARTS) == {"distill", "distill_sampled", "memory", "sweep", "eval", "model", "host", "attention",
                           "kernel", "head_tuning", "attention_tuning", "decode_attention", "decode_model",
-                          "prefill_topk", "prefill_tuning"}
+                          "decode_profile", "prefill_topk", "prefill_tuning"}
     for part in PARTS.values():
         assert set(part.plans) == {"gpu", "cpu"} and all(part.plans.values()), part.name
         assert part.summary, f"part {part.name} has no docstring for --help"
+
+
+def test_a_decode_profile_splits_the_kernels_into_replays_in_launch_order():
+    from benchmarks.parts_decode_profile import per_replay
+
+    # two replays of a graph of kernels a (2 us), b (3 us then 5 us), listed out of order, a 1 us gap between them
+    seen = [("b", 4.0, 7.0), ("a", 0.0, 2.0), ("a", 100.0, 102.0), ("b", 103.0, 108.0)]
+    got = per_replay(seen, 2)
+    assert got["launches"] == 2 and got["kernels"] == [["a", 2.0], ["b", 4.0]]
+    assert got["kernel_us"] == 6.0 and got["span_us"] == 7.5
+    with pytest.raises(ValueError, match="3 kernels over 2 replays"):
+        per_replay(seen[:3], 2)
+    with pytest.raises(ValueError, match="different kernels"):
+        per_replay([("a", 0.0, 1.0), ("b", 2.0, 3.0), ("b", 10.0, 11.0), ("a", 12.0, 13.0)], 2)
 
 
 def test_unknown_parts_are_one_clear_error(tmp_path, capsys):
