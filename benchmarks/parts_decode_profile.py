@@ -14,10 +14,9 @@ from __future__ import annotations
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.harness import Bench, cuda_graphed, part, report, timed, tuning
-from benchmarks.parts_decode import _layer_decode
+from benchmarks.parts_decode import _layer_decode, sdpa_gqa
 from posthoc_sparse.attention.policies import TopKPolicy
 from posthoc_sparse.errors import first_line
 from posthoc_sparse.ops import decode as dc
@@ -69,12 +68,7 @@ def decode_profile(bench: Bench, plan: dict) -> list[dict]:
     for s_len in plan["S"]:
         for batch in plan["batch"]:
             call, selector, reset = _layer_decode(bench, s_len, batch)
-
-            def gqa():
-                return F.scaled_dot_product_attention(call.query, call.key, call.value, attn_mask=call.attention_mask,
-                                                      scale=call.scaling, enable_gqa=True)
-
-            calls = {"dense_gqa": (gqa, {})}
+            calls = {"dense_gqa": (lambda: sdpa_gqa(call), {})}
             for variant, settings in plan["variants"].items():
                 for kk in plan["k"]:
                     for selection in ("head", "group"):

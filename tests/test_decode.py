@@ -344,7 +344,8 @@ def test_the_score_kernel_compiles_for_hopper(tmp_path):
     types = {"SQ": "*bf16", "SK": "*bf16", "VALID": "*u8", "SC": "*fp32", "PM": "*fp32", "PL": "*fp32",
              "sel_scale": "fp32", "sel_cap": "fp32"}
     common = dict(BLOCK_S=dc.TUNING["block_s"], HAS_MASK=True, SOFTCAP=False, IEEE=False)
-    cases = [("_score", common | dict(R=1, RP=1, DS=32, STATS=stats), dc.TUNING["score_warps"]) for stats in (0, 1)]
+    cases = [("_score", common | dict(R=1, RP=1, DS=32, STATS=stats), dc.TUNING["score_warps"])
+             for stats in (False, True)]
     cases.append(("_score", common | dict(R=2, RP=16, DS=128, STATS=True), dc.TUNING["score_warps"]))
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.decode.triton", cases, types)
     assert len(got) == 3 and all(g["local"] == 0 and 0 < g["regs"] <= 255 for g in got), got
