@@ -92,11 +92,14 @@ def _both_selects(monkeypatch, sc, k, groups=None, pm=None, pl=None):
 
 @pytest.mark.parametrize("s, k, most", [(150, 13, 64), (150, 13, 2), (40, 200, 64), (50, 1, 64)])
 @pytest.mark.parametrize("group", [False, True])
-def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, most, group):
+@pytest.mark.parametrize("sparse", [4, 64])
+def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, most, group, sparse):
     """The split select (few rows: batch 1) against the one-program select: the same indices in the same slots,
     over splits that cut the padding, k above the valid keys, k = 1, per head and per KV group; and with the
-    splits capped (``most``: longer splits of several tiles)."""
+    splits capped (``most``: longer splits of several tiles). Tiles of 16 keys: after pass 0 those with at most
+    ``sparse`` keys on the prefix count them by atomics (64: every tile; 4: some by the histogram)."""
     monkeypatch.setitem(dc.TUNING, "select_splits", most)
+    monkeypatch.setitem(dc.TUNING, "sparse_keys", sparse)
     sq, sk, *_, valid = _data(s=s, seed=s)
     sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
     single, split = _both_selects(monkeypatch, sc, k, 2 if group else None, pm, pl)
@@ -105,8 +108,11 @@ def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, 
     assert torch.equal(split.sort(-1).values, dc.decode_topk_reference(ref_scores, k).sort(-1).values)
 
 
-def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch):
-    """Many keys tie at the k-th score, across splits: the earlier splits' equal keys are taken first."""
+@pytest.mark.parametrize("sparse", [-1, 4, 64])
+def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch, sparse):
+    """Many keys tie at the k-th score, across splits: the earlier splits' equal keys are taken first; every tile
+    histogrammed (``sparse`` -1), some, or none after pass 0."""
+    monkeypatch.setitem(dc.TUNING, "sparse_keys", sparse)
     gen = torch.Generator().manual_seed(3)
     sc = torch.randint(-3, 4, (2, 3, 200), generator=gen).float()
     sc[1, :, :50] = float("-inf")
@@ -187,8 +193,12 @@ def test_torch_topk_selection_is_the_same_set():
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, s, k, group", [(1, 33001, 2048, False), (1, 33001, 2048, True), (3, 4099, 1, True),
                                             (8, 65536, 256, False)])
-def test_split_select_on_the_gpu(monkeypatch, b, s, k, group):
-    """At long contexts in bf16 the split select writes exactly what the one-program select writes."""
+@pytest.mark.parametrize("sparse", [-1, 64, 1024])
+def test_split_select_on_the_gpu(monkeypatch, b, s, k, group, sparse):
+    """At long contexts in bf16 the split select writes exactly what the one-program select writes, whether its
+    passes after the first count a tile's keys by histogram (``sparse`` -1), by atomics (1024: every tile of 1024
+    keys), or by which the tile needs."""
+    monkeypatch.setitem(dc.TUNING, "sparse_keys", sparse)
     sq, sk, *_, valid = _data(b=b, h=16, g=8, s=s, d=128, ds=32, seed=s, dtype=torch.bfloat16, device="cuda")
     sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
     monkeypatch.setitem(dc.TUNING, "select", "single")
@@ -325,7 +335,7 @@ def test_the_radix_select_kernels_compile_for_hopper(tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
 
-    cases = [("_split_pass", {"P": p, "BLOCK": 1024}, 8) for p in range(4)] + [
+    cases = [("_split_pass", {"P": p, "BLOCK": 1024, "SPARSE": 64}, 8) for p in range(4)] + [
         ("_split_write", {"NSP_P": 64, "BLOCK": 1024, "KP": 1024}, 8),
         ("_group_split", {"R": 2, "RP": 2, "NSP_P": 64, "BLOCK": 1024}, 8),
         ("_select", {"R": 2, "RP": 2, "NSP_P": 64, "GROUP": True, "BLOCK": 1024, "KP": 1024}, 8)]

@@ -13,8 +13,9 @@
                 idle, so below TUNING["split_rows"] rows the same select runs split over the keys instead:
                 ``_split_pass`` x 4 (grid (splits, rows): each program histograms its split's keys that match
                 the prefix (256 bins, the keys off it taken off digit 0) and adds the counts to the row's by
-                integer atomics, exact in any order; each reads
-                the earlier passes' row histograms to know the prefix) and ``_split_write`` (each split's first
+                integer atomics, exact in any order; each reads the earlier passes' row histograms to know the
+                prefix; after pass 0 a tile with few keys on the prefix, at most TUNING["sparse_keys"], adds them
+                one atomic each instead of histogramming the whole tile) and ``_split_write`` (each split's first
                 slot from the kept and equal keys of the splits before it, known from the last pass's per-split
                 histograms), after ``_group_split`` for per-group selection: five or six launches, the same
                 indices in the same slots as ``_select`` (tested).
@@ -134,11 +135,14 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             u = _keys(src, cols, S)
             eq = u == thr
-            keep = (u > thr) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
+            n_eq = tl.sum(eq.to(tl.int32), 0)
+            keep = u > thr
+            if n_eq > 0:  # few tiles hold keys equal to the k-th: only they need the prefix sum of ties
+                keep = keep | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) <= want))
             pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
             tl.store(out + pos, cols, mask=keep)
             kept += tl.sum(keep.to(tl.int32), 0)
-            equal += tl.sum(eq.to(tl.int32), 0)
+            equal += n_eq
 
     @triton.jit
     def _fill_rest(out, kk, k, KP: tl.constexpr):
@@ -167,32 +171,49 @@ if triton is not None:
         return prefix, want, kk
 
     @triton.jit
-    def _split_pass(SRC, HSUM, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr):
+    def _split_pass(SRC, HSUM, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr, SPARSE: tl.constexpr):
         # pass P of the split select, program (split, row): the histogram of the next digit over its split's keys
         # that match the prefix (keys off it counted in digit 0, then taken off: 256 bins, not 512 with a bin for
         # them, halve the histogram's work), added to the row's (its nonzero bins); the last pass also keeps its
-        # split's own histogram and the count of its keys above the 24-bit prefix, for the write's offsets
+        # split's own histogram and the count of its keys above the 24-bit prefix, for the write's offsets. After
+        # pass 0 a tile with at most SPARSE keys on the prefix adds them to the row's histogram (and the split's, in
+        # the last pass) one atomic each instead of by tl.histogram, whose work is per key of the tile
         sp = tl.program_id(0)
         row = tl.program_id(1)
         prefix, want, kk = _chain(HSUM, row, k, P)
         shift = 24 - 8 * P
         src = SRC + row.to(tl.int64) * S
+        row_hist = HSUM + (row.to(tl.int64) * 4 + P) * 256
+        nsp = tl.num_programs(0)
+        split_hist = H3 + (row.to(tl.int64) * nsp + sp) * 256
+        bins = tl.arange(0, 256)
+        if P == 2:
+            tl.store(split_hist + bins, tl.zeros([256], tl.int32))  # the last pass adds into it
         hist = tl.zeros([256], tl.int32)
-        off = row * 0  # keys off the prefix
+        off = row * 0  # keys off the prefix, among those histogrammed
         above = row * 0
         for start in range(sp * chunk, sp * chunk + chunk, BLOCK):  # chunk: a multiple of BLOCK
             u = _keys(src, start + tl.arange(0, BLOCK), S)
             match = (u >> (shift + 8)) == prefix  # every key in pass 0
-            hist += tl.histogram(tl.where(match, ((u >> shift) & 255).to(tl.int32), 0), 256)
-            off += BLOCK - tl.sum(match.to(tl.int32), 0)
+            digit = ((u >> shift) & 255).to(tl.int32)
+            if P == 0:
+                hist += tl.histogram(digit, 256)
+            else:
+                on = tl.sum(match.to(tl.int32), 0)
+                if on > SPARSE:
+                    hist += tl.histogram(tl.where(match, digit, 0), 256)
+                    off += BLOCK - on
+                else:
+                    one = tl.full([BLOCK], 1, tl.int32)
+                    tl.atomic_add(row_hist + digit, one, mask=match, sem="relaxed")
+                    if P == 3:
+                        tl.atomic_add(split_hist + digit, one, mask=match, sem="relaxed")
             if P == 3:
                 above += tl.sum(((u >> 8) > prefix).to(tl.int32), 0)
-        bins = tl.arange(0, 256)
         hist -= tl.where(bins == 0, off, 0)
-        tl.atomic_add(HSUM + (row.to(tl.int64) * 4 + P) * 256 + bins, hist, mask=hist != 0)
+        tl.atomic_add(row_hist + bins, hist, mask=hist != 0, sem="relaxed")
         if P == 3:
-            nsp = tl.num_programs(0)
-            tl.store(H3 + (row.to(tl.int64) * nsp + sp) * 256 + bins, hist)
+            tl.atomic_add(split_hist + bins, hist, mask=hist != 0, sem="relaxed")
             tl.store(A24 + row * nsp + sp, above)
 
     @triton.jit
@@ -273,7 +294,7 @@ def _split_select(sc: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, gs: torc
     a24 = torch.empty(rows, nsp, dtype=torch.int32, device=sc.device)
     k = idx.shape[-1]
     for p in range(4):
-        _split_pass[(nsp, rows)](src, hsum, h3, a24, s_len, chunk, k, P=p, BLOCK=block,
+        _split_pass[(nsp, rows)](src, hsum, h3, a24, s_len, chunk, k, P=p, BLOCK=block, SPARSE=TUNING["sparse_keys"],
                                  num_warps=TUNING["select_warps"])
     _split_write[(nsp, rows)](src, hsum, h3, a24, idx, s_len, chunk, k, NSP_P=triton.next_power_of_2(nsp),
                               BLOCK=block, KP=min(1024, triton.next_power_of_2(k)), num_warps=TUNING["select_warps"])
