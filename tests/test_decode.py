@@ -273,6 +273,7 @@ def test_policy_decode_path_generates_like_the_reference_path(monkeypatch, mode,
     Qwen3 (head dim 16, gate dim 16), static cache, left padding; every mode and input, per head and per group.
     The qk input's query is folded through the gate (q Wq Wk^T / sqrt(d)), which scores the same bilinear form;
     random is the random control gate."""
+    from posthoc_sparse.attention.gate_cache import GateKeyCache
     from posthoc_sparse.gates.io import gate_spec_for_model
     from posthoc_sparse.gates.modules import GateBank
 
@@ -281,8 +282,12 @@ def test_policy_decode_path_generates_like_the_reference_path(monkeypatch, mode,
     model = tiny_model("qwen3")
     bank = GateBank(gate_spec_for_model(model, d_g=16, gate_input=gate_input)).reset_random(0)
     ref, ref_logits, n_ref = _decode_runs(model, bank, mode, selection, False, monkeypatch)
+    direct, real = [], GateKeyCache.static_mirror
+    monkeypatch.setattr(GateKeyCache, "static_mirror", lambda *a: direct.append(real(*a)) or direct[-1])
     got, got_logits, n_fused = _decode_runs(model, bank, mode, selection, True, monkeypatch)
     assert n_ref == 0 and n_fused == 2 * 2  # 2 layers x 2 decode steps (the first token comes from the prefill)
+    # a hidden gate's keys written into its static cache by the rotary kernel, at every fused step
+    assert sum(m is not None for m in direct) == (n_fused if mode != "oracle" and gate_input == "hidden" else 0)
     assert torch.equal(got, ref)
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-4)
 
@@ -359,3 +364,26 @@ def test_the_score_kernel_compiles_for_hopper(tmp_path):
     cases.append(("_score", common | dict(R=2, RP=16, DS=128, STATS=True), dc.TUNING["score_warps"]))
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.decode.triton", cases, types)
     assert len(got) == 3 and all(g["local"] == 0 and 0 < g["regs"] <= 255 for g in got), got
+
+
+@pytest.mark.parametrize("pos, t", [(0, 1), (5, 1), (7, 3), (9, 1)])
+def test_gate_rope_writes_keys_into_a_static_cache(pos, t):
+    """``gate_rope(..., keys_into=(cache, pos))``: the queries as the reference's, the keys written into the cache
+    at positions pos .. pos + t - 1 read on the device, those past its end (10 here) dropped, nothing else touched,
+    pos not advanced."""
+    from posthoc_sparse.ops.rope import gate_rope, gate_rope_reference
+
+    gen = torch.Generator().manual_seed(pos)
+    b, h, d, n = 2, 3, 16, 10
+    a = torch.randn(b, t, 2 * h, d, generator=gen)
+    cos, sin = torch.randn(1, t, 24, generator=gen), torch.randn(1, t, 24, generator=gen)
+    freq = torch.tensor([0, 2, 3, 5, 7, 11, 13, 17])
+    cache = torch.randn(b, h, n, d, generator=gen)
+    before, at = cache.clone(), torch.tensor(pos)
+    got = gate_rope(a, cos, sin, freq, keys_into=(cache, at))
+    want = gate_rope_reference(a, cos, sin, freq)
+    torch.testing.assert_close(got[0], want[0])
+    end = min(pos + t, n)
+    torch.testing.assert_close(cache[:, :, pos:end], want[1][:, :, : end - pos])
+    assert torch.equal(cache[:, :, :pos], before[:, :, :pos]) and torch.equal(cache[:, :, end:], before[:, :, end:])
+    assert at.item() == pos

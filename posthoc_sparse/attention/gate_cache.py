@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from transformers.cache_utils import StaticLayer
 
 MIRROR = "_posthoc_sparse_gate_keys"  # the attribute of a KV cache layer that holds its gate keys' mirror layer
 
@@ -67,6 +68,21 @@ class GateKeyCache:
         if keys.shape[2] != s:
             raise RuntimeError(f"gate key cache of layer {layer} holds {keys.shape[2]} keys, the KV cache {s}")
         return keys
+
+    def static_mirror(self, kv_layer, new_shape: tuple, dtype: torch.dtype, s: int):
+        """The mirror of ``kv_layer`` if it is a plain ``StaticLayer`` already holding (B, H, S, d) gate keys of
+        ``dtype`` beside a device counter of its length (``cumulative_length``, what its ``update`` writes at and
+        advances), for a caller that writes new keys itself at that position and then advances the counter as
+        ``update`` would (``GateSelector.decode_inputs``: the rotary kernel writes them, no index_copy launches);
+        None otherwise (``keys`` serves)."""
+        mirror = getattr(kv_layer, MIRROR, None) if kv_layer is not None else None
+        if type(mirror) is not StaticLayer or not getattr(mirror, "is_initialized", False):
+            return None
+        keys, pos = getattr(mirror, "keys", None), getattr(mirror, "cumulative_length", None)
+        ok = (isinstance(keys, torch.Tensor) and isinstance(pos, torch.Tensor) and pos.numel() == 1
+              and pos.device == keys.device and keys.dtype == dtype and keys.shape[2] == s
+              and tuple(keys.shape[:2]) + (keys.shape[3],) == (new_shape[0], new_shape[1], new_shape[3]))
+        return mirror if ok else None
 
     def mirrors(self) -> list:
         """The mirror layers alive (one per KV cache layer seen): their ``keys`` are the gate key cache."""

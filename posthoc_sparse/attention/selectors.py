@@ -13,10 +13,12 @@ import torch
 
 from ..gates.modules import GateBank
 from ..ops import block_sparse as bsp
+from ..ops import decode as dc
 from ..ops.rope import gate_rope
 from .call import LayerCall, query_chunk_size
 from .gate_cache import GateKeyCache
 from .reference import masked_softmax, scores
+
 
 def _half_autocast(t: torch.Tensor):
     """Autocast to ``t``'s dtype on CUDA half-precision models: gate projections run in the model's dtype with
@@ -99,8 +101,18 @@ class GateSelector:
         gate = self.bank.layers[call.layer]
         q = call.query
         y = gate.hidden_projection(call.x, q.dtype if q.dtype in (torch.float16, torch.bfloat16) else gate.wq.dtype)
-        g = gate_rope(y, call.cos, call.sin, gate.freq_idx)  # (2, B, H, 1, d)
-        return g[0, :, :, 0], self._cached(call, g[1])
+        b, t, h2, d = y.shape
+        s = call.key.shape[2]
+        mirror = None
+        if dc.TUNING["keys_in_rope"]:
+            mirror = self.key_cache.static_mirror(call.cache, (b, h2 // 2, t, d), y.dtype, call.cached_keys or s)
+        if mirror is None:
+            g = gate_rope(y, call.cos, call.sin, gate.freq_idx)  # (2, B, H, 1, d)
+            return g[0, :, :, 0], self._cached(call, g[1])
+        # a static gate key cache: the kernel writes the keys at its position, advanced as its update would
+        g = gate_rope(y, call.cos, call.sin, gate.freq_idx, keys_into=(mirror.keys, mirror.cumulative_length))
+        mirror.cumulative_length.add_(t)
+        return g[0, :, :, 0], mirror.keys[:, :, :s]
 
     def select(self, prepared, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
         gq, gk = prepared
