@@ -70,7 +70,8 @@ TOKEN_SELECT_TYPES = {"A": "*bf16", "Bk": "*bf16", "LSE": "*fp32", "IDX": "*i32"
                       "scale": "fp32", "softcap": "fp32", "guess_step": "fp32"}
 # the ints of a token-level prefill launch that are multiples of 16 there (T = 32768, k = 2048, 16 heads, d = 32)
 TOKEN_SELECT_ALIGNED = ("sab", "sah", "sat", "sbb", "sbh", "sbt", "sib", "sih", "sit", "H", "T", "k")
-DECODE_TYPES = {n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")} | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")}
+DECODE_TYPES = ({n: "*fp32" for n in ("SRC", "SC", "PM", "PL", "GS")}
+                | {n: "*i32" for n in ("HSUM", "H3", "A24", "IDX")} | {"ST": "*i64"})
 
 
 def token_select_cases(launches, chunks=(8, 1), groups=(1, 2)) -> list[tuple[str, dict, int]]:

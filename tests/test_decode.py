@@ -92,14 +92,16 @@ def _both_selects(monkeypatch, sc, k, groups=None, pm=None, pl=None):
 
 @pytest.mark.parametrize("s, k, most", [(150, 13, 64), (150, 13, 2), (40, 200, 64), (50, 1, 64)])
 @pytest.mark.parametrize("group", [False, True])
-@pytest.mark.parametrize("sparse", [4, 64])
-def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, most, group, sparse):
+@pytest.mark.parametrize("sparse, carry", [(4, True), (64, True), (4, False)])
+def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, s, k, most, group, sparse, carry):
     """The split select (few rows: batch 1) against the one-program select: the same indices in the same slots,
     over splits that cut the padding, k above the valid keys, k = 1, per head and per KV group; and with the
     splits capped (``most``: longer splits of several tiles). Tiles of 16 keys: after pass 0 those with at most
-    ``sparse`` keys on the prefix count them by atomics (64: every tile; 4: some by the histogram)."""
+    ``sparse`` keys on the prefix count them by atomics (64: every tile; 4: some by the histogram); each pass's radix
+    state carried from the pass before, or (``carry`` off) worked out again from every earlier histogram."""
     monkeypatch.setitem(dc.TUNING, "select_splits", most)
     monkeypatch.setitem(dc.TUNING, "sparse_keys", sparse)
+    monkeypatch.setitem(dc.TUNING, "carry_state", carry)
     sq, sk, *_, valid = _data(s=s, seed=s)
     sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
     single, split = _both_selects(monkeypatch, sc, k, 2 if group else None, pm, pl)
@@ -108,11 +110,13 @@ def test_split_select_writes_what_the_single_program_select_writes(monkeypatch, 
     assert torch.equal(split.sort(-1).values, dc.decode_topk_reference(ref_scores, k).sort(-1).values)
 
 
-@pytest.mark.parametrize("sparse", [-1, 4, 64])
-def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch, sparse):
+@pytest.mark.parametrize("sparse, carry", [(-1, True), (4, True), (64, True), (4, False)])
+def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch, sparse, carry):
     """Many keys tie at the k-th score, across splits: the earlier splits' equal keys are taken first; every tile
-    histogrammed (``sparse`` -1), some, or none after pass 0."""
+    histogrammed (``sparse`` -1), some, or none after pass 0; each pass's radix state carried from the pass before
+    or worked out again from every histogram (``carry``)."""
     monkeypatch.setitem(dc.TUNING, "sparse_keys", sparse)
+    monkeypatch.setitem(dc.TUNING, "carry_state", carry)
     gen = torch.Generator().manual_seed(3)
     sc = torch.randint(-3, 4, (2, 3, 200), generator=gen).float()
     sc[1, :, :50] = float("-inf")
@@ -340,8 +344,8 @@ def test_the_radix_select_kernels_compile_for_hopper(tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
 
-    cases = [("_split_pass", {"P": p, "BLOCK": 1024, "SPARSE": 64}, 8) for p in range(4)] + [
-        ("_split_write", {"NSP_P": 64, "BLOCK": 1024, "KP": 1024}, 8),
+    cases = [("_split_pass", {"P": p, "BLOCK": 1024, "SPARSE": 64, "CARRY": True}, 8) for p in range(4)] + [
+        ("_split_write", {"NSP_P": 64, "BLOCK": 1024, "KP": 1024, "CARRY": True}, 8),
         ("_group_split", {"R": 2, "RP": 2, "NSP_P": 64, "BLOCK": 1024}, 8),
         ("_select", {"R": 2, "RP": 2, "NSP_P": 64, "GROUP": True, "BLOCK": 1024, "KP": 1024}, 8)]
     got = compile_for_hopper(tmp_path, "posthoc_sparse.ops.decode.radix", cases, DECODE_TYPES)

@@ -153,8 +153,8 @@ if triton is not None:
 
     @triton.jit
     def _chain(HSUM, row, k, P: tl.constexpr):
-        # the radix state after passes 0 .. P-1 of the split select, from their row histograms HSUM (rows, 4, 256):
-        # the digits found (the prefix), the keys matching it, how many of them to keep, min(k, valid keys)
+        # the radix state after passes 0 .. P-1 from all their row histograms, step by step (TUNING["carry_state"]
+        # off: every program of a pass redoes the steps of the passes before)
         bins = tl.arange(0, 256)
         zero = row * 0
         prefix = zero.to(tl.int64)
@@ -171,7 +171,37 @@ if triton is not None:
         return prefix, want, kk
 
     @triton.jit
-    def _split_pass(SRC, HSUM, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr, SPARSE: tl.constexpr):
+    def _state(HSUM, ST, row, sp, k, P: tl.constexpr):
+        # the radix state after passes 0 .. P-1 of the split select (P >= 1): the digits found (the prefix), the
+        # keys matching it, how many of them to keep, min(k, valid keys). One radix step, on pass P-1's row
+        # histogram in HSUM (rows, 4, 256), from the state after passes 0 .. P-2 that pass P-1's first split
+        # stored in ST (rows, 4, 4); this pass's first split stores the new one for the next (not the write's)
+        bins = tl.arange(0, 256)
+        hist = tl.load(HSUM + (row.to(tl.int64) * 4 + P - 1) * 256 + bins)
+        if P == 1:
+            prefix = (row * 0).to(tl.int64)
+            hist, total, kk = _first(hist, bins, k)
+            want = kk
+        else:
+            rec = ST + (row.to(tl.int64) * 4 + P - 1) * 4
+            prefix = tl.load(rec)
+            total = tl.load(rec + 1).to(tl.int32)
+            want = tl.load(rec + 2).to(tl.int32)
+            kk = tl.load(rec + 3).to(tl.int32)
+        d, total, want = _digit(hist, bins, total, want)
+        prefix = prefix * 256 + d
+        if P < 4:
+            if sp == 0:
+                rec = ST + (row.to(tl.int64) * 4 + P) * 4
+                tl.store(rec, prefix)
+                tl.store(rec + 1, total.to(tl.int64))
+                tl.store(rec + 2, want.to(tl.int64))
+                tl.store(rec + 3, kk.to(tl.int64))
+        return prefix, want, kk
+
+    @triton.jit
+    def _split_pass(SRC, HSUM, ST, H3, A24, S, chunk, k, P: tl.constexpr, BLOCK: tl.constexpr,
+                    SPARSE: tl.constexpr, CARRY: tl.constexpr):
         # pass P of the split select, program (split, row): the histogram of the next digit over its split's keys
         # that match the prefix (keys off it counted in digit 0, then taken off: 256 bins, not 512 with a bin for
         # them, halve the histogram's work), added to the row's (its nonzero bins); the last pass also keeps its
@@ -180,7 +210,12 @@ if triton is not None:
         # the last pass) one atomic each instead of by tl.histogram, whose work is per key of the tile
         sp = tl.program_id(0)
         row = tl.program_id(1)
-        prefix, want, kk = _chain(HSUM, row, k, P)
+        prefix = (row * 0).to(tl.int64)  # pass 0: no digit found yet
+        if P > 0:
+            if CARRY:
+                prefix, want, kk = _state(HSUM, ST, row, sp, k, P)
+            else:
+                prefix, want, kk = _chain(HSUM, row, k, P)
         shift = 24 - 8 * P
         src = SRC + row.to(tl.int64) * S
         row_hist = HSUM + (row.to(tl.int64) * 4 + P) * 256
@@ -217,14 +252,17 @@ if triton is not None:
             tl.store(A24 + row * nsp + sp, above)
 
     @triton.jit
-    def _split_write(SRC, HSUM, H3, A24, IDX, S, chunk, k, NSP_P: tl.constexpr, BLOCK: tl.constexpr,
-                     KP: tl.constexpr):
+    def _split_write(SRC, HSUM, ST, H3, A24, IDX, S, chunk, k, NSP_P: tl.constexpr, BLOCK: tl.constexpr,
+                     KP: tl.constexpr, CARRY: tl.constexpr):
         # the kept indices of a split, in key order: its keys above the k-th score, and those equal to it while
         # the row still takes equal keys; its first slot from the kept and equal keys of the splits before it
         sp = tl.program_id(0)
         row = tl.program_id(1)
         nsp = tl.num_programs(0)
-        thr, want, kk = _chain(HSUM, row, k, 4)  # the k-th largest key, how many keys equal to it to keep
+        if CARRY:  # the k-th largest key, how many keys equal to it to keep
+            thr, want, kk = _state(HSUM, ST, row, sp, k, 4)
+        else:
+            thr, want, kk = _chain(HSUM, row, k, 4)
         d = (thr & 255).to(tl.int32)
         bins = tl.arange(0, 256)
         splits = tl.arange(0, NSP_P)
@@ -290,11 +328,14 @@ def _split_select(sc: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, gs: torc
                                   RP=triton.next_power_of_2(h // groups), NSP_P=triton.next_power_of_2(pm.shape[-1]),
                                   BLOCK=block, num_warps=TUNING["select_warps"])
     hsum = torch.zeros(rows, 4, 256, dtype=torch.int32, device=sc.device)  # the rows' histograms, by pass
+    st = torch.empty(rows, 4, 4, dtype=torch.int64, device=sc.device)  # the radix state after each pass
     h3 = torch.empty(rows, nsp, 256, dtype=torch.int32, device=sc.device)  # the last pass's, by split
     a24 = torch.empty(rows, nsp, dtype=torch.int32, device=sc.device)
     k = idx.shape[-1]
     for p in range(4):
-        _split_pass[(nsp, rows)](src, hsum, h3, a24, s_len, chunk, k, P=p, BLOCK=block, SPARSE=TUNING["sparse_keys"],
+        _split_pass[(nsp, rows)](src, hsum, st, h3, a24, s_len, chunk, k, P=p, BLOCK=block,
+                                 SPARSE=TUNING["sparse_keys"], CARRY=TUNING["carry_state"],
                                  num_warps=TUNING["select_warps"])
-    _split_write[(nsp, rows)](src, hsum, h3, a24, idx, s_len, chunk, k, NSP_P=triton.next_power_of_2(nsp),
-                              BLOCK=block, KP=min(1024, triton.next_power_of_2(k)), num_warps=TUNING["select_warps"])
+    _split_write[(nsp, rows)](src, hsum, st, h3, a24, idx, s_len, chunk, k, NSP_P=triton.next_power_of_2(nsp),
+                              BLOCK=block, KP=min(1024, triton.next_power_of_2(k)), CARRY=TUNING["carry_state"],
+                              num_warps=TUNING["select_warps"])

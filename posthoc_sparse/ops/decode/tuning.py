@@ -8,7 +8,8 @@ from __future__ import annotations
 # hidden gate's) by products summed instead of a tl.dot padded to 16 rows. "sparse_keys": after its first pass, a
 # split select tile with at most this many keys on the prefix counts them by atomics, not by tl.histogram (-1: never).
 # "keys_in_rope": a hidden gate's rotary kernel writes its new keys straight into a static gate key cache
-# (``GateSelector.decode_inputs``), not through the cache layer's update (four launches).
+# (``GateSelector.decode_inputs``), not through the cache layer's update (four launches). "carry_state": each split
+# select pass takes one radix step from the state the pass before stored, instead of redoing every earlier step.
 # Chosen on an H200 at 32k keys, k = 2048 (docs/data/perf-h200-decode-profile-variants.json): scoring by products
 # in tiles of 256 keys with 8 warps (13.6 against 23.8 us per group at batch 1, 81 against 102 us per head at batch
 # 8), and the split select up to 256 rows (at batch 8, 128 rows per head: 143 against 166 us for the selection).
@@ -18,7 +19,7 @@ from __future__ import annotations
 TUNING = {"block_s": 256, "block_n": 32, "select_block": 1024, "programs": 512, "score_warps": 8,
           "select_warps": 8, "attn_warps": 4, "select": "radix", "split_rows": 256, "select_splits": 64,
           "score_products": True,
-          "sparse_keys": 64, "keys_in_rope": True}
+          "sparse_keys": 64, "keys_in_rope": True, "carry_state": True}
 
 
 def _cdiv(a: int, b: int) -> int:
