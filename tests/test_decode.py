@@ -370,7 +370,7 @@ def test_the_score_kernel_compiles_for_hopper(tmp_path):
     assert len(got) == 3 and all(g["local"] == 0 and 0 < g["regs"] <= 255 for g in got), got
 
 
-@pytest.mark.parametrize("pos, t", [(0, 1), (5, 1), (7, 3), (9, 1)])
+@pytest.mark.parametrize("pos, t", [(0, 1), (5, 1), (7, 3), (9, 1), (8, 3), (10, 1)])
 def test_gate_rope_writes_keys_into_a_static_cache(pos, t):
     """``gate_rope(..., keys_into=(cache, pos))``: the queries as the reference's, the keys written into the cache
     at positions pos .. pos + t - 1 read on the device, those past its end (10 here) dropped, nothing else touched,

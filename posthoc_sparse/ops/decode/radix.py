@@ -13,9 +13,11 @@
                 idle, so below TUNING["split_rows"] rows the same select runs split over the keys instead:
                 ``_split_pass`` x 4 (grid (splits, rows): each program histograms its split's keys that match
                 the prefix (256 bins, the keys off it taken off digit 0) and adds the counts to the row's by
-                integer atomics, exact in any order; each reads the earlier passes' row histograms to know the
-                prefix; after pass 0 a tile with few keys on the prefix, at most TUNING["sparse_keys"], adds them
-                one atomic each instead of histogramming the whole tile) and ``_split_write`` (each split's first
+                integer atomics, exact in any order; each finds the prefix by one radix step on the last pass's
+                row histogram from the state the last pass's first split stored (TUNING["carry_state"]; off: from
+                all earlier row histograms); after pass 0 a tile with few keys on the prefix, at most
+                TUNING["sparse_keys"], adds them one atomic each instead of histogramming the whole tile) and
+                ``_split_write`` (each split's first
                 slot from the kept and equal keys of the splits before it, known from the last pass's per-split
                 histograms), after ``_group_split`` for per-group selection: five or six launches, the same
                 indices in the same slots as ``_select`` (tested).

@@ -39,7 +39,7 @@ if triton is not None:
         if INTO:
             if h2 >= H:
                 pos = tl.load(POS) + offs_t
-                dst = KD + b * skb + (h2 - H) * skh + pos[:, None] * sks + offs_c[None, :]
+                dst = KD + b.to(tl.int64) * skb + (h2 - H).to(tl.int64) * skh + pos[:, None] * sks + offs_c[None, :]
                 m = m & (pos[:, None] < n_keys)
         x1 = tl.load(src, mask=offs_t[:, None] < T, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=offs_t[:, None] < T, other=0.0).to(tl.float32)
