@@ -124,6 +124,27 @@ def test_split_select_keeps_the_lowest_indices_of_equal_scores(monkeypatch, spar
     assert torch.equal(single, split)
 
 
+@pytest.mark.parametrize("group", [False, True])
+def test_split_select_reads_no_scratch_it_did_not_write(monkeypatch, group):
+    """Every scratch buffer of the select (the radix states, the per-split histograms and counts, the group scores,
+    the output) comes from torch.empty: filled with garbage here, the split select (some tiles by histogram, some
+    by atomics; the state carried) still writes what the one-program select writes."""
+    from posthoc_sparse.ops.decode import radix
+
+    empty = torch.empty
+
+    def garbage(*shape, **kw):  # torch.empty, the memory filled (every torch.empty of the call: the scores' too)
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else 12345)
+
+    monkeypatch.setattr(radix.torch, "empty", garbage)
+    monkeypatch.setitem(dc.TUNING, "sparse_keys", 4)
+    sq, sk, *_, valid = _data(s=150, seed=7)
+    sc, pm, pl = dc.decode_scores(sq, sk, valid, stats=group)
+    single, split = _both_selects(monkeypatch, sc, 13, 2 if group else None, pm, pl)
+    assert torch.equal(single, split)
+
+
 def test_few_rows_take_the_split_select(monkeypatch):
     """TUNING["select"] = "radix" splits the keys when the rows are fewer than TUNING["split_rows"]."""
     from posthoc_sparse.ops.decode import radix as kernels
